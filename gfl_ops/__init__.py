@@ -1,0 +1,33 @@
+"""gfl-ops: fused Generalized Focal Loss operators (QFL, DFL, softmax-integral) for PyTorch.
+
+Drop-in replacements for mmdetection's ``quality_focal_loss``, ``distribution_focal_loss`` and
+``Integral``, with C++ (CPU), CUDA and Triton kernels behind one API.  See README.md.
+"""
+
+from gfl_ops._extension import extension_error, extension_loaded
+from gfl_ops._registry import available_backends, backend_status
+from gfl_ops.functional import (
+    distribution_focal_loss,
+    integral,
+    quality_focal_loss,
+    set_value_checks,
+    weight_reduce_loss,
+)
+from gfl_ops.modules import DistributionFocalLoss, Integral, QualityFocalLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quality_focal_loss",
+    "distribution_focal_loss",
+    "integral",
+    "QualityFocalLoss",
+    "DistributionFocalLoss",
+    "Integral",
+    "available_backends",
+    "backend_status",
+    "set_value_checks",
+    "weight_reduce_loss",
+    "extension_loaded",
+    "extension_error",
+]

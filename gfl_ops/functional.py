@@ -1,0 +1,272 @@
+"""Public functional API, mmdetection-compatible (``mmdet.models.losses.gfocal_loss``).
+
+Each function validates its arguments (metadata only, so it costs nothing and traces under
+``torch.compile``), asks :mod:`gfl_ops._registry` for a backend, gets the *unreduced* loss from it,
+then applies ``weight``, ``reduction`` and ``avg_factor`` exactly as mmdetection's
+``weight_reduce_loss`` does.
+
+Value checks that need to look at the data (label range, target range, NaN) run where they are
+free of host synchronisation: on CPU tensors in eager mode, and on every device when value checks
+are switched on (``gfl_ops.set_value_checks(True)`` or ``GFL_OPS_CHECK_VALUES=1``).  Otherwise the
+kernels' documented behaviour applies: QFL labels outside [0, C) count as background (as in
+mmdetection), DFL targets are clamped to [0, n] and a NaN target gives a NaN loss for its row.
+
+Dtypes: the per-row losses of fp16/bf16 predictions are computed and returned in float32 (so a
+reduction over many anchors cannot overflow under AMP); gradients come back in the dtype of
+``pred``.  ``integral`` returns the dtype of ``pred``.
+"""
+
+from __future__ import annotations
+
+import os
+from numbers import Number
+
+import torch
+
+from gfl_ops import _registry
+
+__all__ = [
+    "quality_focal_loss",
+    "distribution_focal_loss",
+    "integral",
+    "weight_reduce_loss",
+    "set_value_checks",
+]
+
+_REDUCTIONS = ("none", "mean", "sum")
+_FLOAT_EPS = torch.finfo(torch.float32).eps
+_value_checks = os.environ.get("GFL_OPS_CHECK_VALUES", "0") not in ("", "0")
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Check label / target values on every device (costs a host sync per call on CUDA)."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def _should_check_values(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return _value_checks or t.device.type == "cpu"
+
+
+def _check_floating(name: str, t: object, ndim: int | None = None, shape_doc: str = "") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{shape_doc}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor{shape_doc}, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc.strip(' ()') or f'{ndim}-D'}, got "
+                         f"{tuple(t.shape)}")
+
+
+def _check_same_device(pred: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != pred.device:
+            raise ValueError(f"{name} is on {t.device} but pred is on {pred.device}; "
+                             "they must be on the same device")
+
+
+def _check_beta(beta: object) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, Number):
+        raise TypeError(f"beta must be a non-negative real number, got {beta!r}")
+    beta = float(beta)  # type: ignore[arg-type]
+    if not (beta >= 0.0 and beta < float("inf")):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    return beta
+
+
+def _check_reduction(reduction: object, avg_factor: object) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if avg_factor is not None:
+        if isinstance(avg_factor, torch.Tensor):
+            if avg_factor.numel() != 1:
+                raise ValueError("avg_factor must be a number or a one-element tensor, got shape "
+                                 f"{tuple(avg_factor.shape)}")
+        elif isinstance(avg_factor, bool) or not isinstance(avg_factor, Number):
+            raise TypeError(f"avg_factor must be a number or a 0-d tensor, got {avg_factor!r}")
+        if reduction == "sum":
+            raise ValueError('avg_factor can not be used with reduction="sum"')
+
+
+def _check_weight(weight: torch.Tensor | None, n: int, what: str) -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor of shape ({n},) (one value per {what}), got "
+                        f"{type(weight).__name__}")
+    if tuple(weight.shape) != (n,):
+        raise ValueError(f"weight must have shape ({n},) (one value per {what}), got "
+                         f"{tuple(weight.shape)}")
+
+
+def weight_reduce_loss(
+    loss: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    avg_factor: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """mmdetection's ``weight_reduce_loss`` with one change: the mean of an empty loss is 0.
+
+    Args:
+        loss: (N,) unreduced loss.
+        weight: optional (N,) element weights.
+        reduction: 'none' | 'mean' | 'sum'.
+        avg_factor: with 'mean', the loss is ``sum / (avg_factor + eps)`` (eps = float32 eps).
+    """
+    if weight is not None:
+        loss = loss * weight.to(loss.dtype)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if avg_factor is None:
+        # mean over N, without a NaN for N = 0 (N is static, so this is no sync)
+        return loss.sum() / max(loss.numel(), 1)
+    if isinstance(avg_factor, torch.Tensor):
+        avg_factor = avg_factor.to(device=loss.device, dtype=loss.dtype).reshape(())
+    return loss.sum() / (avg_factor + _FLOAT_EPS)
+
+
+def _validate_qfl_values(pred, labels, scores, target, activated: bool) -> None:
+    num_classes = pred.size(1)
+    if labels is not None and labels.numel():
+        bad = (labels < 0) | (labels > num_classes)
+        if bool(bad.any()):
+            first = labels[bad][0].item()
+            raise ValueError(f"target labels must lie in [0, {num_classes}] ({num_classes} = "
+                             f"background), got {first}")
+    for name, t in (("target scores", scores), ("target", target)):
+        if t is not None and t.numel():
+            if bool(((t < 0) | (t > 1) | t.isnan()).any()):
+                raise ValueError(f"{name} must lie in [0, 1] (IoU quality), found values "
+                                 f"outside it or NaN (min {t.min().item()}, max {t.max().item()})")
+    if activated and pred.numel():
+        if bool(((pred < 0) | (pred > 1) | pred.isnan()).any()):
+            raise ValueError("pred must hold probabilities in [0, 1] when activated=True")
+
+
+def quality_focal_loss(
+    pred: torch.Tensor,
+    target: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    avg_factor: float | torch.Tensor | None = None,
+    beta: float = 2.0,
+    activated: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Quality Focal Loss (GFL paper, Eq. 5), summed over classes per anchor.
+
+    Args:
+        pred: (N, C) floating logits, or probabilities in [0, 1] with ``activated=True``.
+        target: either ``(labels, scores)`` with labels (N,) integer in [0, C] (C = background)
+            and scores (N,) floating IoU targets in [0, 1]; or a dense (N, C) floating soft target.
+        weight: optional (N,) per-anchor weights.
+        reduction: 'none' -> (N,); 'mean' | 'sum' -> 0-d.
+        avg_factor: number or 0-d tensor dividing the sum when reduction='mean'.
+        beta: modulating exponent, >= 0.
+        activated: ``pred`` holds probabilities instead of logits.
+        backend: 'cpu' | 'cuda' | 'triton' | 'reference' | 'auto' | None.
+
+    Returns:
+        The loss; float32 for fp16/bf16 ``pred``, else ``pred.dtype``.
+    """
+    _check_floating("pred", pred, 2, " (N, C)")
+    n, num_classes = pred.shape
+    beta = _check_beta(beta)
+    _check_reduction(reduction, avg_factor)
+    _check_weight(weight, n, "anchor")
+    labels = scores = dense = None
+    if isinstance(target, (tuple, list)):
+        if len(target) != 2:
+            raise ValueError("target must be (labels, scores) or a dense (N, C) tensor, got a "
+                             f"sequence of length {len(target)}")
+        labels, scores = target
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or \
+                labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"target labels must be an integer tensor of shape ({n},), got "
+                            f"{getattr(labels, 'dtype', type(labels).__name__)}")
+        if tuple(labels.shape) != (n,):
+            raise ValueError(f"target labels must have shape ({n},), got {tuple(labels.shape)}")
+        _check_floating("target scores", scores, None, f" ({n},)")
+        if tuple(scores.shape) != (n,):
+            raise ValueError(f"target scores must have shape ({n},), got {tuple(scores.shape)}")
+    elif isinstance(target, torch.Tensor):
+        dense = target
+        _check_floating("target", dense, None, f" ({n}, {num_classes})")
+        if dense.shape != pred.shape:
+            raise ValueError(f"a dense target must have the shape of pred ({n}, {num_classes}), "
+                             f"got {tuple(dense.shape)}")
+    else:
+        raise TypeError("target must be (labels, scores) or a dense (N, C) tensor, got "
+                        f"{type(target).__name__}")
+    _check_same_device(pred, labels=labels, scores=scores, target=dense, weight=weight)
+    if _should_check_values(pred):
+        _validate_qfl_values(pred, labels, scores, dense, activated)
+
+    impl = _registry.resolve(backend, pred.device, "qfl" if dense is None else "qfl_dense")
+    if dense is None:
+        loss = impl.qfl(pred, labels, scores, beta, bool(activated))
+    else:
+        loss = impl.qfl_dense(pred, dense, beta, bool(activated))
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def distribution_focal_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    avg_factor: float | torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Distribution Focal Loss (GFL paper, Eq. 6), per row.
+
+    Args:
+        pred: (M, n+1) floating logits over the bins 0..n (n >= 1).
+        target: (M,) floating distances in [0, n]; a target equal to n is exact.
+        weight: optional (M,) per-row weights.
+        reduction, avg_factor, backend: as in :func:`quality_focal_loss`.
+
+    Returns:
+        The loss; float32 for fp16/bf16 ``pred``, else ``pred.dtype``.
+    """
+    _check_floating("pred", pred, 2, " (M, n+1)")
+    m, n_bins = pred.shape
+    if n_bins < 2:
+        raise ValueError(f"pred must have shape (M, n+1) with at least 2 bins, got {n_bins}")
+    _check_floating("target", target, None, f" ({m},)")
+    if tuple(target.shape) != (m,):
+        raise ValueError(f"target must have shape ({m},), got {tuple(target.shape)}")
+    _check_reduction(reduction, avg_factor)
+    _check_weight(weight, m, "row")
+    _check_same_device(pred, target=target, weight=weight)
+    if _should_check_values(pred) and target.numel():
+        if bool(((target < 0) | (target > n_bins - 1) | target.isnan()).any()):
+            raise ValueError(f"target must lie in [0, {n_bins - 1}] (n = bins - 1), found values "
+                             f"outside it or NaN (min {target.min().item()}, "
+                             f"max {target.max().item()})")
+    impl = _registry.resolve(backend, pred.device, "dfl")
+    loss = impl.dfl(pred, target)
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def integral(pred: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Softmax-integral decoding: ``sum_j softmax(pred)_j * j`` over the last dimension.
+
+    Args:
+        pred: (..., n+1) floating logits (n >= 1).
+        backend: as in :func:`quality_focal_loss`.
+
+    Returns:
+        (...) expected bin index in [0, n], dtype of ``pred``.
+    """
+    _check_floating("pred", pred, None, " (..., n+1)")
+    if pred.dim() < 1 or pred.size(-1) < 2:
+        raise ValueError(f"pred must have shape (..., n+1) with at least 2 bins, got "
+                         f"{tuple(pred.shape)}")
+    impl = _registry.resolve(backend, pred.device, "integral")
+    lead = pred.shape[:-1]
+    return impl.integral(pred.reshape(-1, pred.size(-1))).reshape(lead)
