@@ -1,14 +1,151 @@
-"""Placeholder until the C++ backend lands."""
-from gfl_ops._extension import extension_error
+"""The ``cpu`` and ``cuda`` backends: the C++ / CUDA operators of ``gfl_ops._C``.
+
+The operators (``torch.ops.gfl_ops.*``, schemas in csrc/ops.cpp) get fake kernels and autograd
+here, which is what makes ``torch.library.opcheck`` pass and ``torch.compile(fullgraph=True)``
+trace them.
+
+Gradient strategy, per device (``FUSED_GRAD``):
+
+* fused (CPU): when ``pred`` requires grad the forward kernel also writes dL/dpred, so the
+  transcendental math runs once; backward is one cheap pass ``grad * grad_loss[:, None]``
+  (``scale_rows``).  On a CPU the math, not memory, is the cost, so this wins.
+* recompute (CUDA): forward writes only the loss; backward recomputes the gradient scaled by
+  ``grad_loss`` in one pass.  That moves fewer bytes (no saved N x C gradient written and read
+  back) and holds no extra gradient-sized buffer between forward and backward, which is what a
+  memory-bound GPU kernel wants.  benchmarks/README.md records the measurements.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gfl_ops._extension import cuda_compiled, extension_error, extension_loaded
+
+FUSED_GRAD = {"cpu": True, "cuda": False}
+
+_ops = torch.ops.gfl_ops if extension_loaded() else None
 
 
-class _Unbuilt:
-    def __init__(self, name):
-        self.name = name
-
-    def unavailable_reason(self, device_type):
-        return extension_error() or "not implemented yet"
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-CPU_BACKEND = _Unbuilt("cpu")
-CUDA_BACKEND = _Unbuilt("cuda")
+def _needs_grad(pred: torch.Tensor) -> bool:
+    return pred.requires_grad and torch.is_grad_enabled()
+
+
+def _register() -> None:
+    """Fake kernels and autograd formulas for the C++ operators."""
+    lib = "gfl_ops::"
+
+    def _loss_and_grad_fake(pred, with_grad, loss_dtype):
+        loss = pred.new_empty(pred.shape[0], dtype=loss_dtype)
+        grad = pred.new_empty(pred.shape) if with_grad else pred.new_empty(0)
+        return loss, grad
+
+    @torch.library.register_fake(lib + "qfl")
+    def _(pred, labels, scores, beta, activated, with_grad):
+        return _loss_and_grad_fake(pred, with_grad, _opmath(pred.dtype))
+
+    @torch.library.register_fake(lib + "qfl_dense")
+    def _(pred, target, beta, activated, with_grad):
+        return _loss_and_grad_fake(pred, with_grad, _opmath(pred.dtype))
+
+    @torch.library.register_fake(lib + "dfl")
+    def _(pred, target, with_grad):
+        return _loss_and_grad_fake(pred, with_grad, _opmath(pred.dtype))
+
+    @torch.library.register_fake(lib + "integral")
+    def _(pred, with_grad):
+        return _loss_and_grad_fake(pred, with_grad, pred.dtype)
+
+    for name in ("qfl_backward", "qfl_dense_backward", "dfl_backward", "integral_backward"):
+        torch.library.register_fake(lib + name)(lambda grad, pred, *args: torch.empty_like(pred))
+
+    @torch.library.register_fake(lib + "scale_rows")
+    def _(grad, row_scale):
+        return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+    # Autograd: gradients flow to pred only; targets, labels and scores are constants (as in
+    # mmdetection, where the IoU scores are computed from detached boxes).
+    def _save(ctx, inputs, output, n_tensors):
+        ctx.save_for_backward(*inputs[:n_tensors], output[1])
+        ctx.extra = inputs[n_tensors:]
+
+    def _grad_input(ctx, grad_loss, recompute):
+        *tensors, saved_grad = ctx.saved_tensors
+        if saved_grad.numel() == tensors[0].numel() and saved_grad.dim() == tensors[0].dim():
+            return _ops.scale_rows(saved_grad, grad_loss)
+        return recompute(grad_loss, *tensors, *ctx.extra[:-1])
+
+    def _qfl_bwd(ctx, grad_loss, _grad_grad):
+        grad = _grad_input(ctx, grad_loss, _ops.qfl_backward)
+        return grad, None, None, None, None, None
+
+    def _qfl_dense_bwd(ctx, grad_loss, _grad_grad):
+        grad = _grad_input(ctx, grad_loss, _ops.qfl_dense_backward)
+        return grad, None, None, None, None
+
+    def _dfl_bwd(ctx, grad_loss, _grad_grad):
+        return _grad_input(ctx, grad_loss, _ops.dfl_backward), None, None
+
+    def _integral_bwd(ctx, grad_out, _grad_grad):
+        return _grad_input(ctx, grad_out, _ops.integral_backward), None
+
+    torch.library.register_autograd(lib + "qfl", _qfl_bwd,
+                                    setup_context=lambda ctx, inputs, output:
+                                    _save(ctx, inputs, output, 3))
+    torch.library.register_autograd(lib + "qfl_dense", _qfl_dense_bwd,
+                                    setup_context=lambda ctx, inputs, output:
+                                    _save(ctx, inputs, output, 2))
+    torch.library.register_autograd(lib + "dfl", _dfl_bwd,
+                                    setup_context=lambda ctx, inputs, output:
+                                    _save(ctx, inputs, output, 2))
+    torch.library.register_autograd(lib + "integral", _integral_bwd,
+                                    setup_context=lambda ctx, inputs, output:
+                                    _save(ctx, inputs, output, 1))
+
+
+if _ops is not None:
+    _register()
+
+
+class _CppBackend:
+    """``cpu`` or ``cuda``: the same operators, dispatched by the tensors' device."""
+
+    def __init__(self, device_type: str) -> None:
+        self.name = device_type
+        self.device_type = device_type
+
+    def unavailable_reason(self, device_type: str) -> str | None:
+        if not extension_loaded():
+            return extension_error()
+        if device_type != self.device_type:
+            return f"the {self.name!r} backend runs on {self.device_type} tensors only"
+        if self.device_type == "cuda":
+            if not cuda_compiled():
+                return ("gfl_ops._C was built without CUDA kernels (no nvcc or a CPU-only torch "
+                        "at build time); rebuild with FORCE_CUDA=1 pip install "
+                        "--no-build-isolation -e .")
+            if not torch.cuda.is_available():
+                return "no CUDA device is available"
+        return None
+
+    def _with_grad(self, pred: torch.Tensor) -> bool:
+        return FUSED_GRAD[self.device_type] and _needs_grad(pred)
+
+    def qfl(self, pred, labels, scores, beta, activated):
+        return _ops.qfl(pred, labels, scores, beta, activated, self._with_grad(pred))[0]
+
+    def qfl_dense(self, pred, target, beta, activated):
+        return _ops.qfl_dense(pred, target, beta, activated, self._with_grad(pred))[0]
+
+    def dfl(self, pred, target):
+        return _ops.dfl(pred, target, self._with_grad(pred))[0]
+
+    def integral(self, pred):
+        return _ops.integral(pred, self._with_grad(pred))[0]
+
+
+CPU_BACKEND = _CppBackend("cpu")
+CUDA_BACKEND = _CppBackend("cuda")

@@ -1,0 +1,52 @@
+// AVX2 + FMA build of the CPU kernels.  The target pragma (instead of a global -mavx2) keeps the
+// rest of the extension portable; at::vec's CPU_CAPABILITY inline namespace keeps these vector
+// types distinct from the DEFAULT build's.  ops_cpu.cpp only calls into here when the running
+// CPU reports AVX2 and FMA.
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("avx2,fma,f16c")
+#elif defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#endif
+// The pragma enables the instructions but not the feature macros that sleef.h and at::vec test
+// to declare their 256-bit functions; define them for this translation unit only.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#include "kernels_impl.h"
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+
+namespace gfl::cpu {
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+}  // namespace gfl::cpu
+
+#else  // not x86-64: no AVX2 build; the DEFAULT kernels run everywhere
+#include "kernels.h"
+namespace gfl::cpu {
+bool cpu_has_avx2() { return false; }
+namespace AVX2 {
+void qfl_kernel(const QflTensors& t) { DEFAULT::qfl_kernel(t); }
+void dfl_kernel(const RowTensors& t) { DEFAULT::dfl_kernel(t); }
+void integral_kernel(const RowTensors& t) { DEFAULT::integral_kernel(t); }
+void scale_rows_kernel(const at::Tensor& g, const at::Tensor& s, const at::Tensor& o) {
+  DEFAULT::scale_rows_kernel(g, s, o);
+}
+}  // namespace AVX2
+}  // namespace gfl::cpu
+#endif

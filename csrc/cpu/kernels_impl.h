@@ -1,0 +1,251 @@
+// CPU kernels.  Included once per instruction set by kernels_default.cpp and kernels_avx2.cpp,
+// each of which defines CPU_CAPABILITY (the namespace the code lands in) first.
+//
+// Parallel over rows (anchors for QFL, sides for DFL / integral) with at::parallel_for; a row is
+// always processed by one thread in a fixed order, so results are bitwise identical whatever the
+// thread count.  Storage types half / bfloat16 are converted to float per row through a
+// thread-local buffer; all math runs in the opmath type via the templates of gfl_math.h,
+// vectorised with at::vec over the row and finished with the same templates on scalars.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "../gfl_math.h"
+#include "kernels.h"
+#include "vec_ops.h"
+
+namespace gfl::cpu::CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Rows per parallel task: aim for ~16k elements so small problems stay on one thread.
+inline int64_t row_grain(int64_t row_len) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));
+}
+
+// Row buffers in opmath type; for float/double storage the caller's rows are used in place.
+template <typename scalar_t, typename opmath_t>
+struct RowBuffer {
+  static constexpr bool kConvert = !std::is_same_v<scalar_t, opmath_t>;
+  std::vector<opmath_t> storage;
+  explicit RowBuffer(int64_t len) : storage(kConvert ? len : 0) {}
+  const opmath_t* load(const scalar_t* row, int64_t len) {
+    if constexpr (kConvert) {
+      at::vec::convert(row, storage.data(), len);
+      return storage.data();
+    } else {
+      return row;
+    }
+  }
+  opmath_t* out(scalar_t* row) {
+    if constexpr (kConvert) {
+      return storage.data();
+    } else {
+      return row;
+    }
+  }
+  void store(scalar_t* row, int64_t len) {
+    if constexpr (kConvert) at::vec::convert(storage.data(), row, len);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// QFL: one row = one anchor's C class logits.  Returns the row loss; writes
+// grad_scale * dL/dx into g when g is not null.
+template <typename opmath_t, bool kActivated>
+opmath_t qfl_row(const opmath_t* x, const opmath_t* y_dense, int64_t label, opmath_t score,
+                 int64_t num_classes, opmath_t beta, int mode, opmath_t grad_scale, opmath_t* g) {
+  using Vec = Vectorized<opmath_t>;
+  constexpr int64_t kW = Vec::size();
+  const Vec beta_v(beta), scale_v(grad_scale);
+  Vec acc(opmath_t(0));
+  int64_t c = 0;
+  for (; c + kW <= num_classes; c += kW) {
+    const Vec xv = Vec::loadu(x + c);
+    Vec yv(opmath_t(0));
+    if (y_dense) {
+      yv = Vec::loadu(y_dense + c);
+    } else if (label >= c && label < c + kW) {
+      __at_align__ opmath_t lane_targets[kW] = {};
+      lane_targets[label - c] = score;
+      yv = Vec::loadu(lane_targets);
+    }
+    Vec gv;
+    const Vec lv = kActivated ? qfl_prob<Vec>(xv, yv, beta_v, mode, gv)
+                              : qfl_logit<Vec>(xv, yv, beta_v, mode, gv);
+    acc = acc + lv;
+    if (g) (gv * scale_v).store(g + c);
+  }
+  opmath_t total = at::vec::vec_reduce_all<opmath_t>(
+      [](const Vec& a, const Vec& b) { return a + b; }, acc);
+  for (; c < num_classes; ++c) {
+    const opmath_t y = y_dense ? y_dense[c] : (c == label ? score : opmath_t(0));
+    opmath_t gs;
+    total += kActivated ? qfl_prob<opmath_t>(x[c], y, beta, mode, gs)
+                        : qfl_logit<opmath_t>(x[c], y, beta, mode, gs);
+    if (g) g[c] = gs * grad_scale;
+  }
+  return total;
+}
+
+template <typename scalar_t, typename target_t, bool kActivated>
+void qfl_typed(const QflTensors& t) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t n = t.pred.size(0), num_classes = t.pred.size(1);
+  const scalar_t* pred = t.pred.const_data_ptr<scalar_t>();
+  const target_t* target = t.dense ? t.target.const_data_ptr<target_t>() : nullptr;
+  const int64_t* labels = t.dense ? nullptr : t.labels.const_data_ptr<int64_t>();
+  const opmath_t* scores = t.dense ? nullptr : t.scores.const_data_ptr<opmath_t>();
+  const opmath_t* row_scale = t.row_scale.defined() ? t.row_scale.const_data_ptr<opmath_t>()
+                                                    : nullptr;
+  opmath_t* loss = t.loss.defined() ? t.loss.mutable_data_ptr<opmath_t>() : nullptr;
+  scalar_t* grad = t.grad.defined() ? t.grad.mutable_data_ptr<scalar_t>() : nullptr;
+  const opmath_t beta = static_cast<opmath_t>(t.beta);
+  const int mode = beta_mode(t.beta);
+
+  at::parallel_for(0, n, row_grain(num_classes), [&](int64_t begin, int64_t end) {
+    RowBuffer<scalar_t, opmath_t> xbuf(num_classes), gbuf(num_classes);
+    RowBuffer<target_t, opmath_t> ybuf(num_classes);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t off = i * num_classes;
+      const opmath_t* x = xbuf.load(pred + off, num_classes);
+      const opmath_t* y = target ? ybuf.load(target + off, num_classes) : nullptr;
+      opmath_t* g = grad ? gbuf.out(grad + off) : nullptr;
+      const opmath_t row_loss = qfl_row<opmath_t, kActivated>(
+          x, y, labels ? labels[i] : -1, scores ? scores[i] : opmath_t(0), num_classes, beta,
+          mode, row_scale ? row_scale[i] : opmath_t(1), g);
+      if (loss) loss[i] = row_loss;
+      if (grad) gbuf.store(grad + off, num_classes);
+    }
+  });
+}
+
+template <typename scalar_t>
+void qfl_dispatch_target(const QflTensors& t) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const bool target_is_opmath = t.dense && t.target.scalar_type() != t.pred.scalar_type();
+  if (t.activated) {
+    if (target_is_opmath) qfl_typed<scalar_t, opmath_t, true>(t);
+    else qfl_typed<scalar_t, scalar_t, true>(t);
+  } else {
+    if (target_is_opmath) qfl_typed<scalar_t, opmath_t, false>(t);
+    else qfl_typed<scalar_t, scalar_t, false>(t);
+  }
+}
+
+void qfl_kernel(const QflTensors& t) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.pred.scalar_type(), "gfl_qfl_cpu",
+                                  [&] { qfl_dispatch_target<scalar_t>(t); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// DFL and the integral: one row = one box side's n+1 bin logits.
+
+// exps[j] = exp(z[j] - max z); returns (max z, sum of exps).
+template <typename opmath_t>
+inline void softmax_parts(const opmath_t* z, int64_t len, opmath_t* exps, opmath_t& zmax,
+                          opmath_t& sum) {
+  using Vec = Vectorized<opmath_t>;
+  zmax = z[0];
+  for (int64_t j = 1; j < len; ++j) zmax = std::max(zmax, z[j]);
+  const Vec zmax_v(zmax);
+  at::vec::map([zmax_v](Vec v) { return (v - zmax_v).exp(); }, exps, z, len);
+  sum = opmath_t(0);
+  for (int64_t j = 0; j < len; ++j) sum += exps[j];
+}
+
+template <typename scalar_t, bool kDfl>
+void rows_typed(const RowTensors& t) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t m = t.pred.size(0), bins = t.pred.size(1), n = bins - 1;
+  const scalar_t* pred = t.pred.const_data_ptr<scalar_t>();
+  const opmath_t* target = kDfl ? t.target.const_data_ptr<opmath_t>() : nullptr;
+  const opmath_t* row_scale = t.row_scale.defined() ? t.row_scale.const_data_ptr<opmath_t>()
+                                                    : nullptr;
+  scalar_t* grad = t.grad.defined() ? t.grad.mutable_data_ptr<scalar_t>() : nullptr;
+  // DFL's loss is stored in opmath type, the integral's value in the storage type
+  using out_t = std::conditional_t<kDfl, opmath_t, scalar_t>;
+  out_t* out = t.out.defined() ? t.out.mutable_data_ptr<out_t>() : nullptr;
+
+  at::parallel_for(0, m, row_grain(bins), [&](int64_t begin, int64_t end) {
+    RowBuffer<scalar_t, opmath_t> zbuf(bins), gbuf(bins);
+    std::vector<opmath_t> exps(bins);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t off = i * bins;
+      const opmath_t* z = zbuf.load(pred + off, bins);
+      opmath_t zmax, sum;
+      softmax_parts(z, bins, exps.data(), zmax, sum);
+      const opmath_t inv_sum = opmath_t(1) / sum;
+      const opmath_t scale = row_scale ? row_scale[i] : opmath_t(1);
+      opmath_t* g = grad ? gbuf.out(grad + off) : nullptr;
+      if constexpr (kDfl) {
+        int64_t l;
+        opmath_t w_l, w_r;
+        dfl_split(target[i], n, l, w_l, w_r);
+        if (out) out[i] = dfl_loss(zmax + std::log(sum), z[l], z[l + 1], w_l, w_r);
+        if (g) {
+          for (int64_t j = 0; j < bins; ++j)
+            g[j] = dfl_grad(exps[j] * inv_sum, j, l, w_l, w_r) * scale;
+        }
+      } else {
+        opmath_t weighted = opmath_t(0);
+        for (int64_t j = 0; j < bins; ++j) weighted += exps[j] * static_cast<opmath_t>(j);
+        const opmath_t y_hat = weighted * inv_sum;
+        if (out) out[i] = static_cast<out_t>(y_hat);
+        if (g) {
+          for (int64_t j = 0; j < bins; ++j)
+            g[j] = integral_grad(exps[j] * inv_sum, j, y_hat) * scale;
+        }
+      }
+      if (grad) gbuf.store(grad + off, bins);
+    }
+  });
+}
+
+void dfl_kernel(const RowTensors& t) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.pred.scalar_type(), "gfl_dfl_cpu",
+                                  [&] { rows_typed<scalar_t, true>(t); });
+}
+
+void integral_kernel(const RowTensors& t) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.pred.scalar_type(),
+                                  "gfl_integral_cpu", [&] { rows_typed<scalar_t, false>(t); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// out[i, :] = grad[i, :] * scale[i]: the backward of a forward that saved its gradient.
+void scale_rows_kernel(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "gfl_scale_rows_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const int64_t rows = grad.size(0), cols = grad.numel() / std::max<int64_t>(rows, 1);
+        const scalar_t* src = grad.const_data_ptr<scalar_t>();
+        const opmath_t* s = scale.const_data_ptr<opmath_t>();
+        scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, rows, row_grain(cols) * 4, [&](int64_t begin, int64_t end) {
+          if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+            using Vec = Vectorized<scalar_t>;
+            for (int64_t i = begin; i < end; ++i) {
+              const Vec sv(s[i]);
+              at::vec::map([sv](Vec v) { return v * sv; }, dst + i * cols, src + i * cols, cols);
+            }
+          } else {
+            for (int64_t i = begin; i < end; ++i) {
+              const opmath_t si = s[i];
+              for (int64_t j = 0; j < cols; ++j)
+                dst[i * cols + j] = static_cast<scalar_t>(
+                    static_cast<opmath_t>(src[i * cols + j]) * si);
+            }
+          }
+        });
+      });
+}
+
+}  // namespace gfl::cpu::CPU_CAPABILITY

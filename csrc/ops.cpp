@@ -1,0 +1,40 @@
+// Operator schemas of the gfl_ops library, and the Python module that loads them.
+//
+// Each loss has a forward that returns (per-row loss, gradient) — the gradient is computed in the
+// same pass when with_grad is true, else returned as an empty (0,) tensor — and a backward that
+// recomputes the gradient scaled by grad_loss.  The Python side (gfl_ops/_cpp_backend.py)
+// registers fake kernels and autograd for them and picks, per device, whether autograd uses the
+// saved gradient (scale_rows) or the recomputing backward.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(gfl_ops, m) {
+  m.def("qfl(Tensor pred, Tensor labels, Tensor scores, float beta, bool activated, "
+        "bool with_grad) -> (Tensor, Tensor)");
+  m.def("qfl_backward(Tensor grad_loss, Tensor pred, Tensor labels, Tensor scores, float beta, "
+        "bool activated) -> Tensor");
+  m.def("qfl_dense(Tensor pred, Tensor target, float beta, bool activated, bool with_grad) "
+        "-> (Tensor, Tensor)");
+  m.def("qfl_dense_backward(Tensor grad_loss, Tensor pred, Tensor target, float beta, "
+        "bool activated) -> Tensor");
+  m.def("dfl(Tensor pred, Tensor target, bool with_grad) -> (Tensor, Tensor)");
+  m.def("dfl_backward(Tensor grad_loss, Tensor pred, Tensor target) -> Tensor");
+  m.def("integral(Tensor pred, bool with_grad) -> (Tensor, Tensor)");
+  m.def("integral_backward(Tensor grad_out, Tensor pred) -> Tensor");
+  m.def("scale_rows(Tensor grad, Tensor row_scale) -> Tensor");
+}
+
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "gfl_ops compiled operators", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef GFL_WITH_CUDA
+  PyModule_AddIntConstant(module, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(module, "WITH_CUDA", 0);
+#endif
+  return module;
+}
+}

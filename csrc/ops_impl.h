@@ -1,0 +1,127 @@
+// Operator implementations shared by the CPU and CUDA registrations.  `K` supplies the kernels:
+//   static void qfl(const QflTensors&); static void dfl(const RowTensors&);
+//   static void integral(const RowTensors&);
+//   static void scale_rows(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& out);
+// Kernels are not launched for empty inputs (N = 0 or C = 0), so they never see a zero grid.
+#pragma once
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "op_common.h"
+
+namespace gfl {
+
+using at::Tensor;
+
+template <class K>
+struct OpImpls {
+  static std::tuple<Tensor, Tensor> run_qfl(QflTensors t, bool with_grad) {
+    const auto n = t.pred.size(0);
+    Tensor loss = at::zeros({n}, t.pred.options().dtype(opmath_dtype(t.pred)));
+    Tensor grad = with_grad ? at::empty_like(t.pred) : at::empty({0}, t.pred.options());
+    t.loss = loss;
+    if (with_grad) t.grad = grad;
+    if (t.pred.numel() > 0) K::qfl(t);
+    return {loss, grad};
+  }
+
+  static Tensor run_qfl_backward(QflTensors t, const Tensor& grad_loss) {
+    t.row_scale = prepare_row_scale(grad_loss, t.pred);
+    Tensor grad = at::empty_like(t.pred);
+    t.grad = grad;
+    if (t.pred.numel() > 0) K::qfl(t);
+    return grad;
+  }
+
+  static std::tuple<Tensor, Tensor> qfl(const Tensor& pred, const Tensor& labels,
+                                        const Tensor& scores, double beta, bool activated,
+                                        bool with_grad) {
+    return run_qfl(prepare_qfl(pred, labels, scores, Tensor(), beta, activated), with_grad);
+  }
+
+  static Tensor qfl_backward(const Tensor& grad_loss, const Tensor& pred, const Tensor& labels,
+                             const Tensor& scores, double beta, bool activated) {
+    return run_qfl_backward(prepare_qfl(pred, labels, scores, Tensor(), beta, activated),
+                            grad_loss);
+  }
+
+  static std::tuple<Tensor, Tensor> qfl_dense(const Tensor& pred, const Tensor& target,
+                                              double beta, bool activated, bool with_grad) {
+    TORCH_CHECK(target.defined(), "gfl_ops: target must be a tensor");
+    return run_qfl(prepare_qfl(pred, Tensor(), Tensor(), target, beta, activated), with_grad);
+  }
+
+  static Tensor qfl_dense_backward(const Tensor& grad_loss, const Tensor& pred,
+                                   const Tensor& target, double beta, bool activated) {
+    TORCH_CHECK(target.defined(), "gfl_ops: target must be a tensor");
+    return run_qfl_backward(prepare_qfl(pred, Tensor(), Tensor(), target, beta, activated),
+                            grad_loss);
+  }
+
+  template <bool kDfl>
+  static std::tuple<Tensor, Tensor> run_rows(RowTensors t, bool with_grad) {
+    const auto out_dtype = kDfl ? opmath_dtype(t.pred) : t.pred.scalar_type();
+    Tensor out = at::empty({t.pred.size(0)}, t.pred.options().dtype(out_dtype));
+    Tensor grad = with_grad ? at::empty_like(t.pred) : at::empty({0}, t.pred.options());
+    t.out = out;
+    if (with_grad) t.grad = grad;
+    if (t.pred.numel() > 0) kDfl ? K::dfl(t) : K::integral(t);
+    return {out, grad};
+  }
+
+  template <bool kDfl>
+  static Tensor run_rows_backward(RowTensors t, const Tensor& grad_out) {
+    t.row_scale = prepare_row_scale(grad_out, t.pred);
+    Tensor grad = at::empty_like(t.pred);
+    t.grad = grad;
+    if (t.pred.numel() > 0) kDfl ? K::dfl(t) : K::integral(t);
+    return grad;
+  }
+
+  static std::tuple<Tensor, Tensor> dfl(const Tensor& pred, const Tensor& target,
+                                        bool with_grad) {
+    TORCH_CHECK(target.defined(), "gfl_ops: target must be a tensor");
+    return run_rows<true>(prepare_rows(pred, target), with_grad);
+  }
+
+  static Tensor dfl_backward(const Tensor& grad_loss, const Tensor& pred, const Tensor& target) {
+    TORCH_CHECK(target.defined(), "gfl_ops: target must be a tensor");
+    return run_rows_backward<true>(prepare_rows(pred, target), grad_loss);
+  }
+
+  static std::tuple<Tensor, Tensor> integral(const Tensor& pred, bool with_grad) {
+    return run_rows<false>(prepare_rows(pred, Tensor()), with_grad);
+  }
+
+  static Tensor integral_backward(const Tensor& grad_out, const Tensor& pred) {
+    return run_rows_backward<false>(prepare_rows(pred, Tensor()), grad_out);
+  }
+
+  static Tensor scale_rows(const Tensor& grad, const Tensor& row_scale) {
+    TORCH_CHECK(grad.dim() >= 1, "gfl_ops: grad must have at least one dimension");
+    Tensor g = grad.contiguous();
+    Tensor s = prepare_row_scale(row_scale, g);
+    Tensor out = at::empty_like(g);
+    if (g.numel() > 0) K::scale_rows(g, s, out);
+    return out;
+  }
+
+  static void register_all(torch::Library& m) {
+    m.impl("qfl", &qfl);
+    m.impl("qfl_backward", &qfl_backward);
+    m.impl("qfl_dense", &qfl_dense);
+    m.impl("qfl_dense_backward", &qfl_dense_backward);
+    m.impl("dfl", &dfl);
+    m.impl("dfl_backward", &dfl_backward);
+    m.impl("integral", &integral);
+    m.impl("integral_backward", &integral_backward);
+    m.impl("scale_rows", &scale_rows);
+  }
+};
+
+}  // namespace gfl
