@@ -1,0 +1,1 @@
+"""Data pipeline of the detector: COCO-format datasets, transforms, loaders, embedded dataset."""
