@@ -1,0 +1,104 @@
+"""``ModelConfig``: every knob of the detector, with mmdetection's GFL R50 1x values as defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ModelConfig", "VARIANTS"]
+
+# variant -> (classification loss is QFL, box regression is a General distribution with DFL)
+#   atss: focal loss + centre-ness branch, GIoU on a Dirac (delta-coded) box   (Table 3, row 1)
+#   qfl:  QFL joint score, GIoU on a Dirac box                                  (Table 3, row 2)
+#   dfl:  focal loss + centre-ness, General distribution with GIoU + DFL        (Table 3, row 3)
+#   gfl:  QFL + General distribution with GIoU + DFL (the paper's detector)      (Table 3, row 4)
+VARIANTS: dict[str, tuple[bool, bool]] = {
+    "atss": (False, False),
+    "qfl": (True, False),
+    "dfl": (False, True),
+    "gfl": (True, True),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Configuration of :class:`detector.models.GFLDetector`.
+
+    Defaults reproduce mmdetection's ``configs/gfl/gfl_r50_fpn_1x_coco.py``.
+    """
+
+    # --- architecture
+    depth: int = 50                      # torchvision ResNet depth: 18, 34, 50 or 101
+    num_classes: int = 80                # foreground classes; labels are 0..num_classes-1
+    variant: str = "gfl"                 # 'gfl' | 'atss' | 'qfl' | 'dfl' (see VARIANTS)
+    reg_max: int = 16                    # DFL bins are 0..reg_max (stride units)
+    pretrained: Any = None               # None | path to a checkpoint | torchvision weights
+    frozen_stages: int = 1               # -1: none, 0: stem, k: stem + stages 1..k
+    norm_eval: bool = True               # keep backbone BatchNorm in eval mode while training
+    fpn_channels: int = 256
+    feat_channels: int = 256
+    stacked_convs: int = 4
+    gn_groups: int = 32
+    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+    octave_base_scale: float = 8.0       # anchor side = octave_base_scale * stride
+    prior_prob: float = 0.01             # initial foreground probability of the classifier
+
+    # --- training
+    atss_topk: int = 9
+    qfl_beta: float = 2.0
+    focal_alpha: float = 0.25            # focal loss of the 'atss'/'dfl' variants
+    focal_gamma: float = 2.0
+    loss_cls_weight: float = 1.0
+    loss_bbox_weight: float = 2.0        # GIoU
+    loss_dfl_weight: float = 0.25
+    loss_centerness_weight: float = 1.0
+    gfl_backend: str | None = None       # gfl_ops backend: None = auto, 'cpu', 'reference', ...
+
+    # --- inference
+    score_thr: float = 0.05
+    nms_pre: int = 1000                  # top (anchor, class) pairs kept per level before NMS
+    nms_iou: float = 0.6
+    max_per_img: int = 100
+    min_bbox_size: float = 0.0           # boxes with a side <= this are dropped
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form, ignored by the model
+
+    def __post_init__(self) -> None:
+        if self.depth not in (18, 34, 50, 101):
+            raise ValueError(f"depth must be one of 18, 34, 50, 101, got {self.depth}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.reg_max < 1:
+            raise ValueError(f"reg_max must be >= 1, got {self.reg_max}")
+        self.strides = tuple(int(s) for s in self.strides)
+        if len(self.strides) != 5:
+            raise ValueError(f"strides must name the 5 levels P3-P7, got {self.strides}")
+
+    @property
+    def use_qfl(self) -> bool:
+        return VARIANTS[self.variant][0]
+
+    @property
+    def use_dfl(self) -> bool:
+        return VARIANTS[self.variant][1]
+
+    @property
+    def with_centerness(self) -> bool:
+        """The focal-loss variants rank detections with a separate centre-ness branch."""
+        return not self.use_qfl
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Build from a mapping; unknown keys are an error (a typo must not pass silently)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,1 @@
+"""Tensor helpers for the detector (box arithmetic)."""
