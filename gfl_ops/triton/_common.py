@@ -1,0 +1,209 @@
+"""Pieces shared by the Triton kernels: dtypes, launch checks, block heuristics, row scaling.
+
+Dtype policy (the same for the three operators):
+
+* Storage dtypes fp16, bf16, fp32 and fp64 are read directly by the kernels.  The math runs in
+  float32 for fp16/bf16/fp32 and in float64 for fp64 (Triton lowers ``exp``/``log``/``exp2``/
+  ``log2``/``floor`` on fp64 to libdevice on NVIDIA GPUs, and the interpreter uses numpy), so
+  ``gradcheck`` in float64 sees float64 arithmetic.  Any other floating dtype (float8, ...) is
+  upcast to float32 by the backend before the call (a documented copy; autograd casts the
+  gradient back).
+* Per-row losses are float32 for fp16/bf16 predictions and ``pred.dtype`` otherwise; gradients
+  and the integral are returned in ``pred.dtype``.
+
+Launch policy: every kernel is launched only for a non-empty grid (N = 0 / C = 0 return at once),
+row offsets are int64 (``pid.to(tl.int64) * BLOCK`` and int64 strides), no atomics (every output
+element is written by exactly one program, and row sums use ``tl.sum`` in a fixed order, so
+results are bitwise reproducible), and nothing reads a tensor value on the host.  Inputs are
+read through their strides (non-contiguous and expanded tensors need no copy); outputs are always
+fresh contiguous tensors: the caller's tensors are never written.
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Gradient strategy for all three operators (see gfl_ops/triton/__init__.py for the reasoning):
+# False = forward writes only the loss and backward recomputes the gradient scaled by grad_output;
+# True = when pred requires grad, forward also writes the unscaled gradient, which backward only
+# scales by grad_output (``triton_scale_rows``).  Read at call time, so it can be switched at run
+# time (torch.compile guards on it).
+FUSED_BACKWARD = False
+
+# Storage dtypes the kernels read directly; other floating dtypes are upcast to float32 first.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Integer label dtypes loaded directly; others (uint16/32/64) are converted to int64 first.
+LABEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+# Elements per program tile (rows x columns of one loop step).  2048 fp32 elements over 4 warps is
+# 16 values per thread: enough independent loads in flight to cover memory latency without
+# spilling the ~10 live fp32 temporaries of the QFL math.  fp64 uses half (twice the registers).
+TILE_ELEMENTS = 2048
+TILE_ELEMENTS_FP64 = 1024
+
+
+def is_interpreted() -> bool:
+    """Whether this module's kernels were created under ``TRITON_INTERPRET=1``.
+
+    ``triton.jit`` decides at decoration time (module import) between a compiled and an
+    interpreted kernel, so setting the variable later has no effect on kernels already defined.
+    """
+    return _KERNELS_INTERPRETED
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the arithmetic (and of QFL/DFL losses): float64 for fp64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_opmath(dtype: torch.dtype) -> tl.dtype:
+    """Triton dtype of the arithmetic for storage ``dtype`` (a ``tl.constexpr`` argument)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def tile_elements(dtype: torch.dtype) -> int:
+    return TILE_ELEMENTS_FP64 if dtype == torch.float64 else TILE_ELEMENTS
+
+
+def num_warps_for(tile: int) -> int:
+    """Warps for a tile of ``tile`` elements: about 16 elements per thread, 4 to 16 warps."""
+    return max(4, min(16, tile // 512))
+
+
+def split_float(value: float) -> tuple[float, float]:
+    """``value`` as ``hi + lo`` with both parts exact in float32.
+
+    Triton passes Python floats to kernels as float32; a float64 kernel rebuilds
+    ``hi + lo`` in float64 (about 48 significant bits), so e.g. beta = 0.3 is not rounded to
+    float32 before the float64 math.
+    """
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    lo = float(torch.tensor(value - hi, dtype=torch.float32))
+    return hi, lo
+
+
+def check_launchable(t: torch.Tensor, op: str) -> None:
+    """Raise a clear error when Triton cannot run on ``t``'s device (instead of a cryptic one)."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu":
+        if _KERNELS_INTERPRETED:
+            return
+        raise RuntimeError(
+            f"gfl_ops triton {op}: CPU tensors run only under Triton's interpreter; set "
+            "TRITON_INTERPRET=1 before triton / gfl_ops.triton is imported, or use a CUDA tensor"
+        )
+    raise RuntimeError(f"gfl_ops triton {op}: tensors on {t.device.type} are not supported "
+                       "(cuda, or cpu under TRITON_INTERPRET=1)")
+
+
+def launch_guard() -> contextlib.AbstractContextManager:
+    """Context for a kernel launch.  Under the interpreter, numpy would warn where the GPU
+    silently follows IEEE rules (log(0) = -inf, overflow to inf when rounding to fp16): silence
+    those warnings so that interpreter runs behave like GPU runs."""
+    if _KERNELS_INTERPRETED:
+        import numpy as np
+
+        return np.errstate(divide="ignore", over="ignore", invalid="ignore", under="ignore")
+    return contextlib.nullcontext()
+
+
+@triton.jit
+def row_ids(pid, BLOCK: tl.constexpr):
+    """Indices of the BLOCK rows of program ``pid``, as int64 so that row * stride offsets do not
+    wrap past 2**31 elements (tensors of more than 2**31 elements, or huge strides)."""
+    return pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """Launch configuration of a row-blocked kernel: a BLOCK_ROWS x BLOCK_COLS tile per step."""
+
+    block_rows: int
+    block_cols: int
+    num_warps: int
+
+    def grid(self, rows: int) -> tuple[int]:
+        return (triton.cdiv(rows, self.block_rows),)
+
+
+def row_block(cols_per_step: int, rows: int, dtype: torch.dtype) -> RowConfig:
+    """Rows per program for a tile ``cols_per_step`` wide: fill the tile, but no more rows than
+    the (power-of-two rounded) problem has, so tiny problems do not compute masked rows."""
+    tile = tile_elements(dtype)
+    block_rows = max(1, tile // cols_per_step)
+    block_rows = min(block_rows, triton.next_power_of_2(max(rows, 1)))
+    return RowConfig(block_rows, cols_per_step, num_warps_for(block_rows * cols_per_step))
+
+
+# --------------------------------------------------------------------------------------------
+# Row scaling: out[r, k] = grad[r, k] * scale[r]; the backward of the fused-gradient mode.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scale_rows_kernel(
+    grad_ptr, scale_ptr, out_ptr,
+    R, K, stride_scale,
+    CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = row_ids(tl.program_id(0), BLOCK_R)
+    row_mask = rows < R
+    scale = tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0).to(CDT)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (cols < K)[None, :]
+        offs = rows[:, None] * K + cols[None, :]
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(CDT)
+        tl.store(out_ptr + offs, (g * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_KERNELS_INTERPRETED = type(_scale_rows_kernel).__name__ == "InterpretedFunction"
+
+
+@torch.library.custom_op("gfl_ops::triton_scale_rows", mutates_args=())
+def scale_rows(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``grad * scale[:, None]`` in the opmath dtype, returned in ``grad.dtype``.
+
+    Args:
+        grad: (R, K) contiguous gradient saved by a fused forward (ours, never the caller's).
+        scale: (R,) upstream gradient of the per-row loss, any float dtype and stride (the
+            upstream gradient of ``loss.sum()`` is an expanded tensor with stride 0).
+    """
+    out = torch.empty_like(grad, memory_format=torch.contiguous_format)
+    if grad.numel() == 0:
+        return out
+    check_launchable(grad, "scale_rows")
+    grad = grad.contiguous()  # a no-op for the buffers our forwards save
+    rows, cols = grad.shape
+    block_k = min(triton.next_power_of_2(cols), 512)
+    cfg = row_block(block_k, rows, grad.dtype)
+    with launch_guard():
+        _scale_rows_kernel[cfg.grid(rows)](
+            grad, scale, out, rows, cols, scale.stride(0),
+            CDT=tl_opmath(grad.dtype), BLOCK_R=cfg.block_rows, BLOCK_K=cfg.block_cols,
+            num_warps=cfg.num_warps,
+        )
+    return out
+
+
+@scale_rows.register_fake
+def _(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _scale_rows_backward(ctx, grad_out):
+    # Only reached under double backward; the fused path is a first-order gradient.
+    raise RuntimeError("gfl_ops triton: double backward is not supported")
+
+
+scale_rows.register_autograd(_scale_rows_backward)
+
+
+def env_interpret_requested() -> bool:
+    """``TRITON_INTERPRET`` as the registry contract reads it (exactly ``"1"``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,322 @@
+"""Quality Focal Loss in Triton: per-anchor loss summed over classes, and its gradient.
+
+Math (DESIGN.md §2), per element with logit ``x``, target ``y`` and ``σ = sigmoid(x)``::
+
+    L      = |y − σ|^β · BCE(x, y),   BCE = max(x, 0) − x·y + log1p(exp(−|x|))
+    dL/dx  = β·|y−σ|^(β−1)·sign(σ−y)·σ(1−σ)·BCE + |y−σ|^β·(σ − y)
+
+with the subgradient 0 for the first term at ``σ = y``.  With ``activated=True`` the input is the
+probability ``p`` itself, ``BCE = −(y·max(log p, −100) + (1−y)·max(log1p(−p), −100))`` (torch's
+clamp) and ``dBCE/dp = (p − y) / max(p(1−p), 1e-12)`` (torch's ``binary_cross_entropy``
+backward).  Labels outside [0, C) mark background anchors (target 0 on every class).
+
+Numerics: ``σ``, ``σ(1−σ)`` and ``σ − y`` are formed from ``e = exp(−|x|)`` so that neither side
+of the sigmoid loses digits (``σ − y`` for ``y`` near 1 and large ``x`` is ``(1−y) − e/(1+e)``);
+``log1p(e)`` is ``log(u) + (e − (u − 1))/u`` with ``u = 1 + e`` (exact compensation for the
+rounding of ``u``; ``1/u`` is already needed for ``σ``, so no extra division).  ``|d|^β`` is
+specialised at compile time for β ∈ {0, 1, 2} and uses ``exp2(β·log2|d|)`` otherwise.
+
+Kernel layout: one program owns BLOCK_N rows and walks the classes in BLOCK_C-wide steps,
+accumulating the row sum in the opmath dtype and writing one value per row (no atomics).  The
+same kernel writes the loss (forward), the gradient scaled by ``grad_output`` (backward,
+recomputed), or both (fused mode): the flags are ``tl.constexpr`` so dead outputs cost nothing.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from gfl_ops.triton import _common
+from gfl_ops.triton._common import (
+    RowConfig,
+    check_launchable,
+    launch_guard,
+    row_block,
+    row_ids,
+    split_float,
+    tl_opmath,
+)
+
+# |d|^β specialisations (tl.constexpr BETA_MODE)
+BETA_ZERO, BETA_ONE, BETA_TWO, BETA_GENERAL = 0, 1, 2, 3
+
+
+def beta_mode(beta: float) -> int:
+    """Compile-time specialisation of ``|d|^β``: β = 0, 1, 2 avoid the exp2/log2 pair."""
+    return {0.0: BETA_ZERO, 1.0: BETA_ONE, 2.0: BETA_TWO}.get(float(beta), BETA_GENERAL)
+
+
+def qfl_block_c(num_classes: int) -> int:
+    """Columns per loop step for ``num_classes`` classes.
+
+    C <= 32: one step of next_power_of_2(C) columns (one pass, some lanes masked).  Larger C:
+    the widest step in 256..16 whose padding (ceil(C/step)·step − C) stays within 12.5 % of C,
+    else the step with the least padding, so large or awkward C (80, 365, 1203) loop over a few
+    nearly full steps instead of one mostly masked power-of-two block (C = 1203 -> 5 × 256
+    columns; 80 -> 5 × 16; 365 -> 3 × 128).
+    """
+    if num_classes <= 32:
+        return triton.next_power_of_2(max(num_classes, 1))
+    candidates = (256, 128, 64, 32, 16)
+    for step in candidates:
+        if triton.cdiv(num_classes, step) * step * 8 <= num_classes * 9:
+            return step
+    return min(candidates, key=lambda s: (triton.cdiv(num_classes, s) * s, -s))
+
+
+def qfl_config(num_rows: int, num_classes: int, dtype: torch.dtype) -> RowConfig:
+    """Launch configuration (rows per program, columns per step, warps) of the QFL kernel."""
+    return row_block(qfl_block_c(num_classes), num_rows, dtype)
+
+
+@triton.jit
+def _qfl_terms(x, y, beta, BETA_MODE: tl.constexpr, ACTIVATED: tl.constexpr):
+    """Element loss and d loss / d pred, in the dtype of ``x`` (the opmath dtype)."""
+    if ACTIVATED:
+        p = x
+        d = p - y
+        # log1p(-p), compensated as in the logits branch; u = 1 - p is exact for p >= 0.5
+        u = 1.0 - p
+        safe_u = tl.where(u > 0.0, u, 1.0)
+        log1m_p = tl.where(u > 0.0, tl.log(safe_u) + (-p - (u - 1.0)) / safe_u, -float("inf"))
+        log_p = tl.maximum(tl.log(p), -100.0, propagate_nan=tl.PropagateNan.ALL)
+        log1m_p = tl.maximum(log1m_p, -100.0, propagate_nan=tl.PropagateNan.ALL)
+        bce = -(y * log_p + (1.0 - y) * log1m_p)
+        dbce = d / tl.maximum(p * (1.0 - p), 1e-12)  # torch's EPSILON
+        dsig = 1.0
+    else:
+        e = tl.exp(-tl.abs(x))
+        u = 1.0 + e
+        inv = 1.0 / u
+        e_inv = e * inv  # min(σ, 1 − σ)
+        log1p_e = tl.log(u) + (e - (u - 1.0)) * inv
+        bce = tl.where(x > 0.0, x, 0.0) - x * y + log1p_e
+        d = tl.where(x >= 0.0, (1.0 - y) - e_inv, e_inv - y)  # σ − y without cancellation
+        dbce = d
+        dsig = e_inv * inv  # σ(1 − σ)
+    if BETA_MODE == 0:
+        loss = bce
+        grad = dbce
+    else:
+        ad = tl.abs(d)
+        if BETA_MODE == 1:
+            mod = ad
+            coef = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+        elif BETA_MODE == 2:
+            mod = ad * ad
+            coef = 2.0 * d
+        else:
+            pos = ad > 0.0
+            # |d|^(β−1), 0 at d = 0: the subgradient of the first term there
+            pow_bm1 = tl.where(pos, tl.exp2((beta - 1.0) * tl.log2(tl.where(pos, ad, 1.0))), 0.0)
+            mod = pow_bm1 * ad
+            coef = tl.where(d < 0.0, -beta, beta) * pow_bm1
+        loss = mod * bce
+        grad = coef * dsig * bce + mod * dbce
+    return loss, grad
+
+
+@triton.jit
+def _qfl_kernel(
+    pred_ptr, labels_ptr, scores_ptr, target_ptr, grad_out_ptr, loss_ptr, grad_ptr,
+    N, C,
+    stride_pn, stride_pc, stride_lab, stride_sc, stride_tn, stride_tc, stride_go,
+    beta_hi, beta_lo,
+    DENSE: tl.constexpr, ACTIVATED: tl.constexpr, BETA_MODE: tl.constexpr, CDT: tl.constexpr,
+    WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = row_ids(tl.program_id(0), BLOCK_N)
+    row_mask = rows < N
+    # beta rebuilt from two float32 halves: exact enough for float64 math
+    beta = tl.cast(beta_hi, CDT) + tl.cast(beta_lo, CDT)
+    if not DENSE:
+        labels = tl.load(labels_ptr + rows * stride_lab, mask=row_mask, other=0)
+        scores = tl.load(scores_ptr + rows * stride_sc, mask=row_mask, other=0.0).to(CDT)
+    if SCALE_GRAD:
+        go = tl.load(grad_out_ptr + rows * stride_go, mask=row_mask, other=0.0).to(CDT)
+    acc = tl.zeros([BLOCK_N], dtype=CDT)
+    pred_rows = pred_ptr + rows[:, None] * stride_pn
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cols64 = cols.to(tl.int64)
+        mask = row_mask[:, None] & (cols < C)[None, :]
+        x = tl.load(pred_rows + cols64[None, :] * stride_pc, mask=mask, other=0.0).to(CDT)
+        if DENSE:
+            y = tl.load(target_ptr + rows[:, None] * stride_tn + cols64[None, :] * stride_tc,
+                        mask=mask, other=0.0).to(CDT)
+        else:
+            # labels outside [0, C) never match a column: background
+            y = tl.where(cols[None, :] == labels[:, None], scores[:, None], 0.0)
+        loss, grad = _qfl_terms(x, y, beta, BETA_MODE, ACTIVATED)
+        if WRITE_LOSS:
+            acc += tl.sum(tl.where(mask, loss, 0.0), axis=1)
+        if WRITE_GRAD:
+            if SCALE_GRAD:
+                grad = grad * go[:, None]
+            tl.store(grad_ptr + rows[:, None] * C + cols64[None, :],
+                     grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    if WRITE_LOSS:
+        tl.store(loss_ptr + rows, acc.to(loss_ptr.dtype.element_ty), mask=row_mask)
+
+
+def _launch(pred, labels, scores, target, grad_out, beta, activated, write_loss, write_grad):
+    """Run the QFL kernel; returns (loss or None, grad or None).  ``target`` None = labels."""
+    n, c = pred.shape
+    loss = pred.new_empty(n, dtype=_common.opmath_dtype(pred.dtype)) if write_loss else None
+    grad = pred.new_empty((n, c)) if write_grad else None
+    if n == 0 or c == 0:  # nothing to launch; an empty row sums to 0
+        if loss is not None:
+            loss.zero_()
+        return loss, grad
+    check_launchable(pred, "qfl")
+    dense = target is not None
+    cfg = qfl_config(n, c, pred.dtype)
+    beta_hi, beta_lo = split_float(beta)
+    dummy = pred  # pointer for arguments a constexpr branch never reads
+    with launch_guard():
+        _qfl_kernel[cfg.grid(n)](
+            pred, labels if not dense else dummy, scores if not dense else dummy,
+            target if dense else dummy, grad_out if grad_out is not None else dummy,
+            loss if loss is not None else dummy, grad if grad is not None else dummy,
+            n, c,
+            pred.stride(0), pred.stride(1),
+            0 if dense else labels.stride(0), 0 if dense else scores.stride(0),
+            target.stride(0) if dense else 0, target.stride(1) if dense else 0,
+            grad_out.stride(0) if grad_out is not None else 0,
+            beta_hi, beta_lo,
+            DENSE=dense, ACTIVATED=bool(activated), BETA_MODE=beta_mode(beta),
+            CDT=tl_opmath(pred.dtype), WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
+            SCALE_GRAD=grad_out is not None, BLOCK_N=cfg.block_rows, BLOCK_C=cfg.block_cols,
+            num_warps=cfg.num_warps,
+        )
+    return loss, grad
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops.  (labels, scores) and dense targets are separate ops so each schema
+# holds only real tensors.  Gradients flow to pred only: targets are constants, as in mmdetection
+# (the IoU scores come from detached boxes).
+# --------------------------------------------------------------------------------------------
+
+
+def _loss_like(pred: torch.Tensor) -> torch.Tensor:
+    return pred.new_empty(pred.shape[0], dtype=_common.opmath_dtype(pred.dtype))
+
+
+@torch.library.custom_op("gfl_ops::triton_qfl_fwd", mutates_args=())
+def qfl_fwd(pred: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, beta: float,
+            activated: bool) -> torch.Tensor:
+    """(N,) QFL per anchor from (N, C) ``pred``, (N,) integer ``labels``, (N,) float ``scores``."""
+    return _launch(pred, labels, scores, None, None, beta, activated, True, False)[0]
+
+
+@torch.library.custom_op("gfl_ops::triton_qfl_fwd_fused", mutates_args=())
+def qfl_fwd_fused(pred: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, beta: float,
+                  activated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (N,), dloss/dpred (N, C) in pred's dtype) in one pass over ``pred``."""
+    return _launch(pred, labels, scores, None, None, beta, activated, True, True)
+
+
+@torch.library.custom_op("gfl_ops::triton_qfl_bwd", mutates_args=())
+def qfl_bwd(grad_loss: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor,
+            scores: torch.Tensor, beta: float, activated: bool) -> torch.Tensor:
+    """(N, C) ``grad_loss[:, None] * dloss/dpred``, recomputed, in pred's dtype."""
+    return _launch(pred, labels, scores, None, grad_loss, beta, activated, False, True)[1]
+
+
+@torch.library.custom_op("gfl_ops::triton_qfl_dense_fwd", mutates_args=())
+def qfl_dense_fwd(pred: torch.Tensor, target: torch.Tensor, beta: float,
+                  activated: bool) -> torch.Tensor:
+    """(N,) QFL per anchor from (N, C) ``pred`` and a dense (N, C) float ``target``."""
+    return _launch(pred, None, None, target, None, beta, activated, True, False)[0]
+
+
+@torch.library.custom_op("gfl_ops::triton_qfl_dense_fwd_fused", mutates_args=())
+def qfl_dense_fwd_fused(pred: torch.Tensor, target: torch.Tensor, beta: float,
+                        activated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (N,), dloss/dpred (N, C)) for a dense target, in one pass."""
+    return _launch(pred, None, None, target, None, beta, activated, True, True)
+
+
+@torch.library.custom_op("gfl_ops::triton_qfl_dense_bwd", mutates_args=())
+def qfl_dense_bwd(grad_loss: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+                  beta: float, activated: bool) -> torch.Tensor:
+    """(N, C) ``grad_loss[:, None] * dloss/dpred`` for a dense target, recomputed."""
+    return _launch(pred, None, None, target, grad_loss, beta, activated, False, True)[1]
+
+
+@qfl_fwd.register_fake
+def _(pred, labels, scores, beta, activated):
+    return _loss_like(pred)
+
+
+@qfl_fwd_fused.register_fake
+def _(pred, labels, scores, beta, activated):
+    return _loss_like(pred), torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+@qfl_bwd.register_fake
+def _(grad_loss, pred, labels, scores, beta, activated):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+@qfl_dense_fwd.register_fake
+def _(pred, target, beta, activated):
+    return _loss_like(pred)
+
+
+@qfl_dense_fwd_fused.register_fake
+def _(pred, target, beta, activated):
+    return _loss_like(pred), torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+@qfl_dense_bwd.register_fake
+def _(grad_loss, pred, target, beta, activated):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _setup_recompute(ctx, inputs, output):
+    *tensors, beta, activated = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.beta, ctx.activated = beta, activated
+
+
+def _setup_fused(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+    ctx.n_inputs = len(inputs)
+
+
+def _backward_labels(ctx, grad_loss):
+    pred, labels, scores = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = qfl_bwd(grad_loss, pred, labels, scores, ctx.beta, ctx.activated)
+    return grad, None, None, None, None
+
+
+def _backward_dense(ctx, grad_loss):
+    pred, target = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = qfl_dense_bwd(grad_loss, pred, target, ctx.beta, ctx.activated)
+    return grad, None, None, None
+
+
+def _backward_fused(ctx, grad_loss, _grad_of_grad):
+    (saved,) = ctx.saved_tensors
+    grad = _common.scale_rows(saved, grad_loss) if ctx.needs_input_grad[0] else None
+    return (grad,) + (None,) * (ctx.n_inputs - 1)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("gfl_ops triton: double backward is not supported")
+
+
+qfl_fwd.register_autograd(_backward_labels, setup_context=_setup_recompute)
+qfl_dense_fwd.register_autograd(_backward_dense, setup_context=_setup_recompute)
+qfl_fwd_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
+qfl_dense_fwd_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
+qfl_bwd.register_autograd(_no_double_backward)
+qfl_dense_bwd.register_autograd(_no_double_backward)
