@@ -1,0 +1,235 @@
+"""The providers each case is timed with: the peers, and gfl_ops per backend.
+
+Every provider of an op is a callable taking the op's positional arguments (see
+``cases.make_inputs``) and returning what the detector consumes: the reduced loss (a 0-d tensor)
+for QFL and DFL, the (M,) decoded distances for the integral.
+
+Peers:
+
+* ``eager``: the mmdetection-style formulas of :mod:`gfl_ops.reference` (mmdetection's
+  ``gfocal_loss.py`` op for op: several eager passes over the N x C matrix, a ``nonzero`` host
+  sync, an ``index_put`` write) followed by mmdetection's ``weight_reduce_loss``.  They run in the
+  dtype of ``pred``, as mmdetection does when it is handed bf16 logits.
+* ``compile``: ``torch.compile`` of exactly the ``eager`` functions (default mode, Inductor).
+* ``ultralytics`` (DFL and the integral): Ultralytics' formulations, written here from their
+  published formulas: DFL as log-softmax + two gathers of the neighbouring bins with Ultralytics'
+  target clamp (``reg_max - 1 - 0.01`` in its bin count, i.e. n - 0.01), then the same weighting
+  and reduction as the detector call; the integral as Ultralytics' ``DFL`` module: a softmax over
+  the bins in its (b, 4*(n+1), anchors) layout and a frozen 1x1 convolution whose weights are
+  0..n.
+
+Ours: ``gfl_ops-<backend>`` for each backend in ``gfl_ops.available_backends(device_type)``
+except ``reference`` (that is the eager peer, already measured).  New backends are picked up as
+soon as they register.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import gfl_ops
+from benchmarks.cases import QFL_BETA, Inputs
+from gfl_ops import reference
+
+_FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+PEERS = ("eager", "compile", "ultralytics")
+
+
+@dataclass
+class Provider:
+    """A way to compute an op.
+
+    Attributes:
+        name: column label, e.g. 'eager', 'compile', 'gfl_ops-cpu'.
+        fn: the callable timed; takes ``Inputs.args`` (after ``prepare``).
+        prepare: optional untimed conversion of an input set to the provider's own layout
+            (Ultralytics' integral works on (b, 4*(n+1), anchors)).
+        compiled: True for the torch.compile peer (its first call compiles; that time is
+            reported separately and never part of a timing).
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    prepare: Callable[[Inputs], Inputs] | None = None
+    compiled: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# mmdetection-style eager formulas (+ mmdetection's weight_reduce_loss with avg_factor)
+
+
+def mmdet_weight_reduce(loss: torch.Tensor, weight: torch.Tensor,
+                        avg_factor: float) -> torch.Tensor:
+    """mmdetection's ``weight_reduce_loss(loss, weight, reduction='mean', avg_factor)``."""
+    return (loss * weight).sum() / (avg_factor + _FLOAT32_EPS)
+
+
+def qfl_eager(pred: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
+              weight: torch.Tensor, avg_factor: float) -> torch.Tensor:
+    """QFL as ``GFLHead`` calls it: per-anchor loss summed over classes, mean with avg_factor."""
+    return mmdet_weight_reduce(reference.quality_focal_loss(pred, labels, scores, QFL_BETA),
+                               weight, avg_factor)
+
+
+def dfl_eager(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+              avg_factor: float) -> torch.Tensor:
+    """DFL as ``GFLHead`` calls it: per-row loss, weighted, mean with ``avg_factor=4.0``."""
+    return mmdet_weight_reduce(reference.distribution_focal_loss(pred, target), weight,
+                               avg_factor)
+
+
+def integral_eager(pred: torch.Tensor) -> torch.Tensor:
+    """mmdetection's ``Integral``: softmax over the bins, then a projection on 0..n."""
+    return reference.integral(pred)
+
+
+EAGER = {"qfl": qfl_eager, "dfl": dfl_eager, "integral": integral_eager}
+
+
+# --------------------------------------------------------------------------------------------
+# Ultralytics formulations
+
+
+def dfl_ultralytics(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                    avg_factor: float) -> torch.Tensor:
+    """Ultralytics' DFL as log-softmax + two gathers, reduced like the detector call.
+
+    Ultralytics clamps the target in place (``clamp_``); here out of place, so the rotated input
+    buffers stay unchanged between repetitions (the clamp is an (M,) pass either way).
+    """
+    n = pred.size(1) - 1
+    target = target.clamp(0, n - 0.01)
+    left = target.long()
+    right = left + 1
+    weight_left = right - target
+    weight_right = 1 - weight_left
+    logp = pred.log_softmax(dim=-1)
+    loss = -(logp.gather(1, left[:, None]).squeeze(1) * weight_left
+             + logp.gather(1, right[:, None]).squeeze(1) * weight_right)
+    return mmdet_weight_reduce(loss, weight, avg_factor)
+
+
+class UltralyticsDFL(torch.nn.Module):
+    """Ultralytics' integral module: softmax over the bins + a frozen 1x1 conv with weights 0..n.
+
+    Input (b, 4 * (n+1), a) -- four box sides times the bins, anchors last, as the head emits
+    them -- output (b, 4, a).
+    """
+
+    def __init__(self, bins: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.bins = bins
+        self.conv = torch.nn.Conv2d(bins, 1, 1, bias=False, device=device, dtype=dtype)
+        self.conv.requires_grad_(False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.arange(bins, dtype=dtype).view(1, bins, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, a = x.shape
+        return self.conv(x.view(b, 4, self.bins, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+
+
+def _ultralytics_integral_provider(bins: int, dtype: torch.dtype,
+                                   device: torch.device) -> Provider:
+    module = UltralyticsDFL(bins, dtype, device)
+
+    def prepare(inputs: Inputs) -> Inputs:
+        # The same logits, laid out as Ultralytics' head emits them: (1, 4*(n+1), M/4).
+        pred = inputs.pred.detach()
+        m = pred.size(0)
+        if m % 4:
+            raise ValueError(f"Ultralytics' layout needs M divisible by 4 (4 box sides), got {m}")
+        x = pred.reshape(m // 4, 4, bins).permute(1, 2, 0).reshape(1, 4 * bins, m // 4)
+        x = x.contiguous().requires_grad_(inputs.pred.requires_grad)
+        grad_out = None if inputs.grad_out is None else inputs.grad_out.reshape(1, 4, m // 4)
+        return Inputs((x,), x, grad_out=grad_out)
+
+    return Provider("ultralytics", module, prepare=prepare)
+
+
+# --------------------------------------------------------------------------------------------
+# gfl_ops
+
+
+def _ours(op: str, backend: str) -> Callable[..., torch.Tensor]:
+    if op == "qfl":
+        def qfl(pred, labels, scores, weight, avg_factor):
+            return gfl_ops.quality_focal_loss(pred, (labels, scores), weight=weight,
+                                              reduction="mean", avg_factor=avg_factor,
+                                              beta=QFL_BETA, backend=backend)
+        return qfl
+    if op == "dfl":
+        def dfl(pred, target, weight, avg_factor):
+            return gfl_ops.distribution_focal_loss(pred, target, weight=weight, reduction="mean",
+                                                   avg_factor=avg_factor, backend=backend)
+        return dfl
+
+    def integral(pred):
+        return gfl_ops.integral(pred, backend=backend)
+    return integral
+
+
+def ours_backends(device_type: str, include_triton_on_cpu: bool = False) -> list[str]:
+    """gfl_ops backends to time on ``device_type``: the available ones except 'reference'.
+
+    On CPU, Triton runs only in its interpreter (TRITON_INTERPRET=1), whose timings mean
+    nothing, so it is left out unless asked for.
+    """
+    names = [b for b in gfl_ops.available_backends(device_type) if b != "reference"]
+    if device_type == "cpu" and not include_triton_on_cpu:
+        names = [b for b in names if b != "triton"]
+    return names
+
+
+def build_providers(op: str, dtype: torch.dtype, device: torch.device, bins: int,
+                    compiled: dict[str, Callable[..., torch.Tensor]],
+                    wanted: set[str] | None = None) -> list[Provider]:
+    """The providers of ``op`` for one case, in the order they are reported.
+
+    Args:
+        op: 'qfl' | 'dfl' | 'integral'.
+        dtype, device: of the case (Ultralytics' conv weights take them).
+        bins: n+1 (used by Ultralytics' integral module).
+        compiled: one ``torch.compile`` wrapper per op, shared across cases so its guards and
+            recompiles behave as in a training loop.
+        wanted: provider names to keep (None: all).
+    """
+    providers = [Provider("eager", EAGER[op]), Provider("compile", compiled[op], compiled=True)]
+    if op == "dfl":
+        providers.append(Provider("ultralytics", dfl_ultralytics))
+    elif op == "integral":
+        providers.append(_ultralytics_integral_provider(bins, dtype, device))
+    include_triton = wanted is not None and "gfl_ops-triton" in wanted
+    for backend in ours_backends(device.type, include_triton):
+        providers.append(Provider(f"gfl_ops-{backend}", _ours(op, backend)))
+    if wanted is not None:
+        providers = [p for p in providers if p.name in wanted]
+    return providers
+
+
+def make_compiled(dynamic: bool | None) -> dict[str, Callable[..., torch.Tensor]]:
+    """``torch.compile`` of each eager peer (Inductor, default mode).
+
+    ``dynamic=None`` is torch's default: the first shape is specialised, a recompile for a new
+    shape generalises to dynamic shapes.  ``False`` specialises every shape (the strongest
+    compile peer, one compilation per size).
+    """
+    _raise_recompile_limits()
+    return {op: torch.compile(fn, dynamic=dynamic) for op, fn in EAGER.items()}
+
+
+def _raise_recompile_limits() -> None:
+    # One compiled function sees every size x dtype x requires_grad of a run; past the default
+    # limit (8) Dynamo would silently fall back to eager and the 'compile' column would lie.
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 256))
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
+    if hasattr(cfg, "accumulated_cache_size_limit"):
+        cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4096)
