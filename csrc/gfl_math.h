@@ -118,7 +118,8 @@ C10_HOST_DEVICE inline T qfl_logit(T x, T y, T beta, int mode, T& grad) {
 // log is clamped at -100 and dBCE/dp = (p - y) / max(p (1 - p), 1e-12).
 template <typename T, typename O = Ops<T>>
 C10_HOST_DEVICE inline T qfl_prob(T p, T y, T beta, int mode, T& grad) {
-  const T zero(0), one(1), floor_log(-100), eps(1e-12);
+  // eps is the float 1e-12 (as in ATen's BCE), also for double, to match torch exactly
+  const T zero(0), one(1), floor_log(-100), eps(1e-12f);
   const T log_p = O::max(O::log(p), floor_log);
   const T log_q = O::max(O::log1p(zero - p), floor_log);
   const T bce = zero - (y * log_p + (one - y) * log_q);

@@ -56,7 +56,7 @@ def _check_floating(name: str, t: object, ndim: int | None = None, shape_doc: st
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor{shape_doc}, got dtype {t.dtype}")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have shape {shape_doc.strip(' ()') or f'{ndim}-D'}, got "
+        raise ValueError(f"{name} must have shape {shape_doc.strip() or f'{ndim}-D'}, got "
                          f"{tuple(t.shape)}")
 
 

@@ -12,7 +12,8 @@ __all__ = ["QualityFocalLoss", "DistributionFocalLoss", "Integral"]
 
 def _pick_reduction(default: str, override: str | None) -> str:
     if override not in (None, "none", "mean", "sum"):
-        raise ValueError(f"reduction_override must be None, 'none', 'mean' or 'sum', got {override!r}")
+        raise ValueError("reduction_override must be None, 'none', 'mean' or 'sum', got "
+                         f"{override!r}")
     return override if override else default
 
 

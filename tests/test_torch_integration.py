@@ -1,0 +1,215 @@
+"""The operators as real torch operators: opcheck, torch.compile(fullgraph=True), bitwise
+determinism, non-contiguous and expanded inputs, and the extension build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gfl_ops
+from gfl_ops import _extension
+
+needs_ext = pytest.mark.skipif(not gfl_ops.extension_loaded(),
+                               reason=f"gfl_ops._C not loaded: {gfl_ops.extension_error()}")
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _op_samples(device: str, dtype: torch.dtype):
+    """(operator, args) pairs covering every C++ operator, with and without the fused gradient."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=False):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+        return t.requires_grad_(grad)
+
+    n, c, m, bins = 9, 5, 7, 17
+    labels = torch.tensor([0, 5, 3, 5, 1, 2, 5, 4, 0], device=device)
+    scores = torch.rand(n, generator=gen).to(dtype).to(device)
+    dense = torch.rand(n, c, generator=gen).to(dtype).to(device)
+    target = (torch.rand(m, generator=gen) * 16).to(device)
+    ops = torch.ops.gfl_ops
+    samples = []
+    for with_grad in (False, True):
+        samples += [
+            (ops.qfl.default, (rand(n, c, grad=True), labels, scores, 2.0, False, with_grad)),
+            (ops.qfl_dense.default, (rand(n, c, grad=True), dense, 1.5, False, with_grad)),
+            (ops.dfl.default, (rand(m, bins, grad=True), target, with_grad)),
+            (ops.integral.default, (rand(m, bins, grad=True), with_grad)),
+        ]
+    probs = rand(n, c).sigmoid().detach().requires_grad_()
+    samples += [
+        (ops.qfl.default, (probs, labels, scores, 2.0, True, False)),
+        (ops.qfl_backward.default, (rand(n), rand(n, c), labels, scores, 2.0, False)),
+        (ops.qfl_dense_backward.default, (rand(n), rand(n, c), dense, 2.0, False)),
+        (ops.dfl_backward.default, (rand(m), rand(m, bins), target)),
+        (ops.integral_backward.default, (rand(m), rand(m, bins))),
+        (ops.scale_rows.default, (rand(m, bins), rand(m))),
+    ]
+    return samples
+
+
+@needs_ext
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_every_operator(device, dtype):
+    for op, args in _op_samples(device, dtype):
+        # test_aot_dispatch_dynamic compiles through AOTAutograd; it is covered (much faster)
+        # by the fullgraph tests below.
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration",
+                                                    "test_faketensor"))
+
+
+def _loss_step(pred_cls, labels, scores, pred_reg, dfl_target, backend):
+    qfl = gfl_ops.quality_focal_loss(pred_cls, (labels, scores), avg_factor=3.0, backend=backend)
+    dfl = gfl_ops.distribution_focal_loss(pred_reg, dfl_target, weight=scores.repeat(4)[:
+                                          pred_reg.shape[0]], avg_factor=4.0, backend=backend)
+    boxes = gfl_ops.integral(pred_reg, backend=backend)
+    return qfl + 0.25 * dfl + boxes.mean()
+
+
+@pytest.mark.parametrize("backend", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_compile_fullgraph_forward_backward(backend):
+    """All three ops, validation included, trace into one graph and give the eager results."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    pred_cls = torch.randn(32, 6, generator=gen).to(device)
+    labels = torch.randint(0, 7, (32,), generator=gen).to(device)
+    scores = torch.rand(32, generator=gen).to(device)
+    pred_reg = torch.randn(24, 17, generator=gen).to(device)
+    dfl_target = (torch.rand(24, generator=gen) * 16).to(device)
+
+    def forward(a, b):
+        return _loss_step(a, labels, scores, b, dfl_target, backend)
+
+    # fullgraph: any graph break in the forward raises; AOTAutograd traces the backward from it
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+
+    def run(fn):
+        args = (pred_cls.clone().requires_grad_(), pred_reg.clone().requires_grad_())
+        loss = fn(*args)
+        return (loss, *torch.autograd.grad(loss, args))
+
+    for e, t in zip(run(forward), run(compiled)):
+        torch.testing.assert_close(t, e)
+
+
+def test_compile_fullgraph_inductor_cpu():
+    """The default inductor backend compiles the ops with no graph break."""
+    torch._dynamo.reset()
+    pred = torch.randn(16, 5, requires_grad=True)
+    labels = torch.randint(0, 6, (16,))
+    scores = torch.rand(16)
+
+    def forward(p):
+        return gfl_ops.quality_focal_loss(p, (labels, scores), backend="cpu")
+
+    compiled = torch.compile(forward, fullgraph=True)
+    torch.testing.assert_close(torch.autograd.grad(compiled(pred), pred)[0],
+                               torch.autograd.grad(forward(pred), pred)[0])
+
+
+def test_bitwise_deterministic_across_runs_and_threads(backend_device):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(5)
+    pred = torch.randn(3000, 80, generator=gen).to(device)
+    labels = torch.randint(0, 81, (3000,), generator=gen).to(device)
+    scores = torch.rand(3000, generator=gen).to(device)
+    reg = torch.randn(4000, 17, generator=gen).to(device)
+    target = (torch.rand(4000, generator=gen) * 16).to(device)
+
+    def run():
+        p = pred.clone().requires_grad_()
+        r = reg.clone().requires_grad_()
+        loss = (gfl_ops.quality_focal_loss(p, (labels, scores), backend=backend)
+                + gfl_ops.distribution_focal_loss(r, target, backend=backend)
+                + gfl_ops.integral(r, backend=backend).sum())
+        loss.backward()
+        return loss.detach(), p.grad, r.grad
+
+    threads = torch.get_num_threads()
+    first = run()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, run(), single):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_non_contiguous_and_expanded_inputs(backend_device):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(12, 20, generator=gen).to(device)
+    pred = base[:, ::2]  # non-contiguous (12, 10)
+    labels = torch.tensor([3], device=device).expand(12)  # expanded, stride 0
+    scores = torch.rand(1, generator=gen).to(device).expand(12)
+    dense = torch.rand(10, generator=gen).to(device).expand(12, 10)
+    for target in ((labels, scores), dense):
+        ours = gfl_ops.quality_focal_loss(pred, target, reduction="none", backend=backend)
+        ref = gfl_ops.quality_focal_loss(pred.contiguous(), target if isinstance(target, tuple)
+                                         else target.contiguous(), reduction="none",
+                                         backend="reference")
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    reg = torch.randn(17, 8, generator=gen).to(device).t()  # (8, 17) transposed
+    torch.testing.assert_close(gfl_ops.integral(reg, backend=backend),
+                               gfl_ops.reference.integral(reg), rtol=1e-5, atol=1e-5)
+    dfl_t = torch.rand(16, generator=gen).to(device)[::2] * 16
+    torch.testing.assert_close(
+        gfl_ops.distribution_focal_loss(reg, dfl_t, reduction="none", backend=backend),
+        gfl_ops.reference.distribution_focal_loss(reg, dfl_t), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_never_written_into_inputs(backend_device):
+    backend, device = backend_device
+    pred = torch.randn(5, 3, device=device, requires_grad=True)
+    before = pred.detach().clone()
+    loss = gfl_ops.quality_focal_loss(pred, torch.rand(5, 3, device=device), backend=backend)
+    loss.backward()
+    loss2 = gfl_ops.quality_focal_loss(pred, torch.rand(5, 3, device=device), backend=backend)
+    loss2.backward()  # a second graph over the same leaf accumulates, nothing is aliased
+    assert torch.equal(pred.detach(), before)
+
+
+def test_retain_graph_backward_twice_gives_same_gradient(backend_device):
+    backend, device = backend_device
+    pred = torch.randn(6, 4, device=device, requires_grad=True)
+    labels = torch.tensor([0, 1, 4, 2, 4, 3], device=device)
+    loss = gfl_ops.quality_focal_loss(pred, (labels, torch.rand(6, device=device)),
+                                      backend=backend)
+    (g1,) = torch.autograd.grad(loss, pred, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, pred)
+    assert torch.equal(g1, g2)
+
+
+def test_extension_reports_its_state():
+    if gfl_ops.extension_loaded():
+        assert gfl_ops.extension_error() is None
+        assert hasattr(torch.ops.gfl_ops, "qfl")
+    else:
+        assert "pip install --no-build-isolation -e ." in gfl_ops.extension_error()
+
+
+def test_cuda_kernels_compiled_when_build_had_cuda():
+    """A CUDA compile is part of every build where nvcc and a CUDA torch exist; CI has both, so a
+    skipped CUDA test can never hide kernels that were silently left out of the build."""
+    import os
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if not gfl_ops.extension_loaded():
+        pytest.fail(f"gfl_ops._C is not loaded: {gfl_ops.extension_error()}")
+    expect_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
+                   and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+                   and os.environ.get("GFL_OPS_CPU_ONLY", "0") in ("", "0"))
+    if not expect_cuda:
+        pytest.skip("this build environment has no nvcc / CUDA torch: CUDA kernels not expected")
+    assert _extension.cuda_compiled(), "nvcc and CUDA torch present but _C has no CUDA kernels"
+    # the CUDA kernels are registered with the dispatcher
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("gfl_ops::qfl", "CUDA")
+    for name in ("qfl_dense", "dfl", "integral", "scale_rows", "qfl_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gfl_ops::{name}", "CUDA")
