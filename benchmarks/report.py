@@ -300,12 +300,13 @@ def e2e_section(results_dir: Path) -> list[str]:
              r["model"], f"`{r['git_commit'][:10]}` {r['date_utc']}")
             for r in sorted(newest.values(), key=lambda r: (r["device_name"], r["losses"]))]
     return ["## End to end: the GFL head's loss step", "",
-            "One training step of the GFL-R50 head's losses (QFL + DFL + GIoU with the integral "
-            "decode, mmdetection's `GFLHead.loss_by_feat` per level) on a realistic batch; ATSS "
-            "assignment timed separately; `loss ms` is forward+backward of the losses; `step ms` "
-            "the whole training step (model forward, assignment, losses, backward) when the "
-            "detector model is available; `loss share` = loss ms / step ms.  Produced by "
-            "`python -m benchmarks.e2e_loss_step`.", ""] + _table(
+            "One training step of the GFL-R50 head's losses (`detector.losses.DetectionLoss`: "
+            "QFL over every anchor; integral decode, GIoU and DFL over the positives; "
+            "mmdetection's weighting) on a realistic batch.  `assign ms`: ATSS assignment alone "
+            "(the same code for every row); `loss ms`: forward+backward of the losses with the "
+            "assignment precomputed; `step ms`: the whole training step (backbone, FPN, head, "
+            "assignment, losses, backward) with those losses; `loss share` = loss ms / step "
+            "ms.  Produced by `python -m benchmarks.e2e_loss_step`.", ""] + _table(
         ("device", "losses", "dtype", "batch", "anchors", "positives", "assign ms",
          "loss ms (fwd+bwd)", "step ms", "loss share", "x vs reference losses", "model",
          "commit, date"), body) + [""]

@@ -39,6 +39,7 @@ class Settings:
     device: torch.device
     preset: str
     budget_s: float          # CPU: timed seconds per provider per case (split over rounds)
+    warmup_s: float          # CPU: warm-up seconds per provider per case (at least 2 calls)
     min_reps: int
     warmup_ms: float         # CUDA
     rep_ms: float            # CUDA
@@ -157,7 +158,7 @@ def bench_case(case: Case, dtype: torch.dtype, mode: str, providers: list[peers.
                        for name, step in steps.items()}
         else:
             timings = timing.bench_cpu(steps, budget_s=settings.budget_s,
-                                       min_reps=settings.min_reps)
+                                       warmup_s=settings.warmup_s, min_reps=settings.min_reps)
         for name, t in timings.items():
             rows[name].update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                               reps=t.reps)
@@ -299,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(
         device=device, preset=args.preset,
         budget_s=args.budget_s if args.budget_s is not None else (0.05 if quick else 0.6),
+        warmup_s=0.02 if quick else 0.1,
         min_reps=args.min_reps if args.min_reps is not None else (3 if quick else 5),
         warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cuda_timer=args.cuda_timer,
         rotate_bytes=rotate if not quick else min(rotate, 16 << 20),
@@ -306,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     meta = csvio.run_metadata(device, args.preset)
     copy_bps = timing.copy_bandwidth(device, timer=args.cuda_timer,
-                                     nbytes=(32 << 20) if quick else None)
+                                     nbytes=(32 << 20) if quick else None,
+                                     budget_s=0.1 if quick else 0.5)
     meta["copy_gbps"] = f"{copy_bps / 1e9:.4g}"
     path = csvio.csv_path(out_dir, device, args.csv)
     selected = [c for c in cases_mod.preset_cases(args.preset, device.type)

@@ -209,12 +209,13 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int | N
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None,
-                   timer: str = "events") -> float:
+                   timer: str = "events", budget_s: float = 0.5) -> float:
     """Achievable memory bandwidth in bytes/s: ``dst.copy_(src)`` (read + write) of a buffer far
     larger than the caches, timed like the benchmarks.
 
     Args:
         nbytes: bytes per buffer; default 1 GiB on CUDA, 256 MiB on CPU.
+        budget_s: CPU: seconds of timed copies.
     """
     if nbytes is None:
         nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
@@ -223,5 +224,5 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None,
     if device.type == "cuda":
         timing = bench_cuda(lambda: dst.copy_(src), timer=timer)
     else:
-        timing = bench_cpu({"copy": lambda: dst.copy_(src)}, budget_s=0.5, min_reps=5)["copy"]
+        timing = bench_cpu({"copy": lambda: dst.copy_(src)}, budget_s=budget_s, min_reps=5)["copy"]
     return 2 * nbytes / (timing.median_ms / 1e3)

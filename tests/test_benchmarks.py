@@ -106,3 +106,17 @@ def test_inputs_look_like_a_detector_batch() -> None:
     assert ((labels >= 0) & (labels <= 80)).all() and bool((weight == 1).all())
     d = cases.make_inputs(cases.Case("dfl", 100, 17), torch.float32, torch.device("cpu"), False, 1)
     assert float(d.args[1].max()) <= 15.9 and d.args[3] == 4.0
+
+
+def test_e2e_loss_step_quick(tmp_path: Path) -> None:
+    pytest.importorskip("detector.losses")
+    from benchmarks import csvio, e2e_loss_step
+
+    assert e2e_loss_step.main(["--quick", "--no-step", "--device", "cpu", "--out",
+                               str(tmp_path)]) == 0
+    rows = csvio.read_rows(tmp_path / csvio.E2E_CSV)
+    assert {r["losses"] for r in rows} >= {"reference"}
+    for r in rows:
+        assert float(r["loss_ms"]) > 0 and float(r["assign_ms"]) > 0
+        assert int(r["positives"]) > 0 and not r["notes"], r  # same loss value as reference
+    assert "End to end" in (tmp_path / "summary.md").read_text()
