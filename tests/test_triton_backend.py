@@ -219,7 +219,7 @@ def test_row_offsets_are_int64():
 
     pid, stride, block = 3_000_000, 1203, 16
     out = torch.zeros(block, dtype=torch.int64, device=DEVICE)
-    with _common.launch_guard():
+    with _common.launch_guard(out):
         probe[(1,)](out, pid, stride, BLOCK=block)
     expected = torch.tensor([(pid * block + i) * stride for i in range(block)], dtype=torch.int64)
     assert expected.max() > 2**31

@@ -20,9 +20,11 @@ fresh contiguous tensors: the caller's tensors are never written.
 """
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -81,8 +83,9 @@ def split_float(value: float) -> tuple[float, float]:
     ``hi + lo`` in float64 (about 48 significant bits), so e.g. beta = 0.3 is not rounded to
     float32 before the float64 math.
     """
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    lo = float(torch.tensor(value - hi, dtype=torch.float32))
+    with np.errstate(over="ignore"):
+        hi = float(np.float32(value))
+        lo = float(np.float32(value - hi)) if math.isfinite(hi) else 0.0
     return hi, lo
 
 
@@ -101,13 +104,18 @@ def check_launchable(t: torch.Tensor, op: str) -> None:
                        "(cuda, or cpu under TRITON_INTERPRET=1)")
 
 
-def launch_guard() -> contextlib.AbstractContextManager:
-    """Context for a kernel launch.  Under the interpreter, numpy would warn where the GPU
-    silently follows IEEE rules (log(0) = -inf, overflow to inf when rounding to fp16): silence
-    those warnings so that interpreter runs behave like GPU runs."""
-    if _KERNELS_INTERPRETED:
-        import numpy as np
+def launch_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context for launching a kernel on ``t``'s device.
 
+    * CUDA: make ``t``'s GPU the current device, since Triton launches on the current device and
+      stream (a tensor on cuda:1 with cuda:0 current would otherwise be read from the wrong GPU).
+    * Interpreter: numpy would warn where the GPU silently follows IEEE rules (log(0) = -inf,
+      overflow to inf when rounding to fp16); silence those warnings so that interpreter runs
+      behave like GPU runs.
+    """
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    if _KERNELS_INTERPRETED:
         return np.errstate(divide="ignore", over="ignore", invalid="ignore", under="ignore")
     return contextlib.nullcontext()
 
@@ -182,7 +190,7 @@ def scale_rows(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     rows, cols = grad.shape
     block_k = min(triton.next_power_of_2(cols), 512)
     cfg = row_block(block_k, rows, grad.dtype)
-    with launch_guard():
+    with launch_guard(grad):
         _scale_rows_kernel[cfg.grid(rows)](
             grad, scale, out, rows, cols, scale.stride(0),
             CDT=tl_opmath(grad.dtype), BLOCK_R=cfg.block_rows, BLOCK_K=cfg.block_cols,

@@ -95,7 +95,7 @@ def _launch(pred, target, grad_out, write_loss, write_grad):
     check_launchable(pred, "dfl")
     cfg = bins_config(m, nb, pred.dtype)
     dummy = pred
-    with launch_guard():
+    with launch_guard(pred):
         _dfl_kernel[cfg.grid(m)](
             pred, target, grad_out if grad_out is not None else dummy,
             loss if loss is not None else dummy, grad if grad is not None else dummy,

@@ -54,7 +54,7 @@ def _launch(pred, grad_out, write_out, write_grad):
     check_launchable(pred, "integral")
     cfg = bins_config(m, nb, pred.dtype)
     dummy = pred
-    with launch_guard():
+    with launch_guard(pred):
         _integral_kernel[cfg.grid(m)](
             pred, grad_out if grad_out is not None else dummy,
             out if out is not None else dummy, grad if grad is not None else dummy,

@@ -174,7 +174,7 @@ def _launch(pred, labels, scores, target, grad_out, beta, activated, write_loss,
     cfg = qfl_config(n, c, pred.dtype)
     beta_hi, beta_lo = split_float(beta)
     dummy = pred  # pointer for arguments a constexpr branch never reads
-    with launch_guard():
+    with launch_guard(pred):
         _qfl_kernel[cfg.grid(n)](
             pred, labels if not dense else dummy, scores if not dense else dummy,
             target if dense else dummy, grad_out if grad_out is not None else dummy,
