@@ -23,6 +23,22 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
+def _locate_cuda_home() -> None:
+    """Point torch at a full CUDA toolkit before it guesses one.
+
+    torch derives CUDA_HOME from ``which nvcc``; when nvcc is a wrapper script (as in
+    /usr/local/bin here) that gives a folder without the CUDA headers.  Prefer an explicit
+    CUDA_HOME / CUDA_PATH, then the standard /usr/local/cuda.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+_locate_cuda_home()
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
@@ -54,7 +70,8 @@ def _extensions():
     # the portable copies of shared inline functions.
     sources = ["csrc/ops.cpp", "csrc/cpu/ops_cpu.cpp", "csrc/cpu/kernels_default.cpp",
                "csrc/cpu/kernels_avx2.cpp"]
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    # -Wno-psabi: GCC notes that AVX2 lambdas in at::vec change the ABI; they never cross a TU.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-psabi"]
     define_macros = []
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)

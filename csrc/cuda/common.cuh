@@ -1,0 +1,81 @@
+// Device helpers shared by the CUDA kernels: storage <-> opmath conversion, dtype dispatch,
+// launch geometry.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "launchers.h"
+
+namespace gfl::cuda {
+
+template <typename T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+template <typename T>
+using opmath_t = typename OpMath<T>::type;
+
+__device__ __forceinline__ float to_opmath(float x) { return x; }
+__device__ __forceinline__ double to_opmath(double x) { return x; }
+__device__ __forceinline__ float to_opmath(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_opmath(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_opmath(opmath_t<T> x);
+template <>
+__device__ __forceinline__ float from_opmath<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ double from_opmath<double>(double x) { return x; }
+template <>
+__device__ __forceinline__ __half from_opmath<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_opmath<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Expands to `CALL(storage_t)` for the runtime dtype `dt` (a macro keeps this C++17-friendly).
+#define GFL_DISPATCH_DTYPE(dt, CALL)                      \
+  switch (dt) {                                           \
+    case ::gfl::cuda::DType::kFloat: CALL(float); break;  \
+    case ::gfl::cuda::DType::kDouble: CALL(double); break; \
+    case ::gfl::cuda::DType::kHalf: CALL(__half); break;  \
+    case ::gfl::cuda::DType::kBFloat16: CALL(__nv_bfloat16); break; \
+  }
+
+constexpr int kBlock = 256;
+
+// Blocks for `threads` threads of kBlock each, capped (the kernels loop grid-stride).
+inline unsigned int grid_for(int64_t threads) {
+  const int64_t blocks = (threads + kBlock - 1) / kBlock;
+  const int64_t cap = int64_t(1) << 20;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
+}
+
+// Sum over the TPR lanes of a row group (TPR a power of two dividing 32); every lane gets the
+// total, in the same order on every run.
+template <int TPR, typename T>
+__device__ __forceinline__ T group_sum(T v) {
+#pragma unroll
+  for (int offset = TPR / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(0xffffffffu, v, offset, TPR);
+  return v;
+}
+
+template <int TPR, typename T>
+__device__ __forceinline__ T group_max(T v) {
+#pragma unroll
+  for (int offset = TPR / 2; offset > 0; offset /= 2) {
+    const T other = __shfl_xor_sync(0xffffffffu, v, offset, TPR);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+}  // namespace gfl::cuda
