@@ -84,12 +84,11 @@ def _grid(op: str, rows: Sequence[int], cols: Sequence[int], max_elements: float
 QFL_CORE = ((40 * _K, 80),)
 ROWS_CORE = ((32 * _K, 17), (160 * _K, 17))
 
-# The sizes run on a 2-core CPU in about 20 minutes.  The largest issue sizes (QFL with
-# N*C > 13M elements, e.g. 160k x 365 and 640k x {80, 365}) take seconds per eager call there and
-# are GPU-only.  DFL and the integral read one row of n+1 bins per output and run the whole
-# grid on CPU too (the cap is there to keep it so if the grid grows).
+# The CPU grid is sized to run on this repository's 2-core machine in about 20 minutes.  The
+# largest QFL sizes (N*C > 13M elements: 160k x 365, 640k x {80, 365}) take seconds per eager
+# call there and are GPU-only.  DFL and the integral sweep M at 17 bins (the GFL default) and
+# the bins at 64k and 640k rows; 1k x {8, 33} are GPU-only (they add nothing on a CPU).
 _CPU_QFL_MAX_ELEMENTS = 13_000_000
-_CPU_ROWS_MAX_ELEMENTS = 25_000_000
 
 
 def preset_cases(preset: str, device_type: str) -> list[Case]:
@@ -97,7 +96,8 @@ def preset_cases(preset: str, device_type: str) -> list[Case]:
 
     Args:
         preset: 'quick' (tiny sizes, seconds: smoke tests), 'core-targets' (the core issue's
-            target cases only), 'full' (the issue's grid; capped on CPU, see above).
+            CPU target cases only), 'gpu-targets' (the large sizes of the GPU targets, M or
+            N = 640k), 'full' (the issue's grid; trimmed on CPU, see above).
         device_type: 'cpu' or 'cuda'.
     """
     if preset == "quick":
@@ -105,22 +105,25 @@ def preset_cases(preset: str, device_type: str) -> list[Case]:
     if preset == "core-targets":
         return ([Case("qfl", r, c, core=True) for r, c in QFL_CORE]
                 + [Case(op, r, c, core=True) for op in ("dfl", "integral") for r, c in ROWS_CORE])
+    if preset == "gpu-targets":
+        return ([Case("qfl", 640 * _K, c) for c in (20, 80, 365)]
+                + [Case(op, 640 * _K, b) for op in ("dfl", "integral") for b in (8, 17, 33)])
     if preset != "full":
-        raise ValueError(f"unknown preset {preset!r}; expected quick, core-targets or full")
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     if device_type == "cpu":
         qfl = _grid("qfl", (1 * _K, 20 * _K, 160 * _K, 640 * _K), (20, 80, 365),
                     _CPU_QFL_MAX_ELEMENTS, QFL_CORE)
         rows_cases = [c for op in ("dfl", "integral")
-                      for c in _grid(op, (1 * _K, 64 * _K, 640 * _K), (8, 17, 33),
-                                     _CPU_ROWS_MAX_ELEMENTS, ROWS_CORE)]
-        return qfl + rows_cases
+                      for c in _grid(op, (1 * _K, 64 * _K, 640 * _K), (17,), core=ROWS_CORE)
+                      + _grid(op, (64 * _K, 640 * _K), (8, 33))]
+        return qfl + sorted(rows_cases, key=lambda c: (c.op != "dfl", c.rows, c.cols))
     qfl = _grid("qfl", (1 * _K, 20 * _K, 160 * _K, 640 * _K), (20, 80, 365), core=QFL_CORE)
     rows_cases = [c for op in ("dfl", "integral")
                   for c in _grid(op, (1 * _K, 64 * _K, 640 * _K), (8, 17, 33), core=ROWS_CORE)]
     return qfl + rows_cases
 
 
-PRESETS = ("quick", "core-targets", "full")
+PRESETS = ("quick", "core-targets", "gpu-targets", "full")
 
 
 def is_large(case: Case) -> bool:

@@ -319,6 +319,9 @@ def summary_markdown(by_device: dict[str, list[dict[str, str]]], plots: dict[tup
              "edit by hand).  For each device, the newest measurement of every case; each row's "
              "speed-ups are against the eager and compile peers measured in the same run.  "
              "Column meanings and method: [benchmarks/README.md](../README.md).", ""]
+    if not by_device:
+        lines += ["No microbenchmark results yet: run `python -m benchmarks.run` (see the README).",
+                  ""]
     for device, rows in by_device.items():
         device_type = rows[0]["device_type"]
         lines += [f"## {device}", "", "Runs:", ""] + _runs_table(rows) + [""]

@@ -109,18 +109,35 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).abs().max().item() / scale if ref.numel() else 0.0
 
 
+def reference_output(op: str, inputs: Inputs) -> torch.Tensor:
+    """The forward of the eager formulas in float64 on one input set: every provider's yardstick.
+
+    The same for both modes (the inputs of a case and dtype do not depend on the mode), so
+    ``main`` computes it once per case and dtype."""
+    args = tuple(a.detach().double() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for a in inputs.args)
+    with torch.no_grad():
+        return peers.EAGER[op](*args)
+
+
 def bench_case(case: Case, dtype: torch.dtype, mode: str, providers: list[peers.Provider],
-               settings: Settings, copy_bps: float) -> list[dict]:
-    """Measure every provider on one case; returns one row per provider (metadata excluded)."""
+               settings: Settings, copy_bps: float,
+               reference_cache: dict | None = None) -> list[dict]:
+    """Measure every provider on one case; returns one row per provider (metadata excluded).
+
+    ``reference_cache`` keeps the float64 reference output across the modes of a case."""
     device = settings.device
     sets = _rotation_sets(case, dtype, mode, settings)
     reference_out = None
     if settings.check:
-        # the forward in float64 with the eager formulas: the yardstick for every provider
-        args = tuple(a.detach().double() if isinstance(a, torch.Tensor) and a.is_floating_point()
-                     else a for a in sets[0].args)
-        with torch.no_grad():
-            reference_out = peers.EAGER[case.op](*args)
+        key = (case, dtype)
+        if reference_cache is None or key not in reference_cache:
+            if reference_cache is not None:
+                reference_cache.clear()
+            reference_out = reference_output(case.op, sets[0])
+            if reference_cache is not None:
+                reference_cache[key] = reference_out
+        reference_out = reference_cache[key] if reference_cache is not None else reference_out
 
     rows: dict[str, dict] = {}
     steps: dict[str, Callable[[], object]] = {}
@@ -157,8 +174,10 @@ def bench_case(case: Case, dtype: torch.dtype, mode: str, providers: list[peers.
                                                rep_ms=settings.rep_ms, timer=settings.cuda_timer)
                        for name, step in steps.items()}
         else:
+            # min_warmup=1: each provider has already made its first call above
             timings = timing.bench_cpu(steps, budget_s=settings.budget_s,
-                                       warmup_s=settings.warmup_s, min_reps=settings.min_reps)
+                                       warmup_s=settings.warmup_s, min_reps=settings.min_reps,
+                                       min_warmup=1)
         for name, t in timings.items():
             rows[name].update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                               reps=t.reps)
@@ -223,8 +242,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"),
                     default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", choices=cases_mod.PRESETS, default="full",
-                    help="full: the issue's grid (capped on CPU); core-targets: the core issue's "
-                         "CPU target cases; quick: tiny sizes (smoke test)")
+                    help="full: the issue's grid (trimmed on CPU); core-targets: the core "
+                         "issue's CPU target cases; gpu-targets: the large sizes of the GPU "
+                         "targets (fwd+bwd); quick: tiny sizes (smoke test)")
     ap.add_argument("--quick", action="store_true",
                     help="--preset quick with few repetitions, writing to results/quick/")
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of "
@@ -233,7 +253,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="comma-separated; default float32,bfloat16 (core-targets: float32)")
     ap.add_argument("--modes", default=None,
                     help="comma-separated subset of fwd,fwd+bwd; default both "
-                         "(core-targets: fwd+bwd)")
+                         "(core-targets, gpu-targets: fwd+bwd)")
     ap.add_argument("--providers", default=None,
                     help="comma-separated provider names to keep (eager, compile, ultralytics, "
                          "gfl_ops-cpu, gfl_ops-cuda, gfl_ops-triton); default all available")
@@ -245,7 +265,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--csv", default=None, help="CSV file name inside --out (default: "
                     "<device type>-<device name>.csv)")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="CPU: timed seconds per provider per case (default 0.6; "
+                    help="CPU: timed seconds per provider per case (default 0.5; "
                          "core-targets 2.0; quick 0.05)")
     ap.add_argument("--min-reps", type=int, default=None,
                     help="CPU: minimum repetitions (default 5; core-targets 10; quick 3)")
@@ -259,8 +279,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "256 MB on CPU)")
     ap.add_argument("--compile-dynamic", choices=("auto", "true", "false"), default=None,
                     help="torch.compile(dynamic=...): auto = torch's default (specialise, then "
-                         "generalise on a new shape); false = one compilation per shape "
-                         "(default false for core-targets, auto otherwise)")
+                         "generalise on a new shape); true = one dynamic-shape compilation; "
+                         "false = one compilation per shape (default: false for the target "
+                         "presets, true otherwise)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     ap.add_argument("--no-check", action="store_true",
                     help="skip the float64 accuracy check of each provider's forward")
@@ -281,15 +302,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     quick = args.preset == "quick"
     core = args.preset == "core-targets"
+    targets = args.preset in ("core-targets", "gpu-targets")
     ops = _csv_list(args.ops, OPS, "op")
     dtypes = _csv_list(args.dtypes or ("float32" if core else "float32,bfloat16"),
                        tuple(_DTYPES), "dtype")
-    modes = _csv_list(args.modes or ("fwd+bwd" if core else ",".join(MODES)), MODES, "mode")
+    modes = _csv_list(args.modes or ("fwd+bwd" if targets else ",".join(MODES)), MODES, "mode")
     wanted = set(args.providers.split(",")) if args.providers else None
     sizes = set(args.sizes.split(",")) if args.sizes else None
     out_dir = args.out or (RESULTS_DIR / "quick" if quick else RESULTS_DIR)
+    # The target presets specialise every shape (the strongest compile peer, one compilation
+    # per size); the grids compile once with dynamic shapes (automatic dynamic would compile
+    # each graph three times: static, C dynamic, then N dynamic too).
     dynamic = {"auto": None, "true": True, "false": False}[
-        args.compile_dynamic or ("false" if core else "auto")]
+        args.compile_dynamic or ("false" if targets else "true")]
 
     if device.type == "cuda":
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
@@ -303,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # core-targets is five cases: spend more repetitions on them (steadier medians on a
         # shared machine); the full grid keeps to ~20 minutes on 2 cores
         budget_s=args.budget_s if args.budget_s is not None else (
-            0.05 if quick else 2.0 if core else 0.6),
+            0.05 if quick else 2.0 if core else 0.5),
         warmup_s=0.02 if quick else 0.1,
         min_reps=args.min_reps if args.min_reps is not None else (
             3 if quick else 10 if core else 5),
@@ -332,13 +357,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{'%copyBW':>7} {'xtra/grad':>9}")
     print(header)
     started = time.perf_counter()
+    reference_cache: dict = {}
     for case in selected:
         for dtype_name in dtypes:
             dtype = _DTYPES[dtype_name]
             for mode in modes:
                 providers = peers.build_providers(case.op, dtype, device, case.cols, compiled,
                                                   wanted)
-                rows = bench_case(case, dtype, mode, providers, settings, copy_bps)
+                rows = bench_case(case, dtype, mode, providers, settings, copy_bps,
+                                  reference_cache)
                 for row in rows:
                     row.update(meta)
                     print(_format_row(row))

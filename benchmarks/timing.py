@@ -59,10 +59,10 @@ class _GcPaused:
 
 def bench_cpu(fns: Mapping[str, Callable[[], object]], *, budget_s: float = 0.6,
               warmup_s: float = 0.1, min_reps: int = 5, max_reps: int = 200,
-              rounds: int = 5) -> dict[str, Timing]:
+              rounds: int = 5, min_warmup: int = 2) -> dict[str, Timing]:
     """Time several callables side by side on the CPU.
 
-    Each callable is warmed up (at least two calls and ``warmup_s``), its per-call time
+    Each callable is warmed up (at least ``min_warmup`` calls and ``warmup_s``), its per-call time
     estimated, and given ``budget_s / estimate`` repetitions clamped to [min_reps, max_reps].
     The repetitions are spread over ``rounds`` rounds; in each round every callable runs its
     share, the starting callable rotating from round to round.
@@ -76,7 +76,7 @@ def bench_cpu(fns: Mapping[str, Callable[[], object]], *, budget_s: float = 0.6,
             start = time.perf_counter()
             calls = 0
             last = math.inf
-            while calls < 2 or (time.perf_counter() - start < warmup_s and calls < 50):
+            while calls < min_warmup or (time.perf_counter() - start < warmup_s and calls < 50):
                 t0 = time.perf_counter()
                 fn()
                 last = time.perf_counter() - t0
