@@ -151,32 +151,32 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, requires_g
     Targets, scores and weights are float32 whatever ``dtype`` is: detectors compute them from
     boxes in float32; only the network outputs (``pred``) take the benchmark dtype.
     """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # generated on the device itself: the GPU cases reach 233M elements
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen)
+        return torch.randn(*shape, generator=gen, device=device)
 
     def rand(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=gen)
+        return torch.rand(*shape, generator=gen, device=device)
 
     rows, cols = case.rows, case.cols
-    pred = randn(rows, cols).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    pred = randn(rows, cols).to(dtype).requires_grad_(requires_grad)
     if case.op == "qfl":
         num_pos = max(1, round(POS_FRACTION * rows))
-        labels = torch.full((rows,), cols, dtype=torch.long)
-        pos = torch.randperm(rows, generator=gen)[:num_pos]
-        labels[pos] = torch.randint(0, cols, (num_pos,), generator=gen)
+        labels = torch.full((rows,), cols, dtype=torch.long, device=device)
+        pos = torch.randperm(rows, generator=gen, device=device)[:num_pos]
+        labels[pos] = torch.randint(0, cols, (num_pos,), generator=gen, device=device)
         scores = rand(rows)
-        weight = torch.ones(rows)
-        args = (pred, labels.to(device), scores.to(device), weight.to(device), float(num_pos))
-        return Inputs(args, pred)
+        weight = torch.ones(rows, device=device)
+        return Inputs((pred, labels, scores, weight, float(num_pos)), pred)
     if case.op == "dfl":
         n = cols - 1
         target = rand(rows) * (n - 0.1)
         weight = rand(rows)
-        return Inputs((pred, target.to(device), weight.to(device), 4.0), pred)
+        return Inputs((pred, target, weight, 4.0), pred)
     if case.op == "integral":
-        grad_out = randn(rows).to(device=device, dtype=dtype)
+        grad_out = randn(rows).to(dtype)
         return Inputs((pred,), pred, grad_out=grad_out)
     raise ValueError(f"unknown op {case.op!r}")
 

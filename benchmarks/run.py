@@ -120,6 +120,34 @@ def reference_output(op: str, inputs: Inputs) -> torch.Tensor:
         return peers.EAGER[op](*args)
 
 
+def _time_steps(steps: dict[str, Callable[[], object]], settings: Settings,
+                rows: dict[str, dict]) -> dict[str, timing.Timing]:
+    """Time the providers' steps; a provider that fails while timed is noted and dropped."""
+    def one(name: str, step: Callable[[], object]) -> timing.Timing | None:
+        try:
+            if settings.device.type == "cuda":
+                return timing.bench_cuda(step, warmup_ms=settings.warmup_ms,
+                                         rep_ms=settings.rep_ms, timer=settings.cuda_timer)
+            return timing.bench_cpu({name: step}, budget_s=settings.budget_s,
+                                    warmup_s=settings.warmup_s, min_reps=settings.min_reps,
+                                    min_warmup=1)[name]
+        except Exception as exc:  # noqa: BLE001 - reported in the row, the run goes on
+            rows[name]["notes"] = f"error while timed: {type(exc).__name__}: {exc}"[:240]
+            steps.pop(name, None)
+            return None
+
+    if settings.device.type == "cpu" and len(steps) > 1:
+        try:
+            # interleaved; min_warmup=1: each provider has already made its first call
+            return timing.bench_cpu(steps, budget_s=settings.budget_s,
+                                    warmup_s=settings.warmup_s, min_reps=settings.min_reps,
+                                    min_warmup=1)
+        except Exception:  # noqa: BLE001 - find the culprit by timing them one at a time
+            pass
+    results = {name: one(name, step) for name, step in list(steps.items())}
+    return {name: t for name, t in results.items() if t is not None}
+
+
 def bench_case(case: Case, dtype: torch.dtype, mode: str, providers: list[peers.Provider],
                settings: Settings, copy_bps: float,
                reference_cache: dict | None = None) -> list[dict]:
@@ -168,19 +196,8 @@ def bench_case(case: Case, dtype: torch.dtype, mode: str, providers: list[peers.
             prepared.pop(p.name, None)
 
     # time
-    if steps:
-        if device.type == "cuda":
-            timings = {name: timing.bench_cuda(step, warmup_ms=settings.warmup_ms,
-                                               rep_ms=settings.rep_ms, timer=settings.cuda_timer)
-                       for name, step in steps.items()}
-        else:
-            # min_warmup=1: each provider has already made its first call above
-            timings = timing.bench_cpu(steps, budget_s=settings.budget_s,
-                                       warmup_s=settings.warmup_s, min_reps=settings.min_reps,
-                                       min_warmup=1)
-        for name, t in timings.items():
-            rows[name].update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
-                              reps=t.reps)
+    for name, t in _time_steps(steps, settings, rows).items():
+        rows[name].update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps)
 
     # memory: one call each, after the timing (warm caches, compiled code loaded)
     elt = torch.empty((), dtype=dtype).element_size()
