@@ -28,6 +28,7 @@ struct Ops;
 template <typename T>
 struct ScalarOps {
   using Mask = bool;
+  static constexpr bool kSinglePrecision = sizeof(T) == 4;
   static C10_HOST_DEVICE inline T exp(T x) { return ::exp(x); }
   static C10_HOST_DEVICE inline T log(T x) { return ::log(x); }
   static C10_HOST_DEVICE inline T log1p(T x) { return ::log1p(x); }
@@ -52,6 +53,31 @@ struct Ops<float> : ScalarOps<float> {
   static C10_HOST_DEVICE inline float log1p(float x) { return ::log1pf(x); }
   static C10_HOST_DEVICE inline float abs(float x) { return ::fabsf(x); }
 };
+
+// ---------------------------------------------------------------------------------------------
+// log1p(e) for e in [0, 1], the softplus term of every BCE.
+//
+// Single precision: log1p(e) = 2 atanh(t), t = e / (2 + e) in [0, 1/3], as the odd series
+// 2 t (1 + t^2/3 + ... + t^12/13); the truncation error is below t^14 / 15 < 1.4e-8 relative,
+// under float rounding.  It costs one division and 7 FMAs, several times less than a vectorised
+// log or log1p, and it is the same code on the CPU and the GPU.  Double precision keeps log1p.
+template <typename T, typename O = Ops<T>>
+C10_HOST_DEVICE inline T log1p_unit(T e) {
+  if constexpr (O::kSinglePrecision) {
+    const T t = e / (T(2.0f) + e);
+    const T t2 = t * t;
+    T p(1.0f / 13.0f);
+    p = p * t2 + T(1.0f / 11.0f);
+    p = p * t2 + T(1.0f / 9.0f);
+    p = p * t2 + T(1.0f / 7.0f);
+    p = p * t2 + T(1.0f / 5.0f);
+    p = p * t2 + T(1.0f / 3.0f);
+    p = p * t2 + T(1.0f);
+    return T(2.0f) * t * p;
+  } else {
+    return O::log1p(e);
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // QFL.
@@ -103,9 +129,10 @@ template <typename T, typename O = Ops<T>>
 C10_HOST_DEVICE inline T qfl_logit(T x, T y, T beta, int mode, T& grad) {
   const T zero(0), one(1);
   const T e = O::exp(zero - O::abs(x));
-  const T inv = one / (one + e);
+  const T u = one + e;
+  const T inv = one / u;
   const T s = O::select(O::ge(x, zero), inv, e * inv);
-  const T bce = O::max(x, zero) - x * y + O::log1p(e);
+  const T bce = O::max(x, zero) - x * y + log1p_unit<T, O>(e);
   const T d = s - y;
   T m, dm;
   modulating_factor<T, O>(d, beta, mode, m, dm);

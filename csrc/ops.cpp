@@ -8,6 +8,12 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+namespace gfl::cpu {
+std::string cpu_kernel_isa();  // ops_cpu.cpp
+}
+
 TORCH_LIBRARY(gfl_ops, m) {
   m.def("qfl(Tensor pred, Tensor labels, Tensor scores, float beta, bool activated, "
         "bool with_grad) -> (Tensor, Tensor)");
@@ -30,6 +36,7 @@ PyMODINIT_FUNC PyInit__C(void) {
                                           "gfl_ops compiled operators", -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
+  PyModule_AddStringConstant(module, "CPU_ISA", gfl::cpu::cpu_kernel_isa().c_str());
 #ifdef GFL_WITH_CUDA
   PyModule_AddIntConstant(module, "WITH_CUDA", 1);
 #else

@@ -48,3 +48,8 @@ def extension_error() -> str | None:
 def cuda_compiled() -> bool:
     """True when the loaded extension contains the CUDA kernels."""
     return _C is not None and bool(getattr(_C, "WITH_CUDA", False))
+
+
+def cpu_kernel_isa() -> str | None:
+    """Which build of the CPU kernels runs here: "avx2" or "default" (None without _C)."""
+    return getattr(_C, "CPU_ISA", None) if _C is not None else None

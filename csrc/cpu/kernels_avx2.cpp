@@ -31,6 +31,8 @@
 
 namespace gfl::cpu {
 bool cpu_has_avx2() {
+  // may run from a static initialiser, before libgcc has probed the CPU
+  __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 }

@@ -2,6 +2,8 @@
 // build when the running CPU supports it.
 #include <torch/library.h>
 
+#include <string>
+
 #include "../ops_impl.h"
 #include "kernels.h"
 
@@ -26,6 +28,10 @@ struct CpuKernels {
 };
 
 }  // namespace
+
+// Which build of the CPU kernels runs here (exposed for tests and benchmark reports).
+std::string cpu_kernel_isa() { return kUseAvx2 ? "avx2" : "default"; }
+
 }  // namespace gfl::cpu
 
 TORCH_LIBRARY_IMPL(gfl_ops, CPU, m) { gfl::OpImpls<gfl::cpu::CpuKernels>::register_all(m); }

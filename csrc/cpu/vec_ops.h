@@ -12,6 +12,7 @@ template <typename T>
 struct Ops<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   using Mask = V;  // all-ones lanes where true, as the vec comparison operators return
+  static constexpr bool kSinglePrecision = sizeof(T) == 4;
   static inline V exp(const V& x) { return x.exp(); }
   static inline V log(const V& x) { return x.log(); }
   static inline V log1p(const V& x) { return x.log1p(); }

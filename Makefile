@@ -1,0 +1,51 @@
+# gfl-ops: one-command setup, demo and tests on a fresh machine (Python 3.11, no GPU needed).
+#
+#   make demo    virtual env + torch + build, then the main job (train/eval the detector on the
+#                embedded dataset, CPU)
+#   make test    virtual env + torch + build, then the whole test suite
+#   make bench   the CPU benchmarks (benchmarks/README.md)
+#
+# Variables: PYTHON (interpreter for the venv), VENV (its folder), MAX_JOBS (parallel compile),
+# TORCH_CUDA_ARCH_LIST (GPU archs compiled when nvcc is present; default 8.0;9.0).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+MAX_JOBS ?= 2
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup build demo test bench lint clean
+
+$(VENV)/.deps-stamp: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# Rebuilt whenever a C++/CUDA source or setup.py changes.
+$(VENV)/.build-stamp: $(VENV)/.deps-stamp setup.py $(shell find csrc -type f 2>/dev/null)
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install --no-build-isolation --no-deps -e . \
+		|| { echo "gfl-ops build failed: see the compiler output above"; exit 1; }
+	$(PY) -c "import gfl_ops; print('gfl_ops backends:', gfl_ops.backend_status())"
+	touch $@
+
+setup: $(VENV)/.build-stamp
+
+build: setup
+
+demo: setup
+	$(PY) -m detector.main_job
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m benchmarks.run --device cpu --preset core-targets
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build *.egg-info gfl_ops/_C*.so $(VENV)/.build-stamp
