@@ -20,20 +20,32 @@ failed opcheck/compile under the interpreter):
 Fused forward or recompute in backward (``gfl_ops.triton._common.FUSED_BACKWARD``, default
 ``False`` = recompute).  Counting bytes for QFL with (labels, scores) targets on N×C logits:
 
-* recompute: forward reads N·C; backward reads N·C and writes N·C -> 3 N·C;
+* recompute: forward reads N·C; backward reads N·C and writes N·C -> 3 N·C moved;
 * fused: forward reads N·C and writes an N·C gradient; backward reads it and writes N·C ->
-  4 N·C, plus an N·C buffer held from forward to backward.
+  4 N·C moved, plus an N·C buffer held from forward to backward (on top of the activations).
 
-The kernels are memory-bound for fp32 on an H100-class GPU (roughly 35 ALU and 4-5 MUFU
-instructions per element against 4-8 bytes moved per element), so recompute should be about 25 %
-faster for the pair and holds no extra memory; for fp16/bf16 the transcendental work is about as
-costly as the memory traffic, which is where fused could win.  DFL and the integral move M·(n+1)
-elements with one exp per element: the same count applies.  The switch exists so that the GPU
-benchmarks (issue #7) can settle it by measurement; both paths are tested.
+With a dense (N, C) target both come to 5 N·C (recompute reads the target twice), and the fused
+buffer is still extra memory.  By a rough estimate (not a measurement) of 30-40 ALU and 4-5 MUFU
+instructions per QFL element, fp32 inputs on an H100-class GPU are memory-bound, so recompute
+should win by about the 4:3 byte ratio; with fp16/bf16 storage the bytes halve while the math
+does not, so the recomputed transcendentals may cost as much as the bytes saved, which is where
+fused could win.  DFL and the integral move M·(n+1) elements with one exp each: the same count
+applies.  Recompute is the default because it is never worse in bytes and holds no extra memory;
+the switch is a module constant read at call time (``torch.compile`` guards on it) so the GPU
+benchmarks of issue #7 can settle it by measurement.  Both paths are tested.
 
-Block heuristics (``tl.constexpr``, no autotuning, so the interpreter and CUDA graphs see one
-deterministic configuration): see :func:`gfl_ops.triton.qfl.qfl_block_c` and
-:func:`gfl_ops.triton.dfl.bins_config`.
+Block sizes come from heuristics, not ``triton.autotune``: the QFL row sum is reduced in an order
+that depends on the columns per step, so a timing-based choice could differ between processes
+and break bitwise reproducibility; a heuristic also costs nothing under the interpreter and in
+CUDA-graph capture.  See :func:`gfl_ops.triton.qfl.qfl_block_c` (C = 1, 20, 80, 365, 1203 ->
+1, 32, 16, 128, 256 columns per step) and :func:`gfl_ops.triton.dfl.bins_config` (n+1 = 8, 17,
+33 -> 8, 32, 64 columns); rows per program fill a 2048-element tile (1024 for fp64).
+
+Behaviour on unusual values (no host synchronisation is spent on checks): QFL labels outside
+[0, C) are background; DFL targets are clamped to [0, n] in the kernel and a NaN target gives a
+NaN loss and gradient row.  Inputs are read through their strides (non-contiguous and expanded
+tensors need no copy); outputs are fresh tensors, the caller's tensors are never written.
+Double backward is not supported (it raises).  Dtypes: see :mod:`gfl_ops.triton._common`.
 """
 
 from __future__ import annotations

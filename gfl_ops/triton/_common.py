@@ -41,11 +41,15 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Integer label dtypes loaded directly; others (uint16/32/64) are converted to int64 first.
 LABEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
-# Elements per program tile (rows x columns of one loop step).  2048 fp32 elements over 4 warps is
-# 16 values per thread: enough independent loads in flight to cover memory latency without
-# spilling the ~10 live fp32 temporaries of the QFL math.  fp64 uses half (twice the registers).
-TILE_ELEMENTS = 2048
-TILE_ELEMENTS_FP64 = 1024
+# Elements per program tile (rows x columns of one loop step) and per thread.  Compiled for
+# sm_90 with Triton's bundled ptxas, the QFL kernel at 16 fp32 elements per thread needed 255
+# registers and spilled (up to 156 bytes) in its general-beta variants; at 4 elements per thread
+# (1024-element tiles over 8 warps) every variant fits without spills and several blocks share an
+# SM, which a memory-bound kernel needs to keep enough loads in flight.  fp64 keeps 4 elements per
+# thread over half the tile (twice the registers per value).
+TILE_ELEMENTS = 1024
+TILE_ELEMENTS_FP64 = 512
+ELEMENTS_PER_THREAD = 4
 
 
 def is_interpreted() -> bool:
@@ -72,8 +76,8 @@ def tile_elements(dtype: torch.dtype) -> int:
 
 
 def num_warps_for(tile: int) -> int:
-    """Warps for a tile of ``tile`` elements: about 16 elements per thread, 4 to 16 warps."""
-    return max(4, min(16, tile // 512))
+    """Warps for a tile of ``tile`` elements: ELEMENTS_PER_THREAD per thread, 1 to 16 warps."""
+    return max(1, min(16, tile // (32 * ELEMENTS_PER_THREAD)))
 
 
 def split_float(value: float) -> tuple[float, float]:

@@ -1,8 +1,9 @@
 """Softmax-integral decoding in Triton: ``ŷ = Σ_j softmax(z)_j · j`` per row, and its gradient.
 
-``dŷ/dz_j = S_j · (j − ŷ)``.  Same layout as the DFL kernel (whole row in one masked
-power-of-two block, see :func:`gfl_ops.triton.dfl.bins_config`); the value is computed in the
-opmath dtype and returned in ``pred``'s dtype, like the reference.
+``dŷ/dz_j = S_j · (j − ŷ)``, with ``j − ŷ`` formed about an integer pivot near ŷ (see the
+kernel) so that it keeps its digits when ŷ is close to a large bin index.  Same layout as the DFL
+kernel (whole row in one masked power-of-two block, see :func:`gfl_ops.triton.dfl.bins_config`);
+the value is computed in the opmath dtype and returned in ``pred``'s dtype, like the reference.
 """
 
 import torch
@@ -33,11 +34,16 @@ def _integral_kernel(
     e = tl.exp(z - tl.max(z, axis=1)[:, None])
     inv_s = 1.0 / tl.sum(e, axis=1)
     j = cols.to(CDT)
-    y_hat = tl.sum(e * j[None, :], axis=1) * inv_s
+    # ŷ about an integer pivot r near it: ŷ = r + Σ S_k (k − r).  The terms of the second sum are
+    # small where the probability mass is, so j − ŷ = (j − r) − δ keeps its digits when ŷ is
+    # large and close to j (plain Σ S_k k loses ~log2(n) bits there, 7e-5 relative seen at n = 32).
+    pivot = tl.floor(tl.sum(e * j[None, :], axis=1) * inv_s + 0.5)
+    offset = j[None, :] - pivot[:, None]  # exact small integers
+    delta = tl.sum(e * offset, axis=1) * inv_s
     if WRITE_OUT:
-        tl.store(out_ptr + rows, y_hat.to(out_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(out_ptr + rows, (pivot + delta).to(out_ptr.dtype.element_ty), mask=row_mask)
     if WRITE_GRAD:
-        g = e * inv_s[:, None] * (j[None, :] - y_hat[:, None])
+        g = e * inv_s[:, None] * (offset - delta[:, None])
         if SCALE_GRAD:
             go = tl.load(grad_out_ptr + rows * stride_go, mask=row_mask, other=0.0).to(CDT)
             g = g * go[:, None]
