@@ -104,6 +104,13 @@ def resolve(backend: str | None, device: torch.device, op: str) -> Any:
         RuntimeError: the requested backend cannot run on this device here; the message lists
             the backends that can.
     """
+    return _loaded[_resolve_name(backend, device.type, op)]
+
+
+# Under torch.compile the choice is made once, eagerly, and baked into the graph as a constant:
+# the imports, environment reads and availability probes behind it are not traceable.
+@torch.compiler.assume_constant_result
+def _resolve_name(backend: str | None, device_type: str, op: str) -> str:
     requested = backend if backend is not None else os.environ.get(_ENV_VAR) or "auto"
     if not isinstance(requested, str) or requested not in BACKEND_NAMES + ("auto",):
         source = "backend" if backend is not None else f"${_ENV_VAR}"
@@ -111,7 +118,6 @@ def resolve(backend: str | None, device: torch.device, op: str) -> Any:
             f"{source} must be one of {', '.join(BACKEND_NAMES + ('auto',))} or None, "
             f"got {requested!r}"
         )
-    device_type = device.type
     if requested == "auto":
         requested = _auto_choice(device_type, op)
     reason = _reason(requested, device_type)
@@ -121,7 +127,7 @@ def resolve(backend: str | None, device: torch.device, op: str) -> Any:
             f"gfl_ops backend {requested!r} cannot run on {device_type} tensors here: {reason}. "
             f"Backends that can: {', '.join(can) or 'none'}."
         )
-    return _loaded[requested]
+    return requested
 
 
 def _auto_choice(device_type: str, op: str) -> str:

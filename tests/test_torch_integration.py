@@ -70,10 +70,11 @@ def _loss_step(pred_cls, labels, scores, pred_reg, dfl_target, backend):
     return qfl + 0.25 * dfl + boxes.mean()
 
 
-@pytest.mark.parametrize("backend", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_compile_fullgraph_forward_backward(backend):
-    """All three ops, validation included, trace into one graph and give the eager results."""
-    device = "cuda" if backend == "cuda" else "cpu"
+@pytest.mark.parametrize("backend,device", [("cpu", "cpu"), (None, "cpu")] + (
+    [("cuda", "cuda"), (None, "cuda")] if torch.cuda.is_available() else []))
+def test_compile_fullgraph_forward_backward(backend, device):
+    """All three ops, validation and automatic backend choice included, trace into one graph and
+    give the eager results."""
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
     pred_cls = torch.randn(32, 6, generator=gen).to(device)
