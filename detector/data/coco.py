@@ -12,7 +12,9 @@ Bad input is reported early and precisely (:class:`DatasetError` names the file 
 * boxes with zero or negative size (after clipping to the image) -> skipped, logged;
 * missing image files -> skipped, logged (an error if nothing is left);
 * an image that cannot be decoded -> ``on_bad_image='raise'`` raises :class:`DatasetError` naming
-  the file; ``'skip'`` logs it and substitutes the next image (training keeps going);
+  the file; ``'skip'`` logs it and substitutes the next image (training keeps going); ``'drop'``
+  logs it and returns ``(None, target)``, which the collate leaves out (evaluation then covers
+  the remaining images and reports how many were dropped);
 * no usable image at all -> error.
 """
 
@@ -149,7 +151,8 @@ class CocoDetection(Dataset):
         transform: the :class:`TransformConfig` (resize scale, flip probability, mean/std).
         filter_empty: drop images without any usable (non-crowd, positive-size) box — right for
             training (mmdetection's ``filter_empty_gt``), wrong for evaluation.
-        on_bad_image: ``'raise'`` or ``'skip'`` for images that exist but cannot be decoded.
+        on_bad_image: ``'raise'``, ``'skip'`` or ``'drop'`` for images that exist but cannot be
+            decoded (see the module docstring).
         seed: base seed of the per-sample augmentation when indexed with a plain ``int``.
 
     Indexing with ``i`` or ``(i, aug_seed)`` returns ``(image, target)``: ``image`` float32
@@ -167,8 +170,9 @@ class CocoDetection(Dataset):
         on_bad_image: str = "raise",
         seed: int = 0,
     ) -> None:
-        if on_bad_image not in ("raise", "skip"):
-            raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
+        if on_bad_image not in ("raise", "skip", "drop"):
+            raise ValueError(
+                f"on_bad_image must be 'raise', 'skip' or 'drop', got {on_bad_image!r}")
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.on_bad_image = on_bad_image
@@ -259,7 +263,9 @@ class CocoDetection(Dataset):
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
             raise DatasetError(f"{rec['file']}: cannot decode image ({e})") from e
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __getitem__(
+        self, key: int | tuple[int, int]
+    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
         if isinstance(key, tuple):
             index, aug_seed = key
         else:
@@ -270,12 +276,16 @@ class CocoDetection(Dataset):
             rec = self.records[i]
             try:
                 image = self._open(rec)
-            except DatasetError:
+            except DatasetError as e:
                 if self.on_bad_image == "raise":
                     raise
+                if self.on_bad_image == "drop":
+                    logger.error("leaving out undecodable image: %s", e)
+                    return None, {"image_id": rec["image_id"], "file_name": rec["file_name"],
+                                  "dropped": True}
                 if i not in self.bad_images:
                     self.bad_images.add(i)
-                    logger.error("skipping undecodable image %s", rec["file"], exc_info=False)
+                    logger.error("skipping undecodable image: %s", e)
                 continue
             break
         else:

@@ -26,10 +26,14 @@ def collate(
     """Stack images zero-padded (bottom/right) to the batch's max size rounded up to
     ``size_divisor``. Returns ``images`` float32 (B, 3, Hp, Wp) and the list of targets, each with
     ``pad_shape`` (Hp, Wp) added. Zero is the mean colour after normalisation (mmdetection pads
-    the normalised image with 0).
+    the normalised image with 0). Samples whose image is None (undecodable, dropped by the
+    dataset) are left out; if none is left the result is ``(None, [])``.
     """
     if not batch:
         raise ValueError("cannot collate an empty batch")
+    batch = [b for b in batch if b[0] is not None]
+    if not batch:
+        return None, []
     h = max(int(img.shape[1]) for img, _ in batch)
     w = max(int(img.shape[2]) for img, _ in batch)
     if size_divisor > 1:
