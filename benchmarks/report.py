@@ -97,11 +97,16 @@ def latest(rows: Iterable[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
 
 
 def plot_op(rows: Sequence[dict[str, str]], device: str, op: str, path: Path) -> Path | None:
-    """Speed-up vs eager against problem size, one panel per (mode, dtype)."""
-    import matplotlib
+    """Speed-up vs eager against problem size, one panel per (mode, dtype).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Returns None (no plot) when matplotlib is not installed; the tables do not need it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
 
     rows = [r for r in rows if r["op"] == op]
     modes = sorted({r["mode"] for r in rows}, key=lambda m: (m != "fwd+bwd", m))
@@ -345,6 +350,7 @@ def summary_markdown(by_device: dict[str, list[dict[str, str]]], plots: dict[tup
 
 def generate(results_dir: Path = RESULTS_DIR) -> list[Path]:
     """Write one PNG per (device, op) and ``summary.md`` into ``results_dir``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
     by_device = latest(load_rows(results_dir))
     plots: dict[tuple, Path] = {}
     written: list[Path] = []
