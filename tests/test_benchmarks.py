@@ -17,9 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import cases, report
-
 REPO = Path(__file__).resolve().parent.parent
+# benchmarks/ is not an installed package: run from a plain `pytest`, the repository root is not
+# necessarily on sys.path (python -m pytest adds the working directory, pytest does not).
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import cases, report  # noqa: E402
 
 
 def _run(args: list[str], tmp_path: Path, timeout: int = 240) -> list[dict[str, str]]:
