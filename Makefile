@@ -3,7 +3,8 @@
 #   make demo    virtual env + torch + build, then the main job (train/eval the detector on the
 #                embedded dataset, CPU)
 #   make test    virtual env + torch + build, then the whole test suite
-#   make bench   the CPU benchmarks (benchmarks/README.md)
+#   make bench   the core benchmark targets on the CPU (benchmarks/README.md); bench-full,
+#                bench-e2e for the whole grid and the detector's loss step
 #
 # Variables: PYTHON (interpreter for the venv), VENV (its folder), MAX_JOBS (parallel compile),
 # TORCH_CUDA_ARCH_LIST (GPU archs compiled when nvcc is present; default 8.0;9.0).
@@ -15,7 +16,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test bench lint clean
+.PHONY: setup build demo test bench bench-full bench-e2e lint clean
 
 $(VENV)/.deps-stamp: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +44,12 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks.run --device cpu --preset core-targets
+
+bench-full: setup
+	$(PY) -m benchmarks.run
+
+bench-e2e: setup
+	$(PY) -m benchmarks.e2e_loss_step
 
 lint: setup
 	$(VENV)/bin/ruff check .
