@@ -214,3 +214,35 @@ def test_cuda_kernels_compiled_when_build_had_cuda():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("gfl_ops::qfl", "CUDA")
     for name in ("qfl_dense", "dfl", "integral", "scale_rows", "qfl_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gfl_ops::{name}", "CUDA")
+
+
+def test_import_without_compiled_extension_explains_and_falls_back():
+    """With _C missing, gfl_ops imports, says how to rebuild, and the reference backend works.
+    (A fresh interpreter in which importing gfl_ops._C fails as it does in an unbuilt checkout.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class NoExtension(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'gfl_ops._C':\n"
+        "            raise ModuleNotFoundError(\"No module named 'gfl_ops._C'\")\n"
+        "sys.meta_path.insert(0, NoExtension())\n"
+        "import torch, gfl_ops\n"
+        "assert not gfl_ops.extension_loaded()\n"
+        "print(gfl_ops.extension_error())\n"
+        "print(gfl_ops.available_backends('cpu'))\n"
+        "x = torch.randn(4, 3, requires_grad=True)\n"
+        "gfl_ops.quality_focal_loss(x, (torch.tensor([0, 3, 1, 2]), torch.rand(4))).backward()\n"
+        "try:\n"
+        "    gfl_ops.quality_focal_loss(x, torch.rand(4, 3), backend='cpu')\n"
+        "except RuntimeError as e:\n"
+        "    print('ERR', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "not built" in result.stdout and "pip install --no-build-isolation -e ." in result.stdout
+    assert "'reference'" in result.stdout
+    assert "ERR gfl_ops backend 'cpu' cannot run" in result.stdout
