@@ -38,6 +38,7 @@ struct ScalarOps {
   static C10_HOST_DEVICE inline Mask gt(T a, T b) { return a > b; }
   static C10_HOST_DEVICE inline Mask ge(T a, T b) { return a >= b; }
   static C10_HOST_DEVICE inline Mask ne(T a, T b) { return a != b; }
+  static C10_HOST_DEVICE inline Mask eq(T a, T b) { return a == b; }
   // select(m, a, b) = m ? a : b
   static C10_HOST_DEVICE inline T select(Mask m, T a, T b) { return m ? a : b; }
 };
@@ -188,16 +189,18 @@ C10_HOST_DEVICE inline T dfl_loss(T lse, T z_l, T z_r, T w_l, T w_r) {
   return w_l * (lse - z_l) + w_r * (lse - z_r);
 }
 
-// dDFL/dz_j given the softmax probability S_j of bin j.
-template <typename T>
-C10_HOST_DEVICE inline T dfl_grad(T s_j, int64_t j, int64_t l, T w_l, T w_r) {
-  return s_j - (j == l ? w_l : T(0)) - (j == l + 1 ? w_r : T(0));
+// dDFL/dz_j given the softmax probability S_j of bin j (bin indices carried in T so that the
+// same code runs on SIMD lanes, each lane a different row).
+template <typename T, typename O = Ops<T>>
+C10_HOST_DEVICE inline T dfl_grad(T s_j, T j, T l, T w_l, T w_r) {
+  const T zero(0), one(1);
+  return s_j - O::select(O::eq(j, l), w_l, zero) - O::select(O::eq(j, l + one), w_r, zero);
 }
 
 // d(integral)/dz_j given S_j and the row's expected value y_hat.
 template <typename T>
-C10_HOST_DEVICE inline T integral_grad(T s_j, int64_t j, T y_hat) {
-  return s_j * (static_cast<T>(j) - y_hat);
+C10_HOST_DEVICE inline T integral_grad(T s_j, T j, T y_hat) {
+  return s_j * (j - y_hat);
 }
 
 }  // namespace gfl

@@ -71,6 +71,10 @@ def _register() -> None:
     def _save(ctx, inputs, output, n_tensors):
         ctx.save_for_backward(*inputs[:n_tensors], output[1])
         ctx.extra = inputs[n_tensors:]
+        # the second output (the saved gradient) never receives a gradient: without this,
+        # autograd would allocate and zero-fill a pred-sized tensor for it on every backward
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
 
     def _grad_input(ctx, grad_loss, recompute):
         *tensors, saved_grad = ctx.saved_tensors

@@ -129,21 +129,28 @@ def weight_reduce_loss(
     return loss.sum() / (avg_factor + _FLOAT_EPS)
 
 
+def _outside(t: torch.Tensor, low: float, high: float) -> tuple[bool, float, float]:
+    """(any value outside [low, high] or NaN, min, max) in one pass over ``t``."""
+    lo, hi = (v.item() for v in torch.aminmax(t))
+    # NaN propagates into aminmax and fails both comparisons
+    return not (lo >= low and hi <= high), lo, hi
+
+
 def _validate_qfl_values(pred, labels, scores, target, activated: bool) -> None:
     num_classes = pred.size(1)
     if labels is not None and labels.numel():
-        bad = (labels < 0) | (labels > num_classes)
-        if bool(bad.any()):
-            first = labels[bad][0].item()
+        bad, lo, hi = _outside(labels, 0, num_classes)
+        if bad:
             raise ValueError(f"target labels must lie in [0, {num_classes}] ({num_classes} = "
-                             f"background), got {first}")
+                             f"background), got values from {lo} to {hi}")
     for name, t in (("target scores", scores), ("target", target)):
         if t is not None and t.numel():
-            if bool(((t < 0) | (t > 1) | t.isnan()).any()):
+            bad, lo, hi = _outside(t, 0.0, 1.0)
+            if bad:
                 raise ValueError(f"{name} must lie in [0, 1] (IoU quality), found values "
-                                 f"outside it or NaN (min {t.min().item()}, max {t.max().item()})")
+                                 f"outside it or NaN (min {lo}, max {hi})")
     if activated and pred.numel():
-        if bool(((pred < 0) | (pred > 1) | pred.isnan()).any()):
+        if _outside(pred, 0.0, 1.0)[0]:
             raise ValueError("pred must hold probabilities in [0, 1] when activated=True")
 
 
@@ -244,10 +251,10 @@ def distribution_focal_loss(
     _check_weight(weight, m, "row")
     _check_same_device(pred, target=target, weight=weight)
     if _should_check_values(pred) and target.numel():
-        if bool(((target < 0) | (target > n_bins - 1) | target.isnan()).any()):
+        bad, lo, hi = _outside(target, 0.0, n_bins - 1)
+        if bad:
             raise ValueError(f"target must lie in [0, {n_bins - 1}] (n = bins - 1), found values "
-                             f"outside it or NaN (min {target.min().item()}, "
-                             f"max {target.max().item()})")
+                             f"outside it or NaN (min {lo}, max {hi})")
     impl = _registry.resolve(backend, pred.device, "dfl")
     loss = impl.dfl(pred, target)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)

@@ -105,6 +105,7 @@ void qfl_typed(const QflTensors& t) {
   const opmath_t* scores = t.dense ? nullptr : t.scores.const_data_ptr<opmath_t>();
   const opmath_t* row_scale = t.row_scale.defined() ? t.row_scale.const_data_ptr<opmath_t>()
                                                     : nullptr;
+  const int64_t rs_stride = row_scale ? t.row_scale.stride(0) : 0;
   opmath_t* loss = t.loss.defined() ? t.loss.mutable_data_ptr<opmath_t>() : nullptr;
   scalar_t* grad = t.grad.defined() ? t.grad.mutable_data_ptr<scalar_t>() : nullptr;
   const opmath_t beta = static_cast<opmath_t>(t.beta);
@@ -120,7 +121,7 @@ void qfl_typed(const QflTensors& t) {
       opmath_t* g = grad ? gbuf.out(grad + off) : nullptr;
       const opmath_t row_loss = qfl_row<opmath_t, kActivated>(
           x, y, labels ? labels[i] : -1, scores ? scores[i] : opmath_t(0), num_classes, beta,
-          mode, row_scale ? row_scale[i] : opmath_t(1), g);
+          mode, row_scale ? row_scale[i * rs_stride] : opmath_t(1), g);
       if (loss) loss[i] = row_loss;
       if (grad) gbuf.store(grad + off, num_classes);
     }
@@ -148,63 +149,104 @@ void qfl_kernel(const QflTensors& t) {
 // ---------------------------------------------------------------------------------------------
 // DFL and the integral: one row = one box side's n+1 bin logits.
 
-// exps[j] = exp(z[j] - max z); returns (max z, sum of exps).
-template <typename opmath_t>
-inline void softmax_parts(const opmath_t* z, int64_t len, opmath_t* exps, opmath_t& zmax,
-                          opmath_t& sum) {
-  using Vec = Vectorized<opmath_t>;
-  zmax = z[0];
-  for (int64_t j = 1; j < len; ++j) zmax = std::max(zmax, z[j]);
-  const Vec zmax_v(zmax);
-  at::vec::map([zmax_v](Vec v) { return (v - zmax_v).exp(); }, exps, z, len);
-  sum = opmath_t(0);
-  for (int64_t j = 0; j < len; ++j) sum += exps[j];
-}
-
+// Rows are processed kW at a time, one row per SIMD lane: the block is transposed into a
+// (bins x kW) buffer so that every step (max, exp, sums, gradients) is a full-width vector
+// operation whatever the bin count (8, 17, 33, ...), instead of short, ragged row vectors.
 template <typename scalar_t, bool kDfl>
 void rows_typed(const RowTensors& t) {
   using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<opmath_t>;
+  constexpr int64_t kW = Vec::size();
   const int64_t m = t.pred.size(0), bins = t.pred.size(1), n = bins - 1;
   const scalar_t* pred = t.pred.const_data_ptr<scalar_t>();
   const opmath_t* target = kDfl ? t.target.const_data_ptr<opmath_t>() : nullptr;
   const opmath_t* row_scale = t.row_scale.defined() ? t.row_scale.const_data_ptr<opmath_t>()
                                                     : nullptr;
+  const int64_t rs_stride = row_scale ? t.row_scale.stride(0) : 0;
   scalar_t* grad = t.grad.defined() ? t.grad.mutable_data_ptr<scalar_t>() : nullptr;
   // DFL's loss is stored in opmath type, the integral's value in the storage type
   using out_t = std::conditional_t<kDfl, opmath_t, scalar_t>;
   out_t* out = t.out.defined() ? t.out.mutable_data_ptr<out_t>() : nullptr;
+  const int64_t blocks = (m + kW - 1) / kW;
 
-  at::parallel_for(0, m, row_grain(bins), [&](int64_t begin, int64_t end) {
-    RowBuffer<scalar_t, opmath_t> zbuf(bins), gbuf(bins);
-    std::vector<opmath_t> exps(bins);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t off = i * bins;
-      const opmath_t* z = zbuf.load(pred + off, bins);
-      opmath_t zmax, sum;
-      softmax_parts(z, bins, exps.data(), zmax, sum);
-      const opmath_t inv_sum = opmath_t(1) / sum;
-      const opmath_t scale = row_scale ? row_scale[i] : opmath_t(1);
-      opmath_t* g = grad ? gbuf.out(grad + off) : nullptr;
-      if constexpr (kDfl) {
-        int64_t l;
-        opmath_t w_l, w_r;
-        dfl_split(target[i], n, l, w_l, w_r);
-        if (out) out[i] = dfl_loss(zmax + std::log(sum), z[l], z[l + 1], w_l, w_r);
-        if (g) {
-          for (int64_t j = 0; j < bins; ++j)
-            g[j] = dfl_grad(exps[j] * inv_sum, j, l, w_l, w_r) * scale;
-        }
-      } else {
-        opmath_t weighted = opmath_t(0);
-        for (int64_t j = 0; j < bins; ++j) weighted += exps[j] * static_cast<opmath_t>(j);
-        const opmath_t y_hat = weighted * inv_sum;
-        if (out) out[i] = static_cast<out_t>(y_hat);
-        if (g) {
-          for (int64_t j = 0; j < bins; ++j)
-            g[j] = integral_grad(exps[j] * inv_sum, j, y_hat) * scale;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, row_grain(bins) / kW),
+                   [&](int64_t begin, int64_t end) {
+    // lanes[j * kW + i] = bin j of row i of the block; exps / grads reuse the same layout
+    std::vector<opmath_t> zt(bins * kW), et(bins * kW);
+    __at_align__ opmath_t lane_a[kW], lane_b[kW], lane_c[kW], lane_d[kW];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * kW;
+      const int64_t rows = std::min<int64_t>(kW, m - r0);
+      for (int64_t i = 0; i < kW; ++i) {
+        if (i < rows) {
+          const scalar_t* row = pred + (r0 + i) * bins;
+          for (int64_t j = 0; j < bins; ++j) zt[j * kW + i] = static_cast<opmath_t>(row[j]);
+        } else {
+          for (int64_t j = 0; j < bins; ++j) zt[j * kW + i] = opmath_t(0);  // padding lanes
         }
       }
-      if (grad) gbuf.store(grad + off, bins);
+      Vec zmax = Vec::loadu(zt.data());
+      for (int64_t j = 1; j < bins; ++j) zmax = at::vec::maximum(zmax, Vec::loadu(&zt[j * kW]));
+      Vec sum(opmath_t(0)), weighted(opmath_t(0));
+      for (int64_t j = 0; j < bins; ++j) {
+        const Vec e = (Vec::loadu(&zt[j * kW]) - zmax).exp();
+        e.store(&et[j * kW]);
+        sum = sum + e;
+        if constexpr (!kDfl) weighted = weighted + e * Vec(static_cast<opmath_t>(j));
+      }
+      const Vec inv_sum = Vec(opmath_t(1)) / sum;
+      Vec scale(opmath_t(1));
+      if (row_scale) {
+        for (int64_t i = 0; i < kW; ++i) lane_a[i] = i < rows ? row_scale[(r0 + i) * rs_stride] : opmath_t(0);
+        scale = Vec::loadu(lane_a);
+      }
+      if constexpr (kDfl) {
+        // per lane: the target's two bins and weights, and the DFL loss
+        const Vec lse = zmax + sum.log();
+        __at_align__ opmath_t lse_lanes[kW];
+        lse.store(lse_lanes);
+        for (int64_t i = 0; i < kW; ++i) {
+          int64_t l = 0;
+          opmath_t w_l = opmath_t(0), w_r = opmath_t(0);
+          if (i < rows) {
+            dfl_split(target[r0 + i], n, l, w_l, w_r);
+            if (out) {
+              out[r0 + i] = dfl_loss(lse_lanes[i], zt[l * kW + i], zt[(l + 1) * kW + i], w_l,
+                                     w_r);
+            }
+          }
+          lane_b[i] = static_cast<opmath_t>(l);
+          lane_c[i] = w_l;
+          lane_d[i] = w_r;
+        }
+        if (grad) {
+          const Vec l_v = Vec::loadu(lane_b), wl_v = Vec::loadu(lane_c), wr_v = Vec::loadu(lane_d);
+          for (int64_t j = 0; j < bins; ++j) {
+            const Vec s_j = Vec::loadu(&et[j * kW]) * inv_sum;
+            const Vec g = dfl_grad<Vec>(s_j, Vec(static_cast<opmath_t>(j)), l_v, wl_v, wr_v);
+            (g * scale).store(&et[j * kW]);
+          }
+        }
+      } else {
+        const Vec y_hat = weighted * inv_sum;
+        if (out) {
+          y_hat.store(lane_a);
+          for (int64_t i = 0; i < rows; ++i) out[r0 + i] = static_cast<out_t>(lane_a[i]);
+        }
+        if (grad) {
+          for (int64_t j = 0; j < bins; ++j) {
+            const Vec s_j = Vec::loadu(&et[j * kW]) * inv_sum;
+            const Vec g = integral_grad<Vec>(s_j, Vec(static_cast<opmath_t>(j)), y_hat);
+            (g * scale).store(&et[j * kW]);
+          }
+        }
+      }
+      if (grad) {
+        for (int64_t i = 0; i < rows; ++i) {
+          scalar_t* row = grad + (r0 + i) * bins;
+          for (int64_t j = 0; j < bins; ++j) row[j] = static_cast<scalar_t>(et[j * kW + i]);
+        }
+      }
     }
   });
 }
@@ -228,17 +270,18 @@ void scale_rows_kernel(const at::Tensor& grad, const at::Tensor& scale, const at
         const int64_t rows = grad.size(0), cols = grad.numel() / std::max<int64_t>(rows, 1);
         const scalar_t* src = grad.const_data_ptr<scalar_t>();
         const opmath_t* s = scale.const_data_ptr<opmath_t>();
+        const int64_t s_stride = scale.stride(0);
         scalar_t* dst = out.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, rows, row_grain(cols) * 4, [&](int64_t begin, int64_t end) {
           if constexpr (std::is_same_v<scalar_t, opmath_t>) {
             using Vec = Vectorized<scalar_t>;
             for (int64_t i = begin; i < end; ++i) {
-              const Vec sv(s[i]);
+              const Vec sv(s[i * s_stride]);
               at::vec::map([sv](Vec v) { return v * sv; }, dst + i * cols, src + i * cols, cols);
             }
           } else {
             for (int64_t i = begin; i < end; ++i) {
-              const opmath_t si = s[i];
+              const opmath_t si = s[i * s_stride];
               for (int64_t j = 0; j < cols; ++j)
                 dst[i * cols + j] = static_cast<scalar_t>(
                     static_cast<opmath_t>(src[i * cols + j]) * si);

@@ -22,6 +22,7 @@ struct Ops<at::vec::Vectorized<T>> {
   static inline Mask gt(const V& a, const V& b) { return a > b; }
   static inline Mask ge(const V& a, const V& b) { return a >= b; }
   static inline Mask ne(const V& a, const V& b) { return a != b; }
+  static inline Mask eq(const V& a, const V& b) { return a == b; }
   // blendv(a, b, m) takes b where m is set
   static inline V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
 };

@@ -10,6 +10,7 @@ namespace gfl::cuda {
 
 enum class DType : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
 
+// Per-row scales (row_scale, scale) are read through their stride (0 for an expanded scalar).
 // QFL over an (n, c) matrix.  Pointers that are null are skipped (loss, grad, row_scale).
 // scores / row_scale / loss are in the opmath type (double for kDouble, else float); labels are
 // int64; a dense target has the storage dtype of pred, or the opmath type when target_opmath.
@@ -21,6 +22,7 @@ struct QflLaunch {
   const void* target;
   bool target_opmath;
   const void* row_scale;
+  int64_t row_scale_stride;
   void* loss;
   void* grad;
   int64_t n;
@@ -37,6 +39,7 @@ struct RowsLaunch {
   const void* pred;
   const void* target;
   const void* row_scale;
+  int64_t row_scale_stride;
   void* out;
   void* grad;
   int64_t m;
@@ -48,6 +51,7 @@ struct ScaleRowsLaunch {
   DType dtype;
   const void* grad;
   const void* scale;
+  int64_t scale_stride;
   void* out;
   int64_t rows;
   int64_t cols;

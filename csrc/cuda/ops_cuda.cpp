@@ -35,6 +35,7 @@ struct CudaKernels {
     p.target = t.dense ? t.target.const_data_ptr() : nullptr;
     p.target_opmath = t.dense && t.target.scalar_type() != t.pred.scalar_type();
     p.row_scale = ptr_or_null(t.row_scale);
+    p.row_scale_stride = t.row_scale.defined() ? t.row_scale.stride(0) : 0;
     p.loss = mut_or_null(t.loss);
     p.grad = mut_or_null(t.grad);
     p.n = t.pred.size(0);
@@ -53,6 +54,7 @@ struct CudaKernels {
     p.pred = t.pred.const_data_ptr();
     p.target = ptr_or_null(t.target);
     p.row_scale = ptr_or_null(t.row_scale);
+    p.row_scale_stride = t.row_scale.defined() ? t.row_scale.stride(0) : 0;
     p.out = mut_or_null(t.out);
     p.grad = mut_or_null(t.grad);
     p.m = t.pred.size(0);
@@ -70,6 +72,7 @@ struct CudaKernels {
     p.dtype = to_dtype(grad);
     p.grad = grad.const_data_ptr();
     p.scale = scale.const_data_ptr();
+    p.scale_stride = scale.stride(0);
     p.out = out.mutable_data_ptr();
     p.rows = grad.size(0);
     p.cols = grad.numel() / grad.size(0);

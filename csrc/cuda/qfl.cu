@@ -12,7 +12,7 @@ __global__ void __launch_bounds__(kBlock)
     qfl_kernel(const scalar_t* __restrict__ pred, const int64_t* __restrict__ labels,
                const opmath_t<scalar_t>* __restrict__ scores,
                const target_t* __restrict__ target,
-               const opmath_t<scalar_t>* __restrict__ row_scale,
+               const opmath_t<scalar_t>* __restrict__ row_scale, int64_t row_scale_stride,
                opmath_t<scalar_t>* __restrict__ loss, scalar_t* __restrict__ grad, int64_t n,
                int64_t c, opmath_t<scalar_t> beta, int mode, bool activated) {
   using acc_t = opmath_t<scalar_t>;
@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kBlock)
         label = labels[row];
         score = scores[row];
       }
-      const acc_t scale = row_scale ? row_scale[row] : acc_t(1);
+      const acc_t scale = row_scale ? row_scale[row * row_scale_stride] : acc_t(1);
       const int64_t off = row * c;
       for (int64_t col = lane; col < c; col += TPR) {
         const acc_t x = to_opmath(pred[off + col]);
@@ -68,7 +68,8 @@ void launch_typed(const QflLaunch& p, cudaStream_t stream) {
   const acc_t beta = static_cast<acc_t>(p.beta);
 #define GFL_QFL_LAUNCH(TPR)                                                                 \
   qfl_kernel<scalar_t, target_t, TPR, kDense><<<grid_for(p.n * TPR), kBlock, 0, stream>>>( \
-      pred, p.labels, scores, target, row_scale, loss, grad, p.n, p.c, beta, mode, p.activated)
+      pred, p.labels, scores, target, row_scale, p.row_scale_stride, loss, grad, p.n, p.c, beta, \
+      mode, p.activated)
   // lanes per row: enough to cover small class counts without idle lanes, a full warp beyond
   if (p.c <= 2) {
     GFL_QFL_LAUNCH(1);

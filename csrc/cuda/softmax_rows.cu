@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(kBlock)
     softmax_rows_kernel(const scalar_t* __restrict__ pred,
                         const opmath_t<scalar_t>* __restrict__ target,
                         const opmath_t<scalar_t>* __restrict__ row_scale,
-                        void* __restrict__ out_ptr, scalar_t* __restrict__ grad, int64_t m,
+                        int64_t row_scale_stride, void* __restrict__ out_ptr, scalar_t* __restrict__ grad, int64_t m,
                         int64_t bins) {
   using acc_t = opmath_t<scalar_t>;
   using out_t = typename std::conditional<kDfl, acc_t, scalar_t>::type;
@@ -85,10 +85,12 @@ __global__ void __launch_bounds__(kBlock)
       if (out && lane == 0) out[row] = from_opmath<scalar_t>(y_hat);
     }
     if (grad) {
-      const acc_t scale = row_scale ? row_scale[row] : acc_t(1);
+      const acc_t scale = row_scale ? row_scale[row * row_scale_stride] : acc_t(1);
       for (int64_t j = lane; j < bins; j += TPR) {
         const acc_t s_j = ::exp(to_opmath(pred[off + j]) - zmax) * inv_sum;
-        const acc_t g = kDfl ? dfl_grad(s_j, j, l, w_l, w_r) : integral_grad(s_j, j, y_hat);
+        const acc_t jf = static_cast<acc_t>(j);
+        const acc_t g = kDfl ? dfl_grad<acc_t>(s_j, jf, static_cast<acc_t>(l), w_l, w_r)
+                             : integral_grad<acc_t>(s_j, jf, y_hat);
         grad[off + j] = from_opmath<scalar_t>(g * scale);
       }
     }
@@ -104,7 +106,7 @@ void launch_typed(const RowsLaunch& p, cudaStream_t stream) {
   auto* grad = static_cast<scalar_t*>(p.grad);
 #define GFL_ROWS_LAUNCH(TPR)                                                          \
   softmax_rows_kernel<scalar_t, TPR, kDfl><<<grid_for(p.m * TPR), kBlock, 0, stream>>>( \
-      pred, target, row_scale, p.out, grad, p.m, p.bins)
+      pred, target, row_scale, p.row_scale_stride, p.out, grad, p.m, p.bins)
   if (p.bins <= 8) {
     GFL_ROWS_LAUNCH(8);
   } else if (p.bins <= 16) {
@@ -127,13 +129,13 @@ void launch_dtype(const RowsLaunch& p, cudaStream_t stream) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock)
     scale_rows_kernel(const scalar_t* __restrict__ grad,
-                      const opmath_t<scalar_t>* __restrict__ scale, scalar_t* __restrict__ out,
-                      int64_t rows, int64_t cols) {
+                      const opmath_t<scalar_t>* __restrict__ scale, int64_t scale_stride,
+                      scalar_t* __restrict__ out, int64_t rows, int64_t cols) {
   const int64_t total = rows * cols;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += stride) {
-    out[i] = from_opmath<scalar_t>(to_opmath(grad[i]) * scale[i / cols]);
+    out[i] = from_opmath<scalar_t>(to_opmath(grad[i]) * scale[(i / cols) * scale_stride]);
   }
 }
 
@@ -141,7 +143,7 @@ template <typename scalar_t>
 void launch_scale_typed(const ScaleRowsLaunch& p, cudaStream_t stream) {
   scale_rows_kernel<scalar_t><<<grid_for(p.rows * p.cols), kBlock, 0, stream>>>(
       static_cast<const scalar_t*>(p.grad), static_cast<const opmath_t<scalar_t>*>(p.scale),
-      static_cast<scalar_t*>(p.out), p.rows, p.cols);
+      p.scale_stride, static_cast<scalar_t*>(p.out), p.rows, p.cols);
 }
 
 }  // namespace
