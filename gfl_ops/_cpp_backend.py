@@ -77,6 +77,8 @@ def _register() -> None:
         ctx.set_materialize_grads(False)
 
     def _grad_input(ctx, grad_loss, recompute):
+        if grad_loss is None:  # the loss output took no part in the graph being differentiated
+            return None
         *tensors, saved_grad = ctx.saved_tensors
         if saved_grad.numel() == tensors[0].numel() and saved_grad.dim() == tensors[0].dim():
             return _ops.scale_rows(saved_grad, grad_loss)
