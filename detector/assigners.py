@@ -16,8 +16,8 @@ truth index.  With a single candidate the unbiased std is undefined (NaN), so su
 gets no positive, as in mmdetection.
 
 There is no Python loop over ground truths or anchors; the loop over the (five) levels remains.
-Only the candidates' IoUs are computed -- (B, K, G) with K = topk * levels -- rather than the full
-(A, G) IoU matrix; the centre distances are (B, A_l, G) per level.
+Only the candidates' IoUs are computed -- (B, G, K) with K = topk * levels -- rather than the full
+(A, G) IoU matrix; the centre distances are (B, G, A_l) per level.
 """
 
 from __future__ import annotations
@@ -32,6 +32,25 @@ from detector.ops.boxes import aligned_iou, box_centers
 __all__ = ["atss_assign", "atss_assign_batched"]
 
 _INSIDE_EPS = 0.01
+
+
+def _smallest_k(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k smallest values along the last dim and their indices, equal values ordered by index.
+
+    ``topk`` alone picks arbitrarily among equal values (and differently on CPU and CUDA); a full
+    stable sort is canonical but costs 10-20x more.  So: ``topk`` of a margin of extra elements,
+    then a stable sort of that small set by (value, index).  Every element tied with the k-th is
+    in the set unless more than ``k + 8`` values tie there, which an anchor grid does not produce
+    (a square lattice has at most 8 points at one distance from any centre at these radii); even
+    then the result is a correct top-k, only its tie-break is not canonical.
+    """
+    n = d.size(-1)
+    k2 = min(n, 2 * k + 8)
+    vals, idx = d.topk(k2, dim=-1, largest=False, sorted=False)
+    order = idx.argsort(dim=-1)
+    vals, idx = vals.gather(-1, order), idx.gather(-1, order)
+    order = vals.argsort(dim=-1, stable=True)[..., :k]
+    return vals.gather(-1, order), idx.gather(-1, order)
 
 
 def atss_assign(anchors: Tensor, num_level_anchors: Sequence[int], gt_boxes: Tensor,
@@ -87,40 +106,41 @@ def atss_assign_batched(anchors: Tensor, num_level_anchors: Sequence[int], gt_bo
     anchor_ctr = box_centers(anchors)                # (A, 2)
     gt_ctr = box_centers(gt_boxes)                   # (B, G, 2)
 
-    # 1. candidates: per level, the k nearest anchor centres (squared distance orders the same)
+    # 1. candidates: per level, the k nearest anchor centres (squared distance orders the same).
+    # Layout (B, G, anchors) keeps the reductions over anchors contiguous.
     cand_idx, cand_ok = [], []
     start = 0
     for n in num_level_anchors:
         if n == 0:
             continue
-        d2 = (anchor_ctr[None, start:start + n, None, :] - gt_ctr[:, None, :, :]).pow(2).sum(-1)
+        dx = anchor_ctr[None, None, start:start + n, 0] - gt_ctr[:, :, None, 0]
+        dy = anchor_ctr[None, None, start:start + n, 1] - gt_ctr[:, :, None, 1]
+        d2 = dx * dx + dy * dy                                        # (B, G, n)
         if anchor_valid is not None:
-            d2 = d2.masked_fill(~anchor_valid[:, start:start + n, None], float("inf"))
-        k = min(topk, n)
-        d2_sorted, order = torch.sort(d2, dim=1, stable=True)       # (B, n, G)
-        cand_idx.append(order[:, :k] + start)
-        cand_ok.append(torch.isfinite(d2_sorted[:, :k]))             # false: invalid anchor
+            d2 = d2.masked_fill(~anchor_valid[:, None, start:start + n], float("inf"))
+        d2_k, idx_k = _smallest_k(d2, min(topk, n))
+        cand_idx.append(idx_k + start)
+        cand_ok.append(torch.isfinite(d2_k))                         # false: invalid anchor
         start += n
-    idx = torch.cat(cand_idx, dim=1)                                 # (B, K, G)
-    ok = torch.cat(cand_ok, dim=1)                                   # (B, K, G)
+    idx = torch.cat(cand_idx, dim=-1)                                # (B, G, K)
+    ok = torch.cat(cand_ok, dim=-1)                                  # (B, G, K)
 
     # 2. adaptive IoU threshold from the candidates' IoU statistics (per image and GT)
-    cand_boxes = anchors[idx]                                        # (B, K, G, 4)
-    iou = aligned_iou(cand_boxes, gt_boxes[:, None, :, :])           # (B, K, G)
+    gt = gt_boxes[:, :, None, :]                                     # (B, G, 1, 4)
+    iou = aligned_iou(anchors[idx], gt)                              # (B, G, K)
     okf = ok.to(iou.dtype)
-    count = okf.sum(dim=1)                                           # (B, G)
-    mean = (iou * okf).sum(dim=1) / count
-    var = ((iou - mean[:, None]).pow(2) * okf).sum(dim=1) / (count - 1)  # NaN when count == 1
+    count = okf.sum(dim=-1, keepdim=True)                            # (B, G, 1)
+    mean = (iou * okf).sum(dim=-1, keepdim=True) / count
+    var = ((iou - mean).pow(2) * okf).sum(dim=-1, keepdim=True) / (count - 1)  # NaN if count 1
     thr = mean + var.sqrt()
 
     # 3. centre strictly inside the ground truth
-    ctr = anchor_ctr[idx]                                            # (B, K, G, 2)
-    gt = gt_boxes[:, None, :, :]
+    ctr = anchor_ctr[idx]                                            # (B, G, K, 2)
     side = torch.stack([ctr[..., 0] - gt[..., 0], ctr[..., 1] - gt[..., 1],
                         gt[..., 2] - ctr[..., 0], gt[..., 3] - ctr[..., 1]], dim=-1)
-    is_pos = ok & (iou >= thr[:, None, :]) & (side.amin(dim=-1) > _INSIDE_EPS)
+    is_pos = ok & (iou >= thr) & (side.amin(dim=-1) > _INSIDE_EPS)
     if gt_valid is not None:
-        is_pos &= gt_valid[:, None, :]
+        is_pos &= gt_valid[:, :, None]
 
     # 4. conflicts: highest IoU wins, ties to the lower GT index.  Scatter over (image, anchor)
     # keys with order-independent reductions, so the result is deterministic on every device.
@@ -128,7 +148,7 @@ def atss_assign_batched(anchors: Tensor, num_level_anchors: Sequence[int], gt_bo
     val = iou.masked_fill(~is_pos, float("-inf")).reshape(-1)
     best = torch.full((batch * num_anchors,), float("-inf"), dtype=iou.dtype, device=device)
     best = best.scatter_reduce(0, key, val, reduce="amax")
-    gt_index = torch.arange(num_gt, device=device).expand_as(iou).reshape(-1)
+    gt_index = torch.arange(num_gt, device=device)[None, :, None].expand_as(iou).reshape(-1)
     winner = is_pos.reshape(-1) & (val == best[key])
     sentinel = torch.full_like(gt_index, num_gt)
     chosen = torch.full((batch * num_anchors,), num_gt, dtype=torch.long, device=device)
