@@ -5,13 +5,13 @@ with mmdetection's weighting:
 
 * ``loss_cls``: QFL (beta = 2) over every valid anchor; the target of a positive is the IoU of
   its *detached* decoded box with its ground truth on the GT class, 0 elsewhere; divided by the
-  number of positives.  Focal-loss variants: sigmoid focal loss (alpha 0.25, gamma 2) on one-hot
-  labels.
-* ``loss_bbox``: GIoU loss x 2 and ``loss_dfl``: DFL x 0.25 (over the 4 sides, averaged with
-  ``avg_factor = 4``), each weighted per positive by a detached weight -- its highest class
-  probability for the QFL variants, its centre-ness target for the focal-loss variants (as
-  mmdetection's ATSS) -- and divided by the sum of those weights.  DFL targets are distances
-  from the anchor centre in strides, clamped to ``[0, reg_max - 0.1]``.
+  number of positives, an image without any counting as 1 (mmdetection's ``max(n_i, 1)``).
+  Focal-loss variants: sigmoid focal loss (alpha 0.25, gamma 2) on one-hot labels.
+* ``loss_bbox``: GIoU loss x 2 on decoded boxes, and ``loss_dfl``: DFL x 0.25 (over the 4 sides,
+  averaged with ``avg_factor = 4``), each weighted per positive by a detached weight -- its
+  highest class probability for the QFL variants, its centre-ness target for the focal-loss
+  variants (as mmdetection's ATSS) -- and divided by the sum of those weights.  DFL targets are
+  distances from the anchor centre in strides, clamped to ``[0, reg_max - 0.1]``.
 * ``loss_centerness`` (focal-loss variants): BCE on the centre-ness logit, / number of positives.
 
 Both normalisers are averaged over ranks with one ``all_reduce`` that every rank issues every
@@ -133,8 +133,9 @@ class DetectionLoss(nn.Module):
             ctr_target = centerness_target(box_centers(pos_anchors), pos_gt)
             weight = ctr_target
 
-        stats = reduce_mean(torch.stack([pos_flat.new_tensor(pos_flat.numel(), dtype=torch.float32),
-                                         weight.sum().float()]))
+        # mmdetection counts an image without positives as 1 (sum of max(num_pos_i, 1))
+        num_pos = (assigned >= 0).sum(dim=1).clamp(min=1).sum().float()
+        stats = reduce_mean(torch.stack([num_pos, weight.sum().float()]))
         num_pos_avg = stats[0].clamp(min=1.0)
         weight_avg = stats[1].clamp(min=1.0)
         valid_w = (anchor_valid.reshape(-1).to(cls_flat.dtype)

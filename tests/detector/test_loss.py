@@ -192,6 +192,11 @@ def test_losses_call_gfl_ops_with_mmdetection_arguments(monkeypatch):
     assert torch.equal(weight.view(-1, 4), weight.view(-1, 4)[:, :1].expand(-1, 4))
     assert calls["integral"][0][0][0].shape[1:] == (4, 17)
 
+    # an image without positives counts as one in the normaliser (mmdetection's max(n_i, 1))
+    DetectionLoss(cfg)(cls, reg, None, anchors, [targets[0], no_targets(1)[0]])
+    (args, kw) = calls["quality_focal_loss"][1]
+    assert float(kw["avg_factor"]) == float((args[1][0] < 3).sum()) + 1
+
 
 def test_padding_anchors_are_ignored(monkeypatch):
     captured = {}
