@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 import gfl_ops
+import gfl_ops.reference
 from detector.ops.boxes import box_centers, delta2bbox, distance2bbox
 
 __all__ = ["BoxCoder"]
@@ -33,8 +35,11 @@ class BoxCoder:
 
     def distances(self, reg: Tensor) -> Tensor:
         """(K, 4*(reg_max+1)) logits -> (K, 4) expected distances in strides, via gfl_ops."""
-        return gfl_ops.integral(reg.reshape(reg.size(0), 4, self.reg_max + 1),
-                                backend=self.backend)
+        logits = reg.reshape(reg.size(0), 4, self.reg_max + 1)
+        if torch.onnx.is_in_onnx_export():
+            # the fused op has no ONNX symbolic; Softmax + MatMul exports everywhere
+            return gfl_ops.reference.integral(logits)
+        return gfl_ops.integral(logits, backend=self.backend)
 
     def decode(self, anchors: Tensor, strides: Tensor, reg: Tensor,
                max_shape: tuple[int, int] | Tensor | None = None) -> Tensor:

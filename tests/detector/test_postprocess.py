@@ -159,3 +159,20 @@ def test_predict_end_to_end(variant):
     if variant == "atss":
         with pytest.raises(ValueError, match="General"):
             model.predict(torch.randn(1, 3, 64, 64), with_distributions=True)
+
+
+def test_integral_lowers_to_softmax_matmul_for_onnx_export(monkeypatch):
+    """The fused op has no ONNX symbolic (mmdetection#6244): under export, decode uses the
+    reference Softmax + MatMul and gives the same distances."""
+    import gfl_ops
+
+    coder = BoxCoder(True, REG_MAX, None)
+    reg = torch.randn(6, 4 * (REG_MAX + 1))
+    fused = coder.distances(reg)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused integral must not be traced into an ONNX graph")
+
+    monkeypatch.setattr(gfl_ops, "integral", refuse)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert torch.allclose(coder.distances(reg), fused, atol=1e-5)
