@@ -10,9 +10,9 @@ schedule (:class:`TrainConfig`). Named configs:
     8 GPUs), momentum 0.9, wd 1e-4, linear warmup 500 iterations from 0.001, ×0.1 at epochs 8 and
     11, 12 epochs. 40.2 AP on COCO val2017 in mmdetection.
 ``gfl_r18_synthetic_cpu``
-    the main job: ResNet-18 from scratch (BN trained, nothing frozen), a slim head, 320-px images
-    of the embedded shapes dataset; reaches AP50 > 0.5 on its validation split in a few minutes on
-    two CPU cores.
+    the main job: ResNet-18 from scratch (BN trained, nothing frozen), a slim FPN and head,
+    224-px inputs of the embedded shapes dataset, AdamW, 9 epochs; reaches AP50 > 0.5 on its
+    validation split in under 10 minutes on two CPU cores.
 ``gfl_tiny_test``
     a very small model for the test-suite (seconds per step on CPU). Not meant to learn much.
 
@@ -44,6 +44,7 @@ class DataConfig:
     eval_batch_size: int = 1
     num_workers: int = 2
     filter_empty: bool = True  # training drops images without boxes
+    group_by_aspect: bool = True  # batches of only landscape or only portrait images
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TrainConfig:
     lr: float = 0.01
     base_batch_size: int = 16
     auto_scale_lr: bool = False
+    optimizer: str = "sgd"  # 'sgd' (mmdetection) | 'adamw' (momentum unused)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 500
@@ -132,18 +134,21 @@ def _gfl_r50_1x_coco() -> ExperimentConfig:
 
 
 def _gfl_r18_synthetic_cpu() -> ExperimentConfig:
+    # From scratch (no pretrained weights offline): BN trained, nothing frozen, AdamW with a short
+    # warmup, 224-px inputs and a slim FPN/head, so that ~680 iterations fit in about 8 minutes
+    # on 2 CPU cores. Measured: AP50 0.26 after 4 epochs, 0.69 after 8 (before the lr drop).
     return ExperimentConfig(
         name="gfl_r18_synthetic_cpu",
         model=dict(depth=18, num_classes=4, variant="gfl", reg_max=8, pretrained=None,
                    frozen_stages=-1, norm_eval=False, fpn_channels=64, feat_channels=64,
                    stacked_convs=2, gn_groups=16, nms_pre=300),
-        data=DataConfig(img_scale=(320, 320), flip_prob=0.5, batch_size=8, eval_batch_size=8,
+        data=DataConfig(img_scale=(224, 224), flip_prob=0.5, batch_size=8, eval_batch_size=8,
                         num_workers=1),
-        train=TrainConfig(epochs=12, lr=0.02, base_batch_size=8, momentum=0.9,
+        train=TrainConfig(epochs=9, optimizer="adamw", lr=1e-3, base_batch_size=8,
                           weight_decay=1e-4, warmup_iters=100, warmup_ratio=0.01,
-                          lr_steps=(9, 11), lr_gamma=0.1, grad_clip=10.0,
-                          eval_interval=0, checkpoint_interval=1,
-                          checkpoint_interval_iters=25, log_interval=5),
+                          lr_steps=(8,), lr_gamma=0.1, grad_clip=10.0,
+                          eval_interval=0, checkpoint_interval=0,
+                          checkpoint_interval_iters=100, log_interval=5),
     )
 
 
@@ -154,7 +159,7 @@ def _gfl_tiny_test() -> ExperimentConfig:
                    frozen_stages=-1, norm_eval=True, fpn_channels=16, feat_channels=16,
                    stacked_convs=1, gn_groups=4, nms_pre=100),
         data=DataConfig(img_scale=(128, 128), flip_prob=0.5, batch_size=2, eval_batch_size=2,
-                        num_workers=0),
+                        num_workers=0, group_by_aspect=False),
         train=TrainConfig(epochs=2, lr=0.01, base_batch_size=2, warmup_iters=4,
                           warmup_ratio=0.1, lr_steps=(1,), grad_clip=10.0,
                           eval_interval=1, checkpoint_interval=1, log_interval=1),

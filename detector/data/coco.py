@@ -220,6 +220,7 @@ class CocoDetection(Dataset):
                     "file_name": img["file_name"],
                     "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                     "labels": np.asarray(labels, dtype=np.int64),
+                    "landscape": bool(w_img and h_img and w_img > h_img),
                 }
             )
         if bad_boxes:
@@ -251,6 +252,12 @@ class CocoDetection(Dataset):
     def image_ids(self) -> list[int]:
         """Image ids of the usable images, in dataset order."""
         return [r["image_id"] for r in self.records]
+
+    @property
+    def aspect_groups(self) -> list[int]:
+        """Per image 1 if wider than tall (from the JSON sizes), else 0 — for grouping batches
+        by orientation as mmdetection's ``GroupSampler`` does (less padding)."""
+        return [int(r["landscape"]) for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)

@@ -69,12 +69,20 @@ def dist_info() -> tuple[int, int]:
 class TrainSampler(Sampler):
     """Shuffling, distributed, resumable sampler yielding ``(index, aug_seed)`` pairs.
 
-    Each epoch draws one permutation of ``range(dataset_len)`` from ``seed + epoch`` (identical on
-    every rank), pads it by wrapping around to a multiple of ``world_size * batch_size`` (so all
-    ranks run the same number of iterations, as with ``DistributedSampler``), and gives rank ``r``
-    the elements ``r, r + world_size, ...``. Hence with ``batch_size`` per rank, global batch ``k``
-    is the same set of samples whatever the world size. ``set_epoch(epoch, start_iter)`` skips the
-    first ``start_iter`` batches of this rank (mid-epoch resume).
+    Each epoch draws one global order from ``seed + epoch`` (identical on every rank), cut into
+    *global batches* of ``world_size * batch_size`` samples; rank ``r`` takes elements
+    ``r, r + world_size, ...`` of the order. So with ``batch_size`` per rank, global batch ``k``
+    is the same set of samples (with the same augmentation seeds) whatever the world size, and
+    all ranks run the same number of iterations (the order is padded by wrapping around, as
+    ``DistributedSampler`` does).
+
+    ``groups`` (optional, one int per sample, e.g. :attr:`CocoDetection.aspect_groups`): every
+    global batch is drawn from a single group (mmdetection's ``GroupSampler``: landscape and
+    portrait images are not mixed, so padding is small); each group is padded to whole global
+    batches and the batches are shuffled.
+
+    ``set_epoch(epoch, start_iter)`` skips the first ``start_iter`` batches of this rank
+    (mid-epoch resume).
     """
 
     def __init__(
@@ -85,9 +93,12 @@ class TrainSampler(Sampler):
         shuffle: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        groups: Sequence[int] | None = None,
     ) -> None:
         if dataset_len <= 0:
             raise ValueError("TrainSampler needs a non-empty dataset")
+        if groups is not None and len(groups) != dataset_len:
+            raise ValueError(f"groups has {len(groups)} entries for {dataset_len} samples")
         r, w = dist_info()
         self.rank = r if rank is None else rank
         self.world_size = w if world_size is None else world_size
@@ -98,7 +109,13 @@ class TrainSampler(Sampler):
         self.epoch = 0
         self.start_iter = 0
         chunk = self.world_size * batch_size
-        self.total = int(math.ceil(self.n / chunk) * chunk)
+        self.chunk = chunk
+        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
+        if self.groups is None:
+            self.total = int(math.ceil(self.n / chunk) * chunk)
+        else:
+            sizes = np.bincount(self.groups)
+            self.total = int(sum(math.ceil(s / chunk) * chunk for s in sizes if s > 0))
         self.iters_per_epoch = self.total // chunk
 
     def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
@@ -109,11 +126,22 @@ class TrainSampler(Sampler):
 
     def _global_order(self) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
         aug = rng.integers(0, 2**62, size=self.n)  # per-sample augmentation seeds
-        reps = int(math.ceil(self.total / self.n))
-        order = np.tile(order, reps)[: self.total]
-        return order, aug
+        if self.groups is None:
+            order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+            reps = int(math.ceil(self.total / self.n))
+            return np.tile(order, reps)[: self.total], aug
+        batches = []
+        for g in np.unique(self.groups):
+            idx = np.nonzero(self.groups == g)[0]
+            if self.shuffle:
+                idx = rng.permutation(idx)
+            size = int(math.ceil(len(idx) / self.chunk) * self.chunk)
+            idx = np.tile(idx, int(math.ceil(size / len(idx))))[:size]
+            batches += list(idx.reshape(-1, self.chunk))
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return np.concatenate(batches), aug
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order, aug = self._global_order()
@@ -158,13 +186,16 @@ def build_train_loader(
     size_divisor: int = 32,
     rank: int | None = None,
     world_size: int | None = None,
+    group_by_aspect: bool = False,
 ) -> tuple[DataLoader, TrainSampler]:
     """Training DataLoader (``batch_size`` per process) and its :class:`TrainSampler`.
 
     Iterating yields ``(images (B,3,Hp,Wp) float32, targets list[dict])``; the last batch of an
-    epoch is full (the sampler pads by wrapping around).
+    epoch is full (the sampler pads by wrapping around). ``group_by_aspect``: batches hold only
+    landscape or only portrait images.
     """
-    sampler = TrainSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size)
+    sampler = TrainSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
+                           groups=dataset.aspect_groups if group_by_aspect else None)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

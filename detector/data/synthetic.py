@@ -15,7 +15,7 @@ contains the cases GFL's learned box distributions are meant for:
   random and independent of the category, so the detector has to learn shape;
 * objects in all three COCO area ranges (small < 32², medium < 96², large);
 * textured backgrounds (value noise, stripes, checkers, pixel noise, clutter lines);
-* partial occlusion: objects are painted in order and later ones may cover up to half of an
+* partial occlusion: objects are painted in order and later ones may cover up to 40 % of an
   earlier one; boxes are the extent of the *visible* part, as in COCO;
 * blurred, ambiguous boundaries: a fraction of the objects have Gaussian-blurred alpha masks.
 
@@ -60,14 +60,14 @@ class SyntheticConfig:
     num_val: int = 150
     seed: int = 0
     image_size_range: tuple[int, int] = (224, 320)
-    objects_per_image: tuple[int, int] = (1, 5)
-    size_mix: tuple[float, float, float] = (0.25, 0.45, 0.30)
+    objects_per_image: tuple[int, int] = (1, 6)
+    size_mix: tuple[float, float, float] = (0.2, 0.5, 0.3)
     small_side: tuple[float, float] = (14.0, 30.0)
     medium_side: tuple[float, float] = (36.0, 88.0)
-    large_side: tuple[float, float] = (100.0, 170.0)
+    large_side: tuple[float, float] = (100.0, 160.0)
     blur_prob: float = 0.3
     blur_radius: tuple[float, float] = (1.5, 4.0)
-    max_occluded_fraction: float = 0.5
+    max_occluded_fraction: float = 0.4
     clutter_lines: tuple[int, int] = (0, 6)
     categories: tuple[str, ...] = field(default_factory=lambda: CATEGORY_NAMES)
 

@@ -150,6 +150,21 @@ def test_train_sampler_resume_and_distributed_split():
     assert r0.iters_per_epoch == s.iters_per_epoch
 
 
+def test_train_sampler_groups_by_aspect():
+    groups = [0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1]
+    s = TrainSampler(11, 2, seed=1, rank=0, world_size=1, groups=groups)
+    assert s.iters_per_epoch == 2 + 4  # group 0: 3 -> 4 samples, group 1: 8
+    s.set_epoch(2)
+    order = [i for i, _ in s]
+    assert set(order) == set(range(11))
+    for k in range(0, len(order), 2):
+        assert len({groups[i] for i in order[k:k + 2]}) == 1
+    r = [TrainSampler(11, 1, seed=1, rank=q, world_size=2, groups=groups) for q in (0, 1)]
+    for x in r:
+        x.set_epoch(2)
+    assert [x for pair in zip(*r) for x in pair] == list(s)
+
+
 def test_inference_sampler_covers_each_index_once():
     got = sorted(i for r in range(3) for i in InferenceSampler(10, rank=r, world_size=3))
     assert got == list(range(10))
