@@ -185,14 +185,33 @@ void rows_typed(const RowTensors& t) {
           for (int64_t j = 0; j < bins; ++j) zt[j * kW + i] = opmath_t(0);  // padding lanes
         }
       }
-      Vec zmax = Vec::loadu(zt.data());
-      for (int64_t j = 1; j < bins; ++j) zmax = at::vec::maximum(zmax, Vec::loadu(&zt[j * kW]));
+      // Row max in two independent chains (the max is latency-bound).  A NaN logit may be
+      // skipped by the comparison here but still reaches the output through exp(NaN - max).
+      // The integral also keeps the argmax bin as a pivot p: y_hat - p = sum_j S_j (j - p) and
+      // j - y_hat = (j - p) - (y_hat - p) avoid the cancellation of j - y_hat when the mass sits
+      // on one bin (ties resolve to either bin; any pivot is exact, a near one is accurate).
+      Vec zmax_a = Vec::loadu(zt.data()), zmax_b = Vec::loadu(&zt[(bins - 1) * kW]);
+      Vec arg_a(opmath_t(0)), arg_b(static_cast<opmath_t>(bins - 1));
+      for (int64_t j = 1; j + 1 < bins; j += 2) {
+        const Vec a = Vec::loadu(&zt[j * kW]), b = Vec::loadu(&zt[(j + 1) * kW]);
+        const Vec a_wins = a > zmax_a, b_wins = b > zmax_b;
+        zmax_a = Vec::blendv(zmax_a, a, a_wins);
+        zmax_b = Vec::blendv(zmax_b, b, b_wins);
+        if constexpr (!kDfl) {
+          arg_a = Vec::blendv(arg_a, Vec(static_cast<opmath_t>(j)), a_wins);
+          arg_b = Vec::blendv(arg_b, Vec(static_cast<opmath_t>(j + 1)), b_wins);
+        }
+      }
+      const Vec b_wins = zmax_b > zmax_a;
+      const Vec zmax = Vec::blendv(zmax_a, zmax_b, b_wins);
+      const Vec pivot = Vec::blendv(arg_a, arg_b, b_wins);
       Vec sum(opmath_t(0)), weighted(opmath_t(0));
       for (int64_t j = 0; j < bins; ++j) {
-        const Vec e = (Vec::loadu(&zt[j * kW]) - zmax).exp();
+        // exp_u20 (<= 2 ulp), as torch's own softmax uses: half the cost of exp on a CPU
+        const Vec e = (Vec::loadu(&zt[j * kW]) - zmax).exp_u20();
         e.store(&et[j * kW]);
         sum = sum + e;
-        if constexpr (!kDfl) weighted = weighted + e * Vec(static_cast<opmath_t>(j));
+        if constexpr (!kDfl) weighted = weighted + e * (Vec(static_cast<opmath_t>(j)) - pivot);
       }
       const Vec inv_sum = Vec(opmath_t(1)) / sum;
       Vec scale(opmath_t(1));
@@ -228,15 +247,16 @@ void rows_typed(const RowTensors& t) {
           }
         }
       } else {
-        const Vec y_hat = weighted * inv_sum;
+        const Vec y_hat_rel = weighted * inv_sum;  // y_hat - pivot
         if (out) {
-          y_hat.store(lane_a);
+          (pivot + y_hat_rel).store(lane_a);
           for (int64_t i = 0; i < rows; ++i) out[r0 + i] = static_cast<out_t>(lane_a[i]);
         }
         if (grad) {
           for (int64_t j = 0; j < bins; ++j) {
             const Vec s_j = Vec::loadu(&et[j * kW]) * inv_sum;
-            const Vec g = integral_grad<Vec>(s_j, Vec(static_cast<opmath_t>(j)), y_hat);
+            const Vec g = integral_grad<Vec>(s_j, Vec(static_cast<opmath_t>(j)) - pivot,
+                                             y_hat_rel);
             (g * scale).store(&et[j * kW]);
           }
         }
