@@ -704,11 +704,11 @@ class Trainer:
                         raise TrainingInterrupted
                     data_time = time.perf_counter() - t_data
                     t0 = time.perf_counter()
+                    lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses
                     values = self._step(images, targets)
                     it_time = time.perf_counter() - t0 + data_time
                     self.iter_in_epoch += 1
                     self.global_step += 1
-                    lr = self.optimizer.param_groups[0]["lr"]
                     done = self.global_step - steps_at_start
                     avg = (time.perf_counter() - t_start) / max(done, 1)
                     eta = avg * (self.total_iters - self.global_step)

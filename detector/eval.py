@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m detector.eval",
         description="Evaluate a detector checkpoint with COCOeval (+ score-IoU Pearson).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1] if __doc__ else None,
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint written by detector.train")
     p.add_argument("--ann", required=True, help="COCO instances JSON")

@@ -213,12 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m detector.infer",
         description="Detect objects in an image or a folder; draw boxes and the learned "
         "side distributions (GFL Fig. 3).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1] if __doc__ else None,
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint written by detector.train")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--score-thr", type=float, default=0.3, help="minimum score drawn / listed")
+    p.add_argument("--score-thr", type=float, default=0.3,
+                   help="minimum score drawn / listed (default: %(default)s)")
     p.add_argument("--max-boxes-plot", type=int, default=4,
                    help="boxes per distribution plot")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of a folder")

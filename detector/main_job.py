@@ -30,11 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m detector.main_job",
         description="Generate the embedded dataset, train the small CPU config, evaluate and "
         "visualise.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1] if __doc__ else None,
     )
-    p.add_argument("--data", default="data/shapes", help="embedded dataset folder")
-    p.add_argument("--output", default="runs/main_job", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--data", default="data/shapes",
+                   help="embedded dataset folder (default: %(default)s)")
+    p.add_argument("--output", default="runs/main_job", help="output folder (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
     p.add_argument("--data-seed", type=int, default=0, help="dataset generator seed")
     p.add_argument("--num-train", type=int, default=None,
                    help="training images to generate (default: the generator's 600)")

@@ -39,10 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m detector.train",
         description="Train the ATSS + GFL detector on a COCO-format dataset "
         "(single process, or torchrun for multi-GPU / multi-node DDP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1] if __doc__ else None,
     )
     p.add_argument("--config", default="gfl_r18_synthetic_cpu", choices=sorted(CONFIGS),
-                   help="named experiment config")
+                   help="named experiment config (default: %(default)s)")
     p.add_argument("--train-ann", required=True, help="COCO instances JSON of the training set")
     p.add_argument("--train-images", required=True, help="image folder of the training set")
     p.add_argument("--val-ann", help="COCO instances JSON of the validation set")
