@@ -222,3 +222,18 @@ def test_killed_process_resumes_with_nothing_lost(data, tmp_path, sig, subproces
     assert f"global step {stopped_at}" in r.stderr
     assert losses(out) == losses(ref)
     assert_same_state(final_state(out), final_state(ref))
+
+
+def test_amp_bf16_on_cpu_and_fp16_refused(data, tmp_path):
+    cfg = tiny_cfg(epochs=1)
+    cfg.train.amp = "bf16"
+    t = make_trainer(data, tmp_path / "bf16", cfg=cfg)
+    metrics = t.train()
+    t.close()
+    rows = read_csv(tmp_path / "bf16" / "train_log.csv")
+    assert len(rows) == 4 and all(float(r["loss"]) > 0 for r in rows)
+    assert metrics is not None and "AP" in metrics
+    cfg = tiny_cfg(epochs=1)
+    cfg.train.amp = "fp16"
+    with pytest.raises(ValueError, match="fp16 AMP needs a CUDA device"):
+        make_trainer(data, tmp_path / "fp16", cfg=cfg)
