@@ -72,6 +72,13 @@ def _extensions():
                "csrc/cpu/kernels_avx2.cpp"]
     # -Wno-psabi: GCC notes that AVX2 lambdas in at::vec change the ABI; they never cross a TU.
     cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-psabi"]
+    link_flags = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # at::parallel_for is a header template around `#pragma omp parallel`: without -fopenmp
+        # in *our* compile it silently runs on one thread.  torch's Linux wheels use libgomp,
+        # which is what GCC's -fopenmp links, so both share one thread pool.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     define_macros = []
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
@@ -82,6 +89,7 @@ def _extensions():
     print(f"  CUDA kernels   {'yes' if with_cuda else 'no'} ({reason})")
     if with_cuda:
         print(f"  CUDA arch list {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    print(f"  OpenMP         {'yes' if link_flags else 'no'}")
     print(f"  MAX_JOBS       {os.environ.get('MAX_JOBS', 'default')}")
     print(f"  ninja          {'yes' if shutil.which('ninja') else 'no'}")
     print(f"  sources        {len(sources)} files")
@@ -90,9 +98,10 @@ def _extensions():
             "gfl_ops._C", sources, define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags,
                                 "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
         )]
     return [CppExtension("gfl_ops._C", sources, define_macros=define_macros,
-                         extra_compile_args={"cxx": cxx_flags})]
+                         extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)]
 
 
 def _cmdclass():

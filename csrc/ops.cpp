@@ -37,6 +37,12 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   PyModule_AddStringConstant(module, "CPU_ISA", gfl::cpu::cpu_kernel_isa().c_str());
+#ifdef _OPENMP
+  // at::parallel_for only spreads over threads when this file was compiled with OpenMP
+  PyModule_AddIntConstant(module, "OPENMP", 1);
+#else
+  PyModule_AddIntConstant(module, "OPENMP", 0);
+#endif
 #ifdef GFL_WITH_CUDA
   PyModule_AddIntConstant(module, "WITH_CUDA", 1);
 #else

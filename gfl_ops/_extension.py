@@ -53,3 +53,9 @@ def cuda_compiled() -> bool:
 def cpu_kernel_isa() -> str | None:
     """Which build of the CPU kernels runs here: "avx2" or "default" (None without _C)."""
     return getattr(_C, "CPU_ISA", None) if _C is not None else None
+
+
+def openmp_enabled() -> bool:
+    """True when the CPU kernels were compiled with OpenMP, i.e. ``at::parallel_for`` in them
+    uses torch's intra-op threads (without it they run on one thread)."""
+    return _C is not None and bool(getattr(_C, "OPENMP", False))

@@ -246,3 +246,15 @@ def test_import_without_compiled_extension_explains_and_falls_back():
     assert "not built" in result.stdout and "pip install --no-build-isolation -e ." in result.stdout
     assert "'reference'" in result.stdout
     assert "ERR gfl_ops backend 'cpu' cannot run" in result.stdout
+
+def test_cpu_kernels_built_with_openmp():
+    """at::parallel_for is a header template around ``#pragma omp parallel``: an extension
+    compiled without -fopenmp silently runs every CPU kernel on one thread (this happened: it
+    halved the CPU backend's speed on 2 cores and no correctness test could notice)."""
+    import sys
+
+    if not gfl_ops.extension_loaded():
+        pytest.fail(f"gfl_ops._C is not loaded: {gfl_ops.extension_error()}")
+    if not (torch.backends.openmp.is_available() and sys.platform.startswith("linux")):
+        pytest.skip("torch here is not built with OpenMP on Linux")
+    assert _extension.openmp_enabled(), "gfl_ops._C was compiled without OpenMP"
