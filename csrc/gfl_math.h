@@ -33,6 +33,7 @@ struct ScalarOps {
   static C10_HOST_DEVICE inline T log(T x) { return ::log(x); }
   static C10_HOST_DEVICE inline T log1p(T x) { return ::log1p(x); }
   static C10_HOST_DEVICE inline T abs(T x) { return ::fabs(x); }
+  static C10_HOST_DEVICE inline T floor(T x) { return ::floor(x); }
   static C10_HOST_DEVICE inline T max(T a, T b) { return a > b ? a : b; }
   static C10_HOST_DEVICE inline T min(T a, T b) { return a < b ? a : b; }
   static C10_HOST_DEVICE inline Mask gt(T a, T b) { return a > b; }
@@ -53,6 +54,7 @@ struct Ops<float> : ScalarOps<float> {
   static C10_HOST_DEVICE inline float log(float x) { return ::logf(x); }
   static C10_HOST_DEVICE inline float log1p(float x) { return ::log1pf(x); }
   static C10_HOST_DEVICE inline float abs(float x) { return ::fabsf(x); }
+  static C10_HOST_DEVICE inline float floor(float x) { return ::floorf(x); }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -181,6 +183,19 @@ C10_HOST_DEVICE inline void dfl_split(T y, int64_t n, int64_t& l, T& w_l, T& w_r
   l = left;
   w_l = static_cast<T>(left + 1) - y;
   w_r = y - static_cast<T>(left);
+}
+
+// dfl_split for SIMD lanes, one row per lane: the same arithmetic (so the same values), with
+// the left bin l carried in T and n given as a T.
+template <typename T, typename O = Ops<T>>
+C10_HOST_DEVICE inline void dfl_split_lanes(T y, T n, T& l, T& w_l, T& w_r) {
+  const T zero(0), one(1);
+  const auto is_nan = O::ne(y, y);
+  // NaN fails both comparisons and lands on bin 0 (in range); its weights become NaN below
+  const T yc = O::select(O::gt(y, zero), O::select(O::gt(y, n), n, y), zero);
+  l = O::min(O::floor(yc), n - one);
+  w_l = O::select(is_nan, y, l + one - yc);
+  w_r = O::select(is_nan, y, yc - l);
 }
 
 // DFL loss from the row's log-sum-exp and the two logits at bins l and l+1.

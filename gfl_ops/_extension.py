@@ -51,7 +51,8 @@ def cuda_compiled() -> bool:
 
 
 def cpu_kernel_isa() -> str | None:
-    """Which build of the CPU kernels runs here: "avx2" or "default" (None without _C)."""
+    """Which build of the CPU kernels runs here: "avx512", "avx2" or "default" (None without
+    _C).  It follows torch's own choice (``ATEN_CPU_CAPABILITY`` narrows both)."""
     return getattr(_C, "CPU_ISA", None) if _C is not None else None
 
 

@@ -17,9 +17,12 @@ namespace gfl::cpu {
 
 GFL_DECLARE_CPU_KERNELS(DEFAULT)
 GFL_DECLARE_CPU_KERNELS(AVX2)
+GFL_DECLARE_CPU_KERNELS(AVX512)
 #undef GFL_DECLARE_CPU_KERNELS
 
 // True when this CPU can run the AVX2 + FMA build of the kernels.
 bool cpu_has_avx2();
+// True when this CPU can run the AVX-512 (F, BW, DQ, VL) build of the kernels.
+bool cpu_has_avx512();
 
 }  // namespace gfl::cpu

@@ -17,6 +17,7 @@ struct Ops<at::vec::Vectorized<T>> {
   static inline V log(const V& x) { return x.log(); }
   static inline V log1p(const V& x) { return x.log1p(); }
   static inline V abs(const V& x) { return x.abs(); }
+  static inline V floor(const V& x) { return x.floor(); }
   static inline V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static inline V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
   static inline Mask gt(const V& a, const V& b) { return a > b; }
