@@ -6,9 +6,15 @@ trace them.
 
 Gradient strategy, per device (``FUSED_GRAD``):
 
-* fused (CPU): when ``pred`` requires grad the forward kernel also writes dL/dpred, so the
-  transcendental math runs once; backward is one cheap pass ``grad * grad_loss[:, None]``
-  (``scale_rows``).  On a CPU the math, not memory, is the cost, so this wins.
+* fused (CPU): when ``pred`` requires grad the forward kernel also writes dL/dpred (per unit
+  of incoming gradient), so the transcendental math runs once; backward is one cheap pass
+  ``grad * grad_loss[:, None]``.  On a CPU the math, not memory, is the cost, so this wins.
+  In eager mode that pass runs in place on the forward's buffer, which is then handed out as
+  the gradient: a step allocates one pred-sized buffer (as the gradient itself needs), not two.
+  The raw operator's second output is therefore a workspace: after backward it holds the
+  scaled gradient.  A second backward through a retained graph recomputes
+  (``*_backward`` ops); traced code (torch.compile, make_fx) uses the out-of-place
+  ``scale_rows``.
 * recompute (CUDA): forward writes only the loss; backward recomputes the gradient scaled by
   ``grad_loss`` in one pass.  That moves fewer bytes (no saved N x C gradient written and read
   back) and holds no extra gradient-sized buffer between forward and backward, which is what a
@@ -32,6 +38,22 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 def _needs_grad(pred: torch.Tensor) -> bool:
     return pred.requires_grad and torch.is_grad_enabled()
+
+
+_TRACING_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE,
+                  torch._C._TorchDispatchModeKey.FUNCTIONAL)
+
+
+def _plain_eager(t: torch.Tensor) -> bool:
+    """True for an ordinary tensor outside any tracing (dynamo, make_fx, fake or functorch)."""
+    if type(t) is not torch.Tensor:
+        return False
+    get_mode = torch._C._get_dispatch_mode
+    for key in _TRACING_MODES:
+        if get_mode(key) is not None:
+            return False
+    return not (torch.compiler.is_compiling()
+                or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def _register() -> None:
@@ -69,20 +91,39 @@ def _register() -> None:
     # Autograd: gradients flow to pred only; targets, labels and scores are constants (as in
     # mmdetection, where the IoU scores are computed from detached boxes).
     def _save(ctx, inputs, output, n_tensors):
-        ctx.save_for_backward(*inputs[:n_tensors], output[1])
+        pred, grad_buf = inputs[0], output[1]
         ctx.extra = inputs[n_tensors:]
+        ctx.n_tensors = n_tensors
         # the second output (the saved gradient) never receives a gradient: without this,
         # autograd would allocate and zero-fill a pred-sized tensor for it on every backward
-        ctx.mark_non_differentiable(output[1])
+        ctx.mark_non_differentiable(grad_buf)
         ctx.set_materialize_grads(False)
+        has_buf = grad_buf.dim() == pred.dim() and grad_buf.numel() == pred.numel()
+        # Eager: the buffer is kept outside saved_tensors, and the first backward scales it in
+        # place and hands it out as the gradient, so a step allocates one pred-sized buffer,
+        # not two (fewer page faults, half the extra memory).  Traced (torch.compile, make_fx,
+        # fake or functorch tensors): the functional path below.
+        ctx.workspace = grad_buf if has_buf and _plain_eager(grad_buf) else None
+        saved = inputs[:n_tensors]
+        if has_buf and ctx.workspace is None:
+            saved = (*saved, grad_buf)
+        ctx.save_for_backward(*saved)
 
     def _grad_input(ctx, grad_loss, recompute):
         if grad_loss is None:  # the loss output took no part in the graph being differentiated
             return None
-        *tensors, saved_grad = ctx.saved_tensors
-        if saved_grad.numel() == tensors[0].numel() and saved_grad.dim() == tensors[0].dim():
-            return _ops.scale_rows(saved_grad, grad_loss)
-        return recompute(grad_loss, *tensors, *ctx.extra[:-1])
+        tensors = ctx.saved_tensors
+        inputs, saved_grad = tensors[:ctx.n_tensors], tensors[ctx.n_tensors:]
+        workspace = ctx.workspace
+        if workspace is not None and _plain_eager(grad_loss):
+            # handed out once; a second backward through a retained graph recomputes
+            ctx.workspace = None
+            # in-place mul computes in the promoted dtype (fp32 for fp16 / bf16 buffers) and
+            # rounds once, as scale_rows does
+            return workspace.mul_(grad_loss.unsqueeze(-1))
+        if saved_grad:
+            return _ops.scale_rows(saved_grad[0], grad_loss)
+        return recompute(grad_loss, *inputs, *ctx.extra[:-1])
 
     def _qfl_bwd(ctx, grad_loss, _grad_grad):
         grad = _grad_input(ctx, grad_loss, _ops.qfl_backward)

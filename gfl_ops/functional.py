@@ -275,5 +275,7 @@ def integral(pred: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         raise ValueError(f"pred must have shape (..., n+1) with at least 2 bins, got "
                          f"{tuple(pred.shape)}")
     impl = _registry.resolve(backend, pred.device, "integral")
+    if pred.dim() == 2:  # the common (M, n+1) case: no views, so no extra autograd nodes
+        return impl.integral(pred)
     lead = pred.shape[:-1]
     return impl.integral(pred.reshape(-1, pred.size(-1))).reshape(lead)

@@ -177,14 +177,28 @@ def test_gradients_never_written_into_inputs(backend_device):
 
 
 def test_retain_graph_backward_twice_gives_same_gradient(backend_device):
+    """The CPU backend's first backward scales the forward's gradient buffer in place and hands
+    it out; a second backward through the retained graph must recompute, not reuse it."""
     backend, device = backend_device
-    pred = torch.randn(6, 4, device=device, requires_grad=True)
+    gen = torch.Generator().manual_seed(3)
+    pred = torch.randn(6, 4, generator=gen).to(device).requires_grad_()
     labels = torch.tensor([0, 1, 4, 2, 4, 3], device=device)
-    loss = gfl_ops.quality_focal_loss(pred, (labels, torch.rand(6, device=device)),
-                                      backend=backend)
-    (g1,) = torch.autograd.grad(loss, pred, retain_graph=True)
-    (g2,) = torch.autograd.grad(loss, pred)
-    assert torch.equal(g1, g2)
+    reg = torch.randn(7, 17, generator=gen).to(device).requires_grad_()
+    target = (torch.rand(7, generator=gen) * 16).to(device)
+    upstream = torch.randn(7, generator=gen).to(device)
+    cases = [
+        (pred, gfl_ops.quality_focal_loss(pred, (labels, torch.rand(6, device=device)),
+                                          backend=backend), None),
+        (reg, gfl_ops.distribution_focal_loss(reg, target, weight=upstream.abs(),
+                                              backend=backend), None),
+        (reg, gfl_ops.integral(reg, backend=backend), upstream),
+    ]
+    for leaf, out, grad_out in cases:
+        (g1,) = torch.autograd.grad(out, leaf, grad_out, retain_graph=True)
+        (g2,) = torch.autograd.grad(out, leaf, grad_out, retain_graph=True)
+        (g3,) = torch.autograd.grad(out, leaf, grad_out)
+        torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-7)
+        assert torch.equal(g2, g3)
 
 
 def test_extension_reports_its_state():
