@@ -28,6 +28,8 @@ TORCH_LIBRARY(gfl_ops, m) {
   m.def("integral(Tensor pred, bool with_grad) -> (Tensor, Tensor)");
   m.def("integral_backward(Tensor grad_out, Tensor pred) -> Tensor");
   m.def("scale_rows(Tensor grad, Tensor row_scale) -> Tensor");
+  // in place on a contiguous grad: the eager backward of a fused forward, which owns the buffer
+  m.def("scale_rows_(Tensor(a!) grad, Tensor row_scale) -> ()");
 }
 
 extern "C" {

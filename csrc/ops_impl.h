@@ -111,6 +111,14 @@ struct OpImpls {
     return out;
   }
 
+  static void scale_rows_(at::Tensor& grad, const Tensor& row_scale) {
+    TORCH_CHECK(grad.dim() >= 1 && grad.is_contiguous(),
+                "gfl_ops: scale_rows_ needs a contiguous grad with at least one dimension");
+    Tensor s = prepare_row_scale(row_scale, grad);
+    // element i is read and written by the same thread, so the kernel runs in place
+    if (grad.numel() > 0) K::scale_rows(grad, s, grad);
+  }
+
   static void register_all(torch::Library& m) {
     m.impl("qfl", &qfl);
     m.impl("qfl_backward", &qfl_backward);
@@ -121,6 +129,7 @@ struct OpImpls {
     m.impl("integral", &integral);
     m.impl("integral_backward", &integral_backward);
     m.impl("scale_rows", &scale_rows);
+    m.impl("scale_rows_", &scale_rows_);
   }
 };
 

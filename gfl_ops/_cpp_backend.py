@@ -9,10 +9,10 @@ Gradient strategy, per device (``FUSED_GRAD``):
 * fused (CPU): when ``pred`` requires grad the forward kernel also writes dL/dpred (per unit
   of incoming gradient), so the transcendental math runs once; backward is one cheap pass
   ``grad * grad_loss[:, None]``.  On a CPU the math, not memory, is the cost, so this wins.
-  In eager mode that pass runs in place on the forward's buffer, which is then handed out as
-  the gradient: a step allocates one pred-sized buffer (as the gradient itself needs), not two.
-  The raw operator's second output is therefore a workspace: after backward it holds the
-  scaled gradient.  A second backward through a retained graph recomputes
+  In eager mode that pass runs in place on the forward's buffer (``scale_rows_``), which is
+  then handed out as the gradient: a step allocates one pred-sized buffer (as the gradient
+  itself needs), not two.  The raw operator's second output is therefore a workspace: after
+  backward it holds the scaled gradient.  A second backward through a retained graph recomputes
   (``*_backward`` ops); traced code (torch.compile, make_fx) uses the out-of-place
   ``scale_rows``.
 * recompute (CUDA): forward writes only the loss; backward recomputes the gradient scaled by
@@ -88,6 +88,10 @@ def _register() -> None:
     def _(grad, row_scale):
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake(lib + "scale_rows_")
+    def _(grad, row_scale):
+        return None
+
     # Autograd: gradients flow to pred only; targets, labels and scores are constants (as in
     # mmdetection, where the IoU scores are computed from detached boxes).
     def _save(ctx, inputs, output, n_tensors):
@@ -115,12 +119,14 @@ def _register() -> None:
         tensors = ctx.saved_tensors
         inputs, saved_grad = tensors[:ctx.n_tensors], tensors[ctx.n_tensors:]
         workspace = ctx.workspace
-        if workspace is not None and _plain_eager(grad_loss):
+        # (not under create_graph: scale_rows_ has no derivative of its own)
+        if workspace is not None and not torch.is_grad_enabled() and _plain_eager(grad_loss):
             # handed out once; a second backward through a retained graph recomputes
             ctx.workspace = None
-            # in-place mul computes in the promoted dtype (fp32 for fp16 / bf16 buffers) and
-            # rounds once, as scale_rows does
-            return workspace.mul_(grad_loss.unsqueeze(-1))
+            # fp32 math, one rounding to the buffer's dtype, no temporaries (an in-place torch
+            # mul_ of a bf16 buffer by fp32 grad_loss allocates two fp32 copies of it)
+            _ops.scale_rows_(workspace, grad_loss)
+            return workspace
         if saved_grad:
             return _ops.scale_rows(saved_grad[0], grad_loss)
         return recompute(grad_loss, *inputs, *ctx.extra[:-1])

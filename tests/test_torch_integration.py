@@ -47,6 +47,7 @@ def _op_samples(device: str, dtype: torch.dtype):
         (ops.dfl_backward.default, (rand(m), rand(m, bins), target)),
         (ops.integral_backward.default, (rand(m), rand(m, bins))),
         (ops.scale_rows.default, (rand(m, bins), rand(m))),
+        (ops.scale_rows_.default, (rand(m, bins), rand(m))),
     ]
     return samples
 
@@ -272,3 +273,23 @@ def test_cpu_kernels_built_with_openmp():
     if not (torch.backends.openmp.is_available() and sys.platform.startswith("linux")):
         pytest.skip("torch here is not built with OpenMP on Linux")
     assert _extension.openmp_enabled(), "gfl_ops._C was compiled without OpenMP"
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("cols", [1, 3, 17, 20, 33, 80, 130])
+def test_scale_rows_in_and_out_of_place(dtype, cols):
+    """scale_rows / scale_rows_ (the fused backward's pass) against grad * scale[:, None] for
+    ragged and full blocks of rows, and for contiguous, expanded and strided scales."""
+    ops = torch.ops.gfl_ops
+    gen = torch.Generator().manual_seed(cols)
+    for rows in (0, 5, 16, 37):
+        grad = torch.randn(rows, cols, generator=gen).to(dtype)
+        opmath = torch.float64 if dtype == torch.float64 else torch.float32
+        base = torch.randn(rows, 3, generator=gen).to(opmath)
+        for scale in (base[:, 0].contiguous(), base[:1, 0].expand(rows), base[:, 1]):
+            want = (grad.double() * scale.double()[:, None]).to(dtype)
+            torch.testing.assert_close(ops.scale_rows(grad, scale), want, rtol=0, atol=0)
+            in_place = grad.clone()
+            ops.scale_rows_(in_place, scale)
+            torch.testing.assert_close(in_place, want, rtol=0, atol=0)

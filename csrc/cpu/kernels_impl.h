@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -149,6 +150,91 @@ void qfl_kernel(const QflTensors& t) {
 // ---------------------------------------------------------------------------------------------
 // DFL and the integral: one row = one box side's n+1 bin logits.
 
+#if defined(CPU_CAPABILITY_AVX512)
+// In-register transpose of a 16 x 16 float tile, r[i] = row i -> r[j] = column j: the usual
+// unpack / unpack / 128-bit shuffle / 128-bit shuffle ladder (64 shuffles for 256 values,
+// against 16 gathers).
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int k = 0; k < 4; ++k) {
+      t[8 * i + k] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + k + 4], 0x88);
+      t[8 * i + k + 4] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + k + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+#endif
+
+// Block (kW rows x bins, row-major) <-> lane layout lanes[j * kW + i] = bin j of row i.
+// Full AVX-512 float blocks move 16 bins at a time through transpose16x16 (the leftover bins,
+// e.g. the 17th, and everything else: gathers); lanes >= rows are left as they were (their
+// results are never stored).  `lanes` holds each lane's row offset; `flat_to_lane` maps a
+// row-major position to its lane-layout index.
+template <typename T>
+inline void to_lanes(const T* block, int64_t rows, int64_t bins,
+                     const Vectorized<at::vec::int_same_size_t<T>>& lanes, T* out) {
+  constexpr int64_t kW = Vectorized<T>::size();
+  int64_t j0 = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (rows == kW) {
+      for (; j0 + kW <= bins; j0 += kW) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(block + i * bins + j0);
+        transpose16x16(r);
+        for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + (j0 + j) * kW, r[j]);
+      }
+    }
+  }
+#endif
+  for (int64_t j = j0; j < bins; ++j)
+    at::vec::gather<sizeof(T)>(block + j, lanes).store(out + j * kW);
+}
+
+template <typename T>
+inline void from_lanes(const T* in, int64_t rows, int64_t bins,
+                       const at::vec::int_same_size_t<T>* flat_to_lane, T* block) {
+  constexpr int64_t kW = Vectorized<T>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (rows == kW && bins >= kW) {
+      int64_t j0 = 0;
+      for (; j0 + kW <= bins; j0 += kW) {
+        __m512 r[16];
+        for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(in + (j0 + j) * kW);
+        transpose16x16(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(block + i * bins + j0, r[i]);
+      }
+      for (int64_t i = 0; i < kW; ++i)
+        for (int64_t j = j0; j < bins; ++j) block[i * bins + j] = in[j * kW + i];
+      return;
+    }
+  }
+#endif
+  using IVec = Vectorized<at::vec::int_same_size_t<T>>;
+  const int64_t total = rows * bins;
+  for (int64_t f0 = 0; f0 < total; f0 += kW) {
+    at::vec::gather<sizeof(T)>(in, IVec::loadu(flat_to_lane + f0))
+        .store(block + f0, std::min<int64_t>(kW, total - f0));
+  }
+}
+
 // Rows are processed kW at a time, one row per SIMD lane: bin j of the block's kW rows is one
 // gathered vector, so every step (max, exp, sums, the DFL target bins, gradients) is a
 // full-width vector operation whatever the bin count (8, 17, 33, ...), instead of short, ragged
@@ -209,24 +295,17 @@ void rows_typed(const RowTensors& t) {
       // The integral also keeps the argmax bin as a pivot p: y_hat - p = sum_j S_j (j - p) and
       // j - y_hat = (j - p) - (y_hat - p) avoid the cancellation of j - y_hat when the mass sits
       // on one bin (ties resolve to either bin; any pivot is exact, a near one is accurate).
-      Vec zmax_a = at::vec::gather<kScale>(block, lanes);
-      Vec zmax_b = at::vec::gather<kScale>(block + (bins - 1), lanes);
-      zmax_a.store(zt.data());
-      zmax_b.store(&zt[(bins - 1) * kW]);
+      to_lanes<opmath_t>(block, rows, bins, lanes, zt.data());
+      Vec zmax_a = Vec::loadu(zt.data()), zmax_b = Vec::loadu(&zt[(bins - 1) * kW]);
       Vec arg_a(opmath_t(0)), arg_b(static_cast<opmath_t>(bins - 1));
       for (int64_t j = 1; j + 1 < bins; j += 2) {
-        const Vec a = at::vec::gather<kScale>(block + j, lanes);
-        a.store(&zt[j * kW]);
-        const Vec a_wins = a > zmax_a;
+        const Vec a = Vec::loadu(&zt[j * kW]), b = Vec::loadu(&zt[(j + 1) * kW]);
+        const Vec a_wins = a > zmax_a, b_wins = b > zmax_b;
         zmax_a = Vec::blendv(zmax_a, a, a_wins);
-        if constexpr (!kDfl) arg_a = Vec::blendv(arg_a, Vec(static_cast<opmath_t>(j)), a_wins);
-        if (j + 1 < bins - 1) {
-          const Vec b = at::vec::gather<kScale>(block + j + 1, lanes);
-          b.store(&zt[(j + 1) * kW]);
-          const Vec b_wins = b > zmax_b;
-          zmax_b = Vec::blendv(zmax_b, b, b_wins);
-          if constexpr (!kDfl)
-            arg_b = Vec::blendv(arg_b, Vec(static_cast<opmath_t>(j + 1)), b_wins);
+        zmax_b = Vec::blendv(zmax_b, b, b_wins);
+        if constexpr (!kDfl) {
+          arg_a = Vec::blendv(arg_a, Vec(static_cast<opmath_t>(j)), a_wins);
+          arg_b = Vec::blendv(arg_b, Vec(static_cast<opmath_t>(j + 1)), b_wins);
         }
       }
       const Vec b_wins = zmax_b > zmax_a;
@@ -289,16 +368,12 @@ void rows_typed(const RowTensors& t) {
         }
       }
       if (grad) {
-        // back to row-major: contiguous vectors gathered from the lane layout
-        const int64_t total = rows * bins;
-        opmath_t* dst;
-        if constexpr (kConvert) dst = flat.data();
-        else dst = grad + r0 * bins;
-        for (int64_t f0 = 0; f0 < total; f0 += kW) {
-          at::vec::gather<kScale>(et.data(), IVec::loadu(&flat_to_lane[f0]))
-              .store(dst + f0, std::min<int64_t>(kW, total - f0));
+        if constexpr (kConvert) {
+          from_lanes<opmath_t>(et.data(), rows, bins, flat_to_lane.data(), flat.data());
+          at::vec::convert(flat.data(), grad + r0 * bins, rows * bins);
+        } else {
+          from_lanes<opmath_t>(et.data(), rows, bins, flat_to_lane.data(), grad + r0 * bins);
         }
-        if constexpr (kConvert) at::vec::convert(flat.data(), grad + r0 * bins, total);
       }
     }
   });
@@ -315,33 +390,84 @@ void integral_kernel(const RowTensors& t) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// out[i, :] = grad[i, :] * scale[i]: the backward of a forward that saved its gradient.
-void scale_rows_kernel(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad.scalar_type(), "gfl_scale_rows_cpu", [&] {
-        using opmath_t = at::opmath_type<scalar_t>;
-        const int64_t rows = grad.size(0), cols = grad.numel() / std::max<int64_t>(rows, 1);
-        const scalar_t* src = grad.const_data_ptr<scalar_t>();
-        const opmath_t* s = scale.const_data_ptr<opmath_t>();
-        const int64_t s_stride = scale.stride(0);
-        scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, rows, row_grain(cols) * 4, [&](int64_t begin, int64_t end) {
-          if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-            using Vec = Vectorized<scalar_t>;
-            for (int64_t i = begin; i < end; ++i) {
-              const Vec sv(s[i * s_stride]);
-              at::vec::map([sv](Vec v) { return v * sv; }, dst + i * cols, src + i * cols, cols);
-            }
-          } else {
-            for (int64_t i = begin; i < end; ++i) {
-              const opmath_t si = s[i * s_stride];
-              for (int64_t j = 0; j < cols; ++j)
-                dst[i * cols + j] = static_cast<scalar_t>(
-                    static_cast<opmath_t>(src[i * cols + j]) * si);
-            }
+// out[i, :] = grad[i, :] * scale[i]: the backward of a forward that saved its gradient (out may
+// be grad itself: every element is read and then written by the same thread).  Blocks of kW
+// rows are staged as one flat run (converted to opmath for fp16 / bf16).  Row tails are scalar:
+// a masked vector store followed by the next row's load of the same line stalls store
+// forwarding (measured 4x slower in place at 17 columns than this form).
+template <typename scalar_t>
+void scale_rows_typed(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<opmath_t>;
+  constexpr int64_t kW = Vec::size();
+  constexpr bool kConvert = !std::is_same_v<scalar_t, opmath_t>;
+  const int64_t rows = grad.size(0), cols = grad.numel() / std::max<int64_t>(rows, 1);
+  const scalar_t* src = grad.const_data_ptr<scalar_t>();
+  const opmath_t* s = scale.const_data_ptr<opmath_t>();
+  const int64_t s_stride = scale.stride(0);
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  const int64_t blocks = (rows + kW - 1) / kW;
+  const int64_t vec_cols = cols - cols % kW;
+#if defined(CPU_CAPABILITY_AVX512)
+  // AVX-512, short ragged rows (DFL, integral, QFL on 20 classes), unit or zero scale stride:
+  // a full block of 16 rows is `cols` full vectors, each taking its per-element scales from the
+  // block's 16 with one in-register permute (row_of[f] = f / cols); measured 1.6x faster than
+  // torch's broadcasting mul_ at 32000 x 17, where the per-row loop was 1.8x slower.
+  constexpr bool kPermute = std::is_same_v<opmath_t, float>;
+  const bool permute_rows =
+      kPermute && cols % kW != 0 && cols < 8 * kW && (s_stride == 0 || s_stride == 1);
+#endif
+  at::parallel_for(0, blocks, std::max<int64_t>(1, row_grain(cols) * 4 / kW),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> staged(kConvert ? kW * cols : 0);
+#if defined(CPU_CAPABILITY_AVX512)
+    std::vector<int32_t> row_of(kPermute ? kW * cols : 0);
+    for (int64_t f = 0; f < static_cast<int64_t>(row_of.size()); ++f)
+      row_of[f] = static_cast<int32_t>(f / cols);
+#endif
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * kW, n = std::min<int64_t>(kW, rows - r0);
+      const opmath_t* in;
+      opmath_t* res;
+      if constexpr (kConvert) {
+        at::vec::convert(src + r0 * cols, staged.data(), n * cols);
+        in = res = staged.data();
+      } else {
+        in = src + r0 * cols;
+        res = dst + r0 * cols;
+      }
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kPermute) {
+        if (permute_rows && n == kW) {
+          const __m512 block_scales =
+              s_stride == 1 ? _mm512_loadu_ps(s + r0) : _mm512_set1_ps(s[0]);
+          for (int64_t f0 = 0; f0 < kW * cols; f0 += kW) {
+            const __m512 sc = _mm512_permutexvar_ps(
+                _mm512_loadu_si512(static_cast<const void*>(&row_of[f0])), block_scales);
+            _mm512_storeu_ps(res + f0, _mm512_mul_ps(_mm512_loadu_ps(in + f0), sc));
           }
-        });
-      });
+          if constexpr (kConvert) at::vec::convert(staged.data(), dst + r0 * cols, n * cols);
+          continue;
+        }
+      }
+#endif
+      for (int64_t i = 0; i < n; ++i) {
+        const opmath_t si = s[(r0 + i) * s_stride];
+        const Vec sv(si);
+        const opmath_t* row_in = in + i * cols;
+        opmath_t* row_res = res + i * cols;
+        for (int64_t c = 0; c < vec_cols; c += kW) (Vec::loadu(row_in + c) * sv).store(row_res + c);
+        for (int64_t c = vec_cols; c < cols; ++c) row_res[c] = row_in[c] * si;
+      }
+      if constexpr (kConvert) at::vec::convert(staged.data(), dst + r0 * cols, n * cols);
+    }
+  });
+}
+
+void scale_rows_kernel(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "gfl_scale_rows_cpu",
+                                  [&] { scale_rows_typed<scalar_t>(grad, scale, out); });
 }
 
 }  // namespace gfl::cpu::CPU_CAPABILITY
