@@ -63,7 +63,9 @@ def git_commit() -> tuple[str, str]:
     if env:
         return env, "unknown"
     commit = _git("rev-parse", "HEAD") or "unknown"
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # the results folder is this harness's own output, not code: it does not make a run dirty
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)benchmarks/results")
     dirty = "unknown" if status is None else ("yes" if status else "no")
     return commit, dirty
 
