@@ -20,6 +20,17 @@ GFL_DECLARE_CPU_KERNELS(AVX2)
 GFL_DECLARE_CPU_KERNELS(AVX512)
 #undef GFL_DECLARE_CPU_KERNELS
 
+// On CPUs without an instruction set's build (non-x86), its entry points forward to DEFAULT.
+#define GFL_FORWARD_CPU_KERNELS_TO_DEFAULT(ISA)                                           \
+  namespace ISA {                                                                         \
+  void qfl_kernel(const QflTensors& t) { DEFAULT::qfl_kernel(t); }                        \
+  void dfl_kernel(const RowTensors& t) { DEFAULT::dfl_kernel(t); }                        \
+  void integral_kernel(const RowTensors& t) { DEFAULT::integral_kernel(t); }              \
+  void scale_rows_kernel(const at::Tensor& g, const at::Tensor& s, const at::Tensor& o) { \
+    DEFAULT::scale_rows_kernel(g, s, o);                                                  \
+  }                                                                                       \
+  }
+
 // True when this CPU can run the AVX2 + FMA build of the kernels.
 bool cpu_has_avx2();
 // True when this CPU can run the AVX-512 (F, BW, DQ, VL) build of the kernels.

@@ -8,20 +8,7 @@
 #elif defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #endif
-// The pragma enables the instructions but not the feature macros that sleef.h and at::vec test
-// to declare their 256-bit functions; define them for this translation unit only.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "avx_feature_macros.h"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "kernels_impl.h"
@@ -42,13 +29,6 @@ bool cpu_has_avx2() {
 #include "kernels.h"
 namespace gfl::cpu {
 bool cpu_has_avx2() { return false; }
-namespace AVX2 {
-void qfl_kernel(const QflTensors& t) { DEFAULT::qfl_kernel(t); }
-void dfl_kernel(const RowTensors& t) { DEFAULT::dfl_kernel(t); }
-void integral_kernel(const RowTensors& t) { DEFAULT::integral_kernel(t); }
-void scale_rows_kernel(const at::Tensor& g, const at::Tensor& s, const at::Tensor& o) {
-  DEFAULT::scale_rows_kernel(g, s, o);
-}
-}  // namespace AVX2
+GFL_FORWARD_CPU_KERNELS_TO_DEFAULT(AVX2)
 }  // namespace gfl::cpu
 #endif

@@ -8,18 +8,7 @@
 #elif defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))), apply_to = function)
 #endif
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "avx_feature_macros.h"
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif
@@ -52,13 +41,6 @@ bool cpu_has_avx512() {
 #include "kernels.h"
 namespace gfl::cpu {
 bool cpu_has_avx512() { return false; }
-namespace AVX512 {
-void qfl_kernel(const QflTensors& t) { DEFAULT::qfl_kernel(t); }
-void dfl_kernel(const RowTensors& t) { DEFAULT::dfl_kernel(t); }
-void integral_kernel(const RowTensors& t) { DEFAULT::integral_kernel(t); }
-void scale_rows_kernel(const at::Tensor& g, const at::Tensor& s, const at::Tensor& o) {
-  DEFAULT::scale_rows_kernel(g, s, o);
-}
-}  // namespace AVX512
+GFL_FORWARD_CPU_KERNELS_TO_DEFAULT(AVX512)
 }  // namespace gfl::cpu
 #endif
