@@ -12,8 +12,8 @@ schedule (:class:`TrainConfig`). Named configs:
 ``gfl_r18_synthetic_cpu``
     the main job: ResNet-18 from scratch (BN trained, nothing frozen), a slim FPN and head,
     224-px inputs of the embedded shapes dataset, AdamW, 9 epochs; reaches AP50 0.76 on its
-    validation split in about 8 minutes on two idle CPU cores (12.6 min measured on two busy
-    ones).
+    validation split in 9.0 min on two idle CPU cores (measured with ``make demo`` from a fresh
+    clone; 12.6 min on two busy ones).
 ``gfl_tiny_test``
     a very small model for the test-suite (seconds per step on CPU). Not meant to learn much.
 
@@ -136,10 +136,10 @@ def _gfl_r50_1x_coco() -> ExperimentConfig:
 
 def _gfl_r18_synthetic_cpu() -> ExperimentConfig:
     # From scratch (no pretrained weights offline): BN trained, nothing frozen, AdamW with a short
-    # warmup, 224-px inputs and a slim FPN/head: 684 iterations of 8 images, 0.55 s each on 2
-    # idle CPU cores. Measured with `python -m detector.main_job` on 2 cores shared with other
-    # jobs: 12.6 min wall in all, AP50 0.758 (a longer-schedule probe: AP50 0.26 after 4 epochs,
-    # 0.69 after 8 at constant lr).
+    # warmup, 224-px inputs and a slim FPN/head: 684 iterations of 8 images, ~0.75 s each on 2
+    # idle CPU cores. Measured with `python -m detector.main_job` (commit 4a76b4a, idle machine):
+    # 9.0 min wall in all, AP50 0.758; 12.6 min on 2 cores shared with other jobs (a
+    # longer-schedule probe: AP50 0.26 after 4 epochs, 0.69 after 8 at constant lr).
     return ExperimentConfig(
         name="gfl_r18_synthetic_cpu",
         model=dict(depth=18, num_classes=4, variant="gfl", reg_max=8, pretrained=None,
