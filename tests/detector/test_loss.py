@@ -21,15 +21,7 @@ STRIDES = (8, 16, 32, 64, 128)
 H, W = 96, 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on CI's few shared cores several threads fight each other (OpenMP
-    spin-waits make oversubscription far worse than serial; the R50 step measured 18 s on two
-    contended threads against 6 s on one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def anchors_for(h: int = H, w: int = W):

@@ -11,16 +11,7 @@ from detector.models.anchors import AnchorGenerator
 from detector.models.backbone import ResNetBackbone
 from detector.models.gfl_head import flatten_levels
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on CI's few shared cores several threads fight each other (OpenMP
-    spin-waits make oversubscription far worse than serial; the R50 step measured 18 s on two
-    contended threads against 6 s on one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def small(**kw) -> GFLDetector:

@@ -13,7 +13,6 @@ entropy floor of two-bin targets.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from detector.models import build_detector
@@ -35,16 +34,6 @@ def synthetic_batch(seed: int):
             images[i, :, y1:y2, x1:x2] = COLOURS[label][:, None, None]
     targets = [{"boxes": b, "labels": lab} for b, lab in zip(BOXES, LABELS)]
     return images, targets
-
-
-@pytest.fixture
-def one_thread():
-    """Small convolutions run faster on one intra-op thread than on several fighting over CI's
-    few shared cores (OpenMP spin-waits make oversubscription far worse than serial)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def overfit(seed: int, steps: int = 50, lr: float = 0.01):
@@ -72,7 +61,7 @@ def overfit(seed: int, steps: int = 50, lr: float = 0.01):
     return model.eval(), images, history
 
 
-def test_overfit_two_images(one_thread):
+def test_overfit_two_images(one_intra_op_thread):
     model, images, history = overfit(seed=0)
     assert all(v == v for v in history), "NaN loss"
     final = sum(history[-5:]) / 5

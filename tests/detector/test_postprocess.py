@@ -15,15 +15,7 @@ C = 3
 REG_MAX = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on CI's few shared cores several threads fight each other (OpenMP
-    spin-waits make oversubscription far worse than serial; the R50 step measured 18 s on two
-    contended threads against 6 s on one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def logit(p: float) -> float:
