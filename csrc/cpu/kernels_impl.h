@@ -272,7 +272,11 @@ void rows_typed(const RowTensors& t) {
     std::vector<index_t> flat_to_lane(bins * kW);
     for (int64_t f = 0; f < bins * kW; ++f)
       flat_to_lane[f] = static_cast<index_t>((f % bins) * kW + f / bins);
+    // each lane's row offset; only the last, partial block differs from full_lanes (its
+    // padding lanes re-read its last row; their results are never stored)
     __at_align__ index_t lane_offsets[kW];
+    for (int64_t i = 0; i < kW; ++i) lane_offsets[i] = static_cast<index_t>(i * bins);
+    const IVec full_lanes = IVec::loadu(lane_offsets);
     __at_align__ opmath_t lanes_tmp[kW];
     const Vec zero(opmath_t(0)), one(opmath_t(1));
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -285,10 +289,12 @@ void rows_typed(const RowTensors& t) {
       } else {
         block = pred + r0 * bins;
       }
-      // padding lanes of the last block re-read its last row; their results are never stored
-      for (int64_t i = 0; i < kW; ++i)
-        lane_offsets[i] = static_cast<index_t>(std::min<int64_t>(i, rows - 1) * bins);
-      const IVec lanes = IVec::loadu(lane_offsets);
+      IVec lanes = full_lanes;
+      if (rows < kW) {
+        for (int64_t i = 0; i < kW; ++i)
+          lane_offsets[i] = static_cast<index_t>(std::min<int64_t>(i, rows - 1) * bins);
+        lanes = IVec::loadu(lane_offsets);
+      }
 
       // Row max in two independent chains (the max is latency-bound).  A NaN logit may be
       // skipped by the comparison here but still reaches the output through exp(NaN - max).
@@ -421,7 +427,7 @@ void scale_rows_typed(const at::Tensor& grad, const at::Tensor& scale, const at:
                    [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> staged(kConvert ? kW * cols : 0);
 #if defined(CPU_CAPABILITY_AVX512)
-    std::vector<int32_t> row_of(kPermute ? kW * cols : 0);
+    std::vector<int32_t> row_of(permute_rows ? kW * cols : 0);
     for (int64_t f = 0; f < static_cast<int64_t>(row_of.size()); ++f)
       row_of[f] = static_cast<int32_t>(f / cols);
 #endif
