@@ -235,6 +235,58 @@ inline void from_lanes(const T* in, int64_t rows, int64_t bins,
   }
 }
 
+// Per lane (= row) of the lane layout: the max over the bins and, with kArgmax, the bin that
+// holds it (ties resolve to either), in two independent chains (the max is latency-bound).  A
+// NaN logit may be skipped by the comparison here but still reaches the output through
+// exp(NaN - max).
+template <typename T, bool kArgmax>
+inline void lane_max(const T* zt, int64_t bins, Vectorized<T>& zmax, Vectorized<T>& argmax) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kW = Vec::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    // with mask registers: 1 (max) or 3 (compare, two masked moves) instructions per bin, where
+    // at::vec's comparisons and blendv go through all-ones vectors (2 instructions each)
+    __m512 max_a = _mm512_loadu_ps(zt), max_b = _mm512_loadu_ps(zt + (bins - 1) * kW);
+    __m512 arg_a = _mm512_setzero_ps(), arg_b = _mm512_set1_ps(static_cast<float>(bins - 1));
+    for (int64_t j = 1; j + 1 < bins; j += 2) {
+      const __m512 a = _mm512_loadu_ps(zt + j * kW), b = _mm512_loadu_ps(zt + (j + 1) * kW);
+      if constexpr (kArgmax) {
+        const __mmask16 a_wins = _mm512_cmp_ps_mask(a, max_a, _CMP_GT_OQ);
+        const __mmask16 b_wins = _mm512_cmp_ps_mask(b, max_b, _CMP_GT_OQ);
+        max_a = _mm512_mask_mov_ps(max_a, a_wins, a);
+        max_b = _mm512_mask_mov_ps(max_b, b_wins, b);
+        arg_a = _mm512_mask_mov_ps(arg_a, a_wins, _mm512_set1_ps(static_cast<float>(j)));
+        arg_b = _mm512_mask_mov_ps(arg_b, b_wins, _mm512_set1_ps(static_cast<float>(j + 1)));
+      } else {
+        // vmaxps returns its second operand when either is NaN: the same as the compare above
+        max_a = _mm512_max_ps(a, max_a);
+        max_b = _mm512_max_ps(b, max_b);
+      }
+    }
+    const __mmask16 b_wins = _mm512_cmp_ps_mask(max_b, max_a, _CMP_GT_OQ);
+    zmax = _mm512_mask_mov_ps(max_a, b_wins, max_b);
+    argmax = _mm512_mask_mov_ps(arg_a, b_wins, arg_b);
+    return;
+  }
+#endif
+  Vec max_a = Vec::loadu(zt), max_b = Vec::loadu(zt + (bins - 1) * kW);
+  Vec arg_a(T(0)), arg_b(static_cast<T>(bins - 1));
+  for (int64_t j = 1; j + 1 < bins; j += 2) {
+    const Vec a = Vec::loadu(zt + j * kW), b = Vec::loadu(zt + (j + 1) * kW);
+    const Vec a_wins = a > max_a, b_wins = b > max_b;
+    max_a = Vec::blendv(max_a, a, a_wins);
+    max_b = Vec::blendv(max_b, b, b_wins);
+    if constexpr (kArgmax) {
+      arg_a = Vec::blendv(arg_a, Vec(static_cast<T>(j)), a_wins);
+      arg_b = Vec::blendv(arg_b, Vec(static_cast<T>(j + 1)), b_wins);
+    }
+  }
+  const Vec b_wins = max_b > max_a;
+  zmax = Vec::blendv(max_a, max_b, b_wins);
+  argmax = Vec::blendv(arg_a, arg_b, b_wins);
+}
+
 // Rows are processed kW at a time, one row per SIMD lane: bin j of the block's kW rows is one
 // gathered vector, so every step (max, exp, sums, the DFL target bins, gradients) is a
 // full-width vector operation whatever the bin count (8, 17, 33, ...), instead of short, ragged
@@ -296,31 +348,15 @@ void rows_typed(const RowTensors& t) {
         lanes = IVec::loadu(lane_offsets);
       }
 
-      // Row max in two independent chains (the max is latency-bound).  A NaN logit may be
-      // skipped by the comparison here but still reaches the output through exp(NaN - max).
-      // The integral also keeps the argmax bin as a pivot p: y_hat - p = sum_j S_j (j - p) and
+      // Row max.  The integral also keeps the argmax bin as a pivot p: y_hat - p = sum_j S_j (j - p) and
       // j - y_hat = (j - p) - (y_hat - p) avoid the cancellation of j - y_hat when the mass sits
       // on one bin (ties resolve to either bin; any pivot is exact, a near one is accurate).
       to_lanes<opmath_t>(block, rows, bins, lanes, zt.data());
-      Vec zmax_a = Vec::loadu(zt.data()), zmax_b = Vec::loadu(&zt[(bins - 1) * kW]);
-      Vec arg_a(opmath_t(0)), arg_b(static_cast<opmath_t>(bins - 1));
-      for (int64_t j = 1; j + 1 < bins; j += 2) {
-        const Vec a = Vec::loadu(&zt[j * kW]), b = Vec::loadu(&zt[(j + 1) * kW]);
-        const Vec a_wins = a > zmax_a, b_wins = b > zmax_b;
-        zmax_a = Vec::blendv(zmax_a, a, a_wins);
-        zmax_b = Vec::blendv(zmax_b, b, b_wins);
-        if constexpr (!kDfl) {
-          arg_a = Vec::blendv(arg_a, Vec(static_cast<opmath_t>(j)), a_wins);
-          arg_b = Vec::blendv(arg_b, Vec(static_cast<opmath_t>(j + 1)), b_wins);
-        }
-      }
-      const Vec b_wins = zmax_b > zmax_a;
-      const Vec zmax = Vec::blendv(zmax_a, zmax_b, b_wins);
-      const Vec pivot = Vec::blendv(arg_a, arg_b, b_wins);
+      Vec zmax, pivot;
+      lane_max<opmath_t, !kDfl>(zt.data(), bins, zmax, pivot);
       Vec sum(opmath_t(0)), weighted(opmath_t(0)), bin(opmath_t(0));
       for (int64_t j = 0; j < bins; ++j, bin = bin + one) {
-        // exp_u20 (<= 2 ulp), as torch's own softmax uses: half the cost of exp on a CPU
-        const Vec e = (Vec::loadu(&zt[j * kW]) - zmax).exp_u20();
+        const Vec e = exp_nonpositive(Vec::loadu(&zt[j * kW]) - zmax);
         e.store(&et[j * kW]);
         sum = sum + e;
         if constexpr (!kDfl) weighted = weighted + e * (bin - pivot);
