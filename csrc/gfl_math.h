@@ -34,6 +34,8 @@ struct ScalarOps {
   static C10_HOST_DEVICE inline T log1p(T x) { return ::log1p(x); }
   static C10_HOST_DEVICE inline T abs(T x) { return ::fabs(x); }
   static C10_HOST_DEVICE inline T floor(T x) { return ::floor(x); }
+  // a * b + c with one rounding (a hardware FMA where the target has one)
+  static C10_HOST_DEVICE inline T fma(T a, T b, T c) { return ::fma(a, b, c); }
   static C10_HOST_DEVICE inline T max(T a, T b) { return a > b ? a : b; }
   static C10_HOST_DEVICE inline T min(T a, T b) { return a < b ? a : b; }
   static C10_HOST_DEVICE inline Mask gt(T a, T b) { return a > b; }
@@ -55,6 +57,7 @@ struct Ops<float> : ScalarOps<float> {
   static C10_HOST_DEVICE inline float log1p(float x) { return ::log1pf(x); }
   static C10_HOST_DEVICE inline float abs(float x) { return ::fabsf(x); }
   static C10_HOST_DEVICE inline float floor(float x) { return ::floorf(x); }
+  static C10_HOST_DEVICE inline float fma(float a, float b, float c) { return ::fmaf(a, b, c); }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -128,15 +131,18 @@ C10_HOST_DEVICE inline void modulating_factor(T d, T beta, int mode, T& m, T& dm
 // QFL on a logit x with soft target y.  Returns the loss; writes dL/dx to grad.
 // Stable forms: BCE = max(x,0) - x y + log1p(exp(-|x|)); sigmoid(1 - sigmoid) = e / (1 + e)^2
 // with e = exp(-|x|), which stays accurate where 1 - sigmoid(x) would round to 0.
+// d = sigmoid(x) - y is formed as (a - y - y e) / (1 + e), a = 1 (x >= 0) or e (x < 0): where
+// sigmoid(x) is close to y, a - y is exact (Sterbenz) and the FMA rounds once, so d keeps its
+// relative accuracy instead of inheriting the rounding of sigmoid(x) (which |d|^(beta-1)
+// amplifies for beta < 1).
 template <typename T, typename O = Ops<T>>
 C10_HOST_DEVICE inline T qfl_logit(T x, T y, T beta, int mode, T& grad) {
   const T zero(0), one(1);
   const T e = O::exp(zero - O::abs(x));
   const T u = one + e;
   const T inv = one / u;
-  const T s = O::select(O::ge(x, zero), inv, e * inv);
   const T bce = O::max(x, zero) - x * y + log1p_unit<T, O>(e);
-  const T d = s - y;
+  const T d = O::fma(zero - y, e, O::select(O::ge(x, zero), one, e) - y) * inv;
   T m, dm;
   modulating_factor<T, O>(d, beta, mode, m, dm);
   const T ds = e * inv * inv;

@@ -84,8 +84,26 @@ def test_qfl_matches_reference(backend_device, case):
         # d BCE / dp = (p - y) / (p (1 - p)) amplifies the rounding of p (1 - p) near 0 and 1
         grad_tol = (grad_tol[0] * 10, grad_tol[1] * 10)
         loss_tol = (loss_tol[0] * 10, loss_tol[1] * 10)
+    perturbed = ()
+    if 0 < case["beta"] < 1 and not case["activated"] and case["dtype"] != torch.float64:
+        # d(|d|^beta)/dd = beta |d|^(beta-1) is unbounded at d = sigmoid(x) - y = 0: there the
+        # gradient amplifies the few-ulp error that any float32 evaluation of sigmoid(x) - y
+        # carries (the kernels' d is accurate to ~2 ulp of y, gfl_math.h); allow what moving y by
+        # 2 ulp does to the exact gradient
+        perturbed = tuple({"target": _scaled_target(target, 1 + k * 2.0**-22), "weight": weight}
+                          for k in (-1, 1))
     compare_to_reference(call, pred, backend, {"target": target, "weight": weight},
-                         loss_tol=loss_tol, grad_tol=grad_tol, what=f"qfl {case}")
+                         loss_tol=loss_tol, grad_tol=grad_tol, what=f"qfl {case}",
+                         perturbed_targets=perturbed)
+
+
+def _scaled_target(target, factor: float):
+    """A QFL target (dense tensor or (labels, scores)) with its scores times ``factor``, kept in
+    the valid range [0, 1]."""
+    if isinstance(target, tuple):
+        labels, scores = target
+        return labels, (scores.double() * factor).clamp(max=1.0)
+    return (target.double() * factor).clamp(max=1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -20,6 +20,8 @@ struct Ops<at::vec::Vectorized<T>> {
   static inline V log1p(const V& x) { return x.log1p(); }
   static inline V abs(const V& x) { return x.abs(); }
   static inline V floor(const V& x) { return x.floor(); }
+  // fused on AVX2 / AVX-512 builds; the portable build's fmadd rounds the product first
+  static inline V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
   static inline V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static inline V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
   static inline Mask gt(const V& a, const V& b) { return a > b; }

@@ -11,7 +11,8 @@ clamp) and ``dBCE/dp = (p − y) / max(p(1−p), 1e-12)`` (torch's ``binary_cros
 backward).  Labels outside [0, C) mark background anchors (target 0 on every class).
 
 Numerics: ``σ``, ``σ(1−σ)`` and ``σ − y`` are formed from ``e = exp(−|x|)`` so that neither side
-of the sigmoid loses digits (``σ − y`` for ``y`` near 1 and large ``x`` is ``(1−y) − e/(1+e)``);
+of the sigmoid loses digits (``σ − y`` is ``(a − y − y·e)/(1+e)`` with ``a = 1`` for ``x ≥ 0``, else
+``e``: exact ``a − y`` and one FMA where ``σ`` is close to ``y``);
 ``log1p(e)`` is ``log(u) + (e − (u − 1))/u`` with ``u = 1 + e`` (exact compensation for the
 rounding of ``u``; ``1/u`` is already needed for ``σ``, so no extra division).  ``|d|^β`` is
 specialised at compile time for β ∈ {0, 1, 2} and uses ``exp2(β·log2|d|)`` otherwise.
@@ -91,7 +92,9 @@ def _qfl_terms(x, y, beta, BETA_MODE: tl.constexpr, ACTIVATED: tl.constexpr):
         e_inv = e * inv  # min(σ, 1 − σ)
         log1p_e = tl.log(u) + (e - (u - 1.0)) * inv
         bce = tl.where(x > 0.0, x, 0.0) - x * y + log1p_e
-        d = tl.where(x >= 0.0, (1.0 - y) - e_inv, e_inv - y)  # σ − y without cancellation
+        # σ − y = (a − y − y·e)/(1 + e), a = 1 (x ≥ 0) or e: a − y is exact where σ ≈ y and the
+        # FMA rounds once, so d keeps its relative accuracy (as gfl_math.h's qfl_logit)
+        d = tl.fma(-y, e, tl.where(x >= 0.0, 1.0, e) - y) * inv
         dbce = d
         dsig = e_inv * inv  # σ(1 − σ)
     if BETA_MODE == 0:
