@@ -94,43 +94,6 @@ def _register() -> None:
 
     # Autograd: gradients flow to pred only; targets, labels and scores are constants (as in
     # mmdetection, where the IoU scores are computed from detached boxes).
-    def _save(ctx, inputs, output, n_tensors):
-        pred, grad_buf = inputs[0], output[1]
-        ctx.extra = inputs[n_tensors:]
-        ctx.n_tensors = n_tensors
-        # the second output (the saved gradient) never receives a gradient: without this,
-        # autograd would allocate and zero-fill a pred-sized tensor for it on every backward
-        ctx.mark_non_differentiable(grad_buf)
-        ctx.set_materialize_grads(False)
-        has_buf = grad_buf.dim() == pred.dim() and grad_buf.numel() == pred.numel()
-        # Eager: the buffer is kept outside saved_tensors, and the first backward scales it in
-        # place and hands it out as the gradient, so a step allocates one pred-sized buffer,
-        # not two (fewer page faults, half the extra memory).  Traced (torch.compile, make_fx,
-        # fake or functorch tensors): the functional path below.
-        ctx.workspace = grad_buf if has_buf and _plain_eager(grad_buf) else None
-        saved = inputs[:n_tensors]
-        if has_buf and ctx.workspace is None:
-            saved = (*saved, grad_buf)
-        ctx.save_for_backward(*saved)
-
-    def _grad_input(ctx, grad_loss, recompute):
-        if grad_loss is None:  # the loss output took no part in the graph being differentiated
-            return None
-        tensors = ctx.saved_tensors
-        inputs, saved_grad = tensors[:ctx.n_tensors], tensors[ctx.n_tensors:]
-        workspace = ctx.workspace
-        # (not under create_graph: scale_rows_ has no derivative of its own)
-        if workspace is not None and not torch.is_grad_enabled() and _plain_eager(grad_loss):
-            # handed out once; a second backward through a retained graph recomputes
-            ctx.workspace = None
-            # fp32 math, one rounding to the buffer's dtype, no temporaries (an in-place torch
-            # mul_ of a bf16 buffer by fp32 grad_loss allocates two fp32 copies of it)
-            _ops.scale_rows_(workspace, grad_loss)
-            return workspace
-        if saved_grad:
-            return _ops.scale_rows(saved_grad[0], grad_loss)
-        return recompute(grad_loss, *inputs, *ctx.extra[:-1])
-
     def _qfl_bwd(ctx, grad_loss, _grad_grad):
         grad = _grad_input(ctx, grad_loss, _ops.qfl_backward)
         return grad, None, None, None, None, None
@@ -145,45 +108,98 @@ def _register() -> None:
     def _integral_bwd(ctx, grad_out, _grad_grad):
         return _grad_input(ctx, grad_out, _ops.integral_backward), None
 
-    # op name -> (number of leading tensor inputs, backward formula)
-    specs = {"qfl": (3, _qfl_bwd), "qfl_dense": (2, _qfl_dense_bwd), "dfl": (2, _dfl_bwd),
-             "integral": (1, _integral_bwd)}
-    for name, (n_tensors, backward) in specs.items():
+    for name, backward in (("qfl", _qfl_bwd), ("qfl_dense", _qfl_dense_bwd), ("dfl", _dfl_bwd),
+                           ("integral", _integral_bwd)):
+        n_tensors, _ = _FUSED_OPS[name]
         torch.library.register_autograd(
             lib + name, backward,
             setup_context=lambda ctx, inputs, output, n=n_tensors: _save(ctx, inputs, output, n))
-    _FusedEagerCall.specs = specs
-    _FusedEagerCall.save = staticmethod(_save)
+
+
+# op name -> (number of leading tensor inputs, the operator that recomputes the gradient)
+_FUSED_OPS = {
+    "qfl": (3, "qfl_backward"), "qfl_dense": (2, "qfl_dense_backward"),
+    "dfl": (2, "dfl_backward"), "integral": (1, "integral_backward"),
+}
+
+
+def _save(ctx, inputs: tuple, output: tuple, n_tensors: int) -> None:
+    """setup_context of the registered autograd: what the backward of an operator call needs.
+
+    ``inputs``: the operator's arguments (tensors first, ``with_grad`` last); ``output``: its
+    (loss, gradient buffer)."""
+    pred, grad_buf = inputs[0], output[1]
+    ctx.extra = inputs[n_tensors:]
+    ctx.n_tensors = n_tensors
+    # the second output (the saved gradient) never receives a gradient: without this,
+    # autograd would allocate and zero-fill a pred-sized tensor for it on every backward
+    ctx.mark_non_differentiable(grad_buf)
+    ctx.set_materialize_grads(False)
+    has_buf = grad_buf.dim() == pred.dim() and grad_buf.numel() == pred.numel()
+    # Eager: the buffer is kept outside saved_tensors, and the first backward scales it in
+    # place and hands it out as the gradient, so a step allocates one pred-sized buffer,
+    # not two (fewer page faults, half the extra memory).  Traced (torch.compile, make_fx,
+    # fake or functorch tensors): the functional path below.
+    ctx.workspace = grad_buf if has_buf and _plain_eager(grad_buf) else None
+    saved = inputs[:n_tensors]
+    if has_buf and ctx.workspace is None:
+        saved = (*saved, grad_buf)
+    ctx.save_for_backward(*saved)
+
+
+def _grad_input(ctx, grad_loss: torch.Tensor | None, recompute) -> torch.Tensor | None:
+    """dL/dpred for an incoming gradient ``grad_loss`` (N,): the saved gradient scaled in place
+    (eager, first backward), scaled out of place (traced), or recomputed."""
+    if grad_loss is None:  # the loss output took no part in the graph being differentiated
+        return None
+    tensors = ctx.saved_tensors
+    inputs, saved_grad = tensors[:ctx.n_tensors], tensors[ctx.n_tensors:]
+    workspace = ctx.workspace
+    # (not under create_graph: scale_rows_ has no derivative of its own)
+    if workspace is not None and not torch.is_grad_enabled() and _plain_eager(grad_loss):
+        # handed out once; a second backward through a retained graph recomputes
+        ctx.workspace = None
+        # fp32 math, one rounding to the buffer's dtype, no temporaries (an in-place torch
+        # mul_ of a bf16 buffer by fp32 grad_loss allocates two fp32 copies of it)
+        _ops.scale_rows_(workspace, grad_loss)
+        return workspace
+    if saved_grad:
+        return _ops.scale_rows(saved_grad[0], grad_loss)
+    return recompute(grad_loss, *inputs, *ctx.extra[:-1])
 
 
 class _FusedEagerCall(torch.autograd.Function):
     """Plain eager calls of a fused operator that needs its gradient: the operator's own kernel
-    (called below the autograd key) wrapped in this Function, with the backward formulas and
-    saved state registered for the operator above.
+    (called below the autograd key) wrapped in this Function, with the same saved state and
+    backward (``_grad_input``) as the operator's registered autograd.
 
-    The same autograd as calling ``torch.ops.gfl_ops.<name>``, minus the per-call overhead of the
-    generic wrapper that ``torch.library.register_autograd`` installs (argument pytrees, schema
-    checks): about half of the Python time of a forward + backward step, which at 32,000 x 17
-    rows is a tenth of the integral's step.  Traced code (torch.compile, make_fx, functorch)
+    It skips the generic wrapper that ``torch.library.register_autograd`` installs (argument
+    pytrees, schema checks, a second output to mark): at 32,000 x 17 rows, with the caches
+    cold from the data a training step streams through, the integral's Python time per step
+    fell by ~0.1 ms (about a fifth of the step).  Traced code (torch.compile, make_fx, functorch)
     calls the operator itself, so what is traced is the registered operator.
-    """
 
-    specs: dict = {}
-    save = None
+    ``apply(name, pred, *args)``: ``args`` as the operator's, without ``with_grad``; returns the
+    loss (or the integral's value) only.
+    """
 
     @staticmethod
     def forward(ctx, name: str, *inputs):
-        n_tensors, _ = _FusedEagerCall.specs[name]
+        n_tensors, recompute = _FUSED_OPS[name]
         with torch._C._AutoDispatchBelowAutograd():
-            output = getattr(_ops, name)(*inputs)
-        _FusedEagerCall.save(ctx, inputs, output, n_tensors)
-        ctx.op_name = name
-        return output
+            loss, workspace = getattr(_ops, name).default(*inputs, True)
+        ctx.set_materialize_grads(False)
+        ctx.n_tensors = n_tensors
+        ctx.extra = (*inputs[n_tensors:], True)
+        ctx.workspace = workspace
+        ctx.recompute = recompute
+        ctx.save_for_backward(*inputs[:n_tensors])
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_grad):
-        _, backward = _FusedEagerCall.specs[ctx.op_name]
-        return (None, *backward(ctx, grad_loss, grad_grad))
+    def backward(ctx, grad_loss):
+        grad = _grad_input(ctx, grad_loss, getattr(_ops, ctx.recompute))
+        return (None, grad) + (None,) * (ctx.n_tensors - 1 + len(ctx.extra) - 1)
 
 
 if _ops is not None:
@@ -215,7 +231,7 @@ class _CppBackend:
         """The operator's first output (loss or decoded value), gradient fused when needed."""
         if FUSED_GRAD[self.device_type] and _needs_grad(pred):
             if _plain_eager(pred):
-                return _FusedEagerCall.apply(name, pred, *args, True)[0]
+                return _FusedEagerCall.apply(name, pred, *args)
             return getattr(_ops, name)(pred, *args, True)[0]
         return getattr(_ops, name)(pred, *args, False)[0]
 
