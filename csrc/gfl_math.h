@@ -224,4 +224,12 @@ C10_HOST_DEVICE inline T integral_grad(T s_j, T j, T y_hat) {
   return s_j * (j - y_hat);
 }
 
+// The same from the unnormalised e_j = exp(z_j - max), relative to a pivot bin p, with the row's
+// factors hoisted: c = grad_scale / sum_k e_k and neg_c_y = -c (y_hat - p).  Per bin one FMA and
+// one product: c (j - p) - c (y_hat - p) rounds once, and at j = p it is neg_c_y exactly.
+template <typename T, typename O = Ops<T>>
+C10_HOST_DEVICE inline T integral_grad_scaled(T e_j, T j_rel, T c, T neg_c_y) {
+  return e_j * O::fma(c, j_rel, neg_c_y);
+}
+
 }  // namespace gfl

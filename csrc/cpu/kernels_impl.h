@@ -369,12 +369,16 @@ void rows_typed(const RowTensors& t) {
       to_lanes<opmath_t>(block, rows, bins, lanes, zt.data());
       Vec zmax, pivot;
       lane_max<opmath_t, !kDfl>(zt.data(), bins, zmax, pivot);
-      Vec sum(opmath_t(0)), weighted(opmath_t(0)), bin(opmath_t(0));
-      for (int64_t j = 0; j < bins; ++j, bin = bin + one) {
+      // j_rel = j - p runs over exact small integers
+      Vec sum(opmath_t(0)), weighted(opmath_t(0)), j_rel = zero - pivot;
+      for (int64_t j = 0; j < bins; ++j) {
         const Vec e = exp_nonpositive(Vec::loadu(&zt[j * kW]) - zmax);
         e.store(&et[j * kW]);
         sum = sum + e;
-        if constexpr (!kDfl) weighted = weighted + e * (bin - pivot);
+        if constexpr (!kDfl) {
+          weighted = at::vec::fmadd(e, j_rel, weighted);
+          j_rel = j_rel + one;
+        }
       }
       const Vec inv_sum = one / sum;
       Vec scale = one;
@@ -399,10 +403,12 @@ void rows_typed(const RowTensors& t) {
           dfl_loss<Vec>(zmax + sum.log(), z_l, z_r, w_l, w_r).store(out + r0, rows);
         }
         if (grad) {
-          bin = zero;
+          Vec bin = zero;
           for (int64_t j = 0; j < bins; ++j, bin = bin + one) {
             const Vec s_j = Vec::loadu(&et[j * kW]) * inv_sum;
-            (dfl_grad<Vec>(s_j, bin, l, w_l, w_r) * scale).store(&et[j * kW]);
+            Vec g = dfl_grad<Vec>(s_j, bin, l, w_l, w_r);
+            if (row_scale) g = g * scale;
+            g.store(&et[j * kW]);
           }
         }
       } else {
@@ -417,10 +423,12 @@ void rows_typed(const RowTensors& t) {
           }
         }
         if (grad) {
-          bin = zero;
-          for (int64_t j = 0; j < bins; ++j, bin = bin + one) {
-            const Vec s_j = Vec::loadu(&et[j * kW]) * inv_sum;
-            (integral_grad<Vec>(s_j, bin - pivot, y_hat_rel) * scale).store(&et[j * kW]);
+          const Vec c = row_scale ? inv_sum * scale : inv_sum;
+          const Vec neg_c_y = zero - c * y_hat_rel;
+          j_rel = zero - pivot;
+          for (int64_t j = 0; j < bins; ++j, j_rel = j_rel + one) {
+            integral_grad_scaled<Vec>(Vec::loadu(&et[j * kW]), j_rel, c, neg_c_y)
+                .store(&et[j * kW]);
           }
         }
       }
