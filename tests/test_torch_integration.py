@@ -262,6 +262,37 @@ def test_import_without_compiled_extension_explains_and_falls_back():
     assert "'reference'" in result.stdout
     assert "ERR gfl_ops backend 'cpu' cannot run" in result.stdout
 
+@needs_ext
+def test_operators_complete_right_after_import():
+    """In a fresh interpreter, ``import gfl_ops`` alone gives the raw operators their autograd and
+    fake kernels: calling ``torch.ops.gfl_ops.*`` before any gfl_ops function differentiates
+    correctly (before, they were registered at the first gfl_ops call, and a direct call's
+    backward went through torch's "autograd not implemented" fallback)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch, gfl_ops\n"
+        "warnings.simplefilter('error')\n"
+        "p = torch.randn(5, 17, dtype=torch.float64, requires_grad=True)\n"
+        "out, _ = torch.ops.gfl_ops.integral(p, True)\n"
+        "out.sum().backward()\n"
+        "s = torch.softmax(p.detach(), -1)\n"
+        "j = torch.arange(17, dtype=torch.float64)\n"
+        "want = s * (j - (s * j).sum(-1, keepdim=True))\n"
+        "assert torch.allclose(p.grad, want), (p.grad - want).abs().max()\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "x = p.detach()\n"
+        "with FakeTensorMode() as mode:\n"
+        "    fake = mode.from_tensor(x)\n"
+        "    assert torch.ops.gfl_ops.integral(fake, False)[0].shape == (5,)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
 def test_cpu_kernels_built_with_openmp():
     """at::parallel_for is a header template around ``#pragma omp parallel``: an extension
     compiled without -fopenmp silently runs every CPU kernel on one thread (this happened: it
