@@ -3,6 +3,9 @@ determinism, non-contiguous and expanded inputs, and the extension build."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -231,11 +234,15 @@ def test_cuda_kernels_compiled_when_build_had_cuda():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gfl_ops::{name}", "CUDA")
 
 
+def _fresh_interpreter(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new Python (nothing imported yet), capturing its output."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_import_without_compiled_extension_explains_and_falls_back():
     """With _C missing, gfl_ops imports, says how to rebuild, and the reference backend works.
     (A fresh interpreter in which importing gfl_ops._C fails as it does in an unbuilt checkout.)"""
-    import subprocess
-    import sys
 
     code = (
         "import importlib.abc, sys\n"
@@ -255,8 +262,7 @@ def test_import_without_compiled_extension_explains_and_falls_back():
         "except RuntimeError as e:\n"
         "    print('ERR', e)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
+    result = _fresh_interpreter(code)
     assert result.returncode == 0, result.stderr
     assert "not built" in result.stdout and "pip install --no-build-isolation -e ." in result.stdout
     assert "'reference'" in result.stdout
@@ -268,8 +274,6 @@ def test_operators_complete_right_after_import():
     fake kernels: calling ``torch.ops.gfl_ops.*`` before any gfl_ops function differentiates
     correctly (before, they were registered at the first gfl_ops call, and a direct call's
     backward went through torch's "autograd not implemented" fallback)."""
-    import subprocess
-    import sys
 
     code = (
         "import warnings, torch, gfl_ops\n"
@@ -288,8 +292,7 @@ def test_operators_complete_right_after_import():
         "    assert torch.ops.gfl_ops.integral(fake, False)[0].shape == (5,)\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
+    result = _fresh_interpreter(code)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
@@ -297,8 +300,6 @@ def test_cpu_kernels_built_with_openmp():
     """at::parallel_for is a header template around ``#pragma omp parallel``: an extension
     compiled without -fopenmp silently runs every CPU kernel on one thread (this happened: it
     halved the CPU backend's speed on 2 cores and no correctness test could notice)."""
-    import sys
-
     if not gfl_ops.extension_loaded():
         pytest.fail(f"gfl_ops._C is not loaded: {gfl_ops.extension_error()}")
     if not (torch.backends.openmp.is_available() and sys.platform.startswith("linux")):
