@@ -58,12 +58,16 @@ struct RowBuffer {
 };
 
 // Software prefetch of the lines of [p, p + bytes), for the kernels that stream through memory
-// once in blocks (rows, scale_rows): they prefetch the block kPrefetchBlocks ahead (~8 KB at
+// once: the rows and scale_rows kernels prefetch the block kPrefetchBlocks ahead (~8 KB at
 // 17 bins).  Measured on the 2-vCPU Xeon VM with inputs out of cache, as in a training step,
 // 32000 x 17: the integral's forward 5-10% faster, the in-place scale_rows_ 25-35% faster; the
 // hardware prefetchers alone left those loads stalling.  (A prefetch never faults, so the
 // partial last block needs no clamp.)
 constexpr int64_t kPrefetchBlocks = 8;
+// QFL walks rows of C classes: it prefetches the row this many bytes ahead.  Measured (in-process
+// A/B, cold inputs, 40000 x 80, fwd+bwd): 4.4 -> 2.7 ms with (labels, scores) targets, 5.3 ->
+// 4.8 ms with dense ones; 4, 8 or 16 rows ahead measured alike.
+constexpr int64_t kQflPrefetchBytes = 4096;
 
 inline void prefetch_lines(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
@@ -125,11 +129,19 @@ void qfl_typed(const QflTensors& t) {
   const opmath_t beta = static_cast<opmath_t>(t.beta);
   const int mode = beta_mode(t.beta);
 
+  // prefetch distance: the row ~4 KB ahead (13 rows at 80 float classes)
+  const int64_t ahead = std::max<int64_t>(
+      1, kQflPrefetchBytes / std::max<int64_t>(1, num_classes * int64_t(sizeof(scalar_t))));
   at::parallel_for(0, n, row_grain(num_classes), [&](int64_t begin, int64_t end) {
     RowBuffer<scalar_t, opmath_t> xbuf(num_classes), gbuf(num_classes);
     RowBuffer<target_t, opmath_t> ybuf(num_classes);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t off = i * num_classes;
+      if (i + ahead < end) {
+        prefetch_lines(pred + off + ahead * num_classes, num_classes * sizeof(scalar_t));
+        if (target)
+          prefetch_lines(target + off + ahead * num_classes, num_classes * sizeof(target_t));
+      }
       const opmath_t* x = xbuf.load(pred + off, num_classes);
       const opmath_t* y = target ? ybuf.load(target + off, num_classes) : nullptr;
       opmath_t* g = grad ? gbuf.out(grad + off) : nullptr;
