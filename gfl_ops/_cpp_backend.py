@@ -152,8 +152,6 @@ def _grad_input(ctx, grad_loss: torch.Tensor | None, recompute) -> torch.Tensor 
     (eager, first backward), scaled out of place (traced), or recomputed."""
     if grad_loss is None:  # the loss output took no part in the graph being differentiated
         return None
-    tensors = ctx.saved_tensors
-    inputs, saved_grad = tensors[:ctx.n_tensors], tensors[ctx.n_tensors:]
     workspace = ctx.workspace
     # (not under create_graph: scale_rows_ has no derivative of its own)
     if workspace is not None and not torch.is_grad_enabled() and _plain_eager(grad_loss):
@@ -163,6 +161,9 @@ def _grad_input(ctx, grad_loss: torch.Tensor | None, recompute) -> torch.Tensor 
         # mul_ of a bf16 buffer by fp32 grad_loss allocates two fp32 copies of it)
         _ops.scale_rows_(workspace, grad_loss)
         return workspace
+    # (unpacked only here: the common path above needs none of the saved tensors)
+    tensors = ctx.saved_tensors
+    inputs, saved_grad = tensors[:ctx.n_tensors], tensors[ctx.n_tensors:]
     if saved_grad:
         return _ops.scale_rows(saved_grad[0], grad_loss)
     return recompute(grad_loss, *inputs, *ctx.extra[:-1])
