@@ -94,26 +94,18 @@ def _register() -> None:
 
     # Autograd: gradients flow to pred only; targets, labels and scores are constants (as in
     # mmdetection, where the IoU scores are computed from detached boxes).
-    def _qfl_bwd(ctx, grad_loss, _grad_grad):
-        grad = _grad_input(ctx, grad_loss, _ops.qfl_backward)
-        return grad, None, None, None, None, None
-
-    def _qfl_dense_bwd(ctx, grad_loss, _grad_grad):
-        grad = _grad_input(ctx, grad_loss, _ops.qfl_dense_backward)
-        return grad, None, None, None, None
-
-    def _dfl_bwd(ctx, grad_loss, _grad_grad):
-        return _grad_input(ctx, grad_loss, _ops.dfl_backward), None, None
-
-    def _integral_bwd(ctx, grad_out, _grad_grad):
-        return _grad_input(ctx, grad_out, _ops.integral_backward), None
-
-    for name, backward in (("qfl", _qfl_bwd), ("qfl_dense", _qfl_dense_bwd), ("dfl", _dfl_bwd),
-                           ("integral", _integral_bwd)):
-        n_tensors, _ = _FUSED_OPS[name]
+    for name, (n_tensors, recompute) in _FUSED_OPS.items():
         torch.library.register_autograd(
-            lib + name, backward,
+            lib + name, _registered_backward(n_tensors, recompute),
             setup_context=lambda ctx, inputs, output, n=n_tensors: _save(ctx, inputs, output, n))
+
+
+def _registered_backward(n_tensors: int, recompute: str):
+    """The backward registered for a fused operator: dL/dpred, nothing for the other inputs."""
+    def backward(ctx, grad_loss, _grad_grad):
+        grad = _grad_input(ctx, grad_loss, getattr(_ops, recompute))
+        return (grad,) + (None,) * (n_tensors - 1 + len(ctx.extra))
+    return backward
 
 
 # op name -> (number of leading tensor inputs, the operator that recomputes the gradient)

@@ -375,9 +375,10 @@ void rows_typed(const RowTensors& t) {
         lanes = IVec::loadu(lane_offsets);
       }
 
-      // Row max.  The integral also keeps the argmax bin as a pivot p: y_hat - p = sum_j S_j (j - p) and
-      // j - y_hat = (j - p) - (y_hat - p) avoid the cancellation of j - y_hat when the mass sits
-      // on one bin (ties resolve to either bin; any pivot is exact, a near one is accurate).
+      // Row max.  The integral also keeps the argmax bin as a pivot p: y_hat - p =
+      // sum_j S_j (j - p) and j - y_hat = (j - p) - (y_hat - p) avoid the cancellation of
+      // j - y_hat when the mass sits on one bin (ties resolve to either bin; any pivot is exact,
+      // a near one is accurate).
       to_lanes<opmath_t>(block, rows, bins, lanes, zt.data());
       Vec zmax, pivot;
       lane_max<opmath_t, !kDfl>(zt.data(), bins, zmax, pivot);
