@@ -1,59 +1,8 @@
-// QFL CUDA kernel: a group of TPR lanes per anchor row walks the C classes (coalesced), sums the
-// per-class losses in registers and reduces them with warp shuffles in a fixed order (no
-// atomics, bitwise deterministic).  The per-element math is gfl_math.h's, as on the CPU.
-#include "../gfl_math.h"
-#include "common.cuh"
+// Launcher of the QFL CUDA kernel (qfl_kernel.cuh).
+#include "qfl_kernel.cuh"
 
 namespace gfl::cuda {
 namespace {
-
-template <typename scalar_t, typename target_t, int TPR, bool kDense>
-__global__ void __launch_bounds__(kBlock)
-    qfl_kernel(const scalar_t* __restrict__ pred, const int64_t* __restrict__ labels,
-               const opmath_t<scalar_t>* __restrict__ scores,
-               const target_t* __restrict__ target,
-               const opmath_t<scalar_t>* __restrict__ row_scale, int64_t row_scale_stride,
-               opmath_t<scalar_t>* __restrict__ loss, scalar_t* __restrict__ grad, int64_t n,
-               int64_t c, opmath_t<scalar_t> beta, int mode, bool activated) {
-  using acc_t = opmath_t<scalar_t>;
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int lane = threadIdx.x % TPR;
-  const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.x / TPR;
-  // Iterate by warp so that all 32 lanes run the same number of iterations (the shuffles
-  // need the whole warp); rows past n contribute nothing.
-  const int64_t warp_first_group = (thread / 32) * (32 / TPR);
-  const int64_t my_offset = thread / TPR - warp_first_group;
-  for (int64_t base = warp_first_group; base < n; base += groups) {
-    const int64_t row = base + my_offset;
-    const bool active = row < n;
-    acc_t sum = acc_t(0);
-    if (active) {
-      int64_t label = -1;
-      acc_t score = acc_t(0);
-      if (!kDense) {
-        label = labels[row];
-        score = scores[row];
-      }
-      const acc_t scale = row_scale ? row_scale[row * row_scale_stride] : acc_t(1);
-      const int64_t off = row * c;
-      for (int64_t col = lane; col < c; col += TPR) {
-        const acc_t x = to_opmath(pred[off + col]);
-        acc_t y;
-        if (kDense) {
-          y = static_cast<acc_t>(to_opmath(target[off + col]));
-        } else {
-          y = col == label ? score : acc_t(0);
-        }
-        acc_t g;
-        sum += activated ? qfl_prob<acc_t>(x, y, beta, mode, g)
-                         : qfl_logit<acc_t>(x, y, beta, mode, g);
-        if (grad) grad[off + col] = from_opmath<scalar_t>(g * scale);
-      }
-    }
-    sum = group_sum<TPR>(sum);
-    if (active && lane == 0 && loss) loss[row] = sum;
-  }
-}
 
 template <typename scalar_t, typename target_t, bool kDense>
 void launch_typed(const QflLaunch& p, cudaStream_t stream) {
@@ -70,13 +19,10 @@ void launch_typed(const QflLaunch& p, cudaStream_t stream) {
   qfl_kernel<scalar_t, target_t, TPR, kDense><<<grid_for(p.n * TPR), kBlock, 0, stream>>>( \
       pred, p.labels, scores, target, row_scale, p.row_scale_stride, loss, grad, p.n, p.c, beta, \
       mode, p.activated)
-  // lanes per row: enough to cover small class counts without idle lanes, a full warp beyond
-  if (p.c <= 2) {
-    GFL_QFL_LAUNCH(1);
-  } else if (p.c <= 16) {
-    GFL_QFL_LAUNCH(8);
-  } else {
-    GFL_QFL_LAUNCH(32);
+  switch (qfl_lanes_per_row(p.c)) {
+    case 1: GFL_QFL_LAUNCH(1); break;
+    case 8: GFL_QFL_LAUNCH(8); break;
+    default: GFL_QFL_LAUNCH(32); break;
   }
 #undef GFL_QFL_LAUNCH
 }
