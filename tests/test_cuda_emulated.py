@@ -271,3 +271,42 @@ def test_emulated_scale_rows_kernel(emu, dtype, stride):
     per_row = scale.double().expand(37) if stride == 0 else scale.double()
     expected = grad.double() * per_row[:, None]
     assert_close(out, expected.to(dtype), (0, 0), f"scale_rows {dtype} stride={stride}")
+
+
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e4), (torch.float64, 1e4),
+                                             (torch.float16, 60.0), (torch.bfloat16, 60.0)])
+def test_emulated_kernels_extreme_logits_are_finite_and_accurate(emu, dtype, magnitude):
+    # QFL: saturated logits on both sides of the target
+    x = torch.tensor([[magnitude, -magnitude, 0.0], [-magnitude, magnitude, 3.0]], dtype=dtype)
+    labels = torch.tensor([0, 0])
+    scores = torch.tensor([1.0, 0.9], dtype=_acc(dtype))
+    loss, grad = run_qfl(emu, x, labels=labels, scores=scores)
+    ref, ref_grad = _reference_with_grad(
+        lambda p: reference.quality_focal_loss(p, labels, scores.double()), x,
+        torch.ones(2, dtype=torch.float64))
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert_close(loss, ref, (1e-4, 1e-4), f"qfl {dtype} +-{magnitude} loss")
+    assert_close(grad, ref_grad, (1e-2, 1e-3), f"qfl {dtype} +-{magnitude} gradient")
+    # DFL and the integral: one bin at +magnitude, the rest at -magnitude
+    z = torch.full((3, 17), -magnitude, dtype=dtype)
+    z[0, 3] = z[1, 16] = z[2, 0] = magnitude
+    value, value_grad = run_rows(emu, z, dfl=False)
+    assert_close(value, torch.tensor([3.0, 16.0, 0.0]), (0, 0), f"integral {dtype} value")
+    assert torch.isfinite(value_grad).all()
+    target = torch.tensor([3.0, 16.0, 0.5], dtype=_acc(dtype))
+    dfl, dfl_grad = run_rows(emu, z, dfl=True, target=target)
+    ref, ref_grad = _reference_with_grad(
+        lambda p: reference.distribution_focal_loss(p, target.double()), z,
+        torch.ones(3, dtype=torch.float64))
+    assert torch.isfinite(dfl).all() and torch.isfinite(dfl_grad).all()
+    assert_close(dfl, ref, (1e-4, 1e-4), f"dfl {dtype} +-{magnitude} loss")
+    assert_close(dfl_grad, ref_grad, (1e-2, 1e-3), f"dfl {dtype} +-{magnitude} gradient")
+
+
+def test_emulated_kernels_empty_inputs_write_nothing(emu):
+    empty = torch.empty(0, 17)
+    out, grad = run_rows(emu, empty, dfl=False)
+    assert out.shape == (0,) and grad.shape == (0, 17)
+    loss, grad = run_qfl(emu, torch.empty(0, 80), labels=torch.empty(0, dtype=torch.long),
+                         scores=torch.empty(0))
+    assert loss.shape == (0,)
