@@ -313,11 +313,13 @@ inline void lane_max(const T* zt, int64_t bins, Vectorized<T>& zmax, Vectorized<
 }
 
 // Rows are processed kW at a time, one row per SIMD lane: bin j of the block's kW rows is one
-// gathered vector, so every step (max, exp, sums, the DFL target bins, gradients) is a
-// full-width vector operation whatever the bin count (8, 17, 33, ...), instead of short, ragged
-// row vectors.  The gradient is computed in that transposed (bins x kW) layout in a per-thread
-// buffer and written back as contiguous row-major vectors gathered from it.  (Measured on AVX-512:
-// gathers beat both scalar transposes and at::vec::transpose_mxn's 16 x 16 tiles here.)
+// vector, so every step (max, exp, sums, the DFL target bins, gradients) is a full-width vector
+// operation whatever the bin count (8, 17, 33, ...), instead of short, ragged row vectors.  The
+// gradient is computed in that transposed (bins x kW) layout in a per-thread buffer and written
+// back as contiguous row-major vectors.  The layout changes (to_lanes / from_lanes) use an
+// in-register 16 x 16 transpose for full AVX-512 float blocks and gathers elsewhere (measured:
+// gathers beat scalar transposes and at::vec::transpose_mxn's tiles; the in-register transpose
+// beats gathers).
 template <typename scalar_t, bool kDfl>
 void rows_typed(const RowTensors& t) {
   using opmath_t = at::opmath_type<scalar_t>;
