@@ -319,7 +319,7 @@ inline void lane_max(const T* zt, int64_t bins, Vectorized<T>& zmax, Vectorized<
 // back as contiguous row-major vectors.  The layout changes (to_lanes / from_lanes) use an
 // in-register 16 x 16 transpose for full AVX-512 float blocks and gathers elsewhere (measured:
 // gathers beat scalar transposes and at::vec::transpose_mxn's tiles; the in-register transpose
-// beats gathers).
+// then took the single-thread integral fwd+grad at 32000 x 17 from 0.44 to 0.33 ms, 75f1d37).
 template <typename scalar_t, bool kDfl>
 void rows_typed(const RowTensors& t) {
   using opmath_t = at::opmath_type<scalar_t>;
