@@ -132,14 +132,14 @@ GRID = (2, 64)
 
 
 def run_rows(emu, pred, *, dfl, target=None, scale=None, stride=0, with_out=True,
-             with_grad=True, lanes=0):
+             with_grad=True, lanes=0, grid=GRID):
     m, bins = pred.shape
     out = torch.full((m,), float("nan"), dtype=_acc(pred.dtype) if dfl else pred.dtype)
     grad = torch.full_like(pred, float("nan"))
     launch = RowsLaunch(DTYPE_CODES[pred.dtype], dfl, _ptr(pred), _ptr(target), _ptr(scale),
                         stride, _ptr(out) if with_out else None,
                         _ptr(grad) if with_grad else None, m, bins)
-    _check(emu, emu.gfl_emu_rows(ctypes.byref(launch), lanes, *GRID))
+    _check(emu, emu.gfl_emu_rows(ctypes.byref(launch), lanes, *grid))
     return out, grad
 
 
@@ -211,7 +211,7 @@ def test_emulated_dfl_kernel(emu, m, bins, dtype, lanes, scale_kind, seed):
 
 
 def run_qfl(emu, pred, *, labels=None, scores=None, target=None, beta=2.0, activated=False,
-            scale=None, stride=0, lanes=0):
+            scale=None, stride=0, lanes=0, grid=GRID):
     n, c = pred.shape
     loss = torch.full((n,), float("nan"), dtype=_acc(pred.dtype))
     grad = torch.full_like(pred, float("nan"))
@@ -219,7 +219,7 @@ def run_qfl(emu, pred, *, labels=None, scores=None, target=None, beta=2.0, activ
     launch = QflLaunch(DTYPE_CODES[pred.dtype], _ptr(pred), _ptr(labels), _ptr(scores),
                        _ptr(target), target_opmath, _ptr(scale), stride, _ptr(loss), _ptr(grad),
                        n, c, beta, activated)
-    _check(emu, emu.gfl_emu_qfl(ctypes.byref(launch), lanes, *GRID))
+    _check(emu, emu.gfl_emu_qfl(ctypes.byref(launch), lanes, *grid))
     return loss, grad
 
 
@@ -312,3 +312,23 @@ def test_emulated_kernels_empty_inputs_write_nothing(emu):
     loss, grad = run_qfl(emu, torch.empty(0, 80), labels=torch.empty(0, dtype=torch.long),
                          scores=torch.empty(0))
     assert loss.shape == (0,)
+
+
+@pytest.mark.parametrize("grid", [(1, 32), (3, 256), (64, 64)])
+def test_emulated_kernels_do_not_depend_on_the_launch_geometry(emu, grid):
+    """Each row is reduced by one lane group in a fixed order, so the results are bitwise the
+    same whatever the grid (and so run to run: nothing else varies)."""
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(45, 17, generator=gen) * 4
+    target = torch.rand(45, generator=gen) * 16
+    scale = torch.rand(45, generator=gen)
+    x = torch.randn(45, 80, generator=gen)
+    labels = torch.randint(0, 81, (45,), generator=gen)
+    scores = torch.rand(45, generator=gen)
+    for call in (
+        lambda g: run_rows(emu, z, dfl=False, grid=g),
+        lambda g: run_rows(emu, z, dfl=True, target=target, scale=scale, stride=1, grid=g),
+        lambda g: run_qfl(emu, x, labels=labels, scores=scores, scale=scale, stride=1, grid=g),
+    ):
+        for got, expected in zip(call(grid), call(GRID)):
+            assert torch.equal(got, expected)
