@@ -58,6 +58,26 @@ inline unsigned int grid_for(int64_t threads) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 
+// A thread's place in the grid-stride loop over rows of the row kernels, where a group of TPR
+// lanes (a power of two dividing 32) takes one row.  The loop runs by warp: every lane of a warp
+// has the same `first` and `stride`, so all 32 run the same number of iterations (the shuffles
+// need the whole warp); the thread's row is base + offset, which is past the end for some lanes
+// in the last iteration.
+struct RowGroupLoop {
+  int lane;        // the thread's lane within its group
+  int64_t first;   // the first group of the thread's warp
+  int64_t offset;  // the thread's group within its warp
+  int64_t stride;  // groups in the whole grid
+};
+
+template <int TPR>
+__device__ __forceinline__ RowGroupLoop row_group_loop() {
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t first = (thread / 32) * (32 / TPR);
+  return {static_cast<int>(threadIdx.x % TPR), first, thread / TPR - first,
+          static_cast<int64_t>(gridDim.x) * blockDim.x / TPR};
+}
+
 // Sum over the TPR lanes of a row group (TPR a power of two dividing 32); every lane gets the
 // total, in the same order on every run.
 template <int TPR, typename T>

@@ -23,15 +23,10 @@ __global__ void __launch_bounds__(kBlock)
                opmath_t<scalar_t>* __restrict__ loss, scalar_t* __restrict__ grad, int64_t n,
                int64_t c, opmath_t<scalar_t> beta, int mode, bool activated) {
   using acc_t = opmath_t<scalar_t>;
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int lane = threadIdx.x % TPR;
-  const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.x / TPR;
-  // Iterate by warp so that all 32 lanes run the same number of iterations (the shuffles
-  // need the whole warp); rows past n contribute nothing.
-  const int64_t warp_first_group = (thread / 32) * (32 / TPR);
-  const int64_t my_offset = thread / TPR - warp_first_group;
-  for (int64_t base = warp_first_group; base < n; base += groups) {
-    const int64_t row = base + my_offset;
+  const RowGroupLoop loop = row_group_loop<TPR>();
+  const int lane = loop.lane;
+  for (int64_t base = loop.first; base < n; base += loop.stride) {
+    const int64_t row = base + loop.offset;  // rows past n contribute nothing
     const bool active = row < n;
     acc_t sum = acc_t(0);
     if (active) {

@@ -52,15 +52,11 @@ __global__ void __launch_bounds__(kBlock)
   using O = Ops<acc_t>;  // expf / logf for float, exp / log for double
   using out_t = typename std::conditional<kDfl, acc_t, scalar_t>::type;
   out_t* out = static_cast<out_t*>(out_ptr);
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int lane = threadIdx.x % TPR;
-  const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.x / TPR;
-  const int64_t warp_first_group = (thread / 32) * (32 / TPR);
-  const int64_t my_offset = thread / TPR - warp_first_group;
+  const RowGroupLoop loop = row_group_loop<TPR>();
+  const int lane = loop.lane;
   const int64_t n = bins - 1;
-  // base is the same for every lane of a warp, so the shuffles below see all 32 lanes
-  for (int64_t base = warp_first_group; base < m; base += groups) {
-    const int64_t row = base + my_offset;
+  for (int64_t base = loop.first; base < m; base += loop.stride) {
+    const int64_t row = base + loop.offset;
     const bool active = row < m;
     const scalar_t* z = pred + row * bins;
     // pass 1

@@ -96,13 +96,12 @@ inline bool run_warp(const std::function<void()>& body, int warp_index, std::str
               std::to_string(done) + " returned";
       break;
     }
-    for (int l = 0; l < kWarp; ++l) {
-      if (w.lanes[l].width != w.lanes[0].width) {
-        error = "lanes of one warp called shuffles of different widths";
-        break;
-      }
+    bool same_width = true;
+    for (const Lane& lane : w.lanes) same_width = same_width && lane.width == w.lanes[0].width;
+    if (!same_width) {
+      error = "lanes of one warp called shuffles of different widths";
+      break;
     }
-    if (!error.empty()) break;
     for (int l = 0; l < kWarp; ++l) w.lanes[l].result = w.lanes[w.lanes[l].source].value;
     for (int l = 0; l < kWarp; ++l) w.lanes[l].waiting = false;
   }
