@@ -68,8 +68,9 @@ def _extensions():
     with_cuda, reason = _cuda_config(torch)
     # The DEFAULT build of the CPU kernels is listed before the AVX2 one so that the linker keeps
     # the portable copies of shared inline functions.
-    sources = ["csrc/ops.cpp", "csrc/cpu/ops_cpu.cpp", "csrc/cpu/kernels_default.cpp",
-               "csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_avx512.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/eager_autograd.cpp", "csrc/cpu/ops_cpu.cpp",
+               "csrc/cpu/kernels_default.cpp", "csrc/cpu/kernels_avx2.cpp",
+               "csrc/cpu/kernels_avx512.cpp"]
     # -Wno-psabi: GCC notes that AVX2 lambdas in at::vec change the ABI; they never cross a TU.
     cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-psabi"]
     link_flags = []

@@ -10,6 +10,8 @@
 
 #include <string>
 
+#include "eager_autograd.h"
+
 namespace gfl::cpu {
 std::string cpu_kernel_isa();  // ops_cpu.cpp
 }
@@ -35,7 +37,8 @@ TORCH_LIBRARY(gfl_ops, m) {
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                                          "gfl_ops compiled operators", -1, nullptr};
+                                          "gfl_ops compiled operators", -1,
+                                          gfl::eager::method_table()};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   PyModule_AddStringConstant(module, "CPU_ISA", gfl::cpu::cpu_kernel_isa().c_str());

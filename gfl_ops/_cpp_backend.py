@@ -161,39 +161,26 @@ def _grad_input(ctx, grad_loss: torch.Tensor | None, recompute) -> torch.Tensor 
     return recompute(grad_loss, *inputs, *ctx.extra[:-1])
 
 
-class _FusedEagerCall(torch.autograd.Function):
-    """Plain eager calls of a fused operator that needs its gradient: the operator's own kernel
-    (called below the autograd key) wrapped in this Function, with the same saved state and
-    backward (``_grad_input``) as the operator's registered autograd.
+def _fused_eager_functions() -> dict[str, object]:
+    """op name -> the C++ eager entry point of ``_C`` (csrc/eager_autograd.cpp).
 
-    It skips the generic wrapper that ``torch.library.register_autograd`` installs (argument
-    pytrees, schema checks, a second output to mark): at 32,000 x 17 rows, with the caches
-    cold from the data a training step streams through, the integral's Python time per step
-    fell by ~0.1 ms (about a fifth of the step).  Traced code (torch.compile, make_fx, functorch)
-    calls the operator itself, so what is traced is the registered operator.
+    Plain eager calls that need the gradient go there: one C++ call builds a C++ autograd node
+    around the operator's kernel, with the same saved state and backward formulas as the
+    registered autograd above (``_save`` / ``_grad_input``).  It skips the Python
+    autograd.Function, the Python backward and the ``torch.ops`` calls, whose cost grows with cold
+    caches: at 32,000 x 17 the integral's fwd+bwd step is 10-15% faster (benchmarks/README.md,
+    "Design measurements").  Traced code (torch.compile, make_fx, functorch) calls the registered
+    operator, so what is traced is the operator.
 
-    ``apply(name, pred, *args)``: ``args`` as the operator's, without ``with_grad``; returns the
-    loss (or the integral's value) only.
+    Each takes the operator's arguments without ``with_grad`` and returns the loss (or the
+    integral's value) only.
     """
+    from gfl_ops._extension import _C
+    return {"qfl": _C.qfl_fused_eager, "qfl_dense": _C.qfl_dense_fused_eager,
+            "dfl": _C.dfl_fused_eager, "integral": _C.integral_fused_eager}
 
-    @staticmethod
-    def forward(ctx, name: str, *inputs):
-        n_tensors, recompute = _FUSED_OPS[name]
-        with torch._C._AutoDispatchBelowAutograd():
-            loss, workspace = getattr(_ops, name).default(*inputs, True)
-        ctx.set_materialize_grads(False)
-        ctx.n_tensors = n_tensors
-        ctx.extra = (*inputs[n_tensors:], True)
-        ctx.workspace = workspace
-        ctx.recompute = recompute
-        ctx.save_for_backward(*inputs[:n_tensors])
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad = _grad_input(ctx, grad_loss, getattr(_ops, ctx.recompute))
-        return (None, grad) + (None,) * (ctx.n_tensors - 1 + len(ctx.extra) - 1)
-
+_FUSED_EAGER = _fused_eager_functions() if _ops is not None else {}
 
 if _ops is not None:
     _register()
@@ -224,7 +211,7 @@ class _CppBackend:
         """The operator's first output (loss or decoded value), gradient fused when needed."""
         if FUSED_GRAD[self.device_type] and _needs_grad(pred):
             if _plain_eager(pred):
-                return _FusedEagerCall.apply(name, pred, *args)
+                return _FUSED_EAGER[name](pred, *args)
             return getattr(_ops, name)(pred, *args, True)[0]
         return getattr(_ops, name)(pred, *args, False)[0]
 

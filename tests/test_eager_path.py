@@ -1,0 +1,102 @@
+"""The C++ eager path of the fused-gradient operators (csrc/eager_autograd.cpp): plain eager
+calls that need the gradient build a C++ autograd node instead of going through the registered
+Python autograd.  It must give the registered operator's numbers bit for bit, hand out the
+forward's buffer as the gradient without a copy, and fall back to recomputing wherever the buffer
+cannot be used (retained graphs are covered in test_torch_integration.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gfl_ops
+from gfl_ops import _cpp_backend, _extension
+
+pytestmark = pytest.mark.skipif(
+    not gfl_ops.extension_loaded() or not _cpp_backend.FUSED_GRAD["cpu"],
+    reason="needs gfl_ops._C and the fused CPU gradient")
+
+ops = torch.ops.gfl_ops
+
+
+def _cases(dtype: torch.dtype):
+    """(name, pred, public call, registered-operator call) for each fused operator."""
+    gen = torch.Generator().manual_seed(7)
+    n, c, m, bins = 11, 6, 13, 17
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+
+    labels = torch.tensor([0, 6, 3, 6, 1, 2, 6, 5, 0, 4, 6])
+    scores = torch.rand(n, generator=gen).to(dtype)
+    dense = torch.rand(n, c, generator=gen).to(dtype)
+    target = torch.rand(m, generator=gen) * 16
+    target[0] = 16.0  # the last bin exactly
+    return [
+        ("qfl", leaf(n, c),
+         lambda p: gfl_ops.quality_focal_loss(p, (labels, scores), reduction="none"),
+         lambda p: ops.qfl(p, labels, scores, 2.0, False, True)[0]),
+        ("qfl_dense", leaf(n, c),
+         lambda p: gfl_ops.quality_focal_loss(p, dense, reduction="none"),
+         lambda p: ops.qfl_dense(p, dense, 2.0, False, True)[0]),
+        ("dfl", leaf(m, bins),
+         lambda p: gfl_ops.distribution_focal_loss(p, target, reduction="none"),
+         lambda p: ops.dfl(p, target.to(torch.promote_types(dtype, torch.float32)), True)[0]),
+        ("integral", leaf(m, bins), gfl_ops.integral,
+         lambda p: ops.integral(p, True)[0]),
+    ]
+
+
+def _grad(fn, pred: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = fn(pred)
+    (grad,) = torch.autograd.grad(out, pred, upstream.to(out.dtype))
+    return out.detach(), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_same_bits_as_the_registered_operator(dtype):
+    for name, pred, public, registered in _cases(dtype):
+        upstream = torch.randn(pred.shape[0], generator=torch.Generator().manual_seed(1))
+        out_eager, grad_eager = _grad(public, pred, upstream)
+        out_op, grad_op = _grad(registered, pred, upstream)
+        assert torch.equal(out_eager, out_op.to(out_eager.dtype)), name
+        assert torch.equal(grad_eager, grad_op), name
+        assert grad_eager.dtype == pred.dtype, name
+
+
+def test_gradient_is_the_forward_buffer_not_a_copy():
+    """The node lets go of its buffer when it hands it out, so AccumulateGrad adopts it: the
+    gradient reaching ``pred.grad`` is the tensor the backward returned (one buffer per step)."""
+    for name, pred, public, _ in _cases(torch.float32):
+        seen: list[int] = []
+        handle = pred.register_hook(lambda g, seen=seen: seen.append(g.data_ptr()))
+        public(pred).sum().backward()
+        handle.remove()
+        assert pred.grad is not None and seen == [pred.grad.data_ptr()], name
+
+
+@pytest.mark.parametrize("name", ["qfl", "qfl_dense", "dfl", "integral"])
+def test_batched_upstream_gradients_recompute(name):
+    """autograd.grad(is_grads_batched=True) runs the backward under vmap: the batched incoming
+    gradient cannot scale the buffer in place, so the gradient is recomputed, per batch entry."""
+    case = next(c for c in _cases(torch.float64) if c[0] == name)
+    _, pred, public, _ = case
+    upstream = torch.randn(3, pred.shape[0], generator=torch.Generator().manual_seed(2),
+                           dtype=torch.float64)
+    out = public(pred)
+    (batched,) = torch.autograd.grad(out, pred, upstream, is_grads_batched=True)
+    for i in range(3):
+        (one,) = torch.autograd.grad(public(pred), pred, upstream[i])
+        torch.testing.assert_close(batched[i], one, rtol=1e-12, atol=1e-12)
+
+
+def test_entry_points_reject_malformed_calls():
+    c_module = _extension._C
+    pred = torch.randn(4, 17, requires_grad=True)
+    with pytest.raises(TypeError, match="takes 1 arguments, got 2"):
+        c_module.integral_fused_eager(pred, pred)
+    with pytest.raises(TypeError, match="pred must be a torch.Tensor"):
+        c_module.integral_fused_eager([1.0])
+    with pytest.raises(TypeError, match="must be real number"):
+        c_module.qfl_dense_fused_eager(torch.randn(4, 3, requires_grad=True),
+                                       torch.rand(4, 3), "2", False)
