@@ -107,27 +107,40 @@ def resolve(backend: str | None, device: torch.device, op: str) -> Any:
     return _loaded[_resolve_name(backend, device.type, op)]
 
 
+# Successful choices: (requested name, device type, op, AUTO_CUDA_CHOICE[op]) -> backend name.
+# Resolving from scratch walks the availability probes of several backends, which with the cold
+# caches of a training step costs ~15 us a call.  Every availability answer is fixed for the
+# life of the process except the Triton backend's on CPU (it follows TRITON_INTERPRET), so that
+# choice is not kept.
+_resolved: dict[tuple, str] = {}
+_REQUESTABLE = BACKEND_NAMES + ("auto",)
+
+
 # Under torch.compile the choice is made once, eagerly, and baked into the graph as a constant:
 # the imports, environment reads and availability probes behind it are not traceable.
 @torch.compiler.assume_constant_result
 def _resolve_name(backend: str | None, device_type: str, op: str) -> str:
     requested = backend if backend is not None else os.environ.get(_ENV_VAR) or "auto"
-    if not isinstance(requested, str) or requested not in BACKEND_NAMES + ("auto",):
+    if not isinstance(requested, str) or requested not in _REQUESTABLE:
         source = "backend" if backend is not None else f"${_ENV_VAR}"
         raise ValueError(
-            f"{source} must be one of {', '.join(BACKEND_NAMES + ('auto',))} or None, "
-            f"got {requested!r}"
+            f"{source} must be one of {', '.join(_REQUESTABLE)} or None, got {requested!r}"
         )
-    if requested == "auto":
-        requested = _auto_choice(device_type, op)
-    reason = _reason(requested, device_type)
+    key = (requested, device_type, op, AUTO_CUDA_CHOICE.get(op))
+    name = _resolved.get(key)
+    if name is not None:
+        return name
+    name = _auto_choice(device_type, op) if requested == "auto" else requested
+    reason = _reason(name, device_type)
     if reason is not None:
         can = available_backends(device_type)
         raise RuntimeError(
-            f"gfl_ops backend {requested!r} cannot run on {device_type} tensors here: {reason}. "
+            f"gfl_ops backend {name!r} cannot run on {device_type} tensors here: {reason}. "
             f"Backends that can: {', '.join(can) or 'none'}."
         )
-    return requested
+    if not (name == "triton" and device_type == "cpu"):
+        _resolved[key] = name
+    return name
 
 
 def _auto_choice(device_type: str, op: str) -> str:
