@@ -6,6 +6,8 @@ cannot be used (retained graphs are covered in test_torch_integration.py)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -100,3 +102,41 @@ def test_entry_points_reject_malformed_calls():
     with pytest.raises(TypeError, match="must be real number"):
         c_module.qfl_dense_fused_eager(torch.randn(4, 3, requires_grad=True),
                                        torch.rand(4, 3), "2", False)
+
+
+def test_python_hooks_anomaly_mode_and_threads():
+    """The C++ entry points build the node without the GIL: Python saved-tensor hooks, anomaly
+    mode (which records a Python stack) and concurrent callers must still work."""
+    pred = torch.randn(6, 17, requires_grad=True)
+    packed: list[torch.Size] = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = gfl_ops.integral(pred)
+    out.sum().backward()
+    assert packed == [pred.shape] and pred.grad is not None
+    with pytest.warns(UserWarning, match="Anomaly Detection"), torch.autograd.detect_anomaly():
+        pred.grad = None
+        gfl_ops.distribution_focal_loss(pred, torch.rand(6) * 16).backward()
+    assert torch.isfinite(pred.grad).all()
+
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            for _ in range(50):
+                q = torch.randn(64, 17, requires_grad=True)
+                gfl_ops.integral(q).sum().backward()
+                assert torch.isfinite(q.grad).all()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
