@@ -1,6 +1,6 @@
-// The eager fast path of the fused-gradient operators: C++ autograd Functions around the
-// registered operators, exposed as plain functions of the gfl_ops._C module
-// (``_C.integral_fused_eager(pred)`` and so on; gfl_ops/_cpp_backend.py calls them).
+// The eager fast path of the operators: C++ autograd Functions around the registered operators,
+// exposed as plain functions of the gfl_ops._C module (``_C.integral_eager(pred, fused)`` and so
+// on; gfl_ops/_cpp_backend.py calls them).
 //
 // Why C++: a training step streams megabytes through the caches, so the Python around a kernel
 // runs with its code and objects cold.  At 32,000 x 17 the integral's fwd+bwd spent ~0.07-0.1 ms
@@ -8,13 +8,14 @@
 // C++ call for the forward and a C++ backward node cut the step by 10-15% (in-process A/B,
 // benchmarks/README.md "Design measurements").
 //
-// Same state and formulas as the Python autograd of gfl_ops/_cpp_backend.py: the forward kernel
-// writes dL/dpred per unit of incoming gradient into a workspace; the first backward scales it
-// in place (scale_rows_) and hands it out as the gradient, so a step allocates one pred-sized
-// buffer.  The workspace is dropped from the node when handed out: AccumulateGrad then owns the
-// only reference and adopts it instead of copying it.  A second backward through a retained
-// graph, a backward that builds a graph (create_graph) or an incoming gradient that is not a
-// plain tensor (functorch, tensor subclasses) recompute through the *_backward operators.
+// Same state and formulas as the Python autograd of gfl_ops/_cpp_backend.py, for both gradient
+// strategies (`fused`, FUSED_GRAD there).  Fused: the forward kernel writes dL/dpred per unit of
+// incoming gradient into a workspace; the first backward scales it in place (scale_rows_) and
+// hands it out as the gradient, so a step allocates one pred-sized buffer.  The workspace is
+// dropped from the node when handed out: AccumulateGrad then owns the only reference and adopts
+// it instead of copying it.  Recompute (not fused), a second backward through a retained graph,
+// a backward that builds a graph (create_graph) or an incoming gradient that is not a plain
+// tensor (vmap, tensor subclasses): the *_backward operators recompute the gradient.
 //
 // Only for plain eager calls that need the gradient: traced code (torch.compile, make_fx) calls
 // the registered operators, whose fake kernels and autograd live in Python.
@@ -54,17 +55,19 @@ bool is_plain(const Tensor& t) {
   return !t.key_set().has_any(kWrappers);
 }
 
-// Forward bookkeeping shared by the four Functions: keep the workspace outside the saved
-// variables (it is handed out, not read back), save the inputs a recompute needs.
-Tensor finish_forward(AutogradContext* ctx, LossAndGrad result, variable_list to_save) {
-  ctx->saved_data["workspace"] = std::get<1>(result);
+// Forward bookkeeping shared by the four Functions: keep the workspace of a fused forward
+// outside the saved variables (it is handed out, not read back), save the inputs a recompute
+// needs.
+Tensor finish_forward(AutogradContext* ctx, LossAndGrad result, bool fused,
+                      variable_list to_save) {
+  if (fused) ctx->saved_data["workspace"] = std::get<1>(result);
   ctx->save_for_backward(std::move(to_save));
   ctx->set_materialize_grads(false);
   return std::get<0>(std::move(result));
 }
 
 // The forward's workspace scaled by grad_loss, in place, handed out once; nullopt when the
-// gradient must be recomputed instead.
+// gradient must be recomputed instead (or the forward did not fuse it).
 std::optional<Tensor> take_workspace(AutogradContext* ctx, const Tensor& grad_loss) {
   auto it = ctx->saved_data.find("workspace");
   if (it == ctx->saved_data.end() || c10::GradMode::is_enabled() || !is_plain(grad_loss))
@@ -89,86 +92,88 @@ variable_list pred_grad(Tensor grad, size_t n_inputs) {
 
 struct QflFunction : torch::autograd::Function<QflFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& pred, const Tensor& labels,
-                        const Tensor& scores, double beta, bool activated) {
+                        const Tensor& scores, double beta, bool activated, bool fused) {
     static const auto op =
         find_op<LossAndGrad(const Tensor&, const Tensor&, const Tensor&, double, bool, bool)>(
             "gfl_ops::qfl");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["activated"] = activated;
-    return finish_forward(ctx, op.call(pred, labels, scores, beta, activated, true),
+    return finish_forward(ctx, op.call(pred, labels, scores, beta, activated, fused), fused,
                           {pred, labels, scores});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor& g = grads[0];
-    if (!g.defined()) return variable_list(5);
-    if (auto ws = take_workspace(ctx, g)) return pred_grad(std::move(*ws), 5);
+    if (!g.defined()) return variable_list(6);
+    if (auto ws = take_workspace(ctx, g)) return pred_grad(std::move(*ws), 6);
     static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&,
                                           const Tensor&, double, bool)>("gfl_ops::qfl_backward");
     const auto s = ctx->get_saved_variables();
     return pred_grad(op.call(g, s[0], s[1], s[2], ctx->saved_data["beta"].toDouble(),
                              ctx->saved_data["activated"].toBool()),
-                     5);
+                     6);
   }
 };
 
 struct QflDenseFunction : torch::autograd::Function<QflDenseFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& pred, const Tensor& target,
-                        double beta, bool activated) {
+                        double beta, bool activated, bool fused) {
     static const auto op =
         find_op<LossAndGrad(const Tensor&, const Tensor&, double, bool, bool)>(
             "gfl_ops::qfl_dense");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["activated"] = activated;
-    return finish_forward(ctx, op.call(pred, target, beta, activated, true), {pred, target});
+    return finish_forward(ctx, op.call(pred, target, beta, activated, fused), fused,
+                          {pred, target});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor& g = grads[0];
-    if (!g.defined()) return variable_list(4);
-    if (auto ws = take_workspace(ctx, g)) return pred_grad(std::move(*ws), 4);
+    if (!g.defined()) return variable_list(5);
+    if (auto ws = take_workspace(ctx, g)) return pred_grad(std::move(*ws), 5);
     static const auto op =
         find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, double, bool)>(
             "gfl_ops::qfl_dense_backward");
     const auto s = ctx->get_saved_variables();
     return pred_grad(op.call(g, s[0], s[1], ctx->saved_data["beta"].toDouble(),
                              ctx->saved_data["activated"].toBool()),
-                     4);
+                     5);
   }
 };
 
 struct DflFunction : torch::autograd::Function<DflFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& pred, const Tensor& target) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& pred, const Tensor& target,
+                        bool fused) {
     static const auto op =
         find_op<LossAndGrad(const Tensor&, const Tensor&, bool)>("gfl_ops::dfl");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return finish_forward(ctx, op.call(pred, target, true), {pred, target});
+    return finish_forward(ctx, op.call(pred, target, fused), fused, {pred, target});
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& g = grads[0];
+    if (!g.defined()) return variable_list(3);
+    if (auto ws = take_workspace(ctx, g)) return pred_grad(std::move(*ws), 3);
+    static const auto op =
+        find_op<Tensor(const Tensor&, const Tensor&, const Tensor&)>("gfl_ops::dfl_backward");
+    const auto s = ctx->get_saved_variables();
+    return pred_grad(op.call(g, s[0], s[1]), 3);
+  }
+};
+
+struct IntegralFunction : torch::autograd::Function<IntegralFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& pred, bool fused) {
+    static const auto op = find_op<LossAndGrad(const Tensor&, bool)>("gfl_ops::integral");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return finish_forward(ctx, op.call(pred, fused), fused, {pred});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor& g = grads[0];
     if (!g.defined()) return variable_list(2);
     if (auto ws = take_workspace(ctx, g)) return pred_grad(std::move(*ws), 2);
     static const auto op =
-        find_op<Tensor(const Tensor&, const Tensor&, const Tensor&)>("gfl_ops::dfl_backward");
-    const auto s = ctx->get_saved_variables();
-    return pred_grad(op.call(g, s[0], s[1]), 2);
-  }
-};
-
-struct IntegralFunction : torch::autograd::Function<IntegralFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& pred) {
-    static const auto op = find_op<LossAndGrad(const Tensor&, bool)>("gfl_ops::integral");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return finish_forward(ctx, op.call(pred, true), {pred});
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor& g = grads[0];
-    if (!g.defined()) return variable_list(1);
-    if (auto ws = take_workspace(ctx, g)) return pred_grad(std::move(*ws), 1);
-    static const auto op =
         find_op<Tensor(const Tensor&, const Tensor&)>("gfl_ops::integral_backward");
     const auto s = ctx->get_saved_variables();
-    return pred_grad(op.call(g, s[0]), 1);
+    return pred_grad(op.call(g, s[0]), 2);
   }
 };
 
@@ -209,57 +214,64 @@ PyObject* wrap_result(Fn&& fn) {
   return THPVariable_Wrap(std::move(out));
 }
 
-PyObject* qfl_fused_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+PyObject* qfl_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  check_nargs(nargs, 5, "qfl_fused_eager");
+  check_nargs(nargs, 6, "qfl_eager");
   const Tensor& pred = tensor_arg(args[0], "pred");
   const Tensor& labels = tensor_arg(args[1], "labels");
   const Tensor& scores = tensor_arg(args[2], "scores");
   const double beta = float_arg(args[3]);
-  const bool activated = bool_arg(args[4]);
-  return wrap_result([&] { return QflFunction::apply(pred, labels, scores, beta, activated); });
+  const bool activated = bool_arg(args[4]), fused = bool_arg(args[5]);
+  return wrap_result(
+      [&] { return QflFunction::apply(pred, labels, scores, beta, activated, fused); });
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* qfl_dense_fused_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+PyObject* qfl_dense_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  check_nargs(nargs, 4, "qfl_dense_fused_eager");
+  check_nargs(nargs, 5, "qfl_dense_eager");
   const Tensor& pred = tensor_arg(args[0], "pred");
   const Tensor& target = tensor_arg(args[1], "target");
   const double beta = float_arg(args[2]);
-  const bool activated = bool_arg(args[3]);
-  return wrap_result([&] { return QflDenseFunction::apply(pred, target, beta, activated); });
+  const bool activated = bool_arg(args[3]), fused = bool_arg(args[4]);
+  return wrap_result(
+      [&] { return QflDenseFunction::apply(pred, target, beta, activated, fused); });
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* dfl_fused_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+PyObject* dfl_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  check_nargs(nargs, 2, "dfl_fused_eager");
+  check_nargs(nargs, 3, "dfl_eager");
   const Tensor& pred = tensor_arg(args[0], "pred");
   const Tensor& target = tensor_arg(args[1], "target");
-  return wrap_result([&] { return DflFunction::apply(pred, target); });
+  const bool fused = bool_arg(args[2]);
+  return wrap_result([&] { return DflFunction::apply(pred, target, fused); });
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* integral_fused_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+PyObject* integral_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  check_nargs(nargs, 1, "integral_fused_eager");
+  check_nargs(nargs, 2, "integral_eager");
   const Tensor& pred = tensor_arg(args[0], "pred");
-  return wrap_result([&] { return IntegralFunction::apply(pred); });
+  const bool fused = bool_arg(args[1]);
+  return wrap_result([&] { return IntegralFunction::apply(pred, fused); });
   END_HANDLE_TH_ERRORS
+}
+
+template <PyObject* (*fn)(PyObject*, PyObject* const*, Py_ssize_t)>
+PyCFunction as_cfunction() {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(fn));
 }
 
 PyMethodDef kMethods[] = {
-    {"qfl_fused_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(qfl_fused_eager)),
-     METH_FASTCALL, "qfl_fused_eager(pred, labels, scores, beta, activated) -> loss (N,)"},
-    {"qfl_dense_fused_eager",
-     reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(qfl_dense_fused_eager)),
-     METH_FASTCALL, "qfl_dense_fused_eager(pred, target, beta, activated) -> loss (N,)"},
-    {"dfl_fused_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(dfl_fused_eager)),
-     METH_FASTCALL, "dfl_fused_eager(pred, target) -> loss (M,)"},
-    {"integral_fused_eager",
-     reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(integral_fused_eager)), METH_FASTCALL,
-     "integral_fused_eager(pred) -> y_hat (M,)"},
+    {"qfl_eager", as_cfunction<qfl_eager>(), METH_FASTCALL,
+     "qfl_eager(pred, labels, scores, beta, activated, fused) -> loss (N,)"},
+    {"qfl_dense_eager", as_cfunction<qfl_dense_eager>(), METH_FASTCALL,
+     "qfl_dense_eager(pred, target, beta, activated, fused) -> loss (N,)"},
+    {"dfl_eager", as_cfunction<dfl_eager>(), METH_FASTCALL,
+     "dfl_eager(pred, target, fused) -> loss (M,)"},
+    {"integral_eager", as_cfunction<integral_eager>(), METH_FASTCALL,
+     "integral_eager(pred, fused) -> y_hat (M,)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -161,26 +161,27 @@ def _grad_input(ctx, grad_loss: torch.Tensor | None, recompute) -> torch.Tensor 
     return recompute(grad_loss, *inputs, *ctx.extra[:-1])
 
 
-def _fused_eager_functions() -> dict[str, object]:
+def _eager_functions() -> dict[str, object]:
     """op name -> the C++ eager entry point of ``_C`` (csrc/eager_autograd.cpp).
 
     Plain eager calls that need the gradient go there: one C++ call builds a C++ autograd node
     around the operator's kernel, with the same saved state and backward formulas as the
-    registered autograd above (``_save`` / ``_grad_input``).  It skips the Python
-    autograd.Function, the Python backward and the ``torch.ops`` calls, whose cost grows with cold
-    caches: at 32,000 x 17 the integral's fwd+bwd step is 10-15% faster (benchmarks/README.md,
-    "Design measurements").  Traced code (torch.compile, make_fx, functorch) calls the registered
-    operator, so what is traced is the operator.
+    registered autograd above (``_save`` / ``_grad_input``), fused or recomputing as
+    ``FUSED_GRAD`` says.  It skips the Python autograd wrapper, the Python backward and the
+    ``torch.ops`` calls, whose cost grows with cold caches: at 32,000 x 17 the integral's fused
+    fwd+bwd step on CPU is 10-15% faster (benchmarks/README.md, "Design measurements").  Traced
+    code (torch.compile, make_fx, functorch) calls the registered operator, so what is traced is
+    the operator.
 
-    Each takes the operator's arguments without ``with_grad`` and returns the loss (or the
-    integral's value) only.
+    Each takes the operator's arguments with ``fused`` in place of ``with_grad`` and returns the
+    loss (or the integral's value) only.
     """
     from gfl_ops._extension import _C
-    return {"qfl": _C.qfl_fused_eager, "qfl_dense": _C.qfl_dense_fused_eager,
-            "dfl": _C.dfl_fused_eager, "integral": _C.integral_fused_eager}
+    return {"qfl": _C.qfl_eager, "qfl_dense": _C.qfl_dense_eager, "dfl": _C.dfl_eager,
+            "integral": _C.integral_eager}
 
 
-_FUSED_EAGER = _fused_eager_functions() if _ops is not None else {}
+_EAGER = _eager_functions() if _ops is not None else {}
 
 if _ops is not None:
     _register()
@@ -208,11 +209,13 @@ class _CppBackend:
         return None
 
     def _call(self, name: str, pred: torch.Tensor, *args) -> torch.Tensor:
-        """The operator's first output (loss or decoded value), gradient fused when needed."""
-        if FUSED_GRAD[self.device_type] and _needs_grad(pred):
+        """The operator's first output (loss or decoded value), gradient fused when needed and
+        ``FUSED_GRAD`` says so."""
+        if _needs_grad(pred):
+            fused = FUSED_GRAD[self.device_type]
             if _plain_eager(pred):
-                return _FUSED_EAGER[name](pred, *args)
-            return getattr(_ops, name)(pred, *args, True)[0]
+                return _EAGER[name](pred, *args, fused)
+            return getattr(_ops, name)(pred, *args, fused)[0]
         return getattr(_ops, name)(pred, *args, False)[0]
 
     def qfl(self, pred, labels, scores, beta, activated):

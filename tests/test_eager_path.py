@@ -1,8 +1,8 @@
-"""The C++ eager path of the fused-gradient operators (csrc/eager_autograd.cpp): plain eager
-calls that need the gradient build a C++ autograd node instead of going through the registered
-Python autograd.  It must give the registered operator's numbers bit for bit, hand out the
-forward's buffer as the gradient without a copy, and fall back to recomputing wherever the buffer
-cannot be used (retained graphs are covered in test_torch_integration.py)."""
+"""The C++ eager path of the operators (csrc/eager_autograd.cpp): plain eager calls that need the
+gradient build a C++ autograd node instead of going through the registered Python autograd.  It
+must give the registered operator's numbers bit for bit under both gradient strategies (fused,
+recompute), hand out the fused forward's buffer as the gradient without a copy, and recompute
+wherever the buffer cannot be used (retained graphs are covered in test_torch_integration.py)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,21 @@ import torch
 import gfl_ops
 from gfl_ops import _cpp_backend, _extension
 
-pytestmark = pytest.mark.skipif(
-    not gfl_ops.extension_loaded() or not _cpp_backend.FUSED_GRAD["cpu"],
-    reason="needs gfl_ops._C and the fused CPU gradient")
+pytestmark = pytest.mark.skipif(not gfl_ops.extension_loaded(),
+                                reason=f"gfl_ops._C not loaded: {gfl_ops.extension_error()}")
 
 ops = torch.ops.gfl_ops
 
 
-def _cases(dtype: torch.dtype):
-    """(name, pred, public call, registered-operator call) for each fused operator."""
+@pytest.fixture(params=[True, False], ids=["fused", "recompute"])
+def strategy(request, monkeypatch) -> bool:
+    """The CPU backend's gradient strategy (``FUSED_GRAD['cpu']``), both ways."""
+    monkeypatch.setitem(_cpp_backend.FUSED_GRAD, "cpu", request.param)
+    return request.param
+
+
+def _cases(dtype: torch.dtype, fused: bool = True):
+    """(name, pred, public call, registered-operator call) for each operator."""
     gen = torch.Generator().manual_seed(7)
     n, c, m, bins = 11, 6, 13, 17
 
@@ -37,15 +43,15 @@ def _cases(dtype: torch.dtype):
     return [
         ("qfl", leaf(n, c),
          lambda p: gfl_ops.quality_focal_loss(p, (labels, scores), reduction="none"),
-         lambda p: ops.qfl(p, labels, scores, 2.0, False, True)[0]),
+         lambda p: ops.qfl(p, labels, scores, 2.0, False, fused)[0]),
         ("qfl_dense", leaf(n, c),
          lambda p: gfl_ops.quality_focal_loss(p, dense, reduction="none"),
-         lambda p: ops.qfl_dense(p, dense, 2.0, False, True)[0]),
+         lambda p: ops.qfl_dense(p, dense, 2.0, False, fused)[0]),
         ("dfl", leaf(m, bins),
          lambda p: gfl_ops.distribution_focal_loss(p, target, reduction="none"),
-         lambda p: ops.dfl(p, target.to(torch.promote_types(dtype, torch.float32)), True)[0]),
+         lambda p: ops.dfl(p, target.to(torch.promote_types(dtype, torch.float32)), fused)[0]),
         ("integral", leaf(m, bins), gfl_ops.integral,
-         lambda p: ops.integral(p, True)[0]),
+         lambda p: ops.integral(p, fused)[0]),
     ]
 
 
@@ -56,8 +62,8 @@ def _grad(fn, pred: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_same_bits_as_the_registered_operator(dtype):
-    for name, pred, public, registered in _cases(dtype):
+def test_same_bits_as_the_registered_operator(dtype, strategy):
+    for name, pred, public, registered in _cases(dtype, strategy):
         upstream = torch.randn(pred.shape[0], generator=torch.Generator().manual_seed(1))
         out_eager, grad_eager = _grad(public, pred, upstream)
         out_op, grad_op = _grad(registered, pred, upstream)
@@ -78,7 +84,7 @@ def test_gradient_is_the_forward_buffer_not_a_copy():
 
 
 @pytest.mark.parametrize("name", ["qfl", "qfl_dense", "dfl", "integral"])
-def test_batched_upstream_gradients_recompute(name):
+def test_batched_upstream_gradients_recompute(name, strategy):
     """autograd.grad(is_grads_batched=True) runs the backward under vmap: the batched incoming
     gradient cannot scale the buffer in place, so the gradient is recomputed, per batch entry."""
     case = next(c for c in _cases(torch.float64) if c[0] == name)
@@ -95,16 +101,16 @@ def test_batched_upstream_gradients_recompute(name):
 def test_entry_points_reject_malformed_calls():
     c_module = _extension._C
     pred = torch.randn(4, 17, requires_grad=True)
-    with pytest.raises(TypeError, match="takes 1 arguments, got 2"):
-        c_module.integral_fused_eager(pred, pred)
+    with pytest.raises(TypeError, match="takes 2 arguments, got 1"):
+        c_module.integral_eager(pred)
     with pytest.raises(TypeError, match="pred must be a torch.Tensor"):
-        c_module.integral_fused_eager([1.0])
+        c_module.integral_eager([1.0], True)
     with pytest.raises(TypeError, match="must be real number"):
-        c_module.qfl_dense_fused_eager(torch.randn(4, 3, requires_grad=True),
-                                       torch.rand(4, 3), "2", False)
+        c_module.qfl_dense_eager(torch.randn(4, 3, requires_grad=True), torch.rand(4, 3), "2",
+                                 False, True)
 
 
-def test_python_hooks_anomaly_mode_and_threads():
+def test_python_hooks_anomaly_mode_and_threads(strategy):
     """The C++ entry points build the node without the GIL: Python saved-tensor hooks, anomaly
     mode (which records a Python stack) and concurrent callers must still work."""
     pred = torch.randn(6, 17, requires_grad=True)
