@@ -24,6 +24,9 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <array>
+#include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -181,27 +184,42 @@ struct IntegralFunction : torch::autograd::Function<IntegralFunction> {
 // Python entry points (METH_FASTCALL).  The arguments were validated by gfl_ops.functional; the
 // checks here only keep a wrong call from this package's own Python from crashing.
 
-const Tensor& tensor_arg(PyObject* obj, const char* what) {
-  TORCH_CHECK_TYPE(THPVariable_Check(obj), "gfl_ops._C: ", what, " must be a torch.Tensor");
-  return THPVariable_Unpack(obj);
-}
+// The positional arguments of one call, read while the GIL is held.  `kinds` has one letter per
+// argument: 't' tensor, 'd' float, 'b' bool; `names` names them for the error messages.
+class Args {
+ public:
+  Args(PyObject* const* args, Py_ssize_t nargs, const char* fn, const char* kinds,
+       std::initializer_list<const char*> names) {
+    const auto expected = static_cast<Py_ssize_t>(std::strlen(kinds));
+    TORCH_CHECK_TYPE(nargs == expected, "gfl_ops._C.", fn, " takes ", expected,
+                     " arguments, got ", nargs);
+    auto name = names.begin();
+    for (Py_ssize_t i = 0; i < nargs; ++i, ++name) {
+      PyObject* obj = args[i];
+      if (kinds[i] == 't') {
+        TORCH_CHECK_TYPE(THPVariable_Check(obj), "gfl_ops._C.", fn, ": ", *name,
+                         " must be a torch.Tensor");
+        tensors_[i] = THPVariable_Unpack(obj);
+      } else if (kinds[i] == 'd') {
+        numbers_[i] = PyFloat_AsDouble(obj);
+        if (numbers_[i] == -1.0 && PyErr_Occurred()) throw python_error();
+      } else {
+        const int truth = PyObject_IsTrue(obj);
+        if (truth < 0) throw python_error();
+        flags_[i] = truth != 0;
+      }
+    }
+  }
+  const Tensor& tensor(int i) const { return tensors_[i]; }
+  double number(int i) const { return numbers_[i]; }
+  bool flag(int i) const { return flags_[i]; }
 
-void check_nargs(Py_ssize_t nargs, Py_ssize_t expected, const char* fn) {
-  TORCH_CHECK_TYPE(nargs == expected, "gfl_ops._C.", fn, " takes ", expected,
-                   " arguments, got ", nargs);
-}
-
-double float_arg(PyObject* obj) {
-  const double value = PyFloat_AsDouble(obj);
-  if (value == -1.0 && PyErr_Occurred()) throw python_error();
-  return value;
-}
-
-bool bool_arg(PyObject* obj) {
-  const int value = PyObject_IsTrue(obj);
-  if (value < 0) throw python_error();
-  return value != 0;
-}
+ private:
+  static constexpr int kMax = 6;
+  std::array<Tensor, kMax> tensors_;
+  std::array<double, kMax> numbers_{};
+  std::array<bool, kMax> flags_{};
+};
 
 // Runs fn (which builds the autograd node and launches the kernel) without the GIL.
 template <class Fn>
@@ -216,45 +234,36 @@ PyObject* wrap_result(Fn&& fn) {
 
 PyObject* qfl_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  check_nargs(nargs, 6, "qfl_eager");
-  const Tensor& pred = tensor_arg(args[0], "pred");
-  const Tensor& labels = tensor_arg(args[1], "labels");
-  const Tensor& scores = tensor_arg(args[2], "scores");
-  const double beta = float_arg(args[3]);
-  const bool activated = bool_arg(args[4]), fused = bool_arg(args[5]);
-  return wrap_result(
-      [&] { return QflFunction::apply(pred, labels, scores, beta, activated, fused); });
+  const Args a(args, nargs, "qfl_eager", "tttdbb",
+               {"pred", "labels", "scores", "beta", "activated", "fused"});
+  return wrap_result([&] {
+    return QflFunction::apply(a.tensor(0), a.tensor(1), a.tensor(2), a.number(3), a.flag(4),
+                              a.flag(5));
+  });
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* qfl_dense_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  check_nargs(nargs, 5, "qfl_dense_eager");
-  const Tensor& pred = tensor_arg(args[0], "pred");
-  const Tensor& target = tensor_arg(args[1], "target");
-  const double beta = float_arg(args[2]);
-  const bool activated = bool_arg(args[3]), fused = bool_arg(args[4]);
-  return wrap_result(
-      [&] { return QflDenseFunction::apply(pred, target, beta, activated, fused); });
+  const Args a(args, nargs, "qfl_dense_eager", "ttdbb",
+               {"pred", "target", "beta", "activated", "fused"});
+  return wrap_result([&] {
+    return QflDenseFunction::apply(a.tensor(0), a.tensor(1), a.number(2), a.flag(3), a.flag(4));
+  });
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* dfl_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  check_nargs(nargs, 3, "dfl_eager");
-  const Tensor& pred = tensor_arg(args[0], "pred");
-  const Tensor& target = tensor_arg(args[1], "target");
-  const bool fused = bool_arg(args[2]);
-  return wrap_result([&] { return DflFunction::apply(pred, target, fused); });
+  const Args a(args, nargs, "dfl_eager", "ttb", {"pred", "target", "fused"});
+  return wrap_result([&] { return DflFunction::apply(a.tensor(0), a.tensor(1), a.flag(2)); });
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* integral_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  check_nargs(nargs, 2, "integral_eager");
-  const Tensor& pred = tensor_arg(args[0], "pred");
-  const bool fused = bool_arg(args[1]);
-  return wrap_result([&] { return IntegralFunction::apply(pred, fused); });
+  const Args a(args, nargs, "integral_eager", "tb", {"pred", "fused"});
+  return wrap_result([&] { return IntegralFunction::apply(a.tensor(0), a.flag(1)); });
   END_HANDLE_TH_ERRORS
 }
 
