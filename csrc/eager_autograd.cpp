@@ -86,10 +86,17 @@ std::optional<Tensor> take_workspace(AutogradContext* ctx, const Tensor& grad_lo
   return workspace;
 }
 
-// A gradient for pred only; the other forward arguments get none.
-variable_list pred_grad(Tensor grad, size_t n_inputs) {
+// The backward of every Function: a gradient for pred only (the other forward arguments get
+// none), the handed-out workspace or, failing that, recompute(saved inputs).
+template <class Recompute>
+variable_list pred_grad(AutogradContext* ctx, const Tensor& grad_loss, size_t n_inputs,
+                        Recompute&& recompute) {
   variable_list grads(n_inputs);
-  grads[0] = std::move(grad);
+  if (!grad_loss.defined()) return grads;  // the output took no part in this backward
+  if (auto workspace = take_workspace(ctx, grad_loss))
+    grads[0] = std::move(*workspace);
+  else
+    grads[0] = recompute(ctx->get_saved_variables());
   return grads;
 }
 
@@ -106,15 +113,13 @@ struct QflFunction : torch::autograd::Function<QflFunction> {
                           {pred, labels, scores});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor& g = grads[0];
-    if (!g.defined()) return variable_list(6);
-    if (auto ws = take_workspace(ctx, g)) return pred_grad(std::move(*ws), 6);
     static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&,
                                           const Tensor&, double, bool)>("gfl_ops::qfl_backward");
-    const auto s = ctx->get_saved_variables();
-    return pred_grad(op.call(g, s[0], s[1], s[2], ctx->saved_data["beta"].toDouble(),
-                             ctx->saved_data["activated"].toBool()),
-                     6);
+    const Tensor& g = grads[0];
+    return pred_grad(ctx, g, 6, [&](const variable_list& s) {
+      return op.call(g, s[0], s[1], s[2], ctx->saved_data["beta"].toDouble(),
+                     ctx->saved_data["activated"].toBool());
+    });
   }
 };
 
@@ -131,16 +136,14 @@ struct QflDenseFunction : torch::autograd::Function<QflDenseFunction> {
                           {pred, target});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor& g = grads[0];
-    if (!g.defined()) return variable_list(5);
-    if (auto ws = take_workspace(ctx, g)) return pred_grad(std::move(*ws), 5);
     static const auto op =
         find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, double, bool)>(
             "gfl_ops::qfl_dense_backward");
-    const auto s = ctx->get_saved_variables();
-    return pred_grad(op.call(g, s[0], s[1], ctx->saved_data["beta"].toDouble(),
-                             ctx->saved_data["activated"].toBool()),
-                     5);
+    const Tensor& g = grads[0];
+    return pred_grad(ctx, g, 5, [&](const variable_list& s) {
+      return op.call(g, s[0], s[1], ctx->saved_data["beta"].toDouble(),
+                     ctx->saved_data["activated"].toBool());
+    });
   }
 };
 
@@ -153,13 +156,10 @@ struct DflFunction : torch::autograd::Function<DflFunction> {
     return finish_forward(ctx, op.call(pred, target, fused), fused, {pred, target});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor& g = grads[0];
-    if (!g.defined()) return variable_list(3);
-    if (auto ws = take_workspace(ctx, g)) return pred_grad(std::move(*ws), 3);
     static const auto op =
         find_op<Tensor(const Tensor&, const Tensor&, const Tensor&)>("gfl_ops::dfl_backward");
-    const auto s = ctx->get_saved_variables();
-    return pred_grad(op.call(g, s[0], s[1]), 3);
+    const Tensor& g = grads[0];
+    return pred_grad(ctx, g, 3, [&](const variable_list& s) { return op.call(g, s[0], s[1]); });
   }
 };
 
@@ -170,13 +170,10 @@ struct IntegralFunction : torch::autograd::Function<IntegralFunction> {
     return finish_forward(ctx, op.call(pred, fused), fused, {pred});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor& g = grads[0];
-    if (!g.defined()) return variable_list(2);
-    if (auto ws = take_workspace(ctx, g)) return pred_grad(std::move(*ws), 2);
     static const auto op =
         find_op<Tensor(const Tensor&, const Tensor&)>("gfl_ops::integral_backward");
-    const auto s = ctx->get_saved_variables();
-    return pred_grad(op.call(g, s[0]), 2);
+    const Tensor& g = grads[0];
+    return pred_grad(ctx, g, 2, [&](const variable_list& s) { return op.call(g, s[0]); });
   }
 };
 

@@ -4,7 +4,8 @@
 // same pass when with_grad is true, else returned as an empty (0,) tensor — and a backward that
 // recomputes the gradient scaled by grad_loss.  The Python side (gfl_ops/_cpp_backend.py)
 // registers fake kernels and autograd for them and picks, per device, whether autograd uses the
-// saved gradient (scale_rows) or the recomputing backward.
+// saved gradient (scale_rows) or the recomputing backward.  Plain eager calls skip that Python
+// autograd: the module's functions from eager_autograd.cpp build the same node in C++.
 #include <Python.h>
 #include <torch/library.h>
 
