@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from gfl_ops._extension import cuda_compiled, extension_error, extension_loaded
+from gfl_ops._second_order import register_gradient_autograd
 
 FUSED_GRAD = {"cpu": True, "cuda": False}
 
@@ -93,11 +94,14 @@ def _register() -> None:
         return None
 
     # Autograd: gradients flow to pred only; targets, labels and scores are constants (as in
-    # mmdetection, where the IoU scores are computed from detached boxes).
+    # mmdetection, where the IoU scores are computed from detached boxes; functional.py sends a
+    # target that requires grad to the reference formulas instead).
     for name, (n_tensors, recompute) in _FUSED_OPS.items():
         torch.library.register_autograd(
             lib + name, _registered_backward(n_tensors, recompute),
             setup_context=lambda ctx, inputs, output, n=n_tensors: _save(ctx, inputs, output, n))
+        # the gradient operators' own derivative: double backward (create_graph) is exact
+        register_gradient_autograd(lib + recompute, name)
 
 
 def _registered_backward(n_tensors: int, recompute: str):
@@ -156,7 +160,9 @@ def _grad_input(ctx, grad_loss: torch.Tensor | None, recompute) -> torch.Tensor 
     # (unpacked only here: the common path above needs none of the saved tensors)
     tensors = ctx.saved_tensors
     inputs, saved_grad = tensors[:ctx.n_tensors], tensors[ctx.n_tensors:]
-    if saved_grad:
+    # (not under create_graph: the saved gradient is a constant, so scaling it would drop the
+    # second-order term; the recompute operator has a derivative of its own)
+    if saved_grad and not torch.is_grad_enabled():
         return _ops.scale_rows(saved_grad[0], grad_loss)
     return recompute(grad_loss, *inputs, *ctx.extra[:-1])
 

@@ -5,11 +5,21 @@ Each function validates its arguments (metadata only, so it costs nothing and tr
 then applies ``weight``, ``reduction`` and ``avg_factor`` exactly as mmdetection's
 ``weight_reduce_loss`` does.
 
-Value checks that need to look at the data (label range, target range, NaN) run where they are
-free of host synchronisation: on CPU tensors in eager mode, and on every device when value checks
-are switched on (``gfl_ops.set_value_checks(True)`` or ``GFL_OPS_CHECK_VALUES=1``).  Otherwise the
-kernels' documented behaviour applies: QFL labels outside [0, C) count as background (as in
-mmdetection), DFL targets are clamped to [0, n] and a NaN target gives a NaN loss for its row.
+Value checks that look at the data (QFL target scores and dense targets in [0, 1], DFL targets
+in [0, n], no NaN, probabilities in [0, 1] with ``activated=True``) run on every device and
+backend alike, so the same input gives the same error everywhere.  They cost one ``aminmax`` pass
+over each checked tensor and, on a GPU, one host synchronisation per call; switch them off with
+``gfl_ops.set_value_checks(False)``, ``GFL_OPS_CHECK_VALUES=0`` or ``check_values=False`` on a
+call.  They cannot run inside ``torch.compile`` graphs or CUDA-graph capture (no host sync there),
+where the kernels' documented behaviour applies, as it does with the checks off: DFL targets are
+clamped to [0, n] and a NaN target gives a NaN loss for its row.  QFL labels need no check: as in
+mmdetection, any label outside [0, C) (-1, C, > C) marks a background anchor, on every backend.
+
+Gradients: ``pred`` gets its gradient from the fused kernels.  A target that requires grad (QFL
+scores or dense target, DFL target) gets its correct gradient too: such a call is computed with
+the reference formulas (:mod:`gfl_ops.reference`, in float32 for 16-bit ``pred``), since the
+kernels treat targets as constants.  Double backward is exact on every backend
+(:mod:`gfl_ops._second_order`).
 
 Dtypes: the per-row losses of fp16/bf16 predictions are computed and returned in float32 (so a
 reduction over many anchors cannot overflow under AMP); gradients come back in the dtype of
@@ -35,19 +45,30 @@ __all__ = [
 
 _REDUCTIONS = ("none", "mean", "sum")
 _FLOAT_EPS = torch.finfo(torch.float32).eps
-_value_checks = os.environ.get("GFL_OPS_CHECK_VALUES", "0") not in ("", "0")
+_value_checks = os.environ.get("GFL_OPS_CHECK_VALUES", "1").strip().lower() not in (
+    "0", "false", "off", "no")
 
 
 def set_value_checks(enabled: bool) -> None:
-    """Check label / target values on every device (costs a host sync per call on CUDA)."""
+    """Switch the target value checks on (the default) or off, for every device and backend.
+
+    On: one ``aminmax`` pass per checked tensor and, on a GPU, one host sync per call.  Off: the
+    kernels clamp DFL targets into [0, n] and give NaN rows for NaN targets.
+    """
     global _value_checks
     _value_checks = bool(enabled)
 
 
-def _should_check_values(t: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling():
+def _should_check_values(t: torch.Tensor, check_values: bool | None) -> bool:
+    if not (_value_checks if check_values is None else check_values):
         return False
-    return _value_checks or t.device.type == "cpu"
+    if torch.compiler.is_compiling():  # no host sync inside a compiled graph
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _targets_need_grad(*targets: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in targets)
 
 
 def _check_floating(name: str, t: object, ndim: int | None = None, shape_doc: str = "") -> None:
@@ -129,29 +150,27 @@ def weight_reduce_loss(
     return loss.sum() / (avg_factor + _FLOAT_EPS)
 
 
-def _outside(t: torch.Tensor, low: float, high: float) -> tuple[bool, float, float]:
-    """(any value outside [low, high] or NaN, min, max) in one pass over ``t``."""
-    lo, hi = (v.item() for v in torch.aminmax(t))
-    # NaN propagates into aminmax and fails both comparisons
-    return not (lo >= low and hi <= high), lo, hi
+def _value_ranges(*tensors: torch.Tensor) -> list[tuple[float, float]]:
+    """(min, max) of each non-empty tensor, with a single host transfer for all of them (NaN
+    propagates into both, so it fails any range comparison)."""
+    stats = [torch.stack(torch.aminmax(t.detach())).float() for t in tensors]
+    values = torch.cat(stats).tolist() if stats else []
+    return [(values[2 * i], values[2 * i + 1]) for i in range(len(stats))]
 
 
-def _validate_qfl_values(pred, labels, scores, target, activated: bool) -> None:
-    num_classes = pred.size(1)
-    if labels is not None and labels.numel():
-        bad, lo, hi = _outside(labels, 0, num_classes)
-        if bad:
-            raise ValueError(f"target labels must lie in [0, {num_classes}] ({num_classes} = "
-                             f"background), got values from {lo} to {hi}")
-    for name, t in (("target scores", scores), ("target", target)):
-        if t is not None and t.numel():
-            bad, lo, hi = _outside(t, 0.0, 1.0)
-            if bad:
-                raise ValueError(f"{name} must lie in [0, 1] (IoU quality), found values "
-                                 f"outside it or NaN (min {lo}, max {hi})")
+def _validate_qfl_values(pred, scores, target, activated: bool) -> None:
+    checked = [(name, t) for name, t in (("target scores", scores), ("target", target))
+               if t is not None and t.numel()]
     if activated and pred.numel():
-        if _outside(pred, 0.0, 1.0)[0]:
-            raise ValueError("pred must hold probabilities in [0, 1] when activated=True")
+        checked.append(("pred", pred))
+    for (name, _), (lo, hi) in zip(checked, _value_ranges(*(t for _, t in checked))):
+        if lo >= 0.0 and hi <= 1.0:
+            continue
+        if name == "pred":
+            raise ValueError("pred must hold probabilities in [0, 1] when activated=True, found "
+                             f"values outside it or NaN (min {lo}, max {hi})")
+        raise ValueError(f"{name} must lie in [0, 1] (IoU quality), found values outside it or "
+                         f"NaN (min {lo}, max {hi})")
 
 
 def quality_focal_loss(
@@ -163,19 +182,23 @@ def quality_focal_loss(
     beta: float = 2.0,
     activated: bool = False,
     backend: str | None = None,
+    *,
+    check_values: bool | None = None,
 ) -> torch.Tensor:
     """Quality Focal Loss (GFL paper, Eq. 5), summed over classes per anchor.
 
     Args:
         pred: (N, C) floating logits, or probabilities in [0, 1] with ``activated=True``.
-        target: either ``(labels, scores)`` with labels (N,) integer in [0, C] (C = background)
-            and scores (N,) floating IoU targets in [0, 1]; or a dense (N, C) floating soft target.
+        target: either ``(labels, scores)`` with labels (N,) integer (a class in [0, C); any
+            other value, e.g. C or -1, is background) and scores (N,) floating IoU targets in
+            [0, 1]; or a dense (N, C) floating soft target.
         weight: optional (N,) per-anchor weights.
         reduction: 'none' -> (N,); 'mean' | 'sum' -> 0-d.
         avg_factor: number or 0-d tensor dividing the sum when reduction='mean'.
         beta: modulating exponent, >= 0.
         activated: ``pred`` holds probabilities instead of logits.
         backend: 'cpu' | 'cuda' | 'triton' | 'reference' | 'auto' | None.
+        check_values: check the target values (None: the global setting, on by default).
 
     Returns:
         The loss; float32 for fp16/bf16 ``pred``, else ``pred.dtype``.
@@ -210,10 +233,12 @@ def quality_focal_loss(
         raise TypeError("target must be (labels, scores) or a dense (N, C) tensor, got "
                         f"{type(target).__name__}")
     _check_same_device(pred, labels=labels, scores=scores, target=dense, weight=weight)
-    if _should_check_values(pred):
-        _validate_qfl_values(pred, labels, scores, dense, activated)
+    if _should_check_values(pred, check_values):
+        _validate_qfl_values(pred, scores, dense, activated)
 
     impl = _registry.resolve(backend, pred.device, "qfl" if dense is None else "qfl_dense")
+    if _targets_need_grad(scores, dense):
+        impl = _registry.resolve("reference", pred.device, "qfl")
     if dense is None:
         loss = impl.qfl(pred, labels, scores, beta, bool(activated))
     else:
@@ -228,6 +253,8 @@ def distribution_focal_loss(
     reduction: str = "mean",
     avg_factor: float | torch.Tensor | None = None,
     backend: str | None = None,
+    *,
+    check_values: bool | None = None,
 ) -> torch.Tensor:
     """Distribution Focal Loss (GFL paper, Eq. 6), per row.
 
@@ -235,7 +262,7 @@ def distribution_focal_loss(
         pred: (M, n+1) floating logits over the bins 0..n (n >= 1).
         target: (M,) floating distances in [0, n]; a target equal to n is exact.
         weight: optional (M,) per-row weights.
-        reduction, avg_factor, backend: as in :func:`quality_focal_loss`.
+        reduction, avg_factor, backend, check_values: as in :func:`quality_focal_loss`.
 
     Returns:
         The loss; float32 for fp16/bf16 ``pred``, else ``pred.dtype``.
@@ -250,12 +277,14 @@ def distribution_focal_loss(
     _check_reduction(reduction, avg_factor)
     _check_weight(weight, m, "row")
     _check_same_device(pred, target=target, weight=weight)
-    if _should_check_values(pred) and target.numel():
-        bad, lo, hi = _outside(target, 0.0, n_bins - 1)
-        if bad:
+    if _should_check_values(pred, check_values) and target.numel():
+        ((lo, hi),) = _value_ranges(target)
+        if not (lo >= 0.0 and hi <= n_bins - 1):
             raise ValueError(f"target must lie in [0, {n_bins - 1}] (n = bins - 1), found values "
                              f"outside it or NaN (min {lo}, max {hi})")
     impl = _registry.resolve(backend, pred.device, "dfl")
+    if _targets_need_grad(target):
+        impl = _registry.resolve("reference", pred.device, "dfl")
     loss = impl.dfl(pred, target)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 

@@ -80,27 +80,60 @@ class DistributionFocalLoss(nn.Module):
 class Integral(nn.Module):
     """Decode 4 side distributions into distances (mmdetection ``Integral``).
 
-    ``forward(x)``: x (N, 4*(reg_max+1)) logits -> (N, 4) expected distances in [0, reg_max].
-    During ONNX export it lowers to Softmax + MatMul (the fused op has no ONNX symbolic).
+    ``forward(x)``: x of shape (..., 4*(reg_max+1)) (mmdetection's (N, 4*(n+1)) layout) or
+    (..., 4, reg_max+1), floating logits -> (..., 4) expected distances in [0, reg_max], dtype
+    of ``x``.  Any other last dimension is refused: a (B, 4*(n+1), A) channel-first head output
+    (Ultralytics' layout) must be transposed first, or use :mod:`gfl_ops.integrations.ultralytics`.
+
+    Checkpoints: like mmdetection's ``Integral`` the module holds a persistent buffer
+    ``project`` = ``linspace(0, reg_max, reg_max + 1)`` (the bin values), so a state dict holds
+    the key ``<prefix>project`` and mmdetection GFL checkpoints load with ``strict=True`` both
+    ways.  The fused kernel uses the bin indices 0..reg_max themselves; loading a state dict whose
+    ``project`` holds other values raises instead of being silently ignored.  During ONNX export
+    the module lowers to Softmax + MatMul (the fused op has no ONNX symbolic).
     """
 
     def __init__(self, reg_max: int = 16, backend: str | None = None) -> None:
         super().__init__()
-        if not isinstance(reg_max, int) or reg_max < 1:
+        if isinstance(reg_max, bool) or not isinstance(reg_max, int) or reg_max < 1:
             raise ValueError(f"reg_max must be an integer >= 1, got {reg_max!r}")
         self.reg_max = reg_max
         self.backend = backend
-        # kept for state-dict compatibility with mmdetection checkpoints
-        self.register_buffer("project", torch.linspace(0, reg_max, reg_max + 1), persistent=False)
+        self.register_buffer("project", torch.linspace(0, reg_max, reg_max + 1))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        project = state_dict.get(prefix + "project")
+        if isinstance(project, torch.Tensor):
+            expected = torch.linspace(0, self.reg_max, self.reg_max + 1)
+            if project.shape != expected.shape or not torch.allclose(
+                    project.detach().float().cpu(), expected, rtol=0, atol=1e-6):
+                error_msgs.append(
+                    f"{prefix}project must be linspace(0, {self.reg_max}, {self.reg_max + 1}) "
+                    "(the bin values the fused integral uses), got "
+                    f"{project.detach().cpu().flatten()[:8].tolist()} of shape "
+                    f"{tuple(project.shape)}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bins = self.reg_max + 1
-        if x.dim() < 1 or x.size(-1) % (4 * bins) != 0:
-            raise ValueError(f"x must have shape (N, 4*(reg_max+1)) = (N, {4 * bins}), got "
-                             f"{tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape (N, {4 * bins}) or (N, 4, {bins})"
+                            f", got {type(x).__name__}")
+        if x.dim() >= 2 and x.size(-1) == 4 * bins:
+            lead = x.shape[:-1]
+        elif x.dim() >= 2 and x.shape[-2:] == (4, bins):
+            lead = x.shape[:-2]
+        else:
+            raise ValueError(
+                f"x must have shape (N, 4*(reg_max+1)) = (N, {4 * bins}) or (N, 4, reg_max+1) = "
+                f"(N, 4, {bins}) for reg_max={self.reg_max}, got {tuple(x.shape)} (last dimension "
+                f"{x.size(-1) if x.dim() else 'none'}); a channel-first (B, 4*(reg_max+1), A) "
+                "head output must be transposed to put the bins last")
         x = x.reshape(-1, bins)
         if torch.onnx.is_in_onnx_export():
             out = reference.integral(x)
         else:
             out = functional.integral(x, backend=self.backend)
-        return out.reshape(-1, 4)
+        return out.reshape(*lead, 4)

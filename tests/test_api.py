@@ -120,10 +120,6 @@ def _bad_qfl_cases():
          "target labels must be an integer tensor"),
         ("labels shape", dict(pred=pred, target=(labels[:3], scores)), ValueError,
          r"target labels must have shape \(6,\)"),
-        ("labels too big", dict(pred=pred, target=(labels + 5, scores)), ValueError,
-         r"target labels must lie in \[0, 4\]"),
-        ("negative labels", dict(pred=pred, target=(labels - 3, scores)), ValueError,
-         r"target labels must lie in \[0, 4\]"),
         ("scores int", dict(pred=pred, target=(labels, labels)), TypeError,
          "target scores must be a floating-point tensor"),
         ("scores > 1", dict(pred=pred, target=(labels, scores + 2)), ValueError,
@@ -194,11 +190,39 @@ def test_device_kernels_clamp_dfl_targets_when_checks_are_off(backend_device):
     assert torch.isnan(loss[2])
 
 
-def test_value_checks_switch(monkeypatch):
+def test_value_checks_switch():
+    """Checks are on by default; the global switch and ``check_values=`` turn them off, and then
+    the kernels' documented clamping applies."""
     pred, (labels, scores) = _qfl_inputs()
-    gfl_ops.set_value_checks(True)
+    with pytest.raises(ValueError, match=r"target scores must lie in \[0, 1\]"):
+        gfl_ops.quality_focal_loss(pred, (labels, scores + 9))
+    gfl_ops.quality_focal_loss(pred, (labels, scores + 9), check_values=False)
+    dfl_pred, dfl_target = torch.randn(3, 17), torch.tensor([0.0, 20.0, 3.0])
+    gfl_ops.set_value_checks(False)
     try:
-        with pytest.raises(ValueError):
-            gfl_ops.quality_focal_loss(pred, (labels + 9, scores))
+        clamped = gfl_ops.distribution_focal_loss(dfl_pred, dfl_target, reduction="none")
+        with pytest.raises(ValueError, match=r"target must lie in \[0, 16\]"):
+            gfl_ops.distribution_focal_loss(dfl_pred, dfl_target, check_values=True)
     finally:
-        gfl_ops.set_value_checks(False)
+        gfl_ops.set_value_checks(True)
+    torch.testing.assert_close(clamped, gfl_ops.distribution_focal_loss(
+        dfl_pred, torch.tensor([0.0, 16.0, 3.0]), reduction="none"))
+    with pytest.raises(ValueError, match=r"target must lie in \[0, 16\]"):
+        gfl_ops.distribution_focal_loss(dfl_pred, dfl_target)
+
+
+@pytest.mark.parametrize("bad_label", [-1, -7, 4, 5, 1000])
+def test_qfl_labels_outside_classes_are_background(backend_device, bad_label):
+    """mmdetection's convention on every backend: a label outside [0, C) (-1, C, > C) marks a
+    background anchor, exactly as the label C does; no error."""
+    backend, device = backend_device
+    pred, (labels, scores) = _qfl_inputs()
+    pred, labels, scores = pred.to(device), labels.to(device), scores.to(device)
+    odd = labels.clone()
+    odd[::2] = bad_label
+    background = labels.clone()
+    background[::2] = C
+    got = gfl_ops.quality_focal_loss(pred, (odd, scores), reduction="none", backend=backend)
+    want = gfl_ops.quality_focal_loss(pred, (background, scores), reduction="none",
+                                      backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -52,3 +52,34 @@ def test_integral_extreme_logits(backend_device, dtype, magnitude):
     x[1, 16] = magnitude
     out = gfl_ops.integral(x, backend=backend)
     torch.testing.assert_close(out.float().cpu(), torch.tensor([3.0, 16.0]))
+
+
+def test_integral_module_layouts_and_refusals(backend_device):
+    """(N, 4*(n+1)) and (N, 4, n+1) decode alike; any other last dimension is refused with its
+    size named (a channel-first (B, 4*(n+1), A) head used to decode silently into garbage)."""
+    backend, device = backend_device
+    module = gfl_ops.Integral(15, backend=backend)
+    x = torch.randn(6, 4, 16, device=device)
+    flat = module(x.reshape(6, 64))
+    torch.testing.assert_close(module(x), flat)
+    assert flat.shape == (6, 4)
+    assert module(x.reshape(2, 3, 64)).shape == (2, 3, 4)
+    for bad in [(1, 64, 5376), (6, 68), (64,), (6, 4, 17)]:
+        with pytest.raises(ValueError, match=r"\(N, 64\) or .*\(N, 4, 16\).*got " +
+                           r"\(" + ", ".join(map(str, bad))):
+            module(torch.randn(*bad, device=device))
+
+
+def test_integral_module_state_dict_is_mmdetections():
+    """mmdetection's Integral keeps a persistent ``project`` buffer: same key and value here, so
+    checkpoints load with strict=True both ways; a project that is not the bin values is refused
+    on load (the fused kernel would ignore it)."""
+    module = gfl_ops.Integral(16)
+    state = module.state_dict()
+    assert list(state) == ["project"]
+    torch.testing.assert_close(state["project"], torch.linspace(0, 16, 17))
+    module.load_state_dict({"project": torch.linspace(0, 16, 17)}, strict=True)
+    with pytest.raises(RuntimeError, match=r"project must be linspace\(0, 16, 17\)"):
+        module.load_state_dict({"project": torch.linspace(0, 32, 17)})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        module.load_state_dict({}, strict=True)

@@ -45,7 +45,8 @@ Behaviour on unusual values (no host synchronisation is spent on checks): QFL la
 [0, C) are background; DFL targets are clamped to [0, n] in the kernel and a NaN target gives a
 NaN loss and gradient row.  Inputs are read through their strides (non-contiguous and expanded
 tensors need no copy); outputs are fresh tensors, the caller's tensors are never written.
-Double backward is not supported (it raises).  Dtypes: see :mod:`gfl_ops.triton._common`.
+Double backward is exact (:mod:`gfl_ops._second_order`); third order raises.  Dtypes: see
+:mod:`gfl_ops.triton._common`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gfl_ops._second_order import register_gradient_autograd
 from gfl_ops.triton import _common
 from gfl_ops.triton._common import (
     RowConfig,
@@ -154,19 +155,19 @@ def _backward(ctx, grad_loss):
 
 def _setup_fused(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+    # the inputs too: a backward that builds a graph (create_graph) recomputes
+    ctx.save_for_backward(output[1], *inputs)
 
 
 def _backward_fused(ctx, grad_loss, _grad_of_grad):
-    (saved,) = ctx.saved_tensors
-    grad = _common.scale_rows(saved, grad_loss) if ctx.needs_input_grad[0] else None
-    return grad, None
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("gfl_ops triton: double backward is not supported")
+    saved, pred, target = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    if torch.is_grad_enabled():  # create_graph: the saved gradient has no derivative of its own
+        return dfl_bwd(grad_loss, pred, target), None
+    return _common.scale_rows(saved, grad_loss), None
 
 
 dfl_fwd.register_autograd(_backward, setup_context=_setup_recompute)
 dfl_fwd_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
-dfl_bwd.register_autograd(_no_double_backward)
+register_gradient_autograd(dfl_bwd, "dfl")

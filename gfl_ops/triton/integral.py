@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gfl_ops._second_order import register_gradient_autograd
 from gfl_ops.triton import _common
 from gfl_ops.triton._common import check_launchable, launch_guard, row_ids, tl_opmath
 from gfl_ops.triton.dfl import bins_config
@@ -118,18 +119,19 @@ def _backward(ctx, grad_out):
 
 def _setup_fused(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+    # pred too: a backward that builds a graph (create_graph) recomputes
+    ctx.save_for_backward(output[1], inputs[0])
 
 
 def _backward_fused(ctx, grad_out, _grad_of_grad):
-    (saved,) = ctx.saved_tensors
-    return _common.scale_rows(saved, grad_out) if ctx.needs_input_grad[0] else None
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("gfl_ops triton: double backward is not supported")
+    saved, pred = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None
+    if torch.is_grad_enabled():  # create_graph: the saved gradient has no derivative of its own
+        return integral_bwd(grad_out, pred)
+    return _common.scale_rows(saved, grad_out)
 
 
 integral_fwd.register_autograd(_backward, setup_context=_setup_recompute)
 integral_fwd_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
-integral_bwd.register_autograd(_no_double_backward)
+register_gradient_autograd(integral_bwd, "integral")

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gfl_ops._second_order import register_gradient_autograd
 from gfl_ops.triton import _common
 from gfl_ops.triton._common import (
     RowConfig,
@@ -287,7 +288,10 @@ def _setup_recompute(ctx, inputs, output):
 
 def _setup_fused(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+    *tensors, beta, activated = inputs
+    # the inputs too: a backward that builds a graph (create_graph) recomputes
+    ctx.save_for_backward(output[1], *tensors)
+    ctx.beta, ctx.activated = beta, activated
     ctx.n_inputs = len(inputs)
 
 
@@ -308,18 +312,20 @@ def _backward_dense(ctx, grad_loss):
 
 
 def _backward_fused(ctx, grad_loss, _grad_of_grad):
-    (saved,) = ctx.saved_tensors
-    grad = _common.scale_rows(saved, grad_loss) if ctx.needs_input_grad[0] else None
+    saved, *inputs = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        if torch.is_grad_enabled():  # create_graph: the saved gradient is a constant
+            recompute = qfl_bwd if len(inputs) == 3 else qfl_dense_bwd
+            grad = recompute(grad_loss, *inputs, ctx.beta, ctx.activated)
+        else:
+            grad = _common.scale_rows(saved, grad_loss)
     return (grad,) + (None,) * (ctx.n_inputs - 1)
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("gfl_ops triton: double backward is not supported")
 
 
 qfl_fwd.register_autograd(_backward_labels, setup_context=_setup_recompute)
 qfl_dense_fwd.register_autograd(_backward_dense, setup_context=_setup_recompute)
 qfl_fwd_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
 qfl_dense_fwd_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
-qfl_bwd.register_autograd(_no_double_backward)
-qfl_dense_bwd.register_autograd(_no_double_backward)
+register_gradient_autograd(qfl_bwd, "qfl")
+register_gradient_autograd(qfl_dense_bwd, "qfl_dense")
