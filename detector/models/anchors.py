@@ -32,6 +32,12 @@ class Anchors(NamedTuple):
         return (self.boxes[:, :2] + self.boxes[:, 2:]) * 0.5
 
 
+def _tracing() -> bool:
+    """True inside torch.compile, torch.export or an ONNX export."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.onnx.is_in_onnx_export())
+
+
 class AnchorGenerator:
     """Builds :class:`Anchors` for given feature-map sizes (cached per size, device, dtype).
 
@@ -53,6 +59,8 @@ class AnchorGenerator:
         feat_sizes = [(int(h), int(w)) for h, w in feat_sizes]
         if len(feat_sizes) != len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature sizes, got {len(feat_sizes)}")
+        if _tracing():  # traced tensors (export, compile) must not outlive the trace
+            return self._make(feat_sizes, torch.device(device), dtype)
         key = (tuple(feat_sizes), str(device), dtype)
         if key not in self._cache:
             if len(self._cache) > 32:  # multi-scale training sees many sizes; bound the cache
