@@ -144,7 +144,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, requires_g
       ``label_weights``); ``avg_factor`` = number of positives as a Python float (the GFL head
       all-reduces it and calls ``.item()`` once, outside the loss).
     * DFL: logits ~ N(0, 1); targets uniform in [0, n - 0.1] (the head clamps to reg_max - 0.1);
-      ``weight`` uniform (the detached max class score of each positive); ``avg_factor`` = 4.0,
+      ``weight`` uniform per box, shared by its 4 side rows (the detached max class score of each
+      positive, expanded to the sides as ``GFLHead`` does); ``avg_factor`` = 4.0,
       exactly as ``GFLHead`` calls it.
     * integral: logits ~ N(0, 1) and an incoming gradient ~ N(0, 1) for the backward.
 
@@ -173,7 +174,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, requires_g
     if case.op == "dfl":
         n = cols - 1
         target = rand(rows) * (n - 0.1)
-        weight = rand(rows)
+        # one weight per box, shared by its four sides (GFLHead expands it to the 4 rows)
+        weight = rand((rows + 3) // 4).repeat_interleave(4)[:rows]
         return Inputs((pred, target, weight, 4.0), pred)
     if case.op == "integral":
         grad_out = randn(rows).to(dtype)

@@ -11,12 +11,15 @@ Peers:
   sync, an ``index_put`` write) followed by mmdetection's ``weight_reduce_loss``.  They run in the
   dtype of ``pred``, as mmdetection does when it is handed bf16 logits.
 * ``compile``: ``torch.compile`` of exactly the ``eager`` functions (default mode, Inductor).
-* ``ultralytics`` (DFL and the integral): Ultralytics' formulations, written here from their
-  published formulas: DFL as log-softmax + two gathers of the neighbouring bins with Ultralytics'
-  target clamp (``reg_max - 1 - 0.01`` in its bin count, i.e. n - 0.01), then the same weighting
-  and reduction as the detector call; the integral as Ultralytics' ``DFL`` module: a softmax over
-  the bins in its (b, 4*(n+1), anchors) layout and a frozen 1x1 convolution whose weights are
-  0..n.
+* ``mmdet`` (when mmdetection imports here): mmdetection's own ``QualityFocalLoss``,
+  ``DistributionFocalLoss`` (``mmdet.models.losses``) and GFL ``Integral`` modules, called as
+  ``GFLHead`` calls them.  mmdetection needs mmcv's compiled ops to import its model package;
+  where they are missing (mmcv-lite) the peer is left out and :func:`peer_status` says why.
+* ``ultralytics`` (DFL and the integral; when Ultralytics is installed): Ultralytics' own
+  ``DFLoss`` (``ultralytics.utils.loss``: its target clamp to ``reg_max - 1 - 0.01`` and its mean
+  over a box's four sides, weighted per box as ``BboxLoss`` does) and its ``DFL`` integral module
+  (``ultralytics.nn.modules.block``: softmax over the bins in its (b, 4*(n+1), anchors) layout
+  and a frozen 1x1 convolution whose weights are 0..n).
 
 Ours: ``gfl_ops-<backend>`` for each backend in ``gfl_ops.available_backends(device_type)``
 except ``reference`` (that is the eager peer, already measured).  New backends are picked up as
@@ -36,7 +39,7 @@ from gfl_ops import reference
 
 _FLOAT32_EPS = torch.finfo(torch.float32).eps
 
-PEERS = ("eager", "compile", "ultralytics")
+PEERS = ("eager", "compile", "mmdet", "ultralytics")
 
 
 @dataclass
@@ -91,64 +94,103 @@ EAGER = {"qfl": qfl_eager, "dfl": dfl_eager, "integral": integral_eager}
 
 
 # --------------------------------------------------------------------------------------------
-# Ultralytics formulations
+# The frameworks' own modules, imported when installed
 
 
-def dfl_ultralytics(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                    avg_factor: float) -> torch.Tensor:
-    """Ultralytics' DFL as log-softmax + two gathers, reduced like the detector call.
-
-    Ultralytics clamps the target in place (``clamp_``); here out of place, so the rotated input
-    buffers stay unchanged between repetitions (the clamp is an (M,) pass either way).
-    """
-    n = pred.size(1) - 1
-    target = target.clamp(0, n - 0.01)
-    left = target.long()
-    right = left + 1
-    weight_left = right - target
-    weight_right = 1 - weight_left
-    logp = pred.log_softmax(dim=-1)
-    loss = -(logp.gather(1, left[:, None]).squeeze(1) * weight_left
-             + logp.gather(1, right[:, None]).squeeze(1) * weight_right)
-    return mmdet_weight_reduce(loss, weight, avg_factor)
+def _import_ultralytics():
+    from ultralytics.nn.modules.block import DFL
+    from ultralytics.utils.loss import DFLoss
+    return DFL, DFLoss
 
 
-class UltralyticsDFL(torch.nn.Module):
-    """Ultralytics' integral module: softmax over the bins + a frozen 1x1 conv with weights 0..n.
+def _import_mmdet():
+    from mmdet.models.dense_heads.gfl_head import Integral
+    from mmdet.models.losses import DistributionFocalLoss, QualityFocalLoss
+    return QualityFocalLoss, DistributionFocalLoss, Integral
 
-    Input (b, 4 * (n+1), a) -- four box sides times the bins, anchors last, as the head emits
-    them -- output (b, 4, a).
-    """
 
-    def __init__(self, bins: int, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()
-        self.bins = bins
-        self.conv = torch.nn.Conv2d(bins, 1, 1, bias=False, device=device, dtype=dtype)
-        self.conv.requires_grad_(False)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.arange(bins, dtype=dtype).view(1, bins, 1, 1))
+def _try(importer) -> tuple[object | None, str]:
+    try:
+        return importer(), "available"
+    except Exception as exc:  # ImportError, or mmdet's own checks of the mmcv it finds
+        return None, f"not importable here ({type(exc).__name__}: {exc})"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, a = x.shape
-        return self.conv(x.view(b, 4, self.bins, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+
+def peer_status() -> dict[str, str]:
+    """Framework peer -> 'available' or why it is left out of the run."""
+    return {"mmdet": _try(_import_mmdet)[1], "ultralytics": _try(_import_ultralytics)[1]}
+
+
+def _mmdet_providers(op: str, bins: int, device: torch.device) -> list[Provider]:
+    modules, _ = _try(_import_mmdet)
+    if modules is None:
+        return []
+    qfl_cls, dfl_cls, integral_cls = modules
+    if op == "qfl":
+        qfl = qfl_cls(use_sigmoid=True, beta=QFL_BETA, loss_weight=1.0)
+
+        def fn(pred, labels, scores, weight, avg_factor):
+            return qfl(pred, (labels, scores), weight=weight, avg_factor=avg_factor)
+    elif op == "dfl":
+        dfl = dfl_cls(loss_weight=1.0)
+
+        def fn(pred, target, weight, avg_factor):
+            return dfl(pred, target, weight=weight, avg_factor=avg_factor)
+    else:
+        integral = integral_cls(bins - 1).to(device)
+
+        def fn(pred):  # GFLHead's call: (K, 4*(n+1)) -> (K, 4); here (M, n+1) rows
+            return integral(pred.reshape(-1, 4 * bins)).reshape(-1)
+
+        return [Provider("mmdet", fn, prepare=_rows_of_four)]
+    return [Provider("mmdet", fn)]
+
+
+def _rows_of_four(inputs: Inputs) -> Inputs:
+    m = inputs.pred.size(0)
+    if m % 4:
+        raise ValueError(f"the frameworks' layouts need M divisible by 4 (box sides), got {m}")
+    return inputs
+
+
+def _ultralytics_dfl_provider() -> list[Provider]:
+    modules, _ = _try(_import_ultralytics)
+    if modules is None:
+        return []
+    _, dfloss_cls = modules
+
+    def fn(pred, target, weight, avg_factor):
+        # BboxLoss's call: (4K, bins) logits, (K, 4) targets -> (K, 1) mean over the sides,
+        # weighted per box.  DFLoss clamps its target in place: a copy keeps the rotated input
+        # buffers unchanged between repetitions (an (M,) pass, as the caller's own indexing is).
+        # The case's weights are per box (shared by the 4 side rows, as GFLHead's are); x 4
+        # turns DFLoss's mean over the sides into GFLHead's sum, so every provider reports the
+        # same number (checked against the float64 reference).
+        loss = dfloss_cls(pred.size(1))(pred, target.reshape(-1, 4).clone())
+        box_weight = weight.reshape(-1, 4)[:, :1]
+        return (loss * box_weight).sum() * 4.0 / (avg_factor + _FLOAT32_EPS)
+
+    return [Provider("ultralytics", fn, prepare=_rows_of_four)]
 
 
 def _ultralytics_integral_provider(bins: int, dtype: torch.dtype,
-                                   device: torch.device) -> Provider:
-    module = UltralyticsDFL(bins, dtype, device)
+                                   device: torch.device) -> list[Provider]:
+    modules, _ = _try(_import_ultralytics)
+    if modules is None:
+        return []
+    module = modules[0](bins).to(device=device, dtype=dtype)
 
     def prepare(inputs: Inputs) -> Inputs:
         # The same logits, laid out as Ultralytics' head emits them: (1, 4*(n+1), M/4).
         pred = inputs.pred.detach()
         m = pred.size(0)
-        if m % 4:
-            raise ValueError(f"Ultralytics' layout needs M divisible by 4 (4 box sides), got {m}")
+        _rows_of_four(inputs)
         x = pred.reshape(m // 4, 4, bins).permute(1, 2, 0).reshape(1, 4 * bins, m // 4)
         x = x.contiguous().requires_grad_(inputs.pred.requires_grad)
         grad_out = None if inputs.grad_out is None else inputs.grad_out.reshape(1, 4, m // 4)
         return Inputs((x,), x, grad_out=grad_out)
 
-    return Provider("ultralytics", module, prepare=prepare)
+    return [Provider("ultralytics", module, prepare=prepare)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,10 +241,11 @@ def build_providers(op: str, dtype: torch.dtype, device: torch.device, bins: int
         wanted: provider names to keep (None: all).
     """
     providers = [Provider("eager", EAGER[op]), Provider("compile", compiled[op], compiled=True)]
+    providers += _mmdet_providers(op, bins, device)
     if op == "dfl":
-        providers.append(Provider("ultralytics", dfl_ultralytics))
+        providers += _ultralytics_dfl_provider()
     elif op == "integral":
-        providers.append(_ultralytics_integral_provider(bins, dtype, device))
+        providers += _ultralytics_integral_provider(bins, dtype, device)
     include_triton = wanted is not None and "gfl_ops-triton" in wanted
     for backend in ours_backends(device.type, include_triton):
         providers.append(Provider(f"gfl_ops-{backend}", _ours(op, backend)))

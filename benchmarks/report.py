@@ -37,7 +37,7 @@ MEM_SLACK_BYTES_PER_ROW = 16       # room for a few per-row float32 vectors (per
 
 _OP_TITLES = {"qfl": "Quality Focal Loss", "dfl": "Distribution Focal Loss",
               "integral": "Softmax integral"}
-_PEER_ORDER = ("eager", "compile", "ultralytics")
+_PEER_ORDER = ("eager", "compile", "mmdet", "ultralytics")
 
 
 def _f(row: dict, key: str) -> float:

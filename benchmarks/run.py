@@ -272,8 +272,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="comma-separated subset of fwd,fwd+bwd; default both "
                          "(core-targets, gpu-targets: fwd+bwd)")
     ap.add_argument("--providers", default=None,
-                    help="comma-separated provider names to keep (eager, compile, ultralytics, "
-                         "gfl_ops-cpu, gfl_ops-cuda, gfl_ops-triton); default all available")
+                    help="comma-separated provider names to keep (eager, compile, mmdet, "
+                         "ultralytics, gfl_ops-cpu, gfl_ops-cuda, gfl_ops-triton); default all "
+                         "available")
     ap.add_argument("--sizes", default=None,
                     help="comma-separated RxC sizes to keep from the preset, e.g. 40000x80")
     ap.add_argument("--out", type=Path, default=None,
@@ -368,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"modes; torch.compile dynamic={dynamic}; rows -> {path}")
     print(f"# gfl_ops backends timed: {', '.join(peers.ours_backends(device.type)) or 'none'}"
           " (available_backends minus 'reference', which is the eager peer)")
+    for name, status in peers.peer_status().items():
+        print(f"# framework peer {name}: {status}")
     compiled = peers.make_compiled(dynamic)
     header = (f"{'op':<8} {'mode':<7} {'dtype':<8} {'size':>10} {'provider':<14} "
               f"{'median ms':>10} {'p20-p80':>17} {'x eager':>8} {'x comp':>7} "

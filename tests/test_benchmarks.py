@@ -129,3 +129,25 @@ def test_e2e_loss_step_quick(tmp_path: Path) -> None:
         assert float(r["loss_ms"]) > 0 and float(r["assign_ms"]) > 0
         assert int(r["positives"]) > 0 and not r["notes"], r  # same loss value as reference
     assert "End to end" in (tmp_path / "summary.md").read_text()
+
+
+def test_framework_peers_are_the_real_modules() -> None:
+    """The Ultralytics peer is Ultralytics' own code (not a re-write); mmdetection's peer is its
+    own modules where mmdetection imports (it needs mmcv's compiled ops), else reported absent."""
+    from ultralytics.nn.modules.block import DFL
+
+    from benchmarks import peers
+
+    status = peers.peer_status()
+    assert status["ultralytics"] == "available"
+    assert status["mmdet"] == "available" or status["mmdet"].startswith("not importable")
+    device = torch.device("cpu")
+    (integral,) = [p for p in peers.build_providers("integral", torch.float32, device, 17, {
+        "qfl": None, "dfl": None, "integral": None}) if p.name == "ultralytics"]
+    assert isinstance(integral.fn, DFL)
+    (dfl,) = [p for p in peers.build_providers("dfl", torch.float32, device, 17, {
+        "qfl": None, "dfl": None, "integral": None}) if p.name == "ultralytics"]
+    inputs = cases.make_inputs(cases.Case("dfl", 64, 17), torch.float32, device, False, seed=0)
+    want = peers.EAGER["dfl"](*(a.double() if isinstance(a, torch.Tensor) and
+                                a.is_floating_point() else a for a in inputs.args))
+    torch.testing.assert_close(dfl.fn(*inputs.args).double(), want, rtol=1e-5, atol=0)
