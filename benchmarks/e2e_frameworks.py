@@ -1,0 +1,309 @@
+"""End to end in the frameworks: one training step of mmdetection's GFLHead and of YOLOv8n,
+stock against fused with gfl_ops' adapters (gfl_ops/integrations/).
+
+    python -m benchmarks.e2e_frameworks [--device cpu|cuda] [--steps 8] [--image 320]
+                                        [--frameworks mmdet,ultralytics] [--out DIR]
+
+What is measured, per framework, on the same weights and batch for both variants:
+
+* ``step_ms``: one whole training step -- forward, the framework's own loss, backward, SGD
+  update.  mmdetection: ``GFLHead`` built from the head of ``configs/gfl/gfl_r50_fpn_1x_coco.py``
+  (80 classes, 256 channels, 4 stacked convs, ATSS assigner) on FPN-shaped features of a batch
+  of 2 images (the backbone and neck are outside the part gfl_ops touches and outside this
+  measurement); Ultralytics: ``DetectionModel('yolov8n.yaml')``, the whole network, batch 2.
+* ``loss_ms``: forward + backward of the loss alone, from head outputs held fixed (detached
+  leaves): mmdetection's ``loss_by_feat`` (ATSS assignment, QFL, integral + GIoU, DFL), and
+  Ultralytics' ``v8DetectionLoss`` (task-aligned assignment, BCE, integral + CIoU, DFL).
+  ``loss_share = loss_ms / step_ms`` of the stock step.
+
+Each step alternates stock and fused (so drift of a shared machine hits both alike) and the
+median over ``--steps`` is reported, after one untimed warm-up step each.  Rows are written to
+``<out>/e2e-frameworks-<device>.csv`` and a table to ``.md`` beside it, with the device,
+versions and commit.
+
+mmdetection needs mmcv's compiled ops to import its heads.  With mmcv-lite (no compiled ops),
+this script installs the test suite's stand-in for ``mmcv._ext``
+(tests/integrations/mmcv_ext_stub.py, whose every op raises), and says so: a GFLHead training
+step calls no compiled op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks import csvio
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+FIELDS = ("framework", "variant", "step_ms", "loss_ms", "loss_share", "step_speedup",
+          "loss_speedup", "steps", "image", "device_type", "device_name", "cpu_threads",
+          "torch", "framework_version", "git_commit", "git_dirty", "date_utc", "notes")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _medians(fns: dict[str, Callable[[], object]], steps: int,
+             device: torch.device) -> dict[str, float]:
+    for fn in fns.values():  # warm-up, untimed
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            samples[name].append(_time(fn, device))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _boxes(batch: int, size: int, num_gt: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """xyxy pixel boxes, sides uniform in [size/16, size/2], inside the image."""
+    out = []
+    for _ in range(batch):
+        wh = torch.empty(num_gt, 2).uniform_(size / 16, size / 2, generator=gen)
+        lo = torch.rand(num_gt, 2, generator=gen) * (size - wh)
+        out.append(torch.cat([lo, lo + wh], dim=1))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# mmdetection
+
+
+def _ensure_mmcv_ops() -> str:
+    try:
+        importlib.import_module("mmcv._ext")
+        return ""
+    except ImportError:
+        path = REPO / "tests" / "integrations" / "mmcv_ext_stub.py"
+        spec = importlib.util.spec_from_file_location("_gfl_mmcv_ext_stub", path)
+        stub = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(stub)
+        stub.install()
+        return "mmcv-lite: test-only stand-in for mmcv._ext (no compiled op in this step)"
+
+
+def _gfl_head(device: torch.device):
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import ConfigDict
+
+    register_all_modules()
+    cfg = dict(
+        type="GFLHead", num_classes=80, in_channels=256, stacked_convs=4, feat_channels=256,
+        anchor_generator=dict(type="AnchorGenerator", ratios=[1.0], octave_base_scale=8,
+                              scales_per_octave=1, strides=[8, 16, 32, 64, 128]),
+        loss_cls=dict(type="QualityFocalLoss", use_sigmoid=True, beta=2.0, loss_weight=1.0),
+        loss_dfl=dict(type="DistributionFocalLoss", loss_weight=0.25),
+        reg_max=16, loss_bbox=dict(type="GIoULoss", loss_weight=2.0),
+        train_cfg=ConfigDict(assigner=dict(type="ATSSAssigner", topk=9), allowed_border=-1,
+                             pos_weight=-1, debug=False))
+    return MODELS.build(cfg).to(device).train()
+
+
+def bench_mmdet(device: torch.device, image: int, steps: int) -> tuple[list[dict], str]:
+    note = _ensure_mmcv_ops()
+    import mmdet
+    from mmengine.structures import InstanceData
+
+    from gfl_ops.integrations.mmdet import fuse
+
+    torch.manual_seed(0)
+    stock = _gfl_head(device)
+    fused = fuse(copy.deepcopy(stock))
+    gen = torch.Generator().manual_seed(0)
+    batch = 2
+    feats = [torch.randn(batch, 256, image // s, image // s, generator=gen).to(device)
+             for s in (8, 16, 32, 64, 128)]
+    gts = []
+    for boxes in _boxes(batch, image, 8, gen):
+        gt = InstanceData()
+        gt.bboxes = boxes.to(device)
+        gt.labels = torch.randint(0, 80, (len(boxes),), generator=gen).to(device)
+        gts.append(gt)
+    metas = [dict(img_shape=(image, image), pad_shape=(image, image), batch_input_shape=(
+        image, image))] * batch
+    optims = {name: torch.optim.SGD(head.parameters(), lr=1e-4, momentum=0.9)
+              for name, head in (("stock", stock), ("fused", fused))}
+    heads = {"stock": stock, "fused": fused}
+
+    def step(name: str) -> Callable[[], None]:
+        head, optim = heads[name], optims[name]
+
+        def run() -> None:
+            losses = head.loss_by_feat(*head(feats), gts, metas)
+            total = sum(v if isinstance(v, torch.Tensor) else sum(v) for v in losses.values())
+            optim.zero_grad(set_to_none=True)
+            total.backward()
+            optim.step()
+        return run
+
+    def loss_only(name: str) -> Callable[[], None]:
+        head = heads[name]
+        with torch.no_grad():
+            outs = head(feats)
+        leaves = [[t.detach().requires_grad_(True) for t in level] for level in outs]
+
+        def run() -> None:
+            losses = head.loss_by_feat(*leaves, gts, metas)
+            sum(v if isinstance(v, torch.Tensor) else sum(v) for v in losses.values()).backward()
+        return run
+
+    step_ms = _medians({k: step(k) for k in heads}, steps, device)
+    loss_ms = _medians({k: loss_only(k) for k in heads}, steps, device)
+    return _rows("mmdet GFLHead (gfl_r50_fpn_1x head)", step_ms, loss_ms,
+                 f"mmdet {mmdet.__version__}"), note
+
+
+# --------------------------------------------------------------------------------------------
+# Ultralytics
+
+
+def bench_ultralytics(device: torch.device, image: int, steps: int) -> tuple[list[dict], str]:
+    import ultralytics
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    from gfl_ops.integrations.ultralytics import patch
+
+    torch.manual_seed(0)
+    stock = DetectionModel("yolov8n.yaml", nc=80, verbose=False).to(device).train()
+    stock.args = get_cfg()  # the trainer's default hyperparameters (box, cls, dfl gains)
+    fused = patch(copy.deepcopy(stock))
+    gen = torch.Generator().manual_seed(0)
+    batch = 2
+    images = torch.rand(batch, 3, image, image, generator=gen).to(device)
+    boxes = _boxes(batch, image, 8, gen)
+    xyxy = torch.cat(boxes) / image
+    targets = {
+        "img": images,
+        "batch_idx": torch.cat([torch.full((len(b),), float(i)) for i, b in
+                                enumerate(boxes)]).to(device),
+        "cls": torch.randint(0, 80, (len(xyxy), 1), generator=gen).float().to(device),
+        "bboxes": torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]],
+                            dim=1).to(device),
+    }
+    models = {"stock": stock, "fused": fused}
+    optims = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in
+              models.items()}
+
+    def step(name: str) -> Callable[[], None]:
+        model, optim = models[name], optims[name]
+
+        def run() -> None:
+            loss, _ = model.loss(targets)
+            optim.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            optim.step()
+        return run
+
+    def loss_only(name: str) -> Callable[[], None]:
+        model = models[name]
+        with torch.no_grad():
+            preds = model(images)
+        leaves = {k: ([t.detach().requires_grad_(True) for t in v] if isinstance(v, list) else
+                      v.detach().requires_grad_(v.is_floating_point()))
+                  for k, v in preds.items()}
+
+        def run() -> None:
+            loss, _ = model.loss(targets, leaves)
+            loss.sum().backward()
+        return run
+
+    step_ms = _medians({k: step(k) for k in models}, steps, device)
+    loss_ms = _medians({k: loss_only(k) for k in models}, steps, device)
+    return _rows("Ultralytics YOLOv8n", step_ms, loss_ms,
+                 f"ultralytics {ultralytics.__version__}"), ""
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _rows(framework: str, step_ms: dict[str, float], loss_ms: dict[str, float],
+          version: str) -> list[dict]:
+    rows = []
+    for variant in ("stock", "fused"):
+        rows.append({
+            "framework": framework, "variant": variant, "step_ms": step_ms[variant],
+            "loss_ms": loss_ms[variant], "loss_share": loss_ms[variant] / step_ms[variant],
+            "step_speedup": step_ms["stock"] / step_ms[variant],
+            "loss_speedup": loss_ms["stock"] / loss_ms[variant], "framework_version": version,
+        })
+    return rows
+
+
+BENCHES = {"mmdet": bench_mmdet, "ultralytics": bench_ultralytics}
+
+
+def _markdown(rows: list[dict], meta: dict[str, str], notes: list[str], command: str) -> str:
+    lines = [
+        "# One training step in the frameworks: stock vs gfl_ops (benchmarks/e2e_frameworks.py)",
+        "",
+        f"Device: {meta['device_name']} ({meta['cpu_threads']} CPU threads); torch "
+        f"{meta['torch']}; commit {meta['git_commit'][:10]}"
+        f"{' (dirty tree)' if meta['git_dirty'] == 'yes' else ''}; {meta['date_utc']} UTC.",
+        f"Command: `{command}`", "",
+        "| framework | variant | step ms | loss fwd+bwd ms | loss share of step | step speed-up |"
+        " loss speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['framework']} ({r['framework_version']}) | {r['variant']} | "
+                     f"{r['step_ms']:.1f} | {r['loss_ms']:.1f} | {r['loss_share']:.1%} | "
+                     f"{r['step_speedup']:.2f}x | {r['loss_speedup']:.2f}x |")
+    lines += ["", *(f"- {n}" for n in notes if n)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (median)")
+    ap.add_argument("--image", type=int, default=320, help="square image side in pixels")
+    ap.add_argument("--frameworks", default="mmdet,ultralytics")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    meta = csvio.run_metadata(device, "e2e-frameworks")
+    rows, notes = [], []
+    for name in args.frameworks.split(","):
+        started = time.perf_counter()
+        got, note = BENCHES[name](device, args.image, args.steps)
+        notes.append(note)
+        for r in got:
+            r.update(meta, steps=args.steps, image=f"{args.image}x{args.image}", notes=note)
+            print(f"{r['framework']:<40} {r['variant']:<6} step {r['step_ms']:8.1f} ms  loss "
+                  f"{r['loss_ms']:7.1f} ms  share {r['loss_share']:6.1%}  step x"
+                  f"{r['step_speedup']:.2f}  loss x{r['loss_speedup']:.2f}")
+        rows += got
+        print(f"# {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    stem = f"e2e-frameworks-{device.type}-{csvio.slug(meta['device_name'].split(' (')[0])}"
+    csv_file = args.out / f"{stem}.csv"
+    if csv_file.exists():
+        csv_file.unlink()
+    csvio.append_rows(csv_file, rows, FIELDS)
+    command = "python -m benchmarks.e2e_frameworks " + " ".join(argv or sys.argv[1:])
+    (args.out / f"{stem}.md").write_text(_markdown(rows, meta, notes, command.strip()))
+    print(f"# wrote {csv_file} and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
