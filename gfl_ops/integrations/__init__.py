@@ -5,6 +5,7 @@ imports them, so the core package needs neither framework:
 
 * :mod:`gfl_ops.integrations.mmdet`: ``FusedQualityFocalLoss``, ``FusedDistributionFocalLoss``
   and ``FusedIntegral`` registered in mmdet's ``MODELS``, and ``fuse(model)``.
-* :mod:`gfl_ops.integrations.ultralytics`: ``patch(model)`` for YOLOv8 / YOLO11 style models
-  (Detect head DFL, ``v8DetectionLoss``) and ``patch_trainer()`` for ``YOLO.train()``.
+* :mod:`gfl_ops.integrations.ultralytics`: ``patch(model)`` for a ``YOLO`` or its
+  ``DetectionModel`` (YOLOv8 / YOLO11 style: the Detect head's DFL, ``v8DetectionLoss``, and
+  ``YOLO.train()``'s trainer), and ``patch_trainer()`` for trainers a user builds.
 """

@@ -1,0 +1,798 @@
+"""gfl_ops.integrations.ultralytics against the real ultralytics package (no re-implementation).
+
+* ``patch`` on YOLOv8n and YOLO11n built from their yaml (no weights are downloaded), stock vs
+  patched copies of one initialisation: state dict, eval-mode head outputs, loss parts, parameter
+  gradients, three SGD steps; the head made *realistic* first (peaked, varied bin distributions:
+  a head at random init emits near-uniform ones, which hide layout bugs) and batches with several
+  boxes per image, so that there are many positives;
+* the fused modules on their own: the head DFL's channel layout, its fallback for weights that are
+  not ``arange``, ``torch.compile``; the DFL loss's clamp, shapes and dtypes, also under autocast;
+* an unpatched model in the same process keeps Ultralytics' own classes and code;
+* ``YOLO.predict`` / ``val`` / ``train`` / ``save`` / ``export(format="onnx")`` on a patched
+  model: training on a tiny dataset written here runs the fused ops (counted), leaves the trained
+  model patched and writes stock checkpoints; the ONNX files (Ultralytics' exporter and torch's
+  dynamo exporter) hold standard-domain ops only and match the patched PyTorch model in
+  onnxruntime.
+
+ultralytics is imported at module level on purpose: without it this file fails instead of
+skipping.  Ultralytics reads its settings directory and the network status when imported, and
+changes process-wide state when it trains or picks a device; this module gives it a private
+settings directory, no network, and undoes the process-wide changes after each test.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+# Before ultralytics is imported: it writes settings.json into YOLO_CONFIG_DIR, checks whether it
+# is online (DNS look-ups) unless YOLO_OFFLINE is set, and sets OMP_NUM_THREADS=1 if unset.
+_CONFIG_DIR = tempfile.mkdtemp(prefix="gfl_ops_ultralytics_")
+# removed at exit, not after this module: ultralytics keeps the path for the whole process
+atexit.register(shutil.rmtree, _CONFIG_DIR, True)
+os.environ["YOLO_CONFIG_DIR"] = _CONFIG_DIR
+os.environ["YOLO_OFFLINE"] = "1"
+_OMP_BEFORE = os.environ.get("OMP_NUM_THREADS")
+
+import onnx  # noqa: E402
+import onnxruntime  # noqa: E402
+import ultralytics  # noqa: E402
+from PIL import Image  # noqa: E402
+from ultralytics import YOLO  # noqa: E402
+from ultralytics.cfg import get_cfg  # noqa: E402
+from ultralytics.engine.trainer import BaseTrainer  # noqa: E402
+from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+from ultralytics.nn.modules.block import DFL  # noqa: E402
+from ultralytics.nn.modules.head import Detect  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel, SegmentationModel, torch_safe_load  # noqa: E402
+from ultralytics.utils.loss import (  # noqa: E402
+    DFLoss,
+    E2ELoss,
+    v8DetectionLoss,
+    v8SegmentationLoss,
+)
+
+import gfl_ops  # noqa: E402
+from gfl_ops import functional  # noqa: E402
+from gfl_ops.integrations.ultralytics import (  # noqa: E402
+    FusedDetectionModel,
+    FusedDetectionTrainer,
+    FusedDFL,
+    FusedDFLoss,
+    FusedV8DetectionLoss,
+    FusedYOLO,
+    is_patched,
+    patch,
+    patch_trainer,
+    unpatch,
+)
+
+if _OMP_BEFORE is None:  # ultralytics' default is for its own training runs, not this process
+    os.environ.pop("OMP_NUM_THREADS", None)
+assert ultralytics.__version__.startswith("8."), ultralytics.__version__
+
+CFGS = ["yolov8n.yaml", "yolo11n.yaml"]
+# YOLOv10: an end-to-end head, one-to-many and one-to-one branches sharing the DFL; E2ELoss
+E2E_CFG = "yolov10n.yaml"
+DFL_KEY = {"yolov8n.yaml": "model.22.dfl.conv.weight", "yolo11n.yaml": "model.23.dfl.conv.weight",
+           E2E_CFG: "model.23.dfl.conv.weight"}
+IMGSZ = 128
+BINS = 16  # Ultralytics' reg_max
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+@pytest.fixture(autouse=True)
+def _process_state() -> Iterator[None]:
+    """One intra-op thread (the suite's policy on its few shared cores), and everything
+    Ultralytics changes process-wide restored afterwards: it sets torch's thread count when it
+    selects a CPU device, deterministic algorithms and seeds when it trains, environment
+    variables, and torch's weights_only allow-list when it loads a checkpoint safely."""
+    env = dict(os.environ)
+    threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    cudnn = torch.backends.cudnn.deterministic
+    rng = torch.get_rng_state(), np.random.get_state()
+    safe_globals = torch.serialization.get_safe_globals()  # Ultralytics' safe load adds to them
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.backends.cudnn.deterministic = cudnn
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        os.environ.clear()
+        os.environ.update(env)
+        if torch.serialization.get_safe_globals() != safe_globals:
+            torch.serialization.clear_safe_globals()
+            torch.serialization.add_safe_globals(safe_globals)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network even if ultralytics was imported before this module set YOLO_OFFLINE (its two
+    readers of the online flag: the pip update check of ``YOLO.train`` and error reporting)."""
+    monkeypatch.setattr(ultralytics.utils, "ONLINE", False)
+    monkeypatch.setattr(ultralytics.utils.checks, "ONLINE", False)
+
+
+@dataclass
+class Calls:
+    """Calls of gfl_ops' functional entry points (the fused ops) while the fixture is active."""
+
+    integral: int = 0
+    dfl: int = 0
+    dfl_rows: list[int] = field(default_factory=list)
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.integral, self.dfl
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
+    """Count the fused ops: wraps ``gfl_ops.integral`` / ``distribution_focal_loss`` (both the
+    package and ``gfl_ops.functional`` bindings) with counting pass-throughs."""
+    rec = Calls()
+    integral, dfl = functional.integral, functional.distribution_focal_loss
+
+    def counting_integral(pred, *args, **kwargs):
+        rec.integral += 1
+        return integral(pred, *args, **kwargs)
+
+    def counting_dfl(pred, *args, **kwargs):
+        rec.dfl += 1
+        rec.dfl_rows.append(pred.shape[0])
+        return dfl(pred, *args, **kwargs)
+
+    for module in (functional, gfl_ops):
+        monkeypatch.setattr(module, "integral", counting_integral)
+        monkeypatch.setattr(module, "distribution_focal_loss", counting_dfl)
+    return rec
+
+
+def realistic_head(model: DetectionModel, seed: int = 0) -> DetectionModel:
+    """Make the Detect head's outputs look trained: its final box convs (``cv2[i][-1]``) scaled up
+    with varied biases, so each side's distribution over the bins is peaked at varied bins; class
+    biases spread so that predictions pass the confidence threshold."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    head = model.model[-1]
+    with torch.no_grad():
+        for box, cls in zip(head.cv2, head.cv3):
+            box[-1].weight.mul_(10)
+            box[-1].bias.copy_(2 * torch.randn(box[-1].bias.shape, generator=g))
+            cls[-1].bias.copy_(1.5 * torch.randn(cls[-1].bias.shape, generator=g) - 1)
+    return model
+
+
+def build_stock(cfg: str, seed: int = 0) -> DetectionModel:
+    """A stock DetectionModel from ultralytics' yaml (no download), realistic head, with the
+    default training hyperparameters that ``v8DetectionLoss`` reads (``model.args``)."""
+    torch.manual_seed(seed)
+    model = DetectionModel(cfg, verbose=False)
+    model.args = get_cfg()
+    return realistic_head(model, seed)
+
+
+def stock_and_fused(cfg: str, seed: int = 0) -> tuple[DetectionModel, DetectionModel]:
+    stock = build_stock(cfg, seed)
+    return stock, patch(copy.deepcopy(stock))
+
+
+def make_batch(seed: int = 0, n_img: int = 2, boxes_per_img: int = 6) -> dict[str, torch.Tensor]:
+    """A training batch as Ultralytics' dataloader gives it: images (B, 3, H, W) in [0, 1];
+    normalised xywh boxes (N, 4), classes (N, 1), image index (N,).  Box sizes from 10% to 98%
+    of the image: distances from 0 to past the last bin (the clamp) at stride 8."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_img * boxes_per_img
+    wh = 0.1 + 0.8 * torch.rand(n, 2, generator=g)
+    wh[0] = 0.98  # one box nearly the whole image
+    xy = wh / 2 + (1 - wh) * torch.rand(n, 2, generator=g)
+    return {
+        "img": torch.rand(n_img, 3, IMGSZ, IMGSZ, generator=g),
+        "batch_idx": torch.arange(n_img).repeat_interleave(boxes_per_img).float(),
+        "cls": torch.randint(0, 80, (n, 1), generator=g).float(),
+        "bboxes": torch.cat([xy, wh], 1),
+    }
+
+
+def set_train(model: nn.Module, frozen_bn: bool) -> nn.Module:
+    """Training mode; ``frozen_bn`` keeps BatchNorm on its running statistics.  Train-mode BN
+    over 2 images of 128 px amplifies float rounding from one step to the next: stock against
+    stock with 1e-6 relative noise on the first gradient drifts to ~1e-3 relative by the third
+    step, so trajectories are compared with frozen BN (single steps both ways)."""
+    model.train()
+    if frozen_bn:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    return model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 distance of ``a`` from the reference ``b``."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_same_state_dict(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def assert_grads_close(stock: nn.Module, fused: nn.Module, tol: float = 1e-4) -> None:
+    n = 0
+    for (name, ps), pf in zip(stock.named_parameters(), fused.parameters()):
+        assert (ps.grad is None) == (pf.grad is None), name
+        if ps.grad is not None:
+            err = (pf.grad.double() - ps.grad.double()).norm().item()
+            bound = tol * ps.grad.double().norm().item() + 1e-12
+            assert err <= bound, (name, rel(pf.grad, ps.grad))
+            n += 1
+    assert n > 100  # the whole network's tensors, not only the head's
+
+
+def peakedness(boxes: torch.Tensor) -> tuple[float, float]:
+    """(mean top bin probability, std of the top bin) of head box logits (B, 4 * 16, A)."""
+    p = boxes.view(boxes.shape[0], 4, BINS, -1).softmax(2)
+    return p.amax(2).mean().item(), p.argmax(2).float().std().item()
+
+
+# --------------------------------------------------------------------------------------------
+# patch(): structure
+
+
+@pytest.mark.parametrize("cfg", CFGS + [E2E_CFG])
+def test_patch_keeps_state_dict_and_replaces_dfl(cfg: str) -> None:
+    stock = build_stock(cfg)
+    model = copy.deepcopy(stock)
+    weight = model.model[-1].dfl.conv.weight
+    assert patch(model) is model
+    assert type(model) is FusedDetectionModel and isinstance(model, DetectionModel)
+    assert is_patched(model) and not is_patched(stock)
+    dfl = model.model[-1].dfl
+    assert type(dfl) is FusedDFL and isinstance(dfl, DFL)
+    assert not any(type(m) is DFL for m in model.modules())
+    # the same frozen Parameter under the same key
+    assert dfl.conv.weight is weight and not weight.requires_grad
+    assert DFL_KEY[cfg] in model.state_dict()
+    assert torch.equal(model.state_dict()[DFL_KEY[cfg]], torch.arange(16.0).view(1, 16, 1, 1))
+    assert_same_state_dict(model, stock)
+    # and a state dict loads both ways
+    stock2 = build_stock(cfg, seed=1)
+    stock2.load_state_dict(model.state_dict())
+    assert_same_state_dict(stock2, stock)
+
+
+def test_patch_twice_unpatch_and_types() -> None:
+    stock = build_stock("yolov8n.yaml")
+    model = patch(copy.deepcopy(stock))
+    set_train(model, frozen_bn=True).loss(make_batch())  # builds the criterion
+    dfl, criterion = model.model[-1].dfl, model.criterion
+    assert patch(model) is model  # twice: nothing more happens
+    assert model.model[-1].dfl is dfl and model.criterion is criterion
+    assert type(criterion) is FusedV8DetectionLoss
+    assert type(criterion.bbox_loss.dfl_loss) is FusedDFLoss
+    assert_same_state_dict(model, stock)
+
+    assert unpatch(model) is model
+    assert type(model) is DetectionModel and type(model.model[-1].dfl) is DFL
+    assert type(model.criterion) is v8DetectionLoss
+    assert type(model.criterion.bbox_loss.dfl_loss) is DFLoss
+    assert model.model[-1].dfl.conv.weight is dfl.conv.weight
+    assert not is_patched(model)
+    assert_same_state_dict(model, stock)
+    assert is_patched(patch(model))
+
+    with pytest.raises(TypeError, match="YOLO object or a DetectionModel"):
+        patch(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="trainer class or instance"):
+        patch_trainer(nn.Linear)
+
+
+def test_patch_yolo_object_and_copies() -> None:
+    yolo = YOLO("yolov8n.yaml")
+    inner = yolo.model
+    assert patch(yolo) is yolo
+    assert type(yolo) is FusedYOLO and isinstance(yolo, YOLO)
+    assert yolo.model is inner and is_patched(yolo) and is_patched(inner)
+    # deepcopy (what EMA, validators and the exporter do) keeps the patch
+    twin = copy.deepcopy(inner)
+    assert type(twin) is FusedDetectionModel and type(twin.model[-1].dfl) is FusedDFL
+    assert is_patched(copy.deepcopy(yolo))
+
+
+def test_unpatched_model_in_same_process_untouched(calls: Calls) -> None:
+    patched = patch(YOLO("yolov8n.yaml"))  # another model patched first, in this process
+    patched.model.args = get_cfg()
+    patched.model.loss(make_batch())
+    assert calls.dfl > 0
+
+    yolo = YOLO("yolov8n.yaml")
+    model = yolo.model
+    model.args = get_cfg()
+    before = calls.snapshot()
+    assert type(yolo) is YOLO and type(model) is DetectionModel
+    assert type(model.model[-1].dfl) is DFL
+    model.eval()
+    with torch.no_grad():
+        model(make_batch()["img"])
+    model.train()
+    model.loss(make_batch())
+    assert type(model.criterion) is v8DetectionLoss
+    assert type(model.criterion.bbox_loss.dfl_loss) is DFLoss
+    assert calls.snapshot() == before  # not one fused op ran for it
+    assert not is_patched(yolo) and not is_patched(model)
+    # Ultralytics' classes themselves are untouched (nothing was monkeypatched globally)
+    for cls, name in [(DFL, "forward"), (DFLoss, "__call__"), (v8DetectionLoss, "bbox_decode"),
+                      (DetectionModel, "init_criterion"), (DetectionTrainer, "get_model"),
+                      (BaseTrainer, "save_model"), (BaseTrainer, "final_eval"),
+                      (YOLO, "train"), (YOLO, "save")]:
+        attr = getattr(cls, name)
+        assert attr.__module__.startswith("ultralytics."), (cls, name, attr.__module__)
+
+
+# --------------------------------------------------------------------------------------------
+# the fused modules on their own
+
+
+def test_fused_dfl_channel_layout(calls: Calls) -> None:
+    """(B, 4 * 16, A), side-major channels: one-hot peaks at known bins decode to those bins."""
+    g = torch.Generator().manual_seed(0)
+    b, a = 2, 37
+    bins = torch.randint(0, BINS, (b, 4, a), generator=g)
+    x = torch.full((b, 4, BINS, a), -30.0)
+    x.scatter_(2, bins.unsqueeze(2), 30.0)
+    x = x.view(b, 4 * BINS, a)
+    out = FusedDFL(BINS)(x)
+    assert calls.integral == 1
+    assert out.shape == (b, 4, a) and out.dtype == x.dtype
+    torch.testing.assert_close(out, bins.float(), atol=1e-5, rtol=0)
+    # and any logits: the stock module's result, in value, dtype and gradient
+    for dtype in (torch.float32, torch.float64):
+        x = (4 * torch.randn(b, 4 * BINS, a, generator=g)).to(dtype).requires_grad_()
+        xs = x.detach().clone().requires_grad_()
+        out, ref = FusedDFL(BINS).to(dtype)(x), DFL(BINS).to(dtype)(xs)
+        assert out.dtype == ref.dtype == dtype
+        torch.testing.assert_close(out, ref)
+        w = torch.randn(ref.shape, generator=g, dtype=dtype)
+        (out * w).sum().backward()
+        (ref * w).sum().backward()
+        torch.testing.assert_close(x.grad, xs.grad)
+
+
+def test_fused_dfl_falls_back_for_non_integral_weights(calls: Calls) -> None:
+    fused, stock = FusedDFL(BINS), DFL(BINS)
+    x = 3 * torch.randn(2, 4 * BINS, 11)
+    other = {"conv.weight": torch.linspace(0, 2, BINS).view(1, BINS, 1, 1)}
+    stock.load_state_dict(other)
+    with pytest.warns(UserWarning, match="not arange"):
+        fused.load_state_dict(other)
+        out = fused(x)
+    assert calls.integral == 0  # the stock formula ran: it honours the loaded weights
+    torch.testing.assert_close(out, stock(x))
+    fused.load_state_dict({"conv.weight": torch.arange(BINS, dtype=torch.float).view(1, -1, 1, 1)})
+    torch.testing.assert_close(fused(x), DFL(BINS)(x))
+    assert calls.integral == 1
+
+
+def test_fused_dfl_under_torch_compile() -> None:
+    fused, stock = FusedDFL(BINS), DFL(BINS)
+    x = 3 * torch.randn(2, 4 * BINS, 50)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")  # no graph break
+    try:
+        torch.testing.assert_close(compiled(x), stock(x))
+    finally:
+        torch.compiler.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_dfloss_matches_stock(dtype: torch.dtype, calls: Calls) -> None:
+    """Ultralytics' call: pred (4P, 16), target (P, 4) in bins, including values outside
+    [0, 15 - 0.01] (clamped) -> (P, 1), float32 for 16-bit pred; the target is not modified."""
+    g = torch.Generator().manual_seed(0)
+    p = 300
+    pred = (3 * torch.randn(4 * p, BINS, generator=g)).to(dtype).requires_grad_()
+    target = torch.empty(p, 4).uniform_(-1, BINS + 1, generator=g)
+    target[:4] = torch.tensor([0.0, BINS - 1 - 0.01, BINS - 1, BINS - 0.5])  # edges of the clamp
+    target_before = target.clone()
+    out = FusedDFLoss(BINS)(pred, target)
+    assert calls.dfl == 1
+    assert torch.equal(target, target_before)
+    assert out.shape == (p, 1)
+    assert out.dtype == torch.float32
+    # the stock formula on the same (upcast) values: what it computes under autocast
+    pred32 = pred.detach().float().requires_grad_()
+    ref = DFLoss(BINS)(pred32, target.clone())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    w = torch.rand(p, 1, generator=g)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    assert pred.grad.dtype == dtype
+    tol = {torch.float32: (1e-5, 1e-7), torch.float16: (1e-3, 1e-6), torch.bfloat16: (1e-2, 1e-5)}
+    torch.testing.assert_close(pred.grad, pred32.grad.to(dtype), rtol=tol[dtype][0],
+                               atol=tol[dtype][1])
+
+
+def test_fused_dfloss_under_autocast_matches_stock_dtype() -> None:
+    pred = 3 * torch.randn(40, BINS)
+    target = torch.rand(10, 4) * BINS
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = nn.functional.linear(pred, torch.eye(BINS))  # a bf16 activation, as under AMP
+        out, ref = FusedDFLoss(BINS)(logits, target), DFLoss(BINS)(logits, target.clone())
+    assert logits.dtype == torch.bfloat16
+    assert out.dtype == ref.dtype and out.shape == ref.shape == (10, 1)
+    # stock's CPU-autocast log_softmax rounds to bf16; the fused op's math is float32 throughout
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=0)
+    torch.testing.assert_close(out, DFLoss(BINS)(logits.float(), target.clone()), rtol=1e-5,
+                               atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# stock vs patched models
+
+
+@pytest.mark.parametrize("cfg", CFGS + [E2E_CFG])
+def test_eval_predictions_equal(cfg: str, calls: Calls) -> None:
+    stock, fused = stock_and_fused(cfg)
+    img = make_batch()["img"]
+    with torch.no_grad():
+        ys, raw = stock.eval()(img)
+        assert calls.integral == 0
+        yf, _ = fused.eval()(img)
+        assert calls.integral == 1  # the head's DFL, once for the whole batch
+        raw = raw.get("one2many", raw)
+        top, spread = peakedness(raw["boxes"])
+        assert top > 0.4 and spread > 2.5  # the comparison sees peaked, varied distributions
+        assert yf.shape == ys.shape == (2, 4 + 80, (IMGSZ // 8) ** 2 + (IMGSZ // 16) ** 2 + 16)
+        torch.testing.assert_close(yf, ys, rtol=1e-5, atol=1e-4)  # pixels, up to ~2 * 128
+        if cfg == E2E_CFG:  # the one-to-one branch, NMS-free top-k output (B, 300, 6)
+            stock.model[-1].end2end = fused.model[-1].end2end = True
+            ys, yf = stock(img)[0], fused(img)[0]
+            assert yf.shape == ys.shape == (2, 300, 6)
+            torch.testing.assert_close(yf, ys, rtol=1e-5, atol=1e-4)
+        # Ultralytics' fuse() (Conv+BN folding; predict and export call it) keeps the patch
+        stock.fuse(verbose=False)
+        fused.fuse(verbose=False)
+        assert is_patched(fused)
+        before = calls.integral
+        torch.testing.assert_close(fused(img)[0], stock(img)[0], rtol=1e-5, atol=1e-4)
+        assert calls.integral == before + 1
+
+
+@pytest.mark.parametrize("cfg", CFGS + [E2E_CFG])
+def test_loss_and_gradients_equal(cfg: str, calls: Calls) -> None:
+    stock, fused = stock_and_fused(cfg)
+    batch = make_batch()
+    for frozen_bn in (False, True):
+        losses = []
+        for model in (stock, fused):
+            set_train(model, frozen_bn).zero_grad()
+            before = calls.snapshot()
+            loss, items = model.loss(batch)
+            loss.sum().backward()
+            used = tuple(n - b for n, b in zip(calls.snapshot(), before))
+            losses.append((loss.detach(), items, used))
+        (ls, items_s, used_s), (lf, items_f, used_f) = losses
+        # bbox_decode's integral and the DFL term, per detection loss (E2E: one2many, one2one)
+        n_losses = 2 if cfg == E2E_CFG else 1
+        assert used_s == (0, 0) and used_f == (n_losses, n_losses)
+        assert set(items_f) == set(items_s) == {"box_loss", "cls_loss", "dfl_loss"}
+        assert lf.shape == ls.shape == (3,) and lf.dtype == ls.dtype
+        torch.testing.assert_close(lf, ls, rtol=1e-5, atol=0)
+        for k in items_s:
+            torch.testing.assert_close(items_f[k], items_s[k], rtol=1e-5, atol=0)
+        if frozen_bn:
+            assert_grads_close(stock, fused)  # every tensor to 1e-4 relative
+        else:
+            grads = [torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+                     for m in (stock, fused)]
+            assert rel(grads[1], grads[0]) < 1e-4
+    # many positives: one-to-many assignment gave >= 40 anchors' 4 sides to the DFL term
+    assert max(calls.dfl_rows) >= 4 * 40
+    if cfg == E2E_CFG:
+        assert type(stock.criterion) is type(fused.criterion) is E2ELoss
+        assert type(stock.criterion.one2one) is v8DetectionLoss
+        for criterion in (fused.criterion.one2many, fused.criterion.one2one):
+            assert type(criterion) is FusedV8DetectionLoss
+            assert type(criterion.bbox_loss.dfl_loss) is FusedDFLoss
+    else:
+        assert type(stock.criterion) is v8DetectionLoss
+        assert type(fused.criterion) is FusedV8DetectionLoss
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+def test_three_sgd_steps_equal(cfg: str) -> None:
+    stock, fused = stock_and_fused(cfg, seed=3)
+    batches = [make_batch(seed=s) for s in range(3)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (stock, fused)]
+    for batch in batches:
+        losses = []
+        for model, opt in zip((stock, fused), opts):
+            set_train(model, frozen_bn=True)
+            opt.zero_grad()
+            loss, _ = model.loss(batch)
+            loss.sum().backward()
+            opt.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=0)
+    for (name, ps), pf in zip(stock.named_parameters(), fused.parameters()):
+        assert rel(pf, ps) < 1e-4, name
+
+
+def test_empty_targets_and_autocast() -> None:
+    stock, fused = stock_and_fused("yolov8n.yaml")
+    batch = make_batch()
+    empty = dict(batch, batch_idx=batch["batch_idx"][:0], cls=batch["cls"][:0],
+                 bboxes=batch["bboxes"][:0])
+    for model in (stock, fused):
+        model.train()
+    ls, lf = stock.loss(empty)[0], fused.loss(empty)[0]
+    assert lf[2] == ls[2] == 0  # no positives: no DFL term (and no NaN)
+    torch.testing.assert_close(lf, ls)
+    lf.sum().backward()  # the predictions stay in the graph
+    # bf16 autocast (what CPU AMP would run): same dtypes as stock, values to bf16 accuracy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ls, lf = stock.loss(batch)[0], fused.loss(batch)[0]
+    assert lf.dtype == ls.dtype == torch.float32
+    torch.testing.assert_close(lf, ls, rtol=2e-2, atol=0)
+    lf.sum().backward()
+
+
+def test_segmentation_model_patched() -> None:
+    """A Detect subclass (Segment) holds the same DFL; its loss subclass keeps bbox_decode."""
+    torch.manual_seed(0)
+    stock = realistic_head(SegmentationModel("yolov8n-seg.yaml", verbose=False))
+    stock.args = get_cfg()
+    fused = patch(copy.deepcopy(stock))
+    assert type(fused.model[-1].dfl) is FusedDFL and isinstance(fused, SegmentationModel)
+    img = make_batch()["img"]
+    with torch.no_grad():
+        ys, yf = stock.eval()(img), fused.eval()(img)
+    torch.testing.assert_close(yf[0], ys[0], rtol=1e-5, atol=1e-4)
+    criterion = fused.init_criterion()
+    assert isinstance(criterion, v8SegmentationLoss) and type(criterion) is not v8SegmentationLoss
+    assert type(criterion.bbox_loss.dfl_loss) is FusedDFLoss
+    assert_same_state_dict(fused, stock)
+
+
+def test_reg_max_1_model_warns_and_runs_stock(calls: Calls) -> None:
+    """YOLO26 heads regress distances directly (reg_max == 1, no DFL): nothing to fuse."""
+    torch.manual_seed(0)
+    stock = DetectionModel("yolo26n.yaml", verbose=False)
+    stock.args = get_cfg()
+    assert stock.model[-1].reg_max == 1
+    with pytest.warns(UserWarning, match="no DFL module"):
+        fused = patch(copy.deepcopy(stock))
+    batch = make_batch()
+    set_train(stock, frozen_bn=True)
+    set_train(fused, frozen_bn=True)
+    torch.testing.assert_close(fused.loss(batch)[0], stock.loss(batch)[0], rtol=0, atol=0)
+    assert calls.snapshot() == (0, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# YOLO workflows: predict, save, train, val, export
+
+
+def test_predict(calls: Calls) -> None:
+    stock = YOLO("yolov8n.yaml")
+    realistic_head(stock.model)
+    fused = patch(copy.deepcopy(stock))
+    img = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
+    rs = stock.predict(img, imgsz=IMGSZ, device="cpu", verbose=False)[0]
+    before = calls.integral
+    rf = fused.predict(img, imgsz=IMGSZ, device="cpu", verbose=False)[0]
+    assert calls.integral > before
+    assert is_patched(fused)  # predict fuses Conv+BN in place; the DFL stays fused
+    assert len(rs.boxes) > 10
+    assert torch.equal(rf.boxes.cls, rs.boxes.cls)
+    torch.testing.assert_close(rf.boxes.xyxy, rs.boxes.xyxy, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(rf.boxes.conf, rs.boxes.conf)
+
+
+def test_save_writes_stock_checkpoint(tmp_path: Path) -> None:
+    yolo = patch(YOLO("yolov8n.yaml"))
+    yolo.save(tmp_path / "m.pt")
+    assert is_patched(yolo)
+    assert_stock_checkpoint(tmp_path / "m.pt", "model")
+    # torch.save of a patched model is a patched model (it needs gfl_ops to load)
+    torch.save(yolo.model, tmp_path / "raw.pt")
+    assert is_patched(torch.load(tmp_path / "raw.pt", weights_only=False))
+
+
+def test_pickled_patched_models_load_in_another_process(tmp_path: Path) -> None:
+    """torch.save of patched models (detect, and segment: a class made at import) loads in a
+    fresh interpreter, which imports the adapter by itself."""
+    for name, cls, cfg in (("det", DetectionModel, "yolov8n.yaml"),
+                           ("seg", SegmentationModel, "yolov8n-seg.yaml")):
+        torch.save(patch(cls(cfg, verbose=False)), tmp_path / f"{name}.pt")
+    code = (
+        "import sys, torch\n"
+        "for name in ('det', 'seg'):\n"
+        "    m = torch.load(sys.argv[1] + f'/{name}.pt', weights_only=False)\n"
+        "    print(type(m).__module__, type(m).__name__, type(m.model[-1].dfl).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split("\n")
+    module = "gfl_ops.integrations.ultralytics"
+    assert out[:2] == [f"{module} FusedDetectionModel FusedDFL",
+                       f"{module} FusedSegmentationModel FusedDFL"], out
+
+
+def assert_stock_checkpoint(path: Path, key: str) -> None:
+    """The checkpoint names no gfl_ops class and loads with Ultralytics' restricted
+    (weights_only) loader, as a stock model."""
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    assert not [n for n in names if "gfl_ops" in n], names
+    ckpt, _ = torch_safe_load(path, safe_only=True)
+    model = ckpt[key]
+    assert type(model) is DetectionModel and type(model.model[-1].dfl) is DFL
+
+
+def write_dataset(root: Path, n_train: int = 4, n_val: int = 2) -> Path:
+    """A tiny YOLO-format detection dataset: 128 px images with 3 coloured boxes each."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(n):
+            img = np.full((IMGSZ, IMGSZ, 3), 40, np.uint8)
+            lines = []
+            for _ in range(3):
+                w, h = rng.integers(20, 60, 2)
+                x0, y0 = rng.integers(0, IMGSZ - 60, 2)
+                c = int(rng.integers(0, 2))
+                img[y0:y0 + h, x0:x0 + w] = (220, 40, 40) if c == 0 else (40, 220, 40)
+                lines.append(f"{c} {(x0 + w / 2) / IMGSZ:.6f} {(y0 + h / 2) / IMGSZ:.6f} "
+                             f"{w / IMGSZ:.6f} {h / IMGSZ:.6f}")
+            Image.fromarray(img).save(root / "images" / split / f"{i}.png")
+            (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines) + "\n")
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\n"
+                    "names:\n  0: red\n  1: green\n")
+    return data
+
+
+# everything that could reach the network or write outside tmp_path is off
+TRAIN_ARGS = dict(epochs=1, imgsz=64, batch=2, workers=0, device="cpu", plots=False, amp=False,
+                  val=True, verbose=False, exist_ok=True, seed=0)
+
+
+def test_train_runs_fused_ops(tmp_path: Path, calls: Calls) -> None:
+    data = write_dataset(tmp_path / "data")
+    yolo = patch(YOLO("yolov8n.yaml"))
+    per_batch: list[tuple[int, int]] = []
+    per_fit_epoch: list[tuple[int, int]] = []
+    yolo.add_callback("on_train_batch_end", lambda trainer: per_batch.append(calls.snapshot()))
+    yolo.add_callback("on_fit_epoch_end", lambda trainer: per_fit_epoch.append(calls.snapshot()))
+
+    yolo.train(data=str(data), project=str(tmp_path / "runs"), name="train", **TRAIN_ARGS)
+
+    trainer = yolo.trainer
+    assert type(trainer) is FusedDetectionTrainer
+    # the model trained, its EMA, and yolo.model (reloaded from best.pt by train()) are patched
+    for model in (trainer.model, trainer.ema.ema, yolo.model):
+        assert is_patched(model), type(model)
+    assert is_patched(yolo)
+    assert all(torch.isfinite(v).all() for v in trainer.tloss.values()), trainer.tloss
+    # each of the 2 training steps ran the fused DFL loss and integral (bbox_decode)
+    assert len(per_batch) == 2
+    steps = [(0, 0)] + per_batch
+    for (i0, d0), (i1, d1) in zip(steps, steps[1:]):
+        assert i1 - i0 >= 1 and d1 - d0 >= 1
+    # the epoch's validation and the final validation of best.pt ran the head's fused DFL
+    assert len(per_fit_epoch) == 2
+    assert per_fit_epoch[0][0] > per_batch[-1][0]
+    assert per_fit_epoch[1][0] > per_fit_epoch[0][0]
+    # the checkpoints hold the stock classes
+    for ckpt in (trainer.best, trainer.last):
+        assert_stock_checkpoint(ckpt, "model")
+
+    before = calls.integral
+    metrics = yolo.val(data=str(data), imgsz=64, batch=2, workers=0, device="cpu", plots=False,
+                       verbose=False, project=str(tmp_path / "runs"), name="val")
+    assert calls.integral > before and metrics is not None
+    assert is_patched(yolo)
+
+    # training again starts from yolo.model (now loaded from best.pt: YOLO.train hands the
+    # trainer that model as weights, the path of YOLO("yolo11n.pt").train())
+    assert yolo.ckpt
+    before = calls.snapshot()
+    yolo.train(data=str(data), project=str(tmp_path / "runs"), name="again", **TRAIN_ARGS)
+    assert is_patched(yolo.trainer.model) and is_patched(yolo)
+    assert calls.dfl - before[1] >= 2 and calls.integral - before[0] >= 2
+
+
+def test_trainer_built_by_user(tmp_path: Path, calls: Calls) -> None:
+    """patch_trainer on a trainer instance (or FusedDetectionTrainer for the class)."""
+    data = write_dataset(tmp_path / "data")
+    trainer = DetectionTrainer(overrides=dict(model="yolov8n.yaml", data=str(data),
+                                              project=str(tmp_path / "runs"), name="user",
+                                              **TRAIN_ARGS))
+    assert patch_trainer(trainer) is trainer
+    assert type(trainer) is FusedDetectionTrainer
+    trainer.train()
+    assert is_patched(trainer.model) and is_patched(trainer.ema.ema)
+    assert calls.dfl >= 2
+    assert_stock_checkpoint(trainer.best, "model")
+
+
+def test_patch_trainer_classes() -> None:
+    assert patch_trainer(DetectionTrainer) is FusedDetectionTrainer
+    assert patch_trainer(FusedDetectionTrainer) is FusedDetectionTrainer
+
+    class MyTrainer(DetectionTrainer):
+        pass
+
+    fused = patch_trainer(MyTrainer)
+    assert issubclass(fused, MyTrainer) and fused is patch_trainer(MyTrainer)
+    assert fused.get_model is not MyTrainer.get_model
+    assert MyTrainer.get_model is DetectionTrainer.get_model  # the user's class is untouched
+
+
+def onnx_domains(path: Path | str) -> set[str]:
+    return {node.domain for node in onnx.load(str(path)).graph.node}
+
+
+def run_onnx(path: Path | str, x: torch.Tensor) -> np.ndarray:
+    sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_export_onnx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ultralytics' exporter (torch.onnx.export with dynamo=False; ``simplify=False``: onnxslim
+    is not installed and Ultralytics would pip-install it) and torch's dynamo exporter."""
+    monkeypatch.chdir(tmp_path)  # Ultralytics writes the .onnx next to the model file (cwd)
+    yolo = YOLO("yolov8n.yaml")
+    realistic_head(yolo.model)
+    patch(yolo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.onnx deprecation notes
+        path = yolo.export(format="onnx", imgsz=IMGSZ, simplify=False, device="cpu")
+    assert Path(path).resolve().parent == tmp_path.resolve()
+    assert is_patched(yolo)  # export worked on a copy
+    assert onnx_domains(path) <= {"", "ai.onnx"}
+
+    x = make_batch()["img"][:1]
+    model = yolo.model.eval()
+    with torch.no_grad():
+        expected = model(x)[0].numpy()
+    np.testing.assert_allclose(run_onnx(path, x), expected, rtol=0, atol=1e-4)
+
+    # torch's dynamo exporter on the patched model (export mode head: one output tensor);
+    # a copy, as Ultralytics does: the head caches tensors made during export
+    head_model = copy.deepcopy(model)
+    for m in head_model.modules():
+        if isinstance(m, Detect):
+            m.export = True
+    dyn = tmp_path / "dynamo.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(head_model, (x,), str(dyn), dynamo=True, opset_version=18,
+                          verbose=False)
+    assert onnx_domains(dyn) <= {"", "ai.onnx"}
+    np.testing.assert_allclose(run_onnx(dyn, x), expected, rtol=0, atol=1e-4)
+
