@@ -1,7 +1,7 @@
 """End to end in the frameworks: one training step of mmdetection's GFLHead and of YOLOv8n,
 stock against fused with gfl_ops' adapters (gfl_ops/integrations/).
 
-    python -m benchmarks.e2e_frameworks [--device cpu|cuda] [--steps 8] [--image 320]
+    python -m benchmarks.e2e_frameworks [--device cpu|cuda] [--steps 8] [--image PIXELS]
                                         [--frameworks mmdet,ultralytics] [--out DIR]
 
 What is measured, per framework, on the same weights and batch for both variants:
@@ -9,8 +9,9 @@ What is measured, per framework, on the same weights and batch for both variants
 * ``step_ms``: one whole training step -- forward, the framework's own loss, backward, SGD
   update.  mmdetection: ``GFLHead`` built from the head of ``configs/gfl/gfl_r50_fpn_1x_coco.py``
   (80 classes, 256 channels, 4 stacked convs, ATSS assigner) on FPN-shaped features of a batch
-  of 2 images (the backbone and neck are outside the part gfl_ops touches and outside this
-  measurement); Ultralytics: ``DetectionModel('yolov8n.yaml')``, the whole network, batch 2.
+  of 2 images of 800 x 800 (the backbone and neck are outside the part gfl_ops touches and
+  outside this measurement); Ultralytics: ``DetectionModel('yolov8n.yaml')``, the whole
+  network, batch 2 at 640 x 640 (its default training size).  8 ground-truth boxes per image.
 * ``loss_ms``: forward + backward of the loss alone, from head outputs held fixed (detached
   leaves): mmdetection's ``loss_by_feat`` (ATSS assignment, QFL, integral + GIoU, DFL), and
   Ultralytics' ``v8DetectionLoss`` (task-aligned assignment, BCE, integral + CIoU, DFL).
@@ -250,6 +251,7 @@ def _rows(framework: str, step_ms: dict[str, float], loss_ms: dict[str, float],
 
 
 BENCHES = {"mmdet": bench_mmdet, "ultralytics": bench_ultralytics}
+DEFAULT_IMAGE = {"mmdet": 800, "ultralytics": 640}
 
 
 def _markdown(rows: list[dict], meta: dict[str, str], notes: list[str], command: str) -> str:
@@ -260,14 +262,15 @@ def _markdown(rows: list[dict], meta: dict[str, str], notes: list[str], command:
         f"{meta['torch']}; commit {meta['git_commit'][:10]}"
         f"{' (dirty tree)' if meta['git_dirty'] == 'yes' else ''}; {meta['date_utc']} UTC.",
         f"Command: `{command}`", "",
-        "| framework | variant | step ms | loss fwd+bwd ms | loss share of step | step speed-up |"
-        " loss speed-up |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| framework | variant | image | step ms | loss fwd+bwd ms | loss share of step |"
+        " step speed-up | loss speed-up |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['framework']} ({r['framework_version']}) | {r['variant']} | "
-                     f"{r['step_ms']:.1f} | {r['loss_ms']:.1f} | {r['loss_share']:.1%} | "
-                     f"{r['step_speedup']:.2f}x | {r['loss_speedup']:.2f}x |")
+                     f"{r['image']} | {r['step_ms']:.1f} | {r['loss_ms']:.1f} | "
+                     f"{r['loss_share']:.1%} | {r['step_speedup']:.2f}x | "
+                     f"{r['loss_speedup']:.2f}x |")
     lines += ["", *(f"- {n}" for n in notes if n)]
     return "\n".join(lines) + "\n"
 
@@ -276,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (median)")
-    ap.add_argument("--image", type=int, default=320, help="square image side in pixels")
+    ap.add_argument("--image", type=int, default=None,
+                    help="square image side in pixels (default: mmdet 800, ultralytics 640)")
     ap.add_argument("--frameworks", default="mmdet,ultralytics")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
@@ -285,10 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     rows, notes = [], []
     for name in args.frameworks.split(","):
         started = time.perf_counter()
-        got, note = BENCHES[name](device, args.image, args.steps)
+        image = args.image or DEFAULT_IMAGE[name]
+        got, note = BENCHES[name](device, image, args.steps)
         notes.append(note)
         for r in got:
-            r.update(meta, steps=args.steps, image=f"{args.image}x{args.image}", notes=note)
+            r.update(meta, steps=args.steps, image=f"{image}x{image}", notes=note)
             print(f"{r['framework']:<40} {r['variant']:<6} step {r['step_ms']:8.1f} ms  loss "
                   f"{r['loss_ms']:7.1f} ms  share {r['loss_share']:6.1%}  step x"
                   f"{r['step_speedup']:.2f}  loss x{r['loss_speedup']:.2f}")
