@@ -4,7 +4,12 @@
 #                embedded dataset, CPU)
 #   make test    virtual env + torch + build, then the whole test suite
 #   make bench   the core benchmark targets on the CPU (benchmarks/README.md); bench-full,
-#                bench-e2e for the whole grid and the detector's loss step
+#                bench-e2e for the whole grid and the detector's loss step, bench-frameworks for
+#                a training step of mmdetection's GFLHead and YOLOv8n, stock vs fused
+#   make gpu-check  on a machine with one GPU: build for it, run the CUDA/Triton tests, the GPU
+#                benchmarks and a detector step, write benchmarks/results/gpu-<device>.{csv,md}
+#                (QUICK=1: under 3 minutes; DRY_RUN=1: rehearse the wiring on a CPU machine).
+#                Uses the GPU machine's own python3 with its torch (GPU_PYTHON to change it).
 #
 # Variables: PYTHON (interpreter for the venv), VENV (its folder), MAX_JOBS (parallel compile),
 # TORCH_CUDA_ARCH_LIST (GPU archs compiled when nvcc is present; default 8.0;9.0).
@@ -16,7 +21,10 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test bench bench-full bench-e2e lint clean
+.PHONY: setup build demo test bench bench-full bench-e2e bench-frameworks gpu-check lint clean
+
+# gpu-check runs where the project's venv is usually absent (the lent GPU machine's python3)
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 
 $(VENV)/.deps-stamp: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +58,12 @@ bench-full: setup
 
 bench-e2e: setup
 	$(PY) -m benchmarks.e2e_loss_step
+
+bench-frameworks: setup
+	$(PY) -m benchmarks.e2e_frameworks
+
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check $(if $(QUICK),--quick) $(if $(DRY_RUN),--dry-run)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -83,6 +83,11 @@ from gfl_ops.integrations.ultralytics import (  # noqa: E402
 
 if _OMP_BEFORE is None:  # ultralytics' default is for its own training runs, not this process
     os.environ.pop("OMP_NUM_THREADS", None)
+# Importing ultralytics replaces PIL.Image.open for the whole process with a wrapper that, on an
+# undecodable file, tries to pip-install a HEIF plugin and raises ModuleNotFoundError offline.
+# pytest imports every test module before running any, so without this the detector's tests of
+# undecodable images (tests/detector/test_cli.py) would meet Ultralytics' wrapper.
+Image.open = ultralytics.utils.patches._image_open
 assert ultralytics.__version__.startswith("8."), ultralytics.__version__
 
 CFGS = ["yolov8n.yaml", "yolo11n.yaml"]

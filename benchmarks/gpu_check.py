@@ -1,0 +1,300 @@
+"""``make gpu-check``: everything this project checks on a GPU, in one command of a few minutes.
+
+    python -m benchmarks.gpu_check [--quick] [--dry-run] [--out DIR]
+
+Written for the GPU machine lent to a session (one H100/H200, torch 2.11 + CUDA 13 + Triton 3.6,
+Python 3.12, pytest and hypothesis, no network, no pycocotools, ~15 minutes of device time in
+all), so the few minutes there go to one prepared command.  Steps, each with a time cap so that
+one slow step cannot eat the others' time (a step past its cap is reported as TIMEOUT and the
+check goes on):
+
+1. ``env``: GPU, driver, capability, torch / CUDA / Triton versions.
+2. ``build``: the extension for this GPU's architecture only (``TORCH_CUDA_ARCH_LIST`` = its
+   capability, ``FORCE_CUDA=1``, all cores), in place, against the torch installed there.
+3. ``tests``: the operator tests on CUDA tensors (CUDA and Triton backends; tests/test_cuda_only.py
+   runs there and nowhere else).
+4. ``bench``: ``benchmarks.run --preset gpu-targets`` (``--quick``: the quick preset): each op
+   against the eager formulas and ``torch.compile`` of them, with the device's copy bandwidth
+   measured in the same run and the % of it each kernel reaches.  The value checks are off for
+   the timing (``GFL_OPS_CHECK_VALUES=0``): they add one host sync per call, which is a property
+   of the checks, not of the kernels; the report says so.
+5. ``detector``: one training step of the project's detector (GFL, ResNet-50-FPN) per GPU
+   backend against the reference losses: loss values agree, step time.
+6. ``report``: ``<out>/gpu-<device>.csv`` (the benchmark rows) and ``gpu-<device>.md`` (device,
+   versions, commit, every step's outcome and time, the benchmark table); copied to ``$OUT``
+   too when that is set (the device tool's return folder).
+
+Budget: under 8 minutes on an H100/H200, ``--quick`` under 3.  ``--dry-run`` rehearses every step
+on a CPU machine (build command printed, tests collected, the benchmark and the detector step run
+on the CPU at tiny sizes, the report written), so that the first real run is not its debugging
+session; tests/test_gpu_check.py runs it in CI.  The commit comes from git, or from
+``$GFL_BENCH_COMMIT`` where the copy has no ``.git``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+# the operator tests worth GPU time, cheapest and most GPU-specific first
+TESTS_QUICK = ["tests/test_cuda_only.py", "tests/test_api.py",
+               "tests/test_gradients_beyond_pred.py"]
+TESTS_FULL = TESTS_QUICK + ["tests/test_qfl.py", "tests/test_dfl.py", "tests/test_integral.py",
+                            "tests/test_torch_integration.py", "tests/test_triton_backend.py"]
+
+# seconds per step: full run, --quick run
+CAPS = {"build": (150, 120), "tests": (200, 60), "bench": (150, 45), "detector": (40, 25)}
+
+
+@dataclass
+class Step:
+    name: str
+    status: str = "not run"  # ok | FAILED | TIMEOUT | skipped | dry-run
+    seconds: float = 0.0
+    detail: str = ""
+    log: list[str] = field(default_factory=list)
+
+
+def _run(step: Step, cmd: list[str], cap: float, env: dict[str, str] | None = None) -> None:
+    """Run ``cmd`` in the repository with a time cap; stdout/stderr go to the step's log."""
+    print(f"\n## {step.name}: {' '.join(cmd)}  (cap {cap:.0f} s)", flush=True)
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, timeout=cap,
+                              capture_output=True, text=True)
+        output = proc.stdout + proc.stderr
+        step.status = "ok" if proc.returncode == 0 else "FAILED"
+        tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
+        step.detail = step.detail or (tail[-1] if tail else f"exit {proc.returncode}")
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode(errors="replace") if isinstance(
+            exc.stdout, bytes) else (exc.stdout or "")
+        step.status = "TIMEOUT"
+        step.detail = f"stopped at its {cap:.0f} s cap"
+    step.seconds = time.perf_counter() - started
+    step.log.append(output)
+    print(output[-3000:], flush=True)
+    print(f"## {step.name}: {step.status} in {step.seconds:.0f} s", flush=True)
+
+
+def _env_report(device: torch.device) -> dict[str, str]:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda": str(torch.version.cuda), "device_type": device.type}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"
+        info["triton"] = f"n/a ({type(exc).__name__})"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device=props.name, capability=f"{props.major}.{props.minor}",
+                    sms=str(props.multi_processor_count),
+                    memory_gb=f"{props.total_memory / 2**30:.0f}")
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            out = subprocess.run([smi, "--query-gpu=driver_version,clocks.sm,clocks.mem",
+                                  "--format=csv,noheader"], capture_output=True, text=True)
+            info["driver, SM clock, memory clock"] = out.stdout.strip()
+    else:
+        from benchmarks.csvio import cpu_name
+        info["device"] = cpu_name()
+    from benchmarks.csvio import git_commit
+    info["commit"], info["dirty"] = git_commit()
+    return info
+
+
+def _detector_step(device: torch.device, dry_run: bool) -> str:
+    """One training step of the detector per gfl_ops backend against the reference losses:
+    returns a one-line summary (loss agreement and median step time); raises on disagreement."""
+    import gfl_ops
+    from benchmarks.e2e_loss_step import make_targets
+    from detector.models import build_detector
+
+    depth, size = (18, 128) if dry_run else (50, 640)
+    backends = ["reference"] + [b for b in gfl_ops.available_backends(device.type)
+                                if b in ("cpu", "cuda", "triton")]
+    if dry_run:
+        backends = [b for b in backends if b != "triton"]  # the CPU interpreter is too slow
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, size, size, generator=gen).to(device)
+    targets = make_targets(2, size, size, 8, 80, device)
+    results = []
+    state = None
+    for backend in backends:
+        torch.manual_seed(0)
+        model = build_detector(depth=depth, num_classes=80, pretrained=None,
+                               gfl_backend=backend).to(device).train()
+        if state is None:  # a copy: the live tensors change with every step
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+        optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        times, first = [], None
+        for _ in range(3 if dry_run else 4):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            losses = model(images, targets)
+            optim.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optim.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            if first is None:
+                first = {k: float(v.detach()) for k, v in losses.items()}
+            model.load_state_dict(state)  # every step from the same weights
+        results.append((backend, first, statistics.median(times[1:]) * 1e3))
+    ref = results[0][1]
+    parts = []
+    for backend, losses, ms in results:
+        worst = max(abs(losses[k] - ref[k]) / max(abs(ref[k]), 1e-6) for k in ref)
+        parts.append(f"{backend}: {ms:.1f} ms/step, loss {losses['loss']:.5f} "
+                     f"(max rel diff {worst:.1e})")
+        if worst > 1e-3:
+            raise AssertionError(f"detector losses of backend {backend} differ from the "
+                                 f"reference: {losses} vs {ref}")
+    return f"ResNet-{depth} GFL, 2 x {size}x{size}: " + "; ".join(parts)
+
+
+def _bench_table(csv_file: Path) -> list[str]:
+    if not csv_file.exists():
+        return ["(no benchmark rows)"]
+    with open(csv_file, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    lines = ["| op | mode | dtype | size | provider | median ms | x eager | x compile | "
+             "% copy BW |", "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        frac = r.get("frac_copy_bw") or ""
+        pct = f"{float(frac):.0%}" if frac else ""
+        lines.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['size']} | "
+                     f"{r['provider']} | {r['median_ms']} | {r['speedup_vs_eager']} | "
+                     f"{r['speedup_vs_compile']} | {pct} |")
+    copy = rows[0].get("copy_gbps", "?") if rows else "?"
+    return [f"Copy bandwidth measured in the same run: {copy} GB/s (bytes read + written).",
+            "", *lines]
+
+
+def _write_report(out_dir: Path, info: dict[str, str], steps: list[Step], bench_csv: Path,
+                  args: argparse.Namespace, total_s: float) -> tuple[Path, Path]:
+    from benchmarks.csvio import slug
+
+    name = "gpu-" + slug(info["device"].split(" (")[0]) + ("-dry-run" if args.dry_run else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_out, md_out = out_dir / f"{name}.csv", out_dir / f"{name}.md"
+    if bench_csv.exists():
+        shutil.copyfile(bench_csv, csv_out)
+    lines = [f"# GPU check: {info['device']}", "",
+             f"`make gpu-check{' QUICK=1' if args.quick else ''}`"
+             f"{' (dry run on a CPU machine)' if args.dry_run else ''}: {total_s:.0f} s in all, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+             "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in info.items()), "",
+             "| step | outcome | seconds | detail |", "|---|---|---:|---|",
+             *(f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.detail.replace('|', '/')} |"
+               for s in steps), "",
+             "## Operators (benchmarks.run, value checks off: see benchmarks/gpu_check.py)", "",
+             *_bench_table(bench_csv), ""]
+    md_out.write_text("\n".join(lines), encoding="utf-8")
+    return csv_out, md_out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer tests, the quick bench preset")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="rehearse every step on a machine without a GPU")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the report goes")
+    args = ap.parse_args(argv)
+    started = time.perf_counter()
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu-check: no CUDA device here; use --dry-run to rehearse on a CPU machine",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    cap_index = 1 if args.quick else 0
+    steps = {name: Step(name) for name in ("env", "build", "tests", "bench", "detector")}
+
+    t0 = time.perf_counter()
+    info = _env_report(device)
+    steps["env"].status, steps["env"].seconds = "ok", time.perf_counter() - t0
+    steps["env"].detail = f"{info['device']}, torch {info['torch']}, triton {info['triton']}"
+    print("\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+
+    build_env = {"FORCE_CUDA": "1", "MAX_JOBS": str(os.cpu_count() or 4),
+                 "TORCH_CUDA_ARCH_LIST": info.get("capability", "9.0")}
+    build_cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
+    if args.dry_run:
+        steps["build"].status = "dry-run"
+        steps["build"].detail = " ".join(f"{k}={v}" for k, v in build_env.items()) + " " + \
+            " ".join(build_cmd[1:])
+    else:
+        _run(steps["build"], build_cmd, CAPS["build"][cap_index], build_env)
+        if steps["build"].status != "ok":
+            steps["build"].detail = "build failed: see the log above; nothing else can run"
+
+    if steps["build"].status in ("ok", "dry-run"):
+        tests = TESTS_QUICK if args.quick else TESTS_FULL
+        test_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    "-o", "addopts=", "-rfE", *tests]
+        if args.dry_run:
+            test_cmd.append("--collect-only")
+        _run(steps["tests"], test_cmd, CAPS["tests"][cap_index])
+
+        bench_dir = Path(tempfile.mkdtemp(prefix="gfl_gpu_check_"))
+        bench_cmd = [sys.executable, "-m", "benchmarks.run", "--device", device.type,
+                     "--out", str(bench_dir), "--csv", "bench.csv", "--no-report"]
+        if args.quick or args.dry_run:
+            bench_cmd.append("--quick")
+        else:
+            bench_cmd += ["--preset", "gpu-targets", "--no-memory"]
+        if args.dry_run:  # the wiring, not the numbers: no compile, one op
+            bench_cmd += ["--ops", "integral", "--providers", "eager,gfl_ops-cpu"]
+        _run(steps["bench"], bench_cmd, CAPS["bench"][cap_index], {"GFL_OPS_CHECK_VALUES": "0"})
+
+        t0 = time.perf_counter()
+        print("\n## detector", flush=True)
+        try:
+            steps["detector"].detail = _detector_step(device, args.dry_run)
+            steps["detector"].status = "ok"
+        except Exception as exc:  # noqa: BLE001 - reported, and the report still written
+            steps["detector"].status, steps["detector"].detail = "FAILED", repr(exc)[:300]
+        steps["detector"].seconds = time.perf_counter() - t0
+        print(f"## detector: {steps['detector'].status}: {steps['detector'].detail}", flush=True)
+    else:
+        bench_dir = Path(tempfile.mkdtemp(prefix="gfl_gpu_check_"))
+        for name in ("tests", "bench", "detector"):
+            steps[name].status = "skipped"
+
+    total = time.perf_counter() - started
+    csv_out, md_out = _write_report(args.out, info, list(steps.values()),
+                                    bench_dir / "bench.csv", args, total)
+    out_env = os.environ.get("OUT")
+    if out_env and Path(out_env).is_dir():
+        for path in (csv_out, md_out):
+            if path.exists():
+                shutil.copy(path, out_env)
+        Path(out_env, "gpu-check.log").write_text(
+            "\n".join(f"## {s.name}\n" + "\n".join(s.log) for s in steps.values()))
+    print("\n" + md_out.read_text(encoding="utf-8").split("## Operators")[0])
+    print(f"wrote {csv_out} and {md_out}")
+    bad = [s for s in steps.values() if s.status in ("FAILED", "TIMEOUT")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
