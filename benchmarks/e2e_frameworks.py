@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import csvio
+from benchmarks.peers import ensure_mmcv_ops
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -88,19 +88,6 @@ def _boxes(batch: int, size: int, num_gt: int, gen: torch.Generator) -> list[tor
 # mmdetection
 
 
-def _ensure_mmcv_ops() -> str:
-    try:
-        importlib.import_module("mmcv._ext")
-        return ""
-    except ImportError:
-        path = REPO / "tests" / "integrations" / "mmcv_ext_stub.py"
-        spec = importlib.util.spec_from_file_location("_gfl_mmcv_ext_stub", path)
-        stub = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(stub)
-        stub.install()
-        return "mmcv-lite: test-only stand-in for mmcv._ext (no compiled op in this step)"
-
-
 def _gfl_head(device: torch.device):
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
@@ -120,7 +107,7 @@ def _gfl_head(device: torch.device):
 
 
 def bench_mmdet(device: torch.device, image: int, steps: int) -> tuple[list[dict], str]:
-    note = _ensure_mmcv_ops()
+    note = ensure_mmcv_ops()
     import mmdet
     from mmengine.structures import InstanceData
 
