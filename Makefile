@@ -12,7 +12,8 @@
 #                Uses the GPU machine's own python3 with its torch (GPU_PYTHON to change it).
 #
 # Variables: PYTHON (interpreter for the venv), VENV (its folder), MAX_JOBS (parallel compile),
-# TORCH_CUDA_ARCH_LIST (GPU archs compiled when nvcc is present; default 8.0;9.0).
+# TORCH_CUDA_ARCH_LIST (GPU archs compiled when nvcc is present; default 8.0;9.0+PTX: SASS for
+# sm_80 and sm_90 plus PTX for sm_90, which newer GPUs JIT; e.g. "8.9;9.0;10.0+PTX" for others).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv

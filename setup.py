@@ -3,7 +3,9 @@
 Environment:
   GFL_OPS_CPU_ONLY=1      never compile CUDA sources
   FORCE_CUDA=1            compile CUDA sources (fail if nvcc is missing)
-  TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;9.0" (A100, H100/H200)
+  TORCH_CUDA_ARCH_LIST    GPU architectures, in torch's syntax; default "8.0;9.0+PTX": SASS for
+                          sm_80 (A100) and sm_90 (H100/H200) plus PTX for compute_90, which the
+                          driver JIT-compiles on newer GPUs (e.g. "8.9;9.0;10.0+PTX" for others)
   MAX_JOBS                parallel compile jobs (ninja)
 
 Build against the installed torch: ``pip install --no-build-isolation -e .``.  CUDA sources are
@@ -20,7 +22,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _locate_cuda_home() -> None:
