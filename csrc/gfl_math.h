@@ -44,6 +44,8 @@ struct ScalarOps {
   static C10_HOST_DEVICE inline Mask eq(T a, T b) { return a == b; }
   // select(m, a, b) = m ? a : b
   static C10_HOST_DEVICE inline T select(Mask m, T a, T b) { return m ? a : b; }
+  // a / b (correctly rounded; a GPU table may substitute a faster quotient)
+  static C10_HOST_DEVICE inline T div(T a, T b) { return a / b; }
 };
 
 template <>
@@ -65,21 +67,32 @@ struct Ops<float> : ScalarOps<float> {
 //
 // Single precision: log1p(e) = 2 atanh(t), t = e / (2 + e) in [0, 1/3], as the odd series
 // 2 t (1 + t^2/3 + ... + t^12/13); the truncation error is below t^14 / 15 < 1.4e-8 relative,
-// under float rounding.  It costs one division and 7 FMAs, several times less than a vectorised
-// log or log1p, and it is the same code on the CPU and the GPU.  Double precision keeps log1p.
+// under float rounding.  It costs one division and 8 multiply-adds, several times less than a
+// vectorised log or log1p, and it is the same code on the CPU and the GPU.  Double precision
+// keeps log1p.
+//
+// log1p_series is the series alone (single precision only), for a caller that has t already
+// (|t| <= 1/3; the CUDA kernel gets it from logit_quotients).  The factor 2 rides in the
+// coefficients (2/13, ..., 2/3, 2): scaling by 2 is exact in binary floating point, so every
+// Horner step is exactly twice the plain one and t (2 p) is bit for bit (2 t) p, one
+// multiplication fewer.
+template <typename T, typename O = Ops<T>>
+C10_HOST_DEVICE inline T log1p_series(T t) {
+  const T t2 = t * t;
+  T p(2.0f / 13.0f);
+  p = p * t2 + T(2.0f / 11.0f);
+  p = p * t2 + T(2.0f / 9.0f);
+  p = p * t2 + T(2.0f / 7.0f);
+  p = p * t2 + T(2.0f / 5.0f);
+  p = p * t2 + T(2.0f / 3.0f);
+  p = p * t2 + T(2.0f);
+  return t * p;
+}
+
 template <typename T, typename O = Ops<T>>
 C10_HOST_DEVICE inline T log1p_unit(T e) {
   if constexpr (O::kSinglePrecision) {
-    const T t = e / (T(2.0f) + e);
-    const T t2 = t * t;
-    T p(1.0f / 13.0f);
-    p = p * t2 + T(1.0f / 11.0f);
-    p = p * t2 + T(1.0f / 9.0f);
-    p = p * t2 + T(1.0f / 7.0f);
-    p = p * t2 + T(1.0f / 5.0f);
-    p = p * t2 + T(1.0f / 3.0f);
-    p = p * t2 + T(1.0f);
-    return T(2.0f) * t * p;
+    return log1p_series<T, O>(e / (T(2.0f) + e));
   } else {
     return O::log1p(e);
   }
@@ -90,8 +103,10 @@ C10_HOST_DEVICE inline T log1p_unit(T e) {
 //
 // beta is a runtime scalar; the common exponents get exact, cheap forms.  kBetaGeneral uses
 // exp(beta * log|d|), with the value 0 and the subgradient 0 at d = 0 (the naive form gives
-// 0 * inf = NaN there when beta < 1).
-enum BetaMode : int { kBeta0 = 0, kBeta1 = 1, kBeta2 = 2, kBetaGeneral = 3 };
+// 0 * inf = NaN there when beta < 1).  The functions below take the mode as a template argument
+// kMode: one of these (the CUDA kernels instantiate one kernel per mode, so the per-element code
+// has no branch on it) or kBetaRuntime, which switches on the runtime `mode` (the CPU kernels).
+enum BetaMode : int { kBetaRuntime = -1, kBeta0 = 0, kBeta1 = 1, kBeta2 = 2, kBetaGeneral = 3 };
 
 C10_HOST_DEVICE inline int beta_mode(double beta) {
   if (beta == 0.0) return kBeta0;
@@ -101,59 +116,114 @@ C10_HOST_DEVICE inline int beta_mode(double beta) {
 }
 
 // Modulating factor m(d) = |d|^beta and its derivative dm/dd, for d = s - y.
-template <typename T, typename O = Ops<T>>
-C10_HOST_DEVICE inline void modulating_factor(T d, T beta, int mode, T& m, T& dm) {
+template <int kMode, typename T, typename O = Ops<T>>
+C10_HOST_DEVICE inline void modulating_factor_of(T d, T beta, int mode, T& m, T& dm) {
   const T zero(0), one(1);
-  switch (mode) {
-    case kBeta0:
-      m = one;
-      dm = zero;
-      break;
-    case kBeta1:
-      m = O::abs(d);
-      dm = O::select(O::gt(d, zero), one, O::select(O::gt(zero, d), zero - one, zero));
-      break;
-    case kBeta2:
-      m = d * d;
-      dm = (one + one) * d;
-      break;
-    default: {
-      const T ad = O::abs(d);
-      const auto nonzero = O::gt(ad, zero);
-      // for d = 0 the log is -inf and exp gives 0 (= 0^beta); the select keeps it exact.
-      m = O::select(nonzero, O::exp(beta * O::log(ad)), zero);
-      // beta |d|^(beta-1) sign(d) = beta m / d
-      dm = O::select(nonzero, beta * m / d, zero);
+  if constexpr (kMode == kBetaRuntime) {
+    switch (mode) {
+      case kBeta0: modulating_factor_of<kBeta0, T, O>(d, beta, mode, m, dm); break;
+      case kBeta1: modulating_factor_of<kBeta1, T, O>(d, beta, mode, m, dm); break;
+      case kBeta2: modulating_factor_of<kBeta2, T, O>(d, beta, mode, m, dm); break;
+      default: modulating_factor_of<kBetaGeneral, T, O>(d, beta, mode, m, dm);
     }
+  } else if constexpr (kMode == kBeta0) {
+    m = one;
+    dm = zero;
+  } else if constexpr (kMode == kBeta1) {
+    m = O::abs(d);
+    dm = O::select(O::gt(d, zero), one, O::select(O::gt(zero, d), zero - one, zero));
+  } else if constexpr (kMode == kBeta2) {
+    m = d * d;
+    dm = (one + one) * d;
+  } else {
+    const T ad = O::abs(d);
+    const auto nonzero = O::gt(ad, zero);
+    // for d = 0 the log is -inf and exp gives 0 (= 0^beta); the select keeps it exact.
+    m = O::select(nonzero, O::exp(beta * O::log(ad)), zero);
+    // beta |d|^(beta-1) sign(d) = beta m / d
+    dm = O::select(nonzero, beta * m / d, zero);
   }
 }
 
-// QFL on a logit x with soft target y.  Returns the loss; writes dL/dx to grad.
+template <typename T, typename O = Ops<T>>
+C10_HOST_DEVICE inline void modulating_factor(T d, T beta, int mode, T& m, T& dm) {
+  modulating_factor_of<kBetaRuntime, T, O>(d, beta, mode, m, dm);
+}
+
+// QFL on a logit x with soft target y, given the three transcendental terms of x:
+// e = exp(-|x|), inv = 1 / (1 + e) and log1p(e), the last as a callable `lp` that the BCE calls
+// where the inline formula had it (a host compiler that contracts a * b + c into FMAs does so by
+// the order of evaluation: this keeps the CPU build's results bit for bit those of the single
+// expression).  Returns the loss; writes dL/dx to grad.
 // Stable forms: BCE = max(x,0) - x y + log1p(exp(-|x|)); sigmoid(1 - sigmoid) = e / (1 + e)^2
 // with e = exp(-|x|), which stays accurate where 1 - sigmoid(x) would round to 0.
 // d = sigmoid(x) - y is formed as (a - y - y e) / (1 + e), a = 1 (x >= 0) or e (x < 0): where
 // sigmoid(x) is close to y, a - y is exact (Sterbenz) and the FMA rounds once, so d keeps its
 // relative accuracy instead of inheriting the rounding of sigmoid(x) (which |d|^(beta-1)
 // amplifies for beta < 1).
-template <typename T, typename O = Ops<T>>
-C10_HOST_DEVICE inline T qfl_logit(T x, T y, T beta, int mode, T& grad) {
+template <int kMode, typename T, typename O = Ops<T>, typename LogTerm>
+C10_HOST_DEVICE inline T qfl_logit_given(T x, T y, T beta, int mode, T e, T inv,
+                                         const LogTerm& lp, T& grad) {
   const T zero(0), one(1);
-  const T e = O::exp(zero - O::abs(x));
-  const T u = one + e;
-  const T inv = one / u;
-  const T bce = O::max(x, zero) - x * y + log1p_unit<T, O>(e);
+  const T bce = O::max(x, zero) - x * y + lp();
   const T d = O::fma(zero - y, e, O::select(O::ge(x, zero), one, e) - y) * inv;
   T m, dm;
-  modulating_factor<T, O>(d, beta, mode, m, dm);
+  modulating_factor_of<kMode, T, O>(d, beta, mode, m, dm);
   const T ds = e * inv * inv;
   grad = dm * ds * bce + m * d;
   return m * bce;
 }
 
+// qfl_logit_given for y = 0 (every class of a negative anchor, and all but one of a positive's,
+// in the (labels, scores) form): the same value and gradient, bit for bit, for finite x (the
+// terms x y and y e are signed zeros that drop out exactly), in fewer operations: no terms of y,
+// and sigmoid(x) = (1 or e) / (1 + e) taken as inv or e inv, the product that ds reuses.
+template <int kMode, typename T, typename O = Ops<T>>
+C10_HOST_DEVICE inline T qfl_logit_negative_given(T x, T beta, int mode, T e, T inv, T lp,
+                                                  T& grad) {
+  const T zero(0);
+  const T bce = O::max(x, zero) + lp;
+  const T e_inv = e * inv;
+  const T d = O::select(O::ge(x, zero), inv, e_inv);
+  T m, dm;
+  modulating_factor_of<kMode, T, O>(d, beta, mode, m, dm);
+  const T ds = e_inv * inv;
+  grad = dm * ds * bce + m * d;
+  return m * bce;
+}
+
+// QFL on a logit x with soft target y.  Returns the loss; writes dL/dx to grad.
+template <typename T, typename O = Ops<T>, int kMode = kBetaRuntime>
+C10_HOST_DEVICE inline T qfl_logit(T x, T y, T beta, int mode, T& grad) {
+  const T zero(0), one(1);
+  const T e = O::exp(zero - O::abs(x));
+  const T u = one + e;
+  const T inv = one / u;
+  return qfl_logit_given<kMode, T, O>(
+      x, y, beta, mode, e, inv, [&] { return log1p_unit<T, O>(e); }, grad);
+}
+
+// qfl_logit's two quotients of e = exp(-|x|) in [0, 1], inv = 1 / (1 + e) and
+// lp = log1p(e) = series(e / (2 + e)), from ONE reciprocal O::rcp(q), q = (1 + e)(2 + e) in
+// [2, 6] (no overflow or underflow): 1 / (1 + e) = (2 + e) / q and e / (2 + e) = e (1 + e) / q.
+// For a GPU, where a correctly rounded division is a reciprocal plus a refinement and a
+// reciprocal is a quarter-rate instruction: 1 reciprocal instead of 2 divisions.  Each quotient
+// gets two or three roundings more than a correctly rounded division (<= 3 ulp with a 1-ulp
+// rcp); the CPU keeps the two divisions (qfl_logit).
+template <typename T, typename O>
+C10_HOST_DEVICE inline void logit_quotients(T e, T& inv, T& lp) {
+  const T one(1), two(2);
+  const T u = one + e;
+  const T v = two + e;
+  const T r = O::rcp(u * v);
+  inv = v * r;
+  lp = log1p_series<T, O>(e * r * u);
+}
+
 // QFL on a probability p (activated=True).  As torch.nn.functional.binary_cross_entropy: each
 // log is clamped at -100 and dBCE/dp = (p - y) / max(p (1 - p), 1e-12).
-template <typename T, typename O = Ops<T>>
-C10_HOST_DEVICE inline T qfl_prob(T p, T y, T beta, int mode, T& grad) {
+template <int kMode, typename T, typename O = Ops<T>>
+C10_HOST_DEVICE inline T qfl_prob_of(T p, T y, T beta, int mode, T& grad) {
   // eps is the float 1e-12 (as in ATen's BCE), also for double, to match torch exactly
   const T zero(0), one(1), floor_log(-100), eps(1e-12f);
   const T log_p = O::max(O::log(p), floor_log);
@@ -161,10 +231,28 @@ C10_HOST_DEVICE inline T qfl_prob(T p, T y, T beta, int mode, T& grad) {
   const T bce = zero - (y * log_p + (one - y) * log_q);
   const T d = p - y;
   T m, dm;
-  modulating_factor<T, O>(d, beta, mode, m, dm);
-  const T dbce = d / O::max(p * (one - p), eps);
+  modulating_factor_of<kMode, T, O>(d, beta, mode, m, dm);
+  const T dbce = O::div(d, O::max(p * (one - p), eps));
   grad = dm * bce + m * dbce;
   return m * bce;
+}
+
+// qfl_prob_of for y = 0: the same value and gradient, bit for bit, for p in [0, 1] (y log p is a
+// signed zero that drops out exactly, and 1 - y = 1), without log p.
+template <int kMode, typename T, typename O = Ops<T>>
+C10_HOST_DEVICE inline T qfl_prob_negative_of(T p, T beta, int mode, T& grad) {
+  const T zero(0), one(1), floor_log(-100), eps(1e-12f);
+  const T bce = zero - O::max(O::log1p(zero - p), floor_log);
+  T m, dm;
+  modulating_factor_of<kMode, T, O>(p, beta, mode, m, dm);
+  const T dbce = O::div(p, O::max(p * (one - p), eps));
+  grad = dm * bce + m * dbce;
+  return m * bce;
+}
+
+template <typename T, typename O = Ops<T>>
+C10_HOST_DEVICE inline T qfl_prob(T p, T y, T beta, int mode, T& grad) {
+  return qfl_prob_of<kBetaRuntime, T, O>(p, y, beta, mode, grad);
 }
 
 // ---------------------------------------------------------------------------------------------

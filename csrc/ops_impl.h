@@ -22,7 +22,10 @@ template <class K>
 struct OpImpls {
   static std::tuple<Tensor, Tensor> run_qfl(QflTensors t, bool with_grad) {
     const auto n = t.pred.size(0);
-    Tensor loss = at::zeros({n}, t.pred.options().dtype(opmath_dtype(t.pred)));
+    // the kernels write every row's loss (no accumulation: no atomics), so no memset pass; only
+    // rows of zero classes (N > 0, C = 0: no launch) need their zero sum filled in
+    const auto loss_options = t.pred.options().dtype(opmath_dtype(t.pred));
+    Tensor loss = t.pred.numel() > 0 ? at::empty({n}, loss_options) : at::zeros({n}, loss_options);
     Tensor grad = with_grad ? at::empty_like(t.pred) : at::empty({0}, t.pred.options());
     t.loss = loss;
     if (with_grad) t.grad = grad;

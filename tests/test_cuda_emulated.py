@@ -3,12 +3,14 @@ reference.
 
 CI has no GPU: the CUDA sources are compiled there (test_torch_integration checks that they are
 registered) but never run.  Here the kernels themselves (csrc/cuda/*_kernel.cuh) are compiled by
-the host compiler with tests/cuda_emulation/warp_emulator.h, which runs each warp as 32
-cooperative fibers and carries out a shuffle when all 32 lanes reach it (a shuffle that not all
-lanes reach is reported, not hung on).  What this checks: the kernels' indexing and grid-stride
-loops, their warp reductions, their arithmetic (the integral's pivot, DFL's target split, QFL's
-per-element math) and the storage-dtype conversions, for every lanes-per-row variant.  What it
-does not: timing, the GPU's own exp / log rounding (the host's libm stands in), the memory model.
+the host compiler with tests/cuda_emulation/warp_emulator.h, which runs each block as cooperative
+fibers, carries out a shuffle when all 32 lanes of a warp reach it and releases a __syncthreads
+when every thread of the block reaches it (a shuffle or barrier that not all reach is reported,
+not hung on), and gives each block its dynamic shared memory.  What this checks: the kernels'
+indexing and grid-stride loops, their warp reductions, their shared-memory staging and barriers,
+their arithmetic (the integral's pivot, DFL's target split, QFL's per-element math) and the
+storage-dtype conversions, for every kernel variant.  What it does not: timing, bank conflicts,
+the GPU's own exp / log rounding (the host's libm stands in), the memory model.
 tests/test_cuda_only.py and the backend tests cover the real GPU when one is present.
 
 The emulator needs a C++20 compiler and the CUDA headers (cuda_fp16.h); both are installed
@@ -18,6 +20,7 @@ wherever the build compiles the CUDA sources, CI included.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import subprocess
@@ -36,6 +39,9 @@ EMULATION = ROOT / "tests" / "cuda_emulation"
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 DTYPES = tuple(DTYPE_CODES)
 LANES = (0, 1, 2, 4, 8, 16, 32)  # 0: the launcher's own choice
+# rows kernels (emulated_kernels.cpp): 0 the launcher's, 1 the runtime-bin-count tile kernel,
+# 2 a warp per row (the launcher's for rows too long for a tile)
+ROW_VARIANTS = (0, 1, 2)
 
 
 class RowsLaunch(ctypes.Structure):  # csrc/cuda/launchers.h
@@ -131,43 +137,83 @@ def _reference_with_grad(fn, pred: torch.Tensor, scale: torch.Tensor):
 GRID = (2, 64)
 
 
+def _offset_view(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """t's values in a view that starts `offset` elements into a fresh (64-byte aligned) buffer:
+    a pointer off the 16-byte boundary for an offset that is not a multiple of 16 bytes."""
+    if offset == 0:
+        return t
+    view = torch.empty(t.numel() + offset, dtype=t.dtype)[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
 def run_rows(emu, pred, *, dfl, target=None, scale=None, stride=0, with_out=True,
-             with_grad=True, lanes=0, grid=GRID):
+             with_grad=True, variant=0, grid=GRID, grad_offset=0):
+    """(out, grad) of one emulated rows-kernel launch; grid (0, 0) is the launcher's geometry.
+    What the launch does not write stays NaN."""
     m, bins = pred.shape
     out = torch.full((m,), float("nan"), dtype=_acc(pred.dtype) if dfl else pred.dtype)
-    grad = torch.full_like(pred, float("nan"))
+    grad = _offset_view(torch.full_like(pred, float("nan")), grad_offset)
     launch = RowsLaunch(DTYPE_CODES[pred.dtype], dfl, _ptr(pred), _ptr(target), _ptr(scale),
                         stride, _ptr(out) if with_out else None,
                         _ptr(grad) if with_grad else None, m, bins)
-    _check(emu, emu.gfl_emu_rows(ctypes.byref(launch), lanes, *grid))
+    _check(emu, emu.gfl_emu_rows(ctypes.byref(launch), variant, *grid))
     return out, grad
+
+
+def _rows_inputs(m: int, bins: int, dtype: torch.dtype, seed: int, spread: float = 3.0):
+    """pred (m, bins) in dtype; DFL targets in [0, n] (every third an integer, the last n); per-row
+    scales in [0.5, 1.5), all in the opmath type."""
+    gen = torch.Generator().manual_seed(seed)
+    pred = (torch.randn(m, bins, generator=gen, dtype=torch.float64) * spread).to(dtype)
+    n = bins - 1
+    target = torch.rand(m, generator=gen, dtype=torch.float64) * n
+    target[::3] = target[::3].round()  # integer targets: one bin only
+    target[-1] = n  # the last bin, exactly
+    scale = torch.rand(m, generator=gen, dtype=torch.float64).add(0.5)
+    return pred, target.to(_acc(dtype)), scale.to(_acc(dtype))
+
+
+def _dfl_reference(p, target):
+    return reference.distribution_focal_loss(p, target)
+
+
+def _rows_reference(pred, dfl, target, scale, stride):
+    """(value or loss, scaled gradient) of the rows op in float64."""
+    m = pred.shape[0]
+    fn = functools.partial(_dfl_reference, target=target.double()) if dfl else reference.integral
+    return _reference_with_grad(fn, pred, _expanded(scale, stride, m))
+
+
+def _assert_rows_close(out, grad, ref, ref_grad, dfl, dtype, what):
+    assert out.dtype == (_acc(dtype) if dfl else dtype)
+    assert_close(out, ref, (LOSS_TOL if dfl else INTEGRAL_TOL)[dtype], what + " value")
+    assert_close(grad, ref_grad, GRAD_TOL[dtype], what + " gradient")
 
 
 @given(m=st.integers(1, 40), bins=st.sampled_from([2, 5, 8, 9, 16, 17, 33, 40]),
        dtype=st.sampled_from(DTYPES), spread=st.sampled_from([0.5, 4.0, 20.0]),
-       lanes=st.sampled_from(LANES), scale_kind=st.sampled_from(["none", "rows", "scalar"]),
-       seed=st.integers(0, 2**16))
-def test_emulated_integral_kernel(emu, m, bins, dtype, spread, lanes, scale_kind, seed):
+       variant=st.sampled_from(ROW_VARIANTS),
+       scale_kind=st.sampled_from(["none", "rows", "scalar"]), seed=st.integers(0, 2**16))
+def test_emulated_integral_kernel(emu, m, bins, dtype, spread, variant, scale_kind, seed):
     gen = torch.Generator().manual_seed(seed)
     pred = (torch.randn(m, bins, generator=gen, dtype=torch.float64) * spread).to(dtype)
     scale, stride = _row_scale(m, dtype, scale_kind, gen)
-    out, grad = run_rows(emu, pred, dfl=False, scale=scale, stride=stride, lanes=lanes)
-    ref, ref_grad = _reference_with_grad(reference.integral, pred, _expanded(scale, stride, m))
-    what = f"integral m={m} bins={bins} {dtype} lanes={lanes} scale={scale_kind}"
-    assert out.dtype == dtype
-    assert_close(out, ref, INTEGRAL_TOL[dtype], what + " value")
-    assert_close(grad, ref_grad, GRAD_TOL[dtype], what + " gradient")
+    out, grad = run_rows(emu, pred, dfl=False, scale=scale, stride=stride, variant=variant)
+    ref, ref_grad = _rows_reference(pred, False, None, scale, stride)
+    what = f"integral m={m} bins={bins} {dtype} variant={variant} scale={scale_kind}"
+    _assert_rows_close(out, grad, ref, ref_grad, False, dtype, what)
 
 
-@pytest.mark.parametrize("lanes", LANES)
-def test_emulated_integral_kernel_peaked_rows_are_accurate(emu, lanes):
+@pytest.mark.parametrize("variant", ROW_VARIANTS)
+def test_emulated_integral_kernel_peaked_rows_are_accurate(emu, variant):
     """All the mass on one bin: j - y_hat nearly cancels at that bin, which the pivot avoids
     (float32 gradient to float32 accuracy, where forming j - y_hat directly loses ~4 digits)."""
     bins = 17
     pred = torch.full((bins, bins), -6.0, dtype=torch.float64)
     pred[torch.arange(bins), torch.arange(bins)] = 12.0
     pred = pred.float()
-    out, grad = run_rows(emu, pred, dfl=False, lanes=lanes)
+    out, grad = run_rows(emu, pred, dfl=False, variant=variant)
     ref, ref_grad = _reference_with_grad(reference.integral, pred,
                                          torch.ones(bins, dtype=torch.float64))
     assert_close(out, ref, INTEGRAL_TOL[torch.float32], "peaked integral value")
@@ -188,9 +234,9 @@ def test_emulated_rows_kernel_forward_only_and_backward_only(emu):
 
 
 @given(m=st.integers(1, 40), bins=st.sampled_from([2, 5, 8, 9, 16, 17, 33]),
-       dtype=st.sampled_from(DTYPES), lanes=st.sampled_from(LANES),
+       dtype=st.sampled_from(DTYPES), variant=st.sampled_from(ROW_VARIANTS),
        scale_kind=st.sampled_from(["none", "rows", "scalar"]), seed=st.integers(0, 2**16))
-def test_emulated_dfl_kernel(emu, m, bins, dtype, lanes, scale_kind, seed):
+def test_emulated_dfl_kernel(emu, m, bins, dtype, variant, scale_kind, seed):
     gen = torch.Generator().manual_seed(seed)
     n = bins - 1
     pred = (torch.randn(m, bins, generator=gen, dtype=torch.float64) * 3).to(dtype)
@@ -200,58 +246,234 @@ def test_emulated_dfl_kernel(emu, m, bins, dtype, lanes, scale_kind, seed):
     target = target.to(_acc(dtype))
     scale, stride = _row_scale(m, dtype, scale_kind, gen)
     out, grad = run_rows(emu, pred, dfl=True, target=target, scale=scale, stride=stride,
-                         lanes=lanes)
-    ref, ref_grad = _reference_with_grad(
-        lambda p: reference.distribution_focal_loss(p, target.double()), pred,
-        _expanded(scale, stride, m))
-    what = f"dfl m={m} bins={bins} {dtype} lanes={lanes} scale={scale_kind}"
-    assert out.dtype == _acc(dtype)
-    assert_close(out, ref, LOSS_TOL[dtype], what + " loss")
-    assert_close(grad, ref_grad, GRAD_TOL[dtype], what + " gradient")
+                         variant=variant)
+    ref, ref_grad = _rows_reference(pred, True, target, scale, stride)
+    what = f"dfl m={m} bins={bins} {dtype} variant={variant} scale={scale_kind}"
+    _assert_rows_close(out, grad, ref, ref_grad, True, dtype, what)
+
+
+# the bin counts that get a compile-time instantiation (softmax_rows_kernel.cuh,
+# with_rows_tile_kernel), which keeps the row in registers instead of shared memory
+FIXED_BINS = (8, 16, 17, 33)
+OPS = pytest.mark.parametrize("dfl", [False, True], ids=["integral", "dfl"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@OPS
+def test_emulated_rows_kernel_every_bin_count(emu, dtype, dfl):
+    """Every bin count 2..64 (every shared-memory access width, rows with and without the pad,
+    the compile-time bin counts), 37 rows: a partial tile, and a tail after the last whole 16
+    bytes of the staged loads and stores for most counts.  Value and row-scaled gradient against
+    the float64 reference; at the compile-time bin counts the runtime-count kernel gives the same
+    bits."""
+    for bins in range(2, 65):
+        pred, target, scale = _rows_inputs(37, bins, dtype, seed=bins)
+        target = target if dfl else None
+        out, grad = run_rows(emu, pred, dfl=dfl, target=target, scale=scale, stride=1)
+        ref, ref_grad = _rows_reference(pred, dfl, target, scale, 1)
+        _assert_rows_close(out, grad, ref, ref_grad, dfl, dtype, f"bins={bins} {dtype}")
+        if bins in FIXED_BINS:
+            generic = run_rows(emu, pred, dfl=dfl, target=target, scale=scale, stride=1,
+                               variant=1)
+            assert torch.equal(generic[0], out) and torch.equal(generic[1], grad), bins
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bins", [2, 3, 8, 16, 17, 24, 33, 64])
+@OPS
+def test_emulated_rows_kernel_launch_modes(emu, dtype, bins, dfl):
+    """The launches the operators make: forward only (value), fused forward (value and unscaled
+    gradient), recompute backward (gradient scaled per row or by one scalar, no value).  Each
+    writes exactly what it is asked for, and the same numbers as the others."""
+    pred, target, scale = _rows_inputs(70, bins, dtype, seed=7 * bins)
+    target = target if dfl else None
+    fwd_out, fwd_grad = run_rows(emu, pred, dfl=dfl, target=target, with_grad=False)
+    assert torch.isnan(fwd_grad).all(), "no gradient asked for, none written"
+    out, grad = run_rows(emu, pred, dfl=dfl, target=target)
+    assert torch.equal(out, fwd_out)
+    ref, ref_grad = _rows_reference(pred, dfl, target, None, 0)
+    _assert_rows_close(out, grad, ref, ref_grad, dfl, dtype, f"fused bins={bins}")
+    for s, stride in ((scale, 1), (scale[:1].clone(), 0)):
+        bwd_out, bwd_grad = run_rows(emu, pred, dfl=dfl, target=target, scale=s, stride=stride,
+                                     with_out=False)
+        assert torch.isnan(bwd_out).all(), "no value asked for, none written"
+        _, ref_grad = _rows_reference(pred, dfl, target, s, stride)
+        assert_close(bwd_grad, ref_grad, GRAD_TOL[dtype], f"backward bins={bins} stride={stride}")
+
+
+@pytest.mark.parametrize("m", [1, 2, 31, 33, 63, 65, 129, 257])
+def test_emulated_rows_kernel_partial_tiles(emu, m):
+    """Row counts that fill no tile exactly, with the launcher's geometry (tiles of 256, 128, 64
+    rows for these bin counts) and one block looping over several tiles."""
+    for bins, dtype in ((17, torch.bfloat16), (6, torch.float32), (24, torch.float16),
+                        (40, torch.float32), (12, torch.float64)):
+        pred, target, scale = _rows_inputs(m, bins, dtype, seed=m + bins)
+        for dfl in (False, True):
+            tgt = target if dfl else None
+            ref, ref_grad = _rows_reference(pred, dfl, tgt, scale, 1)
+            for grid in ((0, 0), (1, 32)):
+                out, grad = run_rows(emu, pred, dfl=dfl, target=tgt, scale=scale, stride=1,
+                                     grid=grid)
+                _assert_rows_close(out, grad, ref, ref_grad, dfl, dtype,
+                                   f"m={m} bins={bins} grid={grid}")
+
+
+@pytest.mark.parametrize("bins", [5, 6, 12, 16, 17, 24, 64])
+def test_emulated_rows_kernel_does_not_depend_on_the_launch_geometry(emu, bins):
+    """A row is reduced by one thread in bin order, so the results are bitwise the same whatever
+    the grid and block (tiles of 32 to 256 rows, one block looping over tiles, idle blocks)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        pred, target, scale = _rows_inputs(150, bins, dtype, seed=bins)
+        for dfl in (False, True):
+            tgt = target if dfl else None
+            for variant in (0, 1):
+                call = functools.partial(run_rows, emu, pred, dfl=dfl, target=tgt, scale=scale,
+                                         stride=1, variant=variant)
+                base = call(grid=(0, 0))
+                for grid in ((1, 32), (3, 96), (2, 256), (64, 64)):
+                    got = call(grid=grid)
+                    assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1]), grid
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bins", [3, 8, 16, 17, 33])
+def test_emulated_rows_kernel_misaligned_pointers(emu, dtype, bins):
+    """pred or grad off the 16-byte boundary (views that start a few elements into a buffer):
+    the tile is staged / stored element by element instead of 16 bytes at a time, with the same
+    bits."""
+    pred, target, scale = _rows_inputs(45, bins, dtype, seed=bins)
+    for dfl in (False, True):
+        tgt = target if dfl else None
+        base = run_rows(emu, pred, dfl=dfl, target=tgt, scale=scale, stride=1)
+        for pred_offset, grad_offset in ((1, 0), (0, 1), (3, 5)):
+            got = run_rows(emu, _offset_view(pred, pred_offset), dfl=dfl, target=tgt,
+                           scale=scale, stride=1, grad_offset=grad_offset)
+            assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1])
+
+
+def test_emulated_rows_kernel_long_rows(emu):
+    """Rows beyond the 2..64 of the detectors: 100 bins still fit a tile (64 rows of float,
+    32 of double), 300 do not and take a warp per row."""
+    for bins, dtype in ((100, torch.float32), (100, torch.float64), (300, torch.float32),
+                        (300, torch.bfloat16)):
+        pred, target, scale = _rows_inputs(9, bins, dtype, seed=bins)
+        for dfl in (False, True):
+            tgt = target if dfl else None
+            out, grad = run_rows(emu, pred, dfl=dfl, target=tgt, scale=scale, stride=1,
+                                 grid=(0, 0))
+            ref, ref_grad = _rows_reference(pred, dfl, tgt, scale, 1)
+            _assert_rows_close(out, grad, ref, ref_grad, dfl, dtype, f"bins={bins} {dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# QFL (csrc/cuda/qfl_kernel.cuh).  One kernel per dtype x target form x activated x beta mode x
+# gradient or not x index width, chosen at launch (qfl_dispatch, shared by the launcher and the
+# emulator); a launch plan (qfl_plan) with the lanes per row, 16-byte accesses or not, 32- or
+# 64-bit indices.  The tests below run each compiled variant, the plan's overrides, both index
+# widths (the 64-bit one on rows past 2^31 elements without allocating them), every head / tail
+# of the 16-byte split, and check that nothing is written outside the outputs.
+
+class QflEmuOptions(ctypes.Structure):  # tests/cuda_emulation/emulated_kernels.cpp
+    _fields_ = [("lanes", ctypes.c_int), ("index_bits", ctypes.c_int),
+                ("vectorised", ctypes.c_int), ("grid", ctypes.c_uint), ("block", ctypes.c_uint),
+                ("first_block", ctypes.c_uint)]
+
+
+class QflPlan(ctypes.Structure):  # csrc/cuda/qfl_kernel.cuh
+    _fields_ = [("lanes_log2", ctypes.c_int), ("vectorised", ctypes.c_bool),
+                ("index64", ctypes.c_bool), ("grid", ctypes.c_uint)]
+
+
+# beta 2, 0 and 1 have their own kernels; 2.5 and 0.5 take the general pow (either side of 1)
+QFL_BETAS = (2.0, 0.0, 1.0, 2.5, 0.5)
+QFL_FORMS = ("labels", "dense", "dense-opmath")
+_GUARD = 16  # NaN elements before and after each output (a multiple of 16 bytes in every dtype)
+
+
+def _guarded(numel: int, dtype: torch.dtype, offset: int = 0):
+    """(view, buffer): `numel` NaN elements starting `_GUARD + offset` elements into a NaN buffer
+    (torch's CPU allocator aligns the buffer to 64 bytes), with _GUARD more after them."""
+    buf = torch.full((2 * _GUARD + offset + numel,), float("nan"), dtype=dtype)
+    return buf[_GUARD + offset:_GUARD + offset + numel], buf
+
+
+def _assert_guards_intact(buf: torch.Tensor, offset: int, numel: int, what: str) -> None:
+    outside = torch.cat([buf[:_GUARD + offset], buf[_GUARD + offset + numel:]])
+    assert torch.isnan(outside).all(), f"{what}: the kernel wrote outside its output"
+
+
+def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of t whose data starts `offset` elements past a 64-byte boundary."""
+    view, _ = _guarded(t.numel(), t.dtype, offset)
+    view.copy_(t.reshape(-1))
+    return view.view(t.shape)
+
+
+def _qfl_launch(pred, labels, scores, target, beta, activated, scale, stride, loss, grad):
+    n, c = pred.shape
+    target_opmath = target is not None and target.dtype != pred.dtype
+    return QflLaunch(DTYPE_CODES[pred.dtype], _ptr(pred), _ptr(labels), _ptr(scores),
+                     _ptr(target), target_opmath, _ptr(scale), stride, _ptr(loss), _ptr(grad),
+                     n, c, beta, activated)
+
+
+def qfl_plan(emu, pred, *, target=None, grad_offset=0) -> QflPlan:
+    """The launcher's plan for a launch with a fresh gradient buffer at grad_offset."""
+    grad, _ = _guarded(pred.numel(), pred.dtype, grad_offset)
+    plan = QflPlan()
+    emu.gfl_emu_qfl_plan(ctypes.byref(_qfl_launch(pred, None, None, target, 2.0, False, None, 0,
+                                                  None, grad)), ctypes.byref(plan))
+    return plan
 
 
 def run_qfl(emu, pred, *, labels=None, scores=None, target=None, beta=2.0, activated=False,
-            scale=None, stride=0, lanes=0, grid=GRID):
+            scale=None, stride=0, with_loss=True, with_grad=True, grad_offset=0, lanes=0,
+            grid=GRID, index_bits=0, vectorised=-1, plan=None):
+    """(loss, grad) of one emulated QFL launch: NaN where it wrote nothing; the gradient buffer
+    starts grad_offset elements past a 64-byte boundary; grid (0, 0) is the launcher's.  Checks
+    that nothing outside the outputs was written.  `plan` (a QflPlan) receives the launcher's
+    plan."""
     n, c = pred.shape
-    loss = torch.full((n,), float("nan"), dtype=_acc(pred.dtype))
-    grad = torch.full_like(pred, float("nan"))
-    target_opmath = target is not None and target.dtype != pred.dtype
-    launch = QflLaunch(DTYPE_CODES[pred.dtype], _ptr(pred), _ptr(labels), _ptr(scores),
-                       _ptr(target), target_opmath, _ptr(scale), stride, _ptr(loss), _ptr(grad),
-                       n, c, beta, activated)
-    _check(emu, emu.gfl_emu_qfl(ctypes.byref(launch), lanes, *grid))
+    loss, loss_buf = _guarded(n, _acc(pred.dtype))
+    grad, grad_buf = _guarded(n * c, pred.dtype, grad_offset)
+    grad = grad.view(n, c)
+    launch = _qfl_launch(pred, labels, scores, target, beta, activated, scale, stride,
+                         loss if with_loss else None, grad if with_grad else None)
+    options = QflEmuOptions(lanes, index_bits, vectorised, grid[0], grid[1], 0)
+    _check(emu, emu.gfl_emu_qfl(ctypes.byref(launch), ctypes.byref(options),
+                                ctypes.byref(plan) if plan is not None else None))
+    _assert_guards_intact(loss_buf, 0, n, "loss")
+    _assert_guards_intact(grad_buf, grad_offset, n * c, "gradient")
     return loss, grad
 
 
-@given(n=st.integers(1, 24), c=st.sampled_from([1, 2, 3, 16, 20, 37]),
-       dtype=st.sampled_from(DTYPES), beta=st.sampled_from([0.0, 0.5, 1.0, 2.0, 2.5]),
-       activated=st.booleans(), form=st.sampled_from(["labels", "dense", "dense-opmath"]),
-       lanes=st.sampled_from(LANES), scale_kind=st.sampled_from(["none", "rows", "scalar"]),
-       seed=st.integers(0, 2**16))
-def test_emulated_qfl_kernel(emu, n, c, dtype, beta, activated, form, lanes, scale_kind, seed):
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, c, generator=gen, dtype=torch.float64) * 3
+def _qfl_case(n, c, dtype, form, activated, beta, gen, *, pred_offset=0, spread=3.0):
+    """(pred, targets kwargs for run_qfl, float64 reference function of pred)."""
+    logits = torch.randn(n, c, generator=gen, dtype=torch.float64) * spread
     # probabilities kept off 0 and 1, where BCE of a probability is clamped by torch
     pred = (logits.sigmoid().clamp(0.02, 0.98) if activated else logits).to(dtype)
-    scale, stride = _row_scale(n, dtype, scale_kind, gen)
-    labels = scores = target = None
+    pred = _at_offset(pred, pred_offset)
     if form == "labels":
-        labels = torch.randint(0, c + 1, (n,), generator=gen)  # c: background
+        labels = torch.randint(-1, c + 2, (n,), generator=gen)  # -1, c, c + 1: background
         scores = torch.rand(n, generator=gen, dtype=torch.float64).to(_acc(dtype))
 
         def ref_fn(p):
             return reference.quality_focal_loss(p, labels, scores.double(), beta, activated)
-    else:
-        target = torch.rand(n, c, generator=gen, dtype=torch.float64)
-        target = target.to(_acc(dtype) if form == "dense-opmath" else dtype)
+        return pred, {"labels": labels, "scores": scores}, ref_fn
+    target = torch.rand(n, c, generator=gen, dtype=torch.float64)
+    target = _at_offset(target.to(_acc(dtype) if form == "dense-opmath" else dtype), pred_offset)
 
-        def ref_fn(p):
-            return reference.quality_focal_loss_dense(p, target.double(), beta, activated)
-    loss, grad = run_qfl(emu, pred, labels=labels, scores=scores, target=target, beta=beta,
-                         activated=activated, scale=scale, stride=stride, lanes=lanes)
+    def ref_fn(p):
+        return reference.quality_focal_loss_dense(p, target.double(), beta, activated)
+    return pred, {"target": target}, ref_fn
+
+
+def _assert_qfl_close(loss, grad, pred, ref_fn, beta, scale, stride, what, *, with_loss=True):
+    n = pred.shape[0]
     ref, ref_grad = _reference_with_grad(ref_fn, pred, _expanded(scale, stride, n))
-    what = f"qfl n={n} c={c} {dtype} beta={beta} activated={activated} {form} lanes={lanes}"
-    assert_close(loss, ref, LOSS_TOL[dtype], what + " loss")
+    dtype = pred.dtype
+    if with_loss:
+        assert_close(loss, ref, LOSS_TOL[dtype], what + " loss")
     # beta < 1: |d|^(beta-1) amplifies the rounding of d near s = y (tests/test_qfl.py widens
     # the tolerance element by element there); these random targets keep away from it
     rtol, atol = GRAD_TOL[dtype]
@@ -260,19 +482,277 @@ def test_emulated_qfl_kernel(emu, n, c, dtype, beta, activated, form, lanes, sca
     assert_close(grad, ref_grad, (rtol, atol), what + " gradient")
 
 
+@given(n=st.integers(1, 24), c=st.sampled_from([1, 2, 3, 5, 8, 9, 16, 20, 37, 80]),
+       dtype=st.sampled_from(DTYPES), beta=st.sampled_from(QFL_BETAS), activated=st.booleans(),
+       form=st.sampled_from(QFL_FORMS), lanes=st.sampled_from(LANES),
+       scale_kind=st.sampled_from(["none", "rows", "scalar"]),
+       offsets=st.sampled_from([(0, 0), (1, 1), (3, 0), (2, 2)]), seed=st.integers(0, 2**16))
+def test_emulated_qfl_kernel(emu, n, c, dtype, beta, activated, form, lanes, scale_kind, offsets,
+                             seed):
+    gen = torch.Generator().manual_seed(seed)
+    pred_offset, grad_offset = offsets
+    pred, targets, ref_fn = _qfl_case(n, c, dtype, form, activated, beta, gen,
+                                      pred_offset=pred_offset)
+    scale, stride = _row_scale(n, dtype, scale_kind, gen)
+    loss, grad = run_qfl(emu, pred, **targets, beta=beta, activated=activated, scale=scale,
+                         stride=stride, lanes=lanes, grad_offset=grad_offset)
+    what = (f"qfl n={n} c={c} {dtype} beta={beta} activated={activated} {form} lanes={lanes} "
+            f"offsets={offsets}")
+    _assert_qfl_close(loss, grad, pred, ref_fn, beta, scale, stride, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", QFL_FORMS)
+@pytest.mark.parametrize("activated", [False, True])
+@pytest.mark.parametrize("beta", [2.0, 0.0, 1.0, 2.5])
+def test_emulated_qfl_every_specialisation(emu, dtype, form, activated, beta):
+    """Each compiled kernel of the dtype / form / activated / beta mode, in its three uses:
+    forward with the gradient (fused), forward alone (the loss-only kernel: the same loss bits,
+    no gradient written), recompute backward (gradient times a per-row scale, no loss written);
+    and the 64-bit-index kernel on the same input: the same bits.  37 classes: every row has a
+    different 16-byte head and a tail."""
+    gen = torch.Generator().manual_seed(int(beta * 10) + 100 * activated)
+    n, c = 11, 37
+    pred, targets, ref_fn = _qfl_case(n, c, dtype, form, activated, beta, gen)
+    what = f"qfl {dtype} {form} activated={activated} beta={beta}"
+    loss, grad = run_qfl(emu, pred, **targets, beta=beta, activated=activated)
+    _assert_qfl_close(loss, grad, pred, ref_fn, beta, None, 0, what + " fused")
+    alone, no_grad = run_qfl(emu, pred, **targets, beta=beta, activated=activated,
+                             with_grad=False)
+    assert torch.equal(alone, loss), what + ": the loss-only kernel's loss differs"
+    assert torch.isnan(no_grad).all(), what + ": the loss-only kernel wrote a gradient"
+    scale = torch.rand(n, generator=gen, dtype=torch.float64).add(0.5).to(_acc(dtype))
+    no_loss, scaled = run_qfl(emu, pred, **targets, beta=beta, activated=activated, scale=scale,
+                              stride=1, with_loss=False)
+    assert torch.isnan(no_loss).all(), what + ": the backward wrote a loss"
+    _assert_qfl_close(None, scaled, pred, ref_fn, beta, scale, 1, what + " backward",
+                      with_loss=False)
+    for got, expected in zip(run_qfl(emu, pred, **targets, beta=beta, activated=activated,
+                                     index_bits=64), (loss, grad)):
+        assert torch.equal(got, expected), what + ": the 64-bit-index kernel differs"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offsets", [(0, 0), (1, 1), (1, 0), (0, 3), (5, 5), (2, 6)])
+@pytest.mark.parametrize("form", ["labels", "dense-opmath"])
+def test_emulated_qfl_kernel_vector_heads_tails_and_misaligned_rows(emu, dtype, offsets, form):
+    """Every class count up to 17 and a few more, with pred (and the dense target) starting off a
+    16-byte boundary and the gradient buffer at the same or another offset.  Where the streams
+    are congruent modulo 16 bytes each row is a scalar head, 16-byte words and a scalar tail;
+    where not, every element is scalar.  Per element the math is the same either way, so the
+    gradient is bitwise that of the aligned run; the row sums differ only in their order."""
+    pred_offset, grad_offset = offsets
+    width = 16 // torch.empty(0, dtype=dtype).element_size()
+    for c in list(range(1, 18)) + [31, 37, 80]:
+        gen = torch.Generator().manual_seed(c)
+        pred, targets, ref_fn = _qfl_case(7, c, dtype, form, False, 2.0, gen,
+                                          pred_offset=pred_offset)
+        plan = QflPlan()
+        loss, grad = run_qfl(emu, pred, **targets, grad_offset=grad_offset, plan=plan)
+        what = f"qfl c={c} {dtype} {form} offsets={offsets}"
+        # (the dense target sits at pred's element offset: congruent, also as float for 16-bit)
+        congruent = (pred_offset - grad_offset) % width == 0
+        assert plan.vectorised == congruent, what + ": 16-byte accesses chosen wrongly"
+        _assert_qfl_close(loss, grad, pred, ref_fn, 2.0, None, 0, what)
+        aligned = _qfl_case(7, c, dtype, form, False, 2.0, torch.Generator().manual_seed(c))
+        _, aligned_grad = run_qfl(emu, aligned[0], **aligned[1])
+        assert torch.equal(grad, aligned_grad), what + ": gradient differs from the aligned run"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("pred_offset", [0, 1])
+@pytest.mark.parametrize("activated", [False, True])
+def test_emulated_qfl_kernel_label_in_every_column(emu, dtype, pred_offset, activated):
+    """Rows whose label is -1, then each class 0 .. C-1 (so the positive falls in every head,
+    word and tail position, and in every lane's words), then C and C + 1: the word holding the
+    label takes the general formula, all others the y = 0 form."""
+    c = 37
+    n = c + 3
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(n, c, generator=gen, dtype=torch.float64) * 3
+    pred = _at_offset((logits.sigmoid().clamp(0.02, 0.98) if activated else logits).to(dtype),
+                      pred_offset)
+    labels = torch.arange(-1, c + 2)
+    scores = torch.rand(n, generator=gen, dtype=torch.float64).to(_acc(dtype))
+    for lanes in (0, 1, 4, 32):
+        loss, grad = run_qfl(emu, pred, labels=labels, scores=scores, activated=activated,
+                             lanes=lanes, grad_offset=pred_offset)
+        _assert_qfl_close(loss, grad, pred,
+                          lambda p: reference.quality_focal_loss(p, labels, scores.double(), 2.0,
+                                                                 activated),
+                          2.0, None, 0, f"qfl labels -1..{c + 1} {dtype} lanes={lanes}")
+
+
+@pytest.mark.parametrize("form", QFL_FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_qfl_kernel_does_not_depend_on_the_launch_geometry(emu, form, dtype):
+    """Each row is reduced by its lane group in an order set by the shape, dtype and alignment
+    alone: the launcher's grid, a single warp, blocks of 96 and 256 threads, a grid-stride loop
+    that wraps many times, and the 64-bit kernel give the same bits."""
+    for c, offset in ((80, 0), (37, 1)):
+        gen = torch.Generator().manual_seed(c)
+        pred, targets, _ = _qfl_case(45, c, dtype, form, False, 2.0, gen, pred_offset=offset)
+        scale = torch.rand(45, generator=gen).to(_acc(dtype))
+        expected = run_qfl(emu, pred, **targets, scale=scale, stride=1, grad_offset=offset,
+                           grid=(0, 0))
+        for grid, bits in (((1, 32), 0), ((3, 256), 0), ((5, 96), 0), ((2, 64), 64),
+                           ((64, 64), 0)):
+            got = run_qfl(emu, pred, **targets, scale=scale, stride=1, grad_offset=offset,
+                          grid=grid, index_bits=bits)
+            for g, e in zip(got, expected):
+                assert torch.equal(g, e), f"qfl {form} {dtype} c={c} grid={grid} bits={bits}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["labels", "dense-opmath"])
+def test_emulated_qfl_kernel_rows_past_2_31_elements(emu, dtype, form):
+    """The 64-bit-index kernel where 32 bits would overflow, without allocating 2^31 elements:
+    the launch describes n' = R + n rows, every pointer moved back by R rows, and only the blocks
+    that hold rows R .. R + n - 1 run (the emulator's first_block); row R starts past element
+    2^31.  The launcher's plan picks 64 bits for it, and the results are those of the small
+    tensors."""
+    n, c = 50, 40
+    gen = torch.Generator().manual_seed(3)
+    pred, targets, ref_fn = _qfl_case(n, c, dtype, form, False, 2.0, gen)
+    lanes_log2 = qfl_plan(emu, pred, target=targets.get("target")).lanes_log2
+    block = 256
+    rows_per_block = block >> lanes_log2
+    first_block = (2**31 // c) // rows_per_block + 1
+    skipped = first_block * rows_per_block  # R: its rows' memory does not exist
+    assert skipped * c > 2**31
+    grid = first_block + (n + rows_per_block - 1) // rows_per_block
+    loss, loss_buf = _guarded(n, _acc(dtype))
+    grad, grad_buf = _guarded(n * c, dtype)
+
+    def back(t, rows_elements):
+        return None if t is None else t.data_ptr() - skipped * rows_elements * t.element_size()
+
+    launch = QflLaunch(DTYPE_CODES[dtype], back(pred, c), back(targets.get("labels"), 1),
+                       back(targets.get("scores"), 1), back(targets.get("target"), c),
+                       form == "dense-opmath" and dtype != torch.float32, None, 0,
+                       back(loss, 1), back(grad, c), skipped + n, c, 2.0, False)
+    plan = QflPlan()
+    options = QflEmuOptions(0, 0, -1, grid, block, first_block)
+    _check(emu, emu.gfl_emu_qfl(ctypes.byref(launch), ctypes.byref(options), ctypes.byref(plan)))
+    assert plan.index64, "the launcher's plan must take 64-bit indices past 2^31 elements"
+    _assert_guards_intact(loss_buf, 0, n, "loss")
+    _assert_guards_intact(grad_buf, 0, n * c, "gradient")
+    _assert_qfl_close(loss, grad.view(n, c), pred, ref_fn, 2.0, None, 0,
+                      f"qfl rows past 2^31 {dtype} {form}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("form", ["labels", "dense"])
+@pytest.mark.parametrize("activated", [False, True])
+@pytest.mark.parametrize("beta", [2.0, 0.0, 1.0, 2.5])
+def test_emulated_qfl_kernel_extreme_inputs_every_mode(emu, dtype, form, activated, beta):
+    """Saturated logits (+-1e4, +-90: exp(-|x|) below float's normal range, +-30) and
+    probabilities at and next to 0 and 1, on both sides of the targets, in every compiled mode:
+    finite, and the reference's values (BCE's logs clamped at -100 as torch does)."""
+    if activated:
+        row = [0.0, 1.0, 1e-30, 1.0 - 2.0**-24, 0.5, 2.0**-24, 0.25, 1.0]
+    else:
+        row = [1e4, -1e4, 0.0, 90.0, -90.0, 30.0, -30.0, 1.0]
+    pred = torch.tensor([row, row[::-1], row], dtype=dtype)
+    n, c = pred.shape
+    if form == "labels":
+        targets = {"labels": torch.tensor([0, 3, c]), "scores": torch.tensor([1.0, 0.9, 0.0],
+                                                                             dtype=dtype)}
+
+        def ref_fn(p):
+            return reference.quality_focal_loss(p, targets["labels"], targets["scores"].double(),
+                                                beta, activated)
+    else:
+        targets = {"target": torch.tensor([[1.0, 0.0, 0.5, 1.0, 0.0, 0.3, 0.7, 0.9]] * n,
+                                          dtype=dtype)}
+
+        def ref_fn(p):
+            return reference.quality_focal_loss_dense(p, targets["target"].double(), beta,
+                                                      activated)
+    loss, grad = run_qfl(emu, pred, **targets, beta=beta, activated=activated)
+    what = f"qfl extreme {dtype} {form} activated={activated} beta={beta}"
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), what
+    ref, ref_grad = _reference_with_grad(ref_fn, pred, torch.ones(n, dtype=torch.float64))
+    assert_close(loss, ref, (1e-4, 1e-4), what + " loss")
+    assert_close(grad, ref_grad, (1e-2, 1e-3), what + " gradient")
+
+
+def test_emulated_qfl_plan(emu):
+    """The launcher's choices: lanes per row from the class count and element size (no idle
+    lanes at COCO's 80 classes, whole 32-byte sectors per row and access), 32-bit indices up to
+    the limit and 64 past it (decided from n and c alone: nothing is allocated), 16-byte accesses
+    only for congruent streams."""
+    def plan_for(n, c, dtype=torch.float32, target=None, grad_offset=0):
+        pred = torch.empty(64, dtype=dtype)  # only its address and the sizes below matter
+        launch = QflLaunch(DTYPE_CODES[dtype], _ptr(pred), None, None, _ptr(target),
+                           False, None, 0, None, _ptr(pred) + grad_offset * pred.element_size(),
+                           n, c, 2.0, False)
+        plan = QflPlan()
+        emu.gfl_emu_qfl_plan(ctypes.byref(launch), ctypes.byref(plan))
+        return plan
+
+    lanes = {(c, dt): 1 << plan_for(1000, c, dt).lanes_log2
+             for c in (1, 4, 20, 80, 365, 4096) for dt in (torch.float32, torch.bfloat16)}
+    assert lanes[(80, torch.float32)] == 2 and lanes[(80, torch.bfloat16)] == 2  # 10 / 5 words
+    assert lanes[(1, torch.float32)] == 1 and lanes[(4, torch.float32)] == 1  # rows <= 16 bytes
+    assert lanes[(4096, torch.float32)] == 32 and lanes[(4096, torch.bfloat16)] == 32
+    assert all(v >= 2 for (c, dt), v in lanes.items() if c * (4 if dt == torch.float32 else 2) > 16)
+    limit = 2**31 - 1 - 1024
+    assert not plan_for(limit // 80, 80).index64
+    assert plan_for(limit // 80 + 1, 80).index64
+    assert not plan_for(1, limit).index64 and plan_for(1, limit + 1).index64
+    # the row index plus the grid's row stride must fit as well
+    assert plan_for(limit - 100, 1).index64 and not plan_for(2**20, 1).index64
+    assert plan_for(100, 80).vectorised and not plan_for(100, 80, grad_offset=1).vectorised
+    assert plan_for(100, 80, grad_offset=4).vectorised  # 16 bytes further: still congruent
+
+
+def test_emulated_qfl_kernel_misaligned_16_byte_access_is_caught(emu):
+    """Control for the emulator's alignment check: forcing 16-byte accesses on a gradient buffer
+    that is not congruent with pred is what would fault on a GPU, and the emulator says so."""
+    pred = torch.randn(4, 80)
+    labels, scores = torch.tensor([0, 1, 2, 80]), torch.rand(4)
+    with pytest.raises(AssertionError, match="misaligned 16-byte access"):
+        run_qfl(emu, pred, labels=labels, scores=scores, grad_offset=1, vectorised=1)
+    run_qfl(emu, pred, labels=labels, scores=scores, grad_offset=1)  # the plan's choice: scalar
+
+
+def run_scale_rows(emu, grad, scale, stride, *, out=None, grid=GRID):
+    """out (a fresh NaN tensor unless given: pass grad itself for the in-place call)."""
+    rows = grad.shape[0]
+    cols = grad.numel() // rows
+    if out is None:
+        out = torch.full_like(grad, float("nan"))
+    launch = ScaleRowsLaunch(DTYPE_CODES[grad.dtype], _ptr(grad), _ptr(scale), stride, _ptr(out),
+                             rows, cols)
+    _check(emu, emu.gfl_emu_scale_rows(ctypes.byref(launch), *grid))
+    return out
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("stride", [0, 1])
 def test_emulated_scale_rows_kernel(emu, dtype, stride):
+    """16 bytes per step where grad and out share their alignment (the in-place call always),
+    element by element where they do not; heads and tails of the 16-byte body at every offset;
+    rows shorter than 16 bytes (several rows per step) and longer; several grids.  Exactly the
+    opmath product rounded to the dtype, as the kernel computes it."""
     gen = torch.Generator().manual_seed(5)
-    grad = torch.randn(37, 17, generator=gen).to(dtype)
-    scale = torch.rand(37 if stride else 1, generator=gen).to(_acc(dtype))
-    out = torch.full_like(grad, float("nan"))
-    launch = ScaleRowsLaunch(DTYPE_CODES[dtype], _ptr(grad), _ptr(scale), stride, _ptr(out),
-                             37, 17)
-    _check(emu, emu.gfl_emu_scale_rows(ctypes.byref(launch), *GRID))
-    per_row = scale.double().expand(37) if stride == 0 else scale.double()
-    expected = grad.double() * per_row[:, None]
-    assert_close(out, expected.to(dtype), (0, 0), f"scale_rows {dtype} stride={stride}")
+    for rows, cols in ((37, 17), (5, 1), (9, 3), (4, 80), (1, 7)):
+        grad = torch.randn(rows, cols, generator=gen).to(dtype)
+        scale = torch.rand(rows if stride else 1, generator=gen).to(_acc(dtype))
+        per_row = scale.expand(rows) if stride == 0 else scale
+        expected = (grad.to(_acc(dtype)) * per_row[:, None]).to(dtype)
+        for grad_offset, out_offset in ((0, 0), (1, 1), (3, 3), (1, 0), (0, 2)):
+            g = _offset_view(grad, grad_offset)
+            for grid in (GRID, (1, 32), (7, 64)):
+                out = run_scale_rows(emu, g, scale, stride,
+                                     out=_offset_view(torch.full_like(grad, float("nan")),
+                                                      out_offset), grid=grid)
+                what = f"scale_rows {dtype} {rows}x{cols} offsets {grad_offset}/{out_offset}"
+                assert_close(out, expected, (0, 0), what)
+            in_place = g.clone() if grad_offset == 0 else _offset_view(grad, grad_offset)
+            run_scale_rows(emu, in_place, scale, stride, out=in_place)
+            assert_close(in_place, expected, (0, 0), f"in-place {what}")
 
 
 @pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e4), (torch.float64, 1e4),
@@ -289,26 +769,30 @@ def test_emulated_kernels_extreme_logits_are_finite_and_accurate(emu, dtype, mag
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     assert_close(loss, ref, (1e-4, 1e-4), f"qfl {dtype} +-{magnitude} loss")
     assert_close(grad, ref_grad, (1e-2, 1e-3), f"qfl {dtype} +-{magnitude} gradient")
-    # DFL and the integral: one bin at +magnitude, the rest at -magnitude
-    z = torch.full((3, 17), -magnitude, dtype=dtype)
-    z[0, 3] = z[1, 16] = z[2, 0] = magnitude
-    value, value_grad = run_rows(emu, z, dfl=False)
-    assert_close(value, torch.tensor([3.0, 16.0, 0.0]), (0, 0), f"integral {dtype} value")
-    assert torch.isfinite(value_grad).all()
-    target = torch.tensor([3.0, 16.0, 0.5], dtype=_acc(dtype))
-    dfl, dfl_grad = run_rows(emu, z, dfl=True, target=target)
-    ref, ref_grad = _reference_with_grad(
-        lambda p: reference.distribution_focal_loss(p, target.double()), z,
-        torch.ones(3, dtype=torch.float64))
-    assert torch.isfinite(dfl).all() and torch.isfinite(dfl_grad).all()
-    assert_close(dfl, ref, (1e-4, 1e-4), f"dfl {dtype} +-{magnitude} loss")
-    assert_close(dfl_grad, ref_grad, (1e-2, 1e-3), f"dfl {dtype} +-{magnitude} gradient")
+    # DFL and the integral: one bin at +magnitude, the rest at -magnitude (every rows kernel)
+    for bins, variant in ((17, 0), (17, 1), (17, 2), (20, 0), (33, 0)):
+        z = torch.full((3, bins), -magnitude, dtype=dtype)
+        z[0, 3] = z[1, 16] = z[2, 0] = magnitude
+        what = f"{dtype} +-{magnitude} bins={bins} variant={variant}"
+        value, value_grad = run_rows(emu, z, dfl=False, variant=variant)
+        assert_close(value, torch.tensor([3.0, 16.0, 0.0]), (0, 0), f"integral {what} value")
+        assert torch.isfinite(value_grad).all()
+        target = torch.tensor([3.0, 16.0, 0.5], dtype=_acc(dtype))
+        dfl, dfl_grad = run_rows(emu, z, dfl=True, target=target, variant=variant)
+        ref, ref_grad = _reference_with_grad(
+            functools.partial(_dfl_reference, target=target.double()), z,
+            torch.ones(3, dtype=torch.float64))
+        assert torch.isfinite(dfl).all() and torch.isfinite(dfl_grad).all()
+        assert_close(dfl, ref, (1e-4, 1e-4), f"dfl {what} loss")
+        assert_close(dfl_grad, ref_grad, (1e-2, 1e-3), f"dfl {what} gradient")
 
 
 def test_emulated_kernels_empty_inputs_write_nothing(emu):
     empty = torch.empty(0, 17)
-    out, grad = run_rows(emu, empty, dfl=False)
-    assert out.shape == (0,) and grad.shape == (0, 17)
+    for variant in ROW_VARIANTS:
+        for grid in (GRID, (0, 0)):
+            out, grad = run_rows(emu, empty, dfl=False, variant=variant, grid=grid)
+            assert out.shape == (0,) and grad.shape == (0, 17)
     loss, grad = run_qfl(emu, torch.empty(0, 80), labels=torch.empty(0, dtype=torch.long),
                          scores=torch.empty(0))
     assert loss.shape == (0,)

@@ -30,6 +30,7 @@ struct Ops<at::vec::Vectorized<T>> {
   static inline Mask eq(const V& a, const V& b) { return a == b; }
   // blendv(a, b, m) takes b where m is set
   static inline V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
+  static inline V div(const V& a, const V& b) { return a / b; }
 };
 
 // exp(x) for x <= 0 (or NaN), as the softmax's exp(z - max) needs: NaN stays NaN, -inf and

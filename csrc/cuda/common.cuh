@@ -51,6 +51,12 @@ __device__ __forceinline__ __nv_bfloat16 from_opmath<__nv_bfloat16>(float x) {
 
 constexpr int kBlock = 256;
 
+// Declares `name` as the block's dynamic shared memory (unsigned char[], 16-byte aligned).  The
+// warp emulator (tests/cuda_emulation) defines this macro first, to hand out its block's buffer.
+#ifndef GFL_DYNAMIC_SHARED
+#define GFL_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 // Blocks for `threads` threads of kBlock each, capped (the kernels loop grid-stride).
 inline unsigned int grid_for(int64_t threads) {
   const int64_t blocks = (threads + kBlock - 1) / kBlock;

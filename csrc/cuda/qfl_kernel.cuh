@@ -1,60 +1,541 @@
-// The QFL CUDA kernel (device code only; the launcher is qfl.cu): a group of TPR lanes per
-// anchor row walks the C classes (coalesced), sums the per-class losses in registers and reduces
-// them with warp shuffles in a fixed order (no atomics, bitwise deterministic).  The
-// per-element math is gfl_math.h's, as on the CPU.  Kept apart from the launcher so that
-// tests/cuda_emulation can compile it for the host and run it on an emulated warp.
+// The QFL CUDA kernel (device code, and the host-side launch plan it shares with its launcher
+// qfl.cu and with tests/cuda_emulation, which compiles this header for the host and runs it on
+// the warp emulator).
+//
+// A group of 2^lanes_log2 lanes per anchor row walks the C classes, sums the per-class losses in
+// registers and reduces them with warp shuffles in a fixed order (no atomics, bitwise
+// deterministic).  The per-element math is gfl_math.h's, as on the CPU.  What makes it cheap
+// (issue #18; the instruction counts are in benchmarks/cuda_qfl_kernel.md):
+//  * one kernel per (dtype, target form, activated, beta mode, gradient or not, index width): the
+//    per-element code has no branch on any of them;
+//  * 32-bit row / element indices unless the tensor is too large (QflPlan::index64);
+//  * 16-byte loads and stores: each row is split into a scalar part (the elements before pred's
+//    first 16-byte boundary in the row, and those after its last whole 16-byte word) and whole
+//    16-byte words, provided every stream is congruent with pred modulo 16 bytes (else all of the
+//    row is scalar);
+//  * logits: e = exp(-|x|) with the fast exp and the two quotients of e with one fast reciprocal
+//    (gfl_math.h's logit_quotients); the accuracy argument is in QflOps below.
 #pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "../gfl_math.h"
 #include "common.cuh"
 
+// tests/cuda_emulation defines this to check on the host that each 16-byte access is aligned
+// (on a GPU a misaligned one faults).
+#ifndef GFL_CUDA_EMU_CHECK_ALIGNED
+#define GFL_CUDA_EMU_CHECK_ALIGNED(ptr) ((void)0)
+#endif
+
 namespace gfl::cuda {
 
-// Lanes per row for c classes: enough to cover small class counts without idle lanes, a full
-// warp beyond.
-inline int qfl_lanes_per_row(int64_t c) { return c <= 2 ? 1 : (c <= 16 ? 8 : 32); }
+// =============================================================================================
+// Host side: the launch plan.  Everything here depends on the launch description only (shapes,
+// dtypes, pointer alignment), never on the grid: the order of each row's sum follows from
+// lanes_log2 and the 16-byte split, so results do not depend on the launch geometry.
 
-template <typename scalar_t, typename target_t, int TPR, bool kDense>
-__global__ void __launch_bounds__(kBlock)
-    qfl_kernel(const scalar_t* __restrict__ pred, const int64_t* __restrict__ labels,
-               const opmath_t<scalar_t>* __restrict__ scores,
-               const target_t* __restrict__ target,
-               const opmath_t<scalar_t>* __restrict__ row_scale, int64_t row_scale_stride,
-               opmath_t<scalar_t>* __restrict__ loss, scalar_t* __restrict__ grad, int64_t n,
-               int64_t c, opmath_t<scalar_t> beta, int mode, bool activated) {
-  using acc_t = opmath_t<scalar_t>;
-  const RowGroupLoop loop = row_group_loop<TPR>();
-  const int lane = loop.lane;
-  for (int64_t base = loop.first; base < n; base += loop.stride) {
-    const int64_t row = base + loop.offset;  // rows past n contribute nothing
-    const bool active = row < n;
-    acc_t sum = acc_t(0);
-    if (active) {
-      int64_t label = -1;
-      acc_t score = acc_t(0);
-      if (!kDense) {
-        label = labels[row];
-        score = scores[row];
-      }
-      const acc_t scale = row_scale ? row_scale[row * row_scale_stride] : acc_t(1);
-      const int64_t off = row * c;
-      for (int64_t col = lane; col < c; col += TPR) {
-        const acc_t x = to_opmath(pred[off + col]);
-        acc_t y;
-        if (kDense) {
-          y = static_cast<acc_t>(to_opmath(target[off + col]));
-        } else {
-          y = col == label ? score : acc_t(0);
-        }
-        acc_t g;
-        sum += activated ? qfl_prob<acc_t>(x, y, beta, mode, g)
-                         : qfl_logit<acc_t>(x, y, beta, mode, g);
-        if (grad) grad[off + col] = from_opmath<scalar_t>(g * scale);
-      }
-    }
-    sum = group_sum<TPR>(sum);
-    if (active && lane == 0 && loss) loss[row] = sum;
+constexpr int kQflVecBytes = 16;
+
+inline int64_t qfl_dtype_bytes(DType dt) {
+  switch (dt) {
+    case DType::kDouble: return 8;
+    case DType::kHalf:
+    case DType::kBFloat16: return 2;
+    default: return 4;
   }
+}
+
+// Lanes per row (log2).  A simple issue-slot model per row, lanes x (the lane's element count x
+// ~30 instructions + ~40 per row + a shuffle step per halving), counting the lanes left idle
+// past the row's last 16-byte word.  At least 2 lanes (32 contiguous bytes of a row per access,
+// whole sectors) unless a row fits in 16 bytes (then a warp's rows are contiguous anyway).
+// Among choices within 3% of the cheapest the widest wins: more lanes cost nothing there and
+// keep wide rows with few anchors parallel.
+inline int qfl_lanes_log2(int64_t c, int64_t elem_bytes) {
+  const int64_t width = kQflVecBytes / elem_bytes;
+  const int64_t words = (c + width - 1) / width;
+  const int lowest = c * elem_bytes <= kQflVecBytes ? 0 : 1;
+  int64_t cost[6] = {};
+  int64_t cheapest = INT64_MAX;
+  for (int s = lowest; s <= 5; ++s) {
+    const int64_t lanes = int64_t(1) << s;
+    cost[s] = lanes * (((words + lanes - 1) / lanes) * width * 30 + 40 + 2 * s);
+    if (cost[s] < cheapest) cheapest = cost[s];
+  }
+  int best = lowest;
+  for (int s = lowest; s <= 5; ++s)
+    if (cost[s] * 100 <= cheapest * 103) best = s;
+  return best;
+}
+
+// Can the kernel use 16-byte accesses: does `other` reach a 16-byte boundary at the same
+// elements as pred?  (Then each row's scalar head is the same for every stream.)  A stream of
+// twice pred's element size (a float target of 16-bit pred) must sit at twice pred's phase.
+inline bool qfl_congruent(const void* pred, int64_t pred_bytes, const void* other,
+                          int64_t other_bytes) {
+  const auto p = reinterpret_cast<uintptr_t>(pred);
+  const auto o = reinterpret_cast<uintptr_t>(other);
+  const auto ratio = static_cast<uintptr_t>(other_bytes / pred_bytes);
+  return p % pred_bytes == 0 && o % other_bytes == 0 && (o - ratio * p) % kQflVecBytes == 0;
+}
+
+// 32-bit indices hold every row index the loop forms (< n + the grid's row stride) and every
+// element offset (< n c, plus at most one stride of 32 lanes x 16 bytes past a row's end); else
+// the 64-bit kernel runs.
+inline bool qfl_needs_index64(int64_t n, int64_t c, int lanes_log2, int64_t grid) {
+  const int64_t limit = INT32_MAX - 1024;
+  const int64_t row_stride = (grid * kBlock) >> lanes_log2;
+  return n > limit - row_stride || c > limit || n * c > limit;
+}
+
+struct QflPlan {
+  int lanes_log2;   // lanes per row = 2^lanes_log2
+  bool vectorised;  // 16-byte accesses (every stream congruent with pred)
+  bool index64;     // 64-bit indices
+  unsigned grid;    // blocks of kBlock threads
+};
+
+inline QflPlan qfl_plan(const QflLaunch& p) {
+  QflPlan plan{};
+  const int64_t bytes = qfl_dtype_bytes(p.dtype);
+  plan.lanes_log2 = qfl_lanes_log2(p.c, bytes);
+  plan.vectorised = true;
+  if (p.grad) plan.vectorised = plan.vectorised && qfl_congruent(p.pred, bytes, p.grad, bytes);
+  if (p.target) {
+    const int64_t target_bytes =
+        p.target_opmath ? (p.dtype == DType::kDouble ? 8 : 4) : bytes;
+    plan.vectorised = plan.vectorised && qfl_congruent(p.pred, bytes, p.target, target_bytes);
+  }
+  plan.grid = grid_for(p.n << plan.lanes_log2);
+  plan.index64 = qfl_needs_index64(p.n, p.c, plan.lanes_log2, plan.grid);
+  return plan;
+}
+
+// =============================================================================================
+// Device side.
+
+template <typename scalar_t, typename target_t>
+struct QflArgs {
+  using acc_t = opmath_t<scalar_t>;
+  const scalar_t* pred;
+  const int64_t* labels;
+  const acc_t* scores;
+  const target_t* target;
+  const acc_t* row_scale;
+  int64_t row_scale_stride;
+  acc_t* loss;
+  scalar_t* grad;
+  int64_t n;
+  int64_t c;
+  acc_t beta;
+  int mode;  // beta_mode(beta), for the kernels that take it at run time (kBetaRuntime)
+  int lanes_log2;
+  bool vectorised;
+};
+
+// Operations table of the float kernels: gfl_math.h's accurate functions, plus a fast exp, a
+// fast reciprocal and a fast quotient.  Accuracy against the tolerance tables
+// (tests/gfl_testing.py: float32 loss 2e-5 relative + 2e-5 absolute, gradient 2e-5 relative +
+// 2e-6 absolute; 16-bit gradients are rounded to 16 bits anyway), from the documented bounds
+// (CUDA C Programming Guide, Intrinsic Functions; PTX ISA):
+//  * rcp (rcp.approx.ftz.f32, 1 ulp; the same as __fdividef(1, q), 2 ulp, for the q in
+//    [2^-126, 2^126] it gets): 1 / q, q = (1 + e)(2 + e) in [2, 6] (gfl_math.h's
+//    logit_quotients).  inv = 1 / (1 + e) and t = e / (2 + e) then carry <= 3 ulp (the roundings
+//    of q and of the products added), ~4e-7 relative, against 0.5 ulp for a division: errors
+//    that scale the loss and gradient terms, never cancel, so stay ~1e-6 relative on both.
+//  * div (__fdividef, 2 ulp for 2^-126 <= |b| <= 2^126): activated's
+//    (p - y) / max(p (1 - p), 1e-12), b in [1e-12, 0.25].
+//  * fast_exp (__expf's ex2.approx, .ftz): 2 + floor(|1.173 x|) ulp, used for e = exp(-|x|) of
+//    beta 0, 1, 2.  Its absolute error e (2 + 1.173|x|) 2^-24 is largest at x = 0 (2.4e-7):
+//    sigmoid(x) and d = s - y move by less than that, and the error that d takes from it near
+//    d = 0 is at most ~ds (2 + 1.173|x|) 2^-23 <= 6e-8 (ds = e / (1 + e)^2), a gradient error
+//    below 2e-8 absolute for beta 2.  Relative to e it is (2 + 1.173|x|) ulp: a negative's loss
+//    ~ e^3 keeps 3 (2 + 1.173|x|) ulp, 2.4e-6 at |x| = 4, and reaches 2e-5 at |x| ~ 46, where the
+//    term is ~1e-60, far below the 2e-5 absolute tolerance.  The ftz flush changes the result
+//    only where e (and every term made of it) is below 1.2e-38.
+//  * kept accurate (gfl_math.h's Ops<float>): exp(-|x|) of the general beta mode (there
+//    |d|^(beta - 1), beta < 1, amplifies d's error near d = 0, and relative to d that error is
+//    up to 2 + 1.173|x| times that of an accurate exp; tests/test_qfl.py allows 2 ulp of y),
+//    logf / log1pf of the activated form (__logf's bound is 2^-21.41 ABSOLUTE on [0.5, 2]:
+//    relative 4e-4 for log p at p = 0.999, beyond the 2e-5 loss tolerance), and the general
+//    mode's exp / log / division (__expf's bound grows with |beta log|d||; the mode is rare).
+// The emulator runs these with the host's libm, so it tests the formulas, not these bounds.
+template <typename T>
+struct QflOps : Ops<T> {
+  static C10_HOST_DEVICE inline T rcp(T x) { return T(1) / x; }
+  static C10_HOST_DEVICE inline T fast_exp(T x) { return Ops<T>::exp(x); }
+};
+
+template <>
+struct QflOps<float> : Ops<float> {
+  // rcp.approx.ftz.f32 (1 ulp; PTX ISA): what __fdividef(1, x) computes for the x in
+  // [2^-126, 2^126] it is used for, without the subnormal scaling that __fdividef adds when the
+  // build does not flush subnormals
+  static C10_HOST_DEVICE inline float rcp(float x) {
+#ifdef __CUDA_ARCH__
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#else
+    return 1.0f / x;
+#endif
+  }
+  static C10_HOST_DEVICE inline float div(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fdividef(a, b);
+#else
+    return a / b;
+#endif
+  }
+  // __expf: ex2.approx of x log2(e); the .ftz form (flushing results below 2^-126 to 0) saves
+  // the three instructions of the subnormal range that __expf gets in a non-ftz build
+  static C10_HOST_DEVICE inline float fast_exp(float x) {
+#ifdef __CUDA_ARCH__
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504088896341f));
+    return r;
+#else
+    return ::expf(x);
+#endif
+  }
+};
+
+// e = exp(-|x|), inv = 1 / (1 + e), lp = log1p(e) of a logit: for float one rcp for both
+// quotients, and the fast exp unless beta takes the general pow (beta < 1 amplifies the error of
+// d = s - y near 0, QflOps); gfl_math.h's accurate functions for double.
+template <int kBeta, typename A>
+__device__ __forceinline__ void qfl_logit_terms(A x, int mode, A& e, A& inv, A& lp) {
+  using O = QflOps<A>;
+  const bool general = kBeta == kBetaRuntime ? mode == kBetaGeneral : kBeta == kBetaGeneral;
+  e = general ? O::exp(-O::abs(x)) : O::fast_exp(-O::abs(x));
+  if constexpr (O::kSinglePrecision) {
+    logit_quotients<A, O>(e, inv, lp);
+  } else {
+    inv = A(1) / (A(1) + e);
+    lp = log1p_unit<A, O>(e);
+  }
+}
+
+// QFL of one element: the loss, and dL/dx in g (dead code unless the caller stores it).
+template <bool kActivated, int kBeta, typename A>
+__device__ __forceinline__ A qfl_element(A x, A y, A beta, int mode, A& g) {
+  if constexpr (kActivated) {
+    return qfl_prob_of<kBeta, A, QflOps<A>>(x, y, beta, mode, g);
+  } else {
+    A e, inv, lp;
+    qfl_logit_terms<kBeta>(x, mode, e, inv, lp);
+    return qfl_logit_given<kBeta, A, QflOps<A>>(x, y, beta, mode, e, inv, [&] { return lp; },
+                                                 g);
+  }
+}
+
+// The same for y = 0 (bit for bit, gfl_math.h), cheaper.
+template <bool kActivated, int kBeta, typename A>
+__device__ __forceinline__ A qfl_element_negative(A x, A beta, int mode, A& g) {
+  if constexpr (kActivated) {
+    return qfl_prob_negative_of<kBeta, A, QflOps<A>>(x, beta, mode, g);
+  } else {
+    A e, inv, lp;
+    qfl_logit_terms<kBeta>(x, mode, e, inv, lp);
+    return qfl_logit_negative_given<kBeta, A, QflOps<A>>(x, beta, mode, e, inv, lp, g);
+  }
+}
+
+// 16 bytes at p (16-byte aligned) into / from N elements.
+template <typename T, int N>
+__device__ __forceinline__ void qfl_load16(const T* __restrict__ p, T (&el)[N]) {
+  static_assert(sizeof(T) * N == kQflVecBytes, "one 16-byte word");
+  GFL_CUDA_EMU_CHECK_ALIGNED(p);
+#ifdef __CUDA_ARCH__
+  const uint4 word = *reinterpret_cast<const uint4*>(p);
+  memcpy(el, &word, kQflVecBytes);
+#else
+  memcpy(el, p, kQflVecBytes);
+#endif
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void qfl_store16(T* __restrict__ p, const T (&el)[N]) {
+  static_assert(sizeof(T) * N == kQflVecBytes, "one 16-byte word");
+  GFL_CUDA_EMU_CHECK_ALIGNED(p);
+#ifdef __CUDA_ARCH__
+  uint4 word;
+  memcpy(&word, el, kQflVecBytes);
+  *reinterpret_cast<uint4*>(p) = word;
+#else
+  memcpy(p, el, kQflVecBytes);
+#endif
+}
+
+// K consecutive elements at p as opmath values: one scalar (K = 1) or whole 16-byte words.
+template <int K, typename T, typename A>
+__device__ __forceinline__ void qfl_load_chunk(const T* __restrict__ p, A (&out)[K]) {
+  if constexpr (K == 1) {
+    out[0] = static_cast<A>(to_opmath(p[0]));
+  } else {
+    constexpr int kPer = kQflVecBytes / sizeof(T);
+    static_assert(K % kPer == 0, "whole 16-byte words");
+#pragma unroll
+    for (int w = 0; w < K / kPer; ++w) {
+      T el[kPer];
+      qfl_load16(p + w * kPer, el);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) out[w * kPer + i] = static_cast<A>(to_opmath(el[i]));
+    }
+  }
+}
+
+template <int K, typename T, typename A>
+__device__ __forceinline__ void qfl_store_chunk(T* __restrict__ p, const A (&in)[K]) {
+  if constexpr (K == 1) {
+    p[0] = from_opmath<T>(in[0]);
+  } else {
+    static_assert(K * sizeof(T) == kQflVecBytes, "one 16-byte word");
+    T el[K];
+#pragma unroll
+    for (int i = 0; i < K; ++i) el[i] = from_opmath<T>(in[i]);
+    qfl_store16(p, el);
+  }
+}
+
+// What a chunk's targets are: all 0 (kNegative: every class of a negative anchor, and all but
+// one of a positive's), score at the label and 0 elsewhere (kLabels), or loaded (kDense).
+enum QflChunkForm : int { kNegative, kLabels, kDenseTarget };
+
+// One row's elements [0, K) at x (K = 1, or one 16-byte word of pred): their losses added to
+// sum in column order, their gradients (times scale) stored at g when kGrad.  rel: the label's
+// place in the chunk (kLabels).  kNegative gives the same bits as kLabels with the label outside
+// the chunk, in fewer instructions (gfl_math.h's *_negative forms).
+template <int K, int kForm, bool kActivated, int kBeta, bool kGrad, typename scalar_t,
+          typename target_t, typename index_t>
+__device__ __forceinline__ void qfl_chunk(const scalar_t* __restrict__ x,
+                                          const target_t* __restrict__ t,
+                                          scalar_t* __restrict__ g, index_t rel,
+                                          opmath_t<scalar_t> score, opmath_t<scalar_t> scale,
+                                          opmath_t<scalar_t> beta, int mode,
+                                          opmath_t<scalar_t>& sum) {
+  using acc_t = opmath_t<scalar_t>;
+  acc_t xv[K], gv[K];
+  qfl_load_chunk<K>(x, xv);
+  if constexpr (kForm == kNegative) {
+#pragma unroll
+    for (int i = 0; i < K; ++i)
+      sum += qfl_element_negative<kActivated, kBeta>(xv[i], beta, mode, gv[i]);
+  } else {
+    acc_t yv[K];
+    if constexpr (kForm == kDenseTarget) {
+      qfl_load_chunk<K>(t, yv);
+    } else {
+#pragma unroll
+      for (int i = 0; i < K; ++i) yv[i] = rel == i ? score : acc_t(0);
+    }
+#pragma unroll
+    for (int i = 0; i < K; ++i)
+      sum += qfl_element<kActivated, kBeta>(xv[i], yv[i], beta, mode, gv[i]);
+  }
+  if constexpr (kGrad) {
+#pragma unroll
+    for (int i = 0; i < K; ++i) gv[i] *= scale;
+    qfl_store_chunk<K>(g, gv);
+  }
+}
+
+// One row's loss; its gradient stored when kGrad.  The lane takes the 16-byte words lane,
+// lane + lanes, ... of the row and then its scalar elements (head, then tail) the same way,
+// each in column order, so the row's sum has one order for a given shape and alignment.
+template <bool kDense, bool kActivated, int kBeta, bool kGrad, typename scalar_t,
+          typename target_t, typename index_t>
+__device__ __forceinline__ opmath_t<scalar_t> qfl_row(const QflArgs<scalar_t, target_t>& a,
+                                                      index_t row) {
+  using acc_t = opmath_t<scalar_t>;
+  // Double takes one element per "word" and no unrolling: its exp, log1p and divisions are
+  // long anyway, and with more copies of them ptxas spilled a register around the divisions'
+  // slow-path calls.  Two words per iteration elsewhere halve the loop's own instructions per
+  // element (from ~4 to ~2 in float).
+  constexpr bool kDouble = sizeof(scalar_t) == 8;
+  constexpr index_t kWidth = kDouble ? 1 : kQflVecBytes / sizeof(scalar_t);
+  constexpr int kUnroll = kDouble ? 1 : 2;
+  constexpr int kWordForm = kDense ? kDenseTarget : kNegative;
+  const index_t c = static_cast<index_t>(a.c);
+  const index_t lanes = index_t(1) << a.lanes_log2;
+  // read again rather than passed in: cheap, and a value ptxas need not keep across the double
+  // kernels' division slow-path calls (it spilled it there)
+  const index_t lane = static_cast<index_t>(threadIdx.x) & (lanes - 1);
+  const index_t off = row * c;
+  const scalar_t* x = a.pred + off;
+  const target_t* t = kDense ? a.target + off : nullptr;
+  scalar_t* g = kGrad ? a.grad + off : nullptr;
+  index_t label = -1;  // background: no column matches
+  acc_t score(0);
+  if constexpr (!kDense) {
+    const int64_t l = a.labels[row];
+    if (l >= 0 && l < a.c) label = static_cast<index_t>(l);
+    score = a.scores[row];
+  }
+  acc_t scale(1);
+  if (kGrad && a.row_scale) scale = a.row_scale[static_cast<int64_t>(row) * a.row_scale_stride];
+  // head: the elements before pred's first 16-byte boundary in this row (all of them when the
+  // streams are not congruent); then whole words; the tail: what is left after the last word
+  index_t head = kWidth > 1 ? c : 0;
+  if (kWidth > 1 && a.vectorised) {
+    const auto misalign = static_cast<unsigned>(reinterpret_cast<uintptr_t>(x) % kQflVecBytes);
+    head = static_cast<index_t>((kQflVecBytes - misalign) % kQflVecBytes / sizeof(scalar_t));
+    head = head < c ? head : c;
+  }
+  const index_t words = static_cast<index_t>(static_cast<uint64_t>(c - head) / kWidth);
+  const index_t body_end = head + words * kWidth;
+  acc_t sum(0);
+
+  // The words, by element index e in the whole tensor (index_t: 32 bits unless the tensor needs
+  // 64, then each access is one IMAD.WIDE from its stream's base).  In the labels form the loop
+  // runs up to the word that holds the label if this lane has it, which then takes the general
+  // formula: no branch per word in the common iterations.
+  const index_t step = lanes * kWidth;
+  const index_t end = off + body_end;
+  index_t e = off + head + lane * kWidth;
+  index_t stop = end;
+  if (!kDense && label >= head && label < body_end) {
+    const index_t word = (label - head) / kWidth;
+    if ((word & (lanes - 1)) == lane) stop = off + head + word * kWidth;
+  }
+  for (;;) {
+#pragma unroll(kUnroll)
+    for (; e < stop; e += step)
+      qfl_chunk<kWidth, kWordForm, kActivated, kBeta, kGrad>(
+          a.pred + e, kDense ? a.target + e : nullptr, kGrad ? a.grad + e : nullptr, index_t(0),
+          score, scale, a.beta, a.mode, sum);
+    if (kDense || stop == end) break;
+    qfl_chunk<kWidth, kLabels, kActivated, kBeta, kGrad>(
+        a.pred + e, static_cast<const target_t*>(nullptr), kGrad ? a.grad + e : nullptr,
+        off + label - e, score, scale, a.beta, a.mode, sum);
+    e += step;
+    stop = end;
+  }
+
+  // The scalars, head then tail.
+  const index_t scalars = head + (c - body_end);
+  for (index_t s = lane; s < scalars; s += lanes) {
+    const index_t j = s < head ? s : s - head + body_end;
+    const target_t* tj = kDense ? t + j : nullptr;
+    scalar_t* gj = kGrad ? g + j : nullptr;
+    if (kDense || j == label) {
+      qfl_chunk<1, kDense ? kDenseTarget : kLabels, kActivated, kBeta, kGrad>(
+          x + j, tj, gj, label - j, score, scale, a.beta, a.mode, sum);
+    } else {
+      qfl_chunk<1, kNegative, kActivated, kBeta, kGrad>(x + j, tj, gj, index_t(0), score, scale,
+                                                        a.beta, a.mode, sum);
+    }
+  }
+  return sum;
+}
+
+// The kernel.  Rows are handed out by warp (every lane of a warp runs the same number of
+// iterations, as the shuffles need); a thread's row is past n for some lanes of the last one.
+template <typename scalar_t, typename target_t, bool kDense, bool kActivated, int kBeta,
+          bool kGrad, typename index_t>
+__global__ void __launch_bounds__(kBlock) qfl_kernel(const QflArgs<scalar_t, target_t> a) {
+  using acc_t = opmath_t<scalar_t>;
+  const int shift = a.lanes_log2;
+  const index_t lane = static_cast<index_t>(threadIdx.x) & ((index_t(1) << shift) - 1);
+  const index_t n = static_cast<index_t>(a.n);
+  const index_t warp =
+      static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x / 32) + threadIdx.x / 32;
+  const index_t first = warp << (5 - shift);
+  const index_t offset = static_cast<index_t>(threadIdx.x % 32) >> shift;
+  const index_t stride = (static_cast<index_t>(gridDim.x) * static_cast<index_t>(blockDim.x)) >>
+                         shift;
+  for (index_t base = first; base < n; base += stride) {
+    const index_t row = base + offset;
+    acc_t sum(0);
+    if (row < n) sum = qfl_row<kDense, kActivated, kBeta, kGrad>(a, row);
+    // the group's sum, in the same order on every lane and every run
+    for (int o = (1 << shift) >> 1; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (row < n && lane == 0 && a.loss) a.loss[row] = sum;
+  }
+}
+
+// Calls f(QflType<scalar_t>, QflType<target_t>, dense, activated, beta mode, index, grad) with
+// the compile-time constants (std::integral_constant, QflType<index_t>) of the kernel that `p`
+// needs: the one choice shared by the launcher and the emulator.  The 64-bit-index kernels
+// (tensors of 2^31 elements or more, rare) take beta's mode at run time (kBetaRuntime): a
+// branch per element there, and 120 fewer kernels to compile (200 in all, sm_90 and sm_80 each).
+template <typename T>
+struct QflType {
+  using type = T;
+};
+
+template <typename F>
+void qfl_dispatch(const QflLaunch& p, bool index64, F&& f) {
+  using std::integral_constant;
+  const auto with_grad = [&](auto... cs) {
+    if (p.grad) {
+      f(cs..., integral_constant<bool, true>{});
+    } else {
+      f(cs..., integral_constant<bool, false>{});
+    }
+  };
+  const auto with_beta = [&](auto... cs) {
+    if (index64) {
+      with_grad(cs..., integral_constant<int, kBetaRuntime>{}, QflType<int64_t>{});
+      return;
+    }
+    switch (beta_mode(p.beta)) {
+      case kBeta0: with_grad(cs..., integral_constant<int, kBeta0>{}, QflType<int32_t>{}); break;
+      case kBeta1: with_grad(cs..., integral_constant<int, kBeta1>{}, QflType<int32_t>{}); break;
+      case kBeta2: with_grad(cs..., integral_constant<int, kBeta2>{}, QflType<int32_t>{}); break;
+      default:
+        with_grad(cs..., integral_constant<int, kBetaGeneral>{}, QflType<int32_t>{});
+        break;
+    }
+  };
+  const auto with_activated = [&](auto... cs) {
+    if (p.activated) {
+      with_beta(cs..., integral_constant<bool, true>{});
+    } else {
+      with_beta(cs..., integral_constant<bool, false>{});
+    }
+  };
+  const auto with_form = [&](auto storage) {
+    using scalar_t = typename decltype(storage)::type;
+    if (p.target == nullptr) {
+      with_activated(storage, QflType<scalar_t>{}, integral_constant<bool, false>{});
+    } else if (p.target_opmath) {
+      with_activated(storage, QflType<opmath_t<scalar_t>>{}, integral_constant<bool, true>{});
+    } else {
+      with_activated(storage, QflType<scalar_t>{}, integral_constant<bool, true>{});
+    }
+  };
+  switch (p.dtype) {
+    case DType::kFloat: with_form(QflType<float>{}); break;
+    case DType::kDouble: with_form(QflType<double>{}); break;
+    case DType::kHalf: with_form(QflType<__half>{}); break;
+    case DType::kBFloat16: with_form(QflType<__nv_bfloat16>{}); break;
+  }
+}
+
+// The kernel's arguments for a launch description and its plan.
+template <typename scalar_t, typename target_t>
+QflArgs<scalar_t, target_t> qfl_args(const QflLaunch& p, const QflPlan& plan) {
+  using acc_t = opmath_t<scalar_t>;
+  QflArgs<scalar_t, target_t> a{};
+  a.pred = static_cast<const scalar_t*>(p.pred);
+  a.labels = p.labels;
+  a.scores = static_cast<const acc_t*>(p.scores);
+  a.target = static_cast<const target_t*>(p.target);
+  a.row_scale = static_cast<const acc_t*>(p.row_scale);
+  a.row_scale_stride = p.row_scale_stride;
+  a.loss = static_cast<acc_t*>(p.loss);
+  a.grad = static_cast<scalar_t*>(p.grad);
+  a.n = p.n;
+  a.c = p.c;
+  a.beta = static_cast<acc_t>(p.beta);
+  a.mode = beta_mode(p.beta);
+  a.lanes_log2 = plan.lanes_log2;
+  a.vectorised = plan.vectorised;
+  return a;
 }
 
 }  // namespace gfl::cuda

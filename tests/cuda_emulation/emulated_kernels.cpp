@@ -1,10 +1,19 @@
 // The gfl-ops CUDA kernels (csrc/cuda/*_kernel.cuh) compiled for the host and run on the warp
 // emulator (warp_emulator.h), behind a C interface for tests/test_cuda_emulated.py (ctypes).
 //
-// Every entry point takes the launch description of csrc/cuda/launchers.h, plus the lanes per
-// row (0: the launcher's own choice) and the emulated grid; it returns 0, or 1 with the error in
-// gfl_emu_error().
+// Every entry point takes the launch description of csrc/cuda/launchers.h, plus the kernel
+// variant and the emulated grid (QFL: an options struct, see gfl_emu_qfl); it returns 0, or 1
+// with the error in gfl_emu_error().
 #include "warp_emulator.h"
+
+// The QFL kernel's 16-byte accesses fault on a GPU unless 16-byte aligned: here a misaligned one
+// is recorded as the block's error.
+inline void gfl_emu_check_aligned(const void* p) {
+  warp_emu::Block* b = warp_emu::active_block();
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0 && b != nullptr && b->error.empty())
+    b->error = "misaligned 16-byte access";
+}
+#define GFL_CUDA_EMU_CHECK_ALIGNED(ptr) gfl_emu_check_aligned(ptr)
 
 #include "cuda/qfl_kernel.cuh"
 #include "cuda/softmax_rows_kernel.cuh"
@@ -51,18 +60,46 @@ extern "C" {
 
 const char* gfl_emu_error() { return last_error.c_str(); }
 
-int gfl_emu_rows(const gfl::cuda::RowsLaunch* p, int tpr, unsigned grid, unsigned block) {
+// variant: 0 the launcher's kernel for the bin count, 1 the runtime-bin-count tile kernel, 2 the
+// warp-per-row kernel (the launcher's for rows too long for a tile).  block 0: the launcher's
+// block; grid 0: the launcher's grid (one block per tile; for variant 2 one warp per row).
+int gfl_emu_rows(const gfl::cuda::RowsLaunch* p, int variant, unsigned grid, unsigned block) {
   last_error.clear();
-  if (tpr == 0) tpr = gfl::cuda::rows_lanes_per_row(p->bins);
-  dispatch(p->dtype, tpr, [&](auto storage, auto lanes) {
+  dispatch(p->dtype, 1, [&](auto storage, auto) {
     using scalar_t = decltype(storage);
     using acc_t = opmath_t<scalar_t>;
+    const auto* pred = static_cast<const scalar_t*>(p->pred);
+    const auto* target = static_cast<const acc_t*>(p->target);
+    const auto* row_scale = static_cast<const acc_t*>(p->row_scale);
+    auto* grad = static_cast<scalar_t*>(p->grad);
+    const gfl::cuda::RowsGeometry g = gfl::cuda::rows_geometry(p->bins, sizeof(acc_t));
     const auto run = [&](auto dfl) {
-      launch(grid, block, [&] {
-        gfl::cuda::softmax_rows_kernel<scalar_t, decltype(lanes)::value, decltype(dfl)::value>(
-            static_cast<const scalar_t*>(p->pred), static_cast<const acc_t*>(p->target),
-            static_cast<const acc_t*>(p->row_scale), p->row_scale_stride, p->out,
-            static_cast<scalar_t*>(p->grad), p->m, p->bins);
+      constexpr bool kDfl = decltype(dfl)::value;
+      if (variant == 2 || (variant == 0 && !g.tiled)) {
+        const unsigned b = block ? block : gfl::cuda::kBlock;
+        const unsigned n =
+            grid ? grid : static_cast<unsigned>((p->m * 32 + b - 1) / b + (p->m == 0));
+        warp_emu::launch(n, b, [&] {
+          gfl::cuda::softmax_rows_warp_kernel<scalar_t, 32, kDfl>(
+              pred, target, row_scale, p->row_scale_stride, p->out, grad, p->m, p->bins);
+        }, last_error);
+        return;
+      }
+      if (!g.tiled) {
+        last_error = "rows too long for a tile";
+        return;
+      }
+      const unsigned b = block ? block : static_cast<unsigned>(g.block);
+      const int64_t tile_rows = int64_t(b) * g.rows_per_thread;
+      const unsigned n = grid ? grid
+                              : static_cast<unsigned>((p->m + tile_rows - 1) / tile_rows +
+                                                      (p->m == 0));
+      const size_t shared = gfl::cuda::rows_shared_bytes(g, sizeof(acc_t), static_cast<int>(b));
+      gfl::cuda::with_rows_tile_kernel<scalar_t, kDfl>(p->bins, g, variant == 1, [&](auto kernel) {
+        warp_emu::launch(n, b, shared, [&] {
+          kernel(pred, target, row_scale, p->row_scale_stride, p->out, grad, p->m,
+                 static_cast<int>(p->bins), g.pitch, g.rows_per_thread);
+        }, last_error);
       });
     };
     if (p->dfl) {
@@ -74,30 +111,62 @@ int gfl_emu_rows(const gfl::cuda::RowsLaunch* p, int tpr, unsigned grid, unsigne
   return status();
 }
 
-int gfl_emu_qfl(const gfl::cuda::QflLaunch* p, int tpr, unsigned grid, unsigned block) {
+// QFL: the launcher's kernel and plan (qfl_kernel.cuh), with the test's overrides.  `plan`
+// (optional) receives the launcher's own plan.  first_block > 0 runs only blocks
+// [first_block, grid) of the grid: with pointers moved back by the rows of the blocks left out,
+// the kernel then indexes rows beyond 2^31 elements without their memory existing.
+struct QflEmuOptions {
+  int lanes;             // lanes per row, a power of two up to 32; 0: the plan's
+  int index_bits;        // 32 or 64; 0: the plan's
+  int vectorised;        // 0 or 1; -1: the plan's
+  unsigned grid;         // 0: the plan's
+  unsigned block;        // 0: kBlock
+  unsigned first_block;  // 0: all blocks
+};
+
+// The launcher's plan alone (no launch: any pointers and sizes).
+int gfl_emu_qfl_plan(const gfl::cuda::QflLaunch* p, gfl::cuda::QflPlan* plan) {
+  *plan = gfl::cuda::qfl_plan(*p);
+  return 0;
+}
+
+int gfl_emu_qfl(const gfl::cuda::QflLaunch* p, const QflEmuOptions* o, gfl::cuda::QflPlan* plan) {
   last_error.clear();
-  if (tpr == 0) tpr = gfl::cuda::qfl_lanes_per_row(p->c);
-  const int mode = gfl::beta_mode(p->beta);
-  dispatch(p->dtype, tpr, [&](auto storage, auto lanes) {
-    using scalar_t = decltype(storage);
-    using acc_t = opmath_t<scalar_t>;
-    const auto run = [&](auto target_type, auto dense) {
-      using target_t = decltype(target_type);
-      launch(grid, block, [&] {
-        gfl::cuda::qfl_kernel<scalar_t, target_t, decltype(lanes)::value, decltype(dense)::value>(
-            static_cast<const scalar_t*>(p->pred), p->labels,
-            static_cast<const acc_t*>(p->scores), static_cast<const target_t*>(p->target),
-            static_cast<const acc_t*>(p->row_scale), p->row_scale_stride,
-            static_cast<acc_t*>(p->loss), static_cast<scalar_t*>(p->grad), p->n, p->c,
-            static_cast<acc_t>(p->beta), mode, p->activated);
-      });
+  gfl::cuda::QflPlan run = gfl::cuda::qfl_plan(*p);
+  if (plan != nullptr) *plan = run;
+  if (o->lanes != 0) {
+    run.lanes_log2 = 0;
+    while ((1 << run.lanes_log2) < o->lanes) ++run.lanes_log2;
+    if ((1 << run.lanes_log2) != o->lanes || o->lanes > 32) {
+      last_error = "lanes per row must be a power of two up to 32";
+      return status();
+    }
+  }
+  if (o->index_bits != 0) run.index64 = o->index_bits == 64;
+  if (o->vectorised >= 0) run.vectorised = o->vectorised != 0;
+  const unsigned grid = o->grid ? o->grid : run.grid;
+  const unsigned block = o->block ? o->block : gfl::cuda::kBlock;
+  if (block % 32 != 0 || o->first_block >= grid) {
+    last_error = "block must be a multiple of 32 and first_block below grid";
+    return status();
+  }
+  gfl::cuda::qfl_dispatch(*p, run.index64, [&](auto storage, auto target, auto dense,
+                                               auto activated, auto beta, auto index, auto grad) {
+    using scalar_t = typename decltype(storage)::type;
+    using target_t = typename decltype(target)::type;
+    const auto args = gfl::cuda::qfl_args<scalar_t, target_t>(*p, run);
+    const std::function<void()> body = [&] {
+      gfl::cuda::qfl_kernel<scalar_t, target_t, decltype(dense)::value,
+                            decltype(activated)::value, decltype(beta)::value,
+                            decltype(grad)::value, typename decltype(index)::type>(args);
     };
-    if (p->target == nullptr) {
-      run(scalar_t{}, std::false_type{});
-    } else if (p->target_opmath) {
-      run(acc_t{}, std::true_type{});
-    } else {
-      run(scalar_t{}, std::true_type{});
+    // warp_emu::launch with the first blocks left out
+    gridDim = dim3(grid, 1, 1);
+    blockDim = dim3(block, 1, 1);
+    std::vector<std::unique_ptr<char[]>> stacks;
+    for (unsigned b = o->first_block; b < grid; ++b) {
+      blockIdx = uint3{b, 0, 0};
+      if (!warp_emu::run_block(body, static_cast<int>(block), 0, stacks, last_error)) return;
     }
   });
   return status();
