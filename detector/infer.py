@@ -246,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with_dist = not args.no_distributions and bool(getattr(model.cfg, "use_dfl", True))
+    with_dist = not args.no_distributions and (
+        getattr(model.cfg, "box_representation", "general") == "general")
     results = run_inference(model, ckpt, files, args.output, device, args.score_thr,
                             args.max_boxes_plot, with_dist)
     n = sum(len(r["detections"]) for r in results)

@@ -14,6 +14,17 @@ with mmdetection's weighting:
   distances from the anchor centre in strides, clamped to ``[0, reg_max - 0.1]``.
 * ``loss_centerness`` (focal-loss variants): BCE on the centre-ness logit, / number of positives.
 
+Ablation options (``ModelConfig.box_repr`` / ``dfl_loss`` / ``cls_loss``, the GFL paper's
+Table 2(a) and its rebuttal's Table I):
+
+* ``cls_loss='l2'``: the squared error ``(sigmoid(x) - y)^2`` replaces QFL on the same joint
+  targets, summed over anchors and classes and divided by the number of positives as QFL is.
+* ``box_repr='gaussian'``: GIoU on the boxes decoded from the means, plus ``loss_nll``, the
+  Gaussian negative log-likelihood of the per-side target distances (in strides, unclamped)
+  ``(y - mu)^2 / (2 sigma^2) + log sigma`` (Table 5), weighted and normalised as DFL
+  (``loss_nll_weight`` 0.25, averaged over the 4 sides).
+* ``box_repr='general'`` with ``dfl_loss=False``: GIoU alone trains the distribution.
+
 Both normalisers are averaged over ranks with one ``all_reduce`` that every rank issues every
 step, positives or not (a rank that skips a collective hangs the others, nanodet#422), then
 floored at 1 (no division by zero without positives, mmdetection PR #4978).  They stay tensors:
@@ -37,7 +48,42 @@ from detector.models.coder import BoxCoder
 from detector.models.config import ModelConfig
 from detector.ops.boxes import aligned_iou, bbox2distance, box_centers, centerness_target, giou_loss
 
-__all__ = ["DetectionLoss", "reduce_mean", "pad_targets", "giou_loss"]
+__all__ = ["DetectionLoss", "reduce_mean", "pad_targets", "giou_loss", "gaussian_nll",
+           "l2_joint_score_loss", "LOG_SIGMA_RANGE"]
+
+# log-sigma (in strides) is clamped here in the NLL: as sigma -> 0 the NLL's weight on the
+# mean, 1 / sigma^2, would grow without bound once a side is fitted (sigma >= 0.05 strides)
+LOG_SIGMA_RANGE = (-3.0, 3.0)
+
+
+def gaussian_nll(mean: Tensor, log_sigma: Tensor, target: Tensor) -> Tensor:
+    """Element-wise negative log-likelihood of ``target`` under ``N(mean, sigma^2)``, without the
+    constant ``log(2 pi) / 2``: ``(target - mean)^2 / (2 sigma^2) + log sigma`` with ``log_sigma``
+    clamped to :data:`LOG_SIGMA_RANGE`. Any matching shapes, float; returns the same shape."""
+    s = log_sigma.clamp(*LOG_SIGMA_RANGE)
+    return 0.5 * (target - mean).pow(2) * torch.exp(-2.0 * s) + s
+
+
+def l2_joint_score_loss(logits: Tensor, labels: Tensor, scores: Tensor,
+                        weight: Tensor | None = None) -> Tensor:
+    """Sum over anchors and classes of ``(sigmoid(logit) - y)^2``, ``y`` the joint target (the IoU
+    ``scores[i]`` at class ``labels[i]``, 0 elsewhere; a label outside ``[0, C)`` is background).
+
+    Args:
+        logits: (N, C) float; labels: (N,) int64; scores: (N,) float in [0, 1];
+        weight: optional (N,) per-anchor weight (0 for ignored anchors).
+
+    Returns:
+        0-d tensor (the sum; the caller normalises, e.g. by the number of positives).
+    """
+    num_classes = logits.size(1)
+    target = torch.zeros_like(logits)
+    fg = (labels >= 0) & (labels < num_classes)
+    target[fg, labels[fg]] = scores[fg].to(logits.dtype)
+    per_anchor = (logits.sigmoid() - target).pow(2).sum(dim=1)
+    if weight is not None:
+        per_anchor = per_anchor * weight
+    return per_anchor.sum()
 
 
 def reduce_mean(t: Tensor) -> Tensor:
@@ -102,7 +148,8 @@ class DetectionLoss(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.coder = BoxCoder(cfg.use_dfl, cfg.reg_max, cfg.gfl_backend)
+        self.coder = BoxCoder(cfg.box_representation == "general", cfg.reg_max,
+                              cfg.gfl_backend, box_repr=cfg.box_representation)
 
     def forward(self, cls: Tensor, reg: Tensor, centerness: Tensor | None, anchors: Anchors,
                 targets: Sequence[Mapping[str, Tensor]],
@@ -127,7 +174,7 @@ class DetectionLoss(nn.Module):
         pos_flat = pos_b * num_anchors + pos_a
         pos_reg = reg[pos_b, pos_a].float()                      # (P, R)
         pos_box = self.coder.decode(pos_anchors, pos_strides, pos_reg)
-        if cfg.use_qfl:
+        if cfg.joint_score:
             weight = cls_flat[pos_flat].detach().sigmoid().amax(dim=1)
         else:
             ctr_target = centerness_target(box_centers(pos_anchors), pos_gt)
@@ -142,15 +189,21 @@ class DetectionLoss(nn.Module):
                    if anchor_valid is not None else None)
 
         losses: dict[str, Tensor] = {}
-        if cfg.use_qfl:
+        if cfg.joint_score:
             labels = torch.full((batch * num_anchors,), num_classes, dtype=torch.long,
                                 device=device)
             labels[pos_flat] = pos_labels
             scores = torch.zeros(batch * num_anchors, dtype=cls_flat.dtype, device=device)
             scores[pos_flat] = aligned_iou(pos_box.detach(), pos_gt)
-            loss_cls = gfl_ops.quality_focal_loss(
-                cls_flat, (labels, scores), valid_w, reduction="mean", avg_factor=num_pos_avg,
-                beta=cfg.qfl_beta, backend=cfg.gfl_backend)
+            if cfg.classification_loss == "l2":
+                loss_cls = l2_joint_score_loss(cls_flat, labels, scores, valid_w) / num_pos_avg
+            else:
+                # the scores are IoUs, in [0, 1] by construction: no value check, so no host
+                # sync per step on a GPU
+                loss_cls = gfl_ops.quality_focal_loss(
+                    cls_flat, (labels, scores), valid_w, reduction="mean",
+                    avg_factor=num_pos_avg, beta=cfg.qfl_beta, backend=cfg.gfl_backend,
+                    check_values=False)
         else:
             onehot = torch.zeros_like(cls_flat)
             onehot[pos_flat, pos_labels] = 1.0
@@ -172,8 +225,15 @@ class DetectionLoss(nn.Module):
             loss_dfl = gfl_ops.distribution_focal_loss(
                 pos_reg.reshape(-1, bins), dfl_target.reshape(-1),
                 weight[:, None].expand(-1, 4).reshape(-1), reduction="mean", avg_factor=4.0,
-                backend=cfg.gfl_backend)
+                backend=cfg.gfl_backend, check_values=False)  # clamped by bbox2distance
             losses["loss_dfl"] = cfg.loss_dfl_weight * loss_dfl / weight_avg
+
+        if cfg.box_representation == "gaussian":
+            stride = pos_strides[:, None]
+            mean, log_sigma = self.coder.gaussian_params(pos_reg)
+            nll_target = bbox2distance(box_centers(pos_anchors) / stride, pos_gt / stride)
+            nll = gaussian_nll(mean, log_sigma, nll_target).mean(dim=1)            # (P,)
+            losses["loss_nll"] = cfg.loss_nll_weight * (nll * weight).sum() / weight_avg
 
         if centerness is not None:
             pos_ctr = centerness[pos_b, pos_a].float()

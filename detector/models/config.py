@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModelConfig", "VARIANTS"]
+__all__ = ["ModelConfig", "VARIANTS", "BOX_REPRS", "CLS_LOSSES"]
 
 # variant -> (classification loss is QFL, box regression is a General distribution with DFL)
 #   atss: focal loss + centre-ness branch, GIoU on a Dirac (delta-coded) box   (Table 3, row 1)
@@ -20,6 +20,18 @@ VARIANTS: dict[str, tuple[bool, bool]] = {
     "dfl": (False, True),
     "gfl": (True, True),
 }
+
+# Ablation options (GFL paper Table 2(a) and the rebuttal's Table I). Left at None, each follows
+# the variant, so every existing config and checkpoint (whose model dict lacks these keys)
+# builds and trains exactly as before.
+#   box_repr: how the head represents a box side
+#     'dirac':    4 deltas of mmdetection's DeltaXYWHBBoxCoder (ATSS)
+#     'gaussian': per side a mean distance (softplus, in strides) and a log-sigma; trained with
+#                 GIoU on the means plus the Gaussian NLL of the paper's Table 5
+#     'general':  per side a softmax over bins 0..reg_max, decoded by its integral
+#   cls_loss: 'focal' (centre-ness variants), 'qfl' or 'l2' (squared error) on the joint score
+BOX_REPRS: tuple[str, ...] = ("dirac", "gaussian", "general")
+CLS_LOSSES: tuple[str, ...] = ("focal", "qfl", "l2")
 
 
 @dataclass
@@ -55,6 +67,10 @@ class ModelConfig:
     loss_dfl_weight: float = 0.25
     loss_centerness_weight: float = 1.0
     gfl_backend: str | None = None       # gfl_ops backend: None = auto, 'cpu', 'reference', ...
+    box_repr: str | None = None          # 'dirac' | 'gaussian' | 'general'; None: the variant's
+    dfl_loss: bool | None = None         # DFL on a General box; None: whenever it is General
+    cls_loss: str | None = None          # 'focal' | 'qfl' | 'l2'; None: the variant's
+    loss_nll_weight: float = 0.25        # Gaussian NLL, averaged over the 4 sides (as DFL)
 
     # --- inference
     score_thr: float = 0.05
@@ -77,19 +93,59 @@ class ModelConfig:
         self.strides = tuple(int(s) for s in self.strides)
         if len(self.strides) != 5:
             raise ValueError(f"strides must name the 5 levels P3-P7, got {self.strides}")
+        self._check_ablation_options()
+
+    def _check_ablation_options(self) -> None:
+        if self.box_repr is not None and self.box_repr not in BOX_REPRS:
+            raise ValueError(f"box_repr must be one of {BOX_REPRS} or None, got {self.box_repr!r}")
+        if self.dfl_loss and self.box_representation != "general":
+            raise ValueError(f"dfl_loss needs the 'general' box representation, not "
+                             f"{self.box_representation!r} (variant {self.variant!r})")
+        if self.cls_loss is not None:
+            if self.cls_loss not in CLS_LOSSES:
+                raise ValueError(f"cls_loss must be one of {CLS_LOSSES} or None, "
+                                 f"got {self.cls_loss!r}")
+            # the joint score has no one-hot target for focal loss; the centre-ness variants'
+            # class score has no IoU target for QFL / L2
+            if (self.cls_loss == "focal") == self.joint_score:
+                kind = "joint-score ('qfl', 'gfl')" if self.joint_score else "centre-ness"
+                raise ValueError(f"cls_loss {self.cls_loss!r} does not fit the {kind} "
+                                 f"variant {self.variant!r}")
 
     @property
-    def use_qfl(self) -> bool:
+    def joint_score(self) -> bool:
+        """The classifier predicts the classification-IoU joint score (no centre-ness)."""
         return VARIANTS[self.variant][0]
 
     @property
+    def classification_loss(self) -> str:
+        """'focal', 'qfl' or 'l2'."""
+        if self.cls_loss is not None:
+            return self.cls_loss
+        return "qfl" if self.joint_score else "focal"
+
+    @property
+    def use_qfl(self) -> bool:
+        return self.classification_loss == "qfl"
+
+    @property
+    def box_representation(self) -> str:
+        """'dirac', 'gaussian' or 'general'."""
+        if self.box_repr is not None:
+            return self.box_repr
+        return "general" if VARIANTS[self.variant][1] else "dirac"
+
+    @property
     def use_dfl(self) -> bool:
-        return VARIANTS[self.variant][1]
+        """DFL trains the General distribution."""
+        if self.dfl_loss is not None:
+            return self.dfl_loss
+        return self.box_representation == "general"
 
     @property
     def with_centerness(self) -> bool:
         """The focal-loss variants rank detections with a separate centre-ness branch."""
-        return not self.use_qfl
+        return not self.joint_score
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:

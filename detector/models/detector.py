@@ -6,10 +6,11 @@ Public API (what the training / evaluation scripts use)
 ``build_detector(cfg: ModelConfig | dict | None = None, **overrides) -> GFLDetector``
     ``cfg`` keys are the fields of :class:`detector.models.config.ModelConfig`: ``depth``
     (18/34/50/101), ``num_classes``, ``variant`` ('gfl' | 'atss' | 'qfl' | 'dfl', the rows of the
-    paper's Table 3), ``reg_max`` (16), ``pretrained`` (None, a local checkpoint path, or a
-    torchvision weights enum / name such as 'IMAGENET1K_V1'), loss weights, test settings
-    (``score_thr``, ``nms_pre``, ``nms_iou``, ``max_per_img``) and ``gfl_backend`` (None = auto,
-    'cpu', 'cuda', 'triton', 'reference').  Unknown keys raise.
+    paper's Table 3), the ablation options ``box_repr`` / ``dfl_loss`` / ``cls_loss`` (see
+    :mod:`detector.models.config`), ``reg_max`` (16), ``pretrained`` (None, a local checkpoint
+    path, or a torchvision weights enum / name such as 'IMAGENET1K_V1'), loss weights, test
+    settings (``score_thr``, ``nms_pre``, ``nms_iou``, ``max_per_img``) and ``gfl_backend``
+    (None = auto, 'cpu', 'cuda', 'triton', 'reference').  Unknown keys raise.
 
 ``GFLDetector.forward(images, targets=None)``
     images: (B, 3, H, W) float, normalised and padded (any H, W; multiples of 32 as usual).
@@ -18,8 +19,9 @@ Public API (what the training / evaluation scripts use)
     padded batch; anchors outside it are ignored by the loss (mmdetection's valid flags).
     G may be 0.
     With targets: returns the loss dict -- ``loss_cls``, ``loss_bbox``, ``loss_dfl`` (DFL
-    variants), ``loss_centerness`` (focal-loss variants) and their sum ``loss`` (0-d tensors;
-    backpropagate ``loss``).  Works in train and eval mode (validation loss).
+    variants), ``loss_nll`` (Gaussian boxes), ``loss_centerness`` (focal-loss variants) and
+    their sum ``loss`` (0-d tensors; backpropagate ``loss``).  Works in train and eval mode
+    (validation loss).
     Without targets: returns the raw :class:`HeadOutputs` (per-level maps).
 
 ``GFLDetector.predict(images, image_sizes=None, scale_factors=None, original_sizes=None,
@@ -69,11 +71,13 @@ class GFLDetector(nn.Module):
                                        cfg.pretrained)
         self.neck = FPN(self.backbone.out_channels, cfg.fpn_channels, num_extra=2)
         self.head = GFLHead(cfg.num_classes, cfg.fpn_channels, cfg.feat_channels,
-                            cfg.stacked_convs, len(cfg.strides), cfg.reg_max, cfg.use_dfl,
-                            cfg.with_centerness, cfg.gn_groups, cfg.prior_prob)
+                            cfg.stacked_convs, len(cfg.strides), cfg.reg_max,
+                            with_centerness=cfg.with_centerness, gn_groups=cfg.gn_groups,
+                            prior_prob=cfg.prior_prob, box_repr=cfg.box_representation)
         self.anchor_generator = AnchorGenerator(cfg.strides, cfg.octave_base_scale)
         self.criterion = DetectionLoss(cfg)
-        self.coder = BoxCoder(cfg.use_dfl, cfg.reg_max, cfg.gfl_backend)
+        self.coder = BoxCoder(cfg.box_representation == "general", cfg.reg_max, cfg.gfl_backend,
+                              box_repr=cfg.box_representation)
         self.test_cfg = PostProcessConfig(cfg.score_thr, cfg.nms_pre, cfg.nms_iou,
                                           cfg.max_per_img, cfg.min_bbox_size)
 
@@ -83,6 +87,8 @@ class GFLDetector(nn.Module):
         names = ["loss_cls", "loss_bbox"]
         if self.cfg.use_dfl:
             names.append("loss_dfl")
+        if self.cfg.box_representation == "gaussian":
+            names.append("loss_nll")
         if self.cfg.with_centerness:
             names.append("loss_centerness")
         return names + ["loss"]

@@ -4,8 +4,9 @@ Per pyramid level: a classification tower and a regression tower of ``stacked_co
 (no bias) + GroupNorm + ReLU, then 3x3 output convs:
 
 * ``cls``: ``num_classes`` logits (QFL joint score, or focal-loss class score);
-* ``reg``: ``4 * (reg_max + 1)`` distribution logits per side (General distribution) or 4 deltas
-  (Dirac, ATSS baseline), multiplied by a learnable per-level scalar ``Scale``;
+* ``reg``: ``4 * (reg_max + 1)`` distribution logits per side (General distribution), 4 deltas
+  (Dirac, ATSS baseline) or 4 means + 4 log-sigmas (Gaussian, the paper's Table 2(a) baseline),
+  multiplied by a learnable per-level scalar ``Scale``;
 * ``centerness`` (focal-loss variants only): 1 logit, from the regression tower (as in ATSS).
 
 Weights are ``normal(0, 0.01)``; the classifier bias is ``-log((1 - p) / p)`` with prior
@@ -22,14 +23,20 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GFLHead", "HeadOutputs", "Scale", "flatten_levels"]
+__all__ = ["GFLHead", "HeadOutputs", "Scale", "flatten_levels", "reg_channels"]
+
+
+def reg_channels(box_repr: str, reg_max: int) -> int:
+    """Regression outputs per location for a box representation ('dirac' | 'gaussian' |
+    'general')."""
+    return {"dirac": 4, "gaussian": 8, "general": 4 * (reg_max + 1)}[box_repr]
 
 
 class HeadOutputs(NamedTuple):
     """Raw head outputs, one (B, K, H_l, W_l) tensor per level."""
 
     cls: list[Tensor]                      # K = num_classes
-    reg: list[Tensor]                      # K = 4 * (reg_max + 1), or 4 for Dirac variants
+    reg: list[Tensor]                      # K = reg_channels(box_repr, reg_max)
     centerness: Optional[list[Tensor]]     # K = 1; None for the QFL variants
 
 
@@ -68,17 +75,20 @@ class GFLHead(nn.Module):
         use_dfl: General distribution (4*(reg_max+1) logits) if True, else 4 Dirac deltas.
         with_centerness: add the ATSS centre-ness output.
         gn_groups, prior_prob: GroupNorm groups (32) and classifier prior (0.01).
+        box_repr: 'dirac' | 'gaussian' | 'general' (overrides ``use_dfl``); None: 'general'
+            if ``use_dfl`` else 'dirac'.
     """
 
     def __init__(self, num_classes: int, in_channels: int = 256, feat_channels: int = 256,
                  stacked_convs: int = 4, num_levels: int = 5, reg_max: int = 16,
                  use_dfl: bool = True, with_centerness: bool = False, gn_groups: int = 32,
-                 prior_prob: float = 0.01) -> None:
+                 prior_prob: float = 0.01, box_repr: str | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.reg_max = reg_max
-        self.use_dfl = use_dfl
-        self.reg_channels = 4 * (reg_max + 1) if use_dfl else 4
+        self.box_repr = box_repr or ("general" if use_dfl else "dirac")
+        self.use_dfl = self.box_repr == "general"
+        self.reg_channels = reg_channels(self.box_repr, reg_max)
         self.cls_convs = _tower(in_channels, feat_channels, stacked_convs, gn_groups)
         self.reg_convs = _tower(in_channels, feat_channels, stacked_convs, gn_groups)
         self.cls_out = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
