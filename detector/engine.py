@@ -631,6 +631,11 @@ class Trainer:
             raise
         values = self._reduce_losses(losses)
         if not all(math.isfinite(v) for v in values.values()):
+            # say whether the weights themselves went bad (an earlier step diverged) or only
+            # this batch's loss did
+            if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+                raise FloatingPointError(self._diverged(
+                    f"the model weights are not finite (non-finite loss {values}, images {ids})"))
             raise FloatingPointError(self._diverged(f"non-finite loss {values}, images {ids}"))
         self.scaler.scale(losses["loss"]).backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
