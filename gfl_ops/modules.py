@@ -7,7 +7,8 @@ from torch import nn
 
 from gfl_ops import functional, reference
 
-__all__ = ["QualityFocalLoss", "DistributionFocalLoss", "Integral"]
+__all__ = ["QualityFocalLoss", "DistributionFocalLoss", "Integral", "ProjectCheck",
+           "project_problem"]
 
 
 def _pick_reduction(default: str, override: str | None) -> str:
@@ -77,7 +78,50 @@ class DistributionFocalLoss(nn.Module):
             backend=self.backend)
 
 
-class Integral(nn.Module):
+def project_problem(project: torch.Tensor, reg_max: int) -> str | None:
+    """Why ``project`` is not the bin values the fused integral uses (None when it is).
+
+    Args:
+        project: an integral module's ``project`` buffer, any dtype or device.
+        reg_max: the module's largest bin value n.
+    """
+    if project.is_meta:  # no values yet (deferred initialisation)
+        return None
+    # what mmdetection's buffer holds, cast as the module's buffers may have been (model.half())
+    expected = torch.linspace(0, reg_max, reg_max + 1).to(project.dtype)
+    if project.shape == expected.shape and torch.equal(project.detach().cpu(), expected):
+        return None
+    return (f"project must be linspace(0, {reg_max}, {reg_max + 1}), the bin values the fused "
+            f"integral uses; got {project.detach().flatten()[:8].tolist()} of shape "
+            f"{tuple(project.shape)}")
+
+
+class ProjectCheck:
+    """Mixin for integral modules with a ``project`` buffer and a ``reg_max``: loading a state
+    dict whose ``project`` is not the bin values is an error (the fused kernel would ignore it),
+    and the buffer keeps its value, as torch does for an entry of the wrong shape."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        project = state_dict.get(prefix + "project")
+        problem = None
+        # a shape mismatch is reported (and the entry skipped) by nn.Module itself
+        if isinstance(project, torch.Tensor) and project.shape == self.project.shape:
+            problem = project_problem(project, self.reg_max)
+        if problem is None:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+            return
+        error_msgs.append(f"{prefix}{problem}")
+        # load everything else, but keep the buffer (load_state_dict raises after the walk)
+        kept = self.project.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        with torch.no_grad():
+            self.project.copy_(kept)
+
+
+class Integral(ProjectCheck, nn.Module):
     """Decode 4 side distributions into distances (mmdetection ``Integral``).
 
     ``forward(x)``: x of shape (..., 4*(reg_max+1)) (mmdetection's (N, 4*(n+1)) layout) or
@@ -100,21 +144,6 @@ class Integral(nn.Module):
         self.reg_max = reg_max
         self.backend = backend
         self.register_buffer("project", torch.linspace(0, reg_max, reg_max + 1))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        project = state_dict.get(prefix + "project")
-        if isinstance(project, torch.Tensor):
-            expected = torch.linspace(0, self.reg_max, self.reg_max + 1)
-            if project.shape != expected.shape or not torch.allclose(
-                    project.detach().float().cpu(), expected, rtol=0, atol=1e-6):
-                error_msgs.append(
-                    f"{prefix}project must be linspace(0, {self.reg_max}, {self.reg_max + 1}) "
-                    "(the bin values the fused integral uses), got "
-                    f"{project.detach().cpu().flatten()[:8].tolist()} of shape "
-                    f"{tuple(project.shape)}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bins = self.reg_max + 1

@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from gfl_ops import functional
+from gfl_ops.modules import ProjectCheck, project_problem
 
 try:
     from mmdet.models.dense_heads.gfl_head import Integral as _MMDetIntegral
@@ -236,21 +237,8 @@ class FusedDistributionFocalLoss(_MMDetDFL):
                 f"backend={self.backend!r}")
 
 
-def _project_problem(project: torch.Tensor, reg_max: int) -> str | None:
-    """Why ``project`` is not the bin values the fused integral uses (None when it is)."""
-    if project.is_meta:  # no values yet (deferred initialisation)
-        return None
-    # what mmdet's buffer holds, cast as the module's buffers may have been (model.half())
-    expected = torch.linspace(0, reg_max, reg_max + 1).to(project.dtype)
-    if project.shape == expected.shape and torch.equal(project.detach().cpu(), expected):
-        return None
-    return (f"project must be linspace(0, {reg_max}, {reg_max + 1}), the bin values the fused "
-            f"integral uses; got {project.detach().flatten()[:8].tolist()} of shape "
-            f"{tuple(project.shape)}")
-
-
 @MODELS.register_module()
-class FusedIntegral(_MMDetIntegral):
+class FusedIntegral(ProjectCheck, _MMDetIntegral):
     """mmdet's GFL ``Integral`` computed by gfl_ops' fused softmax-integral kernel.
 
     Holds mmdet's persistent ``project`` buffer (``linspace(0, reg_max, reg_max + 1)``), so
@@ -277,26 +265,6 @@ class FusedIntegral(_MMDetIntegral):
             return super().forward(x)
         bins = self.reg_max + 1
         return functional.integral(x.reshape(-1, bins), backend=self.backend).reshape(-1, 4)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        project = state_dict.get(prefix + "project")
-        problem = None
-        # a shape mismatch is reported (and the entry skipped) by nn.Module itself
-        if isinstance(project, torch.Tensor) and project.shape == self.project.shape:
-            problem = _project_problem(project, self.reg_max)
-        if problem is None:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                          missing_keys, unexpected_keys, error_msgs)
-            return
-        error_msgs.append(f"{prefix}{problem}")
-        # load everything else, but keep the buffer as it was, as torch does for an entry of
-        # the wrong shape (load_state_dict raises after the whole walk)
-        kept = self.project.detach().clone()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        with torch.no_grad():
-            self.project.copy_(kept)
 
     def extra_repr(self) -> str:
         return f"reg_max={self.reg_max}, backend={self.backend!r}"
@@ -343,7 +311,7 @@ def fuse(model: nn.Module, *, backend: str | None = None) -> nn.Module:
              if type(module) in _FUSED_TYPES or isinstance(module, tuple(_FUSED_TYPES.values()))]
     for name, module in found:  # all checks before any change
         if isinstance(module, _MMDetIntegral):
-            problem = _project_problem(module.project, module.reg_max)
+            problem = project_problem(module.project, module.reg_max)
             if problem is not None:
                 raise ValueError(f"cannot fuse {name or type(model).__name__}: {problem}")
     for _, module in found:
