@@ -74,6 +74,33 @@ def _medians(fns: dict[str, Callable[[], object]], steps: int,
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def _measure(models: dict[str, torch.nn.Module],
+             step_loss: Callable[[torch.nn.Module], torch.Tensor],
+             fixed_loss: Callable[[torch.nn.Module], Callable[[], torch.Tensor]],
+             steps: int, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+    """Median ms of a whole SGD step and of the loss's forward+backward alone, per variant.
+
+    ``step_loss(model)``: the scalar training loss of one forward of ``model``;
+    ``fixed_loss(model)``: a callable giving the loss from head outputs held fixed (leaves).
+    """
+    def step(model: torch.nn.Module) -> Callable[[], None]:
+        optim = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def run() -> None:
+            loss = step_loss(model)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+        return run
+
+    def loss_only(model: torch.nn.Module) -> Callable[[], None]:
+        loss_of = fixed_loss(model)
+        return lambda: loss_of().backward()
+
+    return (_medians({k: step(m) for k, m in models.items()}, steps, device),
+            _medians({k: loss_only(m) for k, m in models.items()}, steps, device))
+
+
 def _boxes(batch: int, size: int, num_gt: int, gen: torch.Generator) -> list[torch.Tensor]:
     """xyxy pixel boxes, sides uniform in [size/16, size/2], inside the image."""
     out = []
@@ -128,34 +155,19 @@ def bench_mmdet(device: torch.device, image: int, steps: int) -> tuple[list[dict
         gts.append(gt)
     metas = [dict(img_shape=(image, image), pad_shape=(image, image), batch_input_shape=(
         image, image))] * batch
-    optims = {name: torch.optim.SGD(head.parameters(), lr=1e-4, momentum=0.9)
-              for name, head in (("stock", stock), ("fused", fused))}
-    heads = {"stock": stock, "fused": fused}
 
-    def step(name: str) -> Callable[[], None]:
-        head, optim = heads[name], optims[name]
+    def total(losses: dict) -> torch.Tensor:  # GFLHead's losses: tensors or per-level lists
+        return sum(v if isinstance(v, torch.Tensor) else sum(v) for v in losses.values())
 
-        def run() -> None:
-            losses = head.loss_by_feat(*head(feats), gts, metas)
-            total = sum(v if isinstance(v, torch.Tensor) else sum(v) for v in losses.values())
-            optim.zero_grad(set_to_none=True)
-            total.backward()
-            optim.step()
-        return run
-
-    def loss_only(name: str) -> Callable[[], None]:
-        head = heads[name]
+    def fixed_loss(head) -> Callable[[], torch.Tensor]:
         with torch.no_grad():
             outs = head(feats)
         leaves = [[t.detach().requires_grad_(True) for t in level] for level in outs]
+        return lambda: total(head.loss_by_feat(*leaves, gts, metas))
 
-        def run() -> None:
-            losses = head.loss_by_feat(*leaves, gts, metas)
-            sum(v if isinstance(v, torch.Tensor) else sum(v) for v in losses.values()).backward()
-        return run
-
-    step_ms = _medians({k: step(k) for k in heads}, steps, device)
-    loss_ms = _medians({k: loss_only(k) for k in heads}, steps, device)
+    step_ms, loss_ms = _measure({"stock": stock, "fused": fused},
+                                lambda head: total(head.loss_by_feat(*head(feats), gts, metas)),
+                                fixed_loss, steps, device)
     return _rows("mmdet GFLHead (gfl_r50_fpn_1x head)", step_ms, loss_ms,
                  f"mmdet {mmdet.__version__}"), note
 
@@ -188,35 +200,18 @@ def bench_ultralytics(device: torch.device, image: int, steps: int) -> tuple[lis
         "bboxes": torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]],
                             dim=1).to(device),
     }
-    models = {"stock": stock, "fused": fused}
-    optims = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in
-              models.items()}
 
-    def step(name: str) -> Callable[[], None]:
-        model, optim = models[name], optims[name]
-
-        def run() -> None:
-            loss, _ = model.loss(targets)
-            optim.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            optim.step()
-        return run
-
-    def loss_only(name: str) -> Callable[[], None]:
-        model = models[name]
+    def fixed_loss(model) -> Callable[[], torch.Tensor]:
         with torch.no_grad():
             preds = model(images)
         leaves = {k: ([t.detach().requires_grad_(True) for t in v] if isinstance(v, list) else
                       v.detach().requires_grad_(v.is_floating_point()))
                   for k, v in preds.items()}
+        return lambda: model.loss(targets, leaves)[0].sum()
 
-        def run() -> None:
-            loss, _ = model.loss(targets, leaves)
-            loss.sum().backward()
-        return run
-
-    step_ms = _medians({k: step(k) for k in models}, steps, device)
-    loss_ms = _medians({k: loss_only(k) for k in models}, steps, device)
+    step_ms, loss_ms = _measure({"stock": stock, "fused": fused},
+                                lambda model: model.loss(targets)[0].sum(), fixed_loss, steps,
+                                device)
     return _rows("Ultralytics YOLOv8n", step_ms, loss_ms,
                  f"ultralytics {ultralytics.__version__}"), ""
 

@@ -82,8 +82,9 @@ def _run(step: Step, cmd: list[str], cap: float, env: dict[str, str] | None = No
         tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
         step.detail = step.detail or (tail[-1] if tail else f"exit {proc.returncode}")
     except subprocess.TimeoutExpired as exc:
-        output = (exc.stdout or b"").decode(errors="replace") if isinstance(
-            exc.stdout, bytes) else (exc.stdout or "")
+        # (the partial output comes back as bytes even with text=True)
+        partial = exc.stdout or b""
+        output = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
         step.status = "TIMEOUT"
         step.detail = f"stopped at its {cap:.0f} s cap"
     step.seconds = time.perf_counter() - started
