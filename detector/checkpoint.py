@@ -163,15 +163,13 @@ def load_for_inference(
     model options (``score_thr``, ``nms_iou``, ``max_per_img``, ``nms_pre``, ``gfl_backend``).
     Returns ``(model, checkpoint)``.
     """
+    from .config import ModelConfig, get_config
     from .models import build_detector
-    from .models.config import ModelConfig
 
     ckpt = read_checkpoint(path)
     cfg = ckpt["config"]
     name = cfg.get("name")
     if expect_config is not None and name != expect_config:
-        from .configs import get_config
-
         diffs = ""
         try:
             exp = get_config(expect_config).model

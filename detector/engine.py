@@ -46,7 +46,7 @@ from .checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from .configs import ExperimentConfig
+from .config import ExperimentConfig
 from .data.coco import CocoDetection
 from .data.loader import build_eval_loader, build_train_loader
 from .data.transforms import TransformConfig
@@ -381,8 +381,8 @@ class Trainer:
         stop_after_iters: int | None = None,
         tensorboard: bool = True,
     ) -> None:
+        from .config import ModelConfig
         from .models import build_detector
-        from .models.config import ModelConfig
 
         self.cfg = cfg
         self.output_dir = Path(output_dir)

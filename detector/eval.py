@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist
 
     from .checkpoint import CheckpointError, load_for_inference
-    from .configs import ExperimentConfig
+    from .config import ExperimentConfig
     from .data.coco import CocoDetection, DatasetError
     from .data.transforms import TransformConfig
     from .engine import check_amp, evaluate, init_distributed, setup_logging

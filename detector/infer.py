@@ -159,7 +159,7 @@ def run_inference(
     """Detect on each file, write the drawings (see module docstring); returns per image
     ``{'file', 'detections': [{'bbox' xyxy, 'score', 'label', 'category_id', 'name'}]}``.
     Unreadable files are logged and skipped."""
-    from .configs import ExperimentConfig
+    from .config import ExperimentConfig
     from .data.loader import collate
     from .data.transforms import DetectionTransform, TransformConfig
 

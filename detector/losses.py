@@ -43,9 +43,9 @@ from torchvision.ops import sigmoid_focal_loss
 
 import gfl_ops
 from detector.assigners import atss_assign_batched
+from detector.config import ModelConfig
 from detector.models.anchors import Anchors
 from detector.models.coder import BoxCoder
-from detector.models.config import ModelConfig
 from detector.ops.boxes import aligned_iou, bbox2distance, box_centers, centerness_target, giou_loss
 
 __all__ = ["DetectionLoss", "reduce_mean", "pad_targets", "giou_loss", "gaussian_nll",

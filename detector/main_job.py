@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     import torch
 
-    from .configs import apply_overrides, get_config
+    from .config import apply_overrides, get_config
     from .data.synthetic import SyntheticConfig, generate_dataset, is_generated
     from .engine import Trainer, TrainingInterrupted, setup_logging
     from .evaluation import format_metrics_table

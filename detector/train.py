@@ -29,7 +29,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .configs import CONFIGS, apply_overrides, get_config
+from .config import CONFIGS, apply_overrides, get_config
 
 logger = logging.getLogger("detector")
 

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from ..configs import CONFIGS
+from ..config import CONFIGS
 from .studies import STUDIES
 
 DEFAULT_OUTPUT = "docs/ablation"

@@ -16,8 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..configs import ExperimentConfig, apply_overrides, get_config
-from ..models.config import ModelConfig
+from ..config import ExperimentConfig, ModelConfig, apply_overrides, get_config
 from .data import DatasetSpec
 from .studies import Study
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..configs import ExperimentConfig
+from ..config import ExperimentConfig
 from .data import DatasetSpec
 from .plan import RunSpec
 from .results import find_row_by_key, read_rows, upsert_rows

@@ -124,7 +124,7 @@ def run(run_dir: Path) -> int:
     """Train + evaluate the run described by ``run_dir/run.json``; see the module docstring."""
     import torch
 
-    from ..configs import ExperimentConfig
+    from ..config import ExperimentConfig
     from ..engine import Trainer, TrainingInterrupted, build_datasets, evaluate, setup_logging
     from ..evaluation import METRIC_KEYS
 

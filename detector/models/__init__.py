@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from detector.models.config import VARIANTS, ModelConfig
+from detector.config import VARIANTS, ModelConfig
 
 __all__ = ["ModelConfig", "VARIANTS", "GFLDetector", "build_detector"]
 

@@ -4,10 +4,10 @@ Public API (what the training / evaluation scripts use)
 ======================================================
 
 ``build_detector(cfg: ModelConfig | dict | None = None, **overrides) -> GFLDetector``
-    ``cfg`` keys are the fields of :class:`detector.models.config.ModelConfig`: ``depth``
+    ``cfg`` keys are the fields of :class:`detector.config.ModelConfig`: ``depth``
     (18/34/50/101), ``num_classes``, ``variant`` ('gfl' | 'atss' | 'qfl' | 'dfl', the rows of the
     paper's Table 3), the ablation options ``box_repr`` / ``dfl_loss`` / ``cls_loss`` (see
-    :mod:`detector.models.config`), ``reg_max`` (16), ``pretrained`` (None, a local checkpoint
+    :mod:`detector.config`), ``reg_max`` (16), ``pretrained`` (None, a local checkpoint
     path, or a torchvision weights enum / name such as 'IMAGENET1K_V1'), loss weights, test
     settings (``score_thr``, ``nms_pre``, ``nms_iou``, ``max_per_img``) and ``gfl_backend``
     (None = auto, 'cpu', 'cuda', 'triton', 'reference').  Unknown keys raise.
@@ -49,11 +49,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detector.config import ModelConfig
 from detector.losses import DetectionLoss
 from detector.models.anchors import AnchorGenerator, Anchors
 from detector.models.backbone import ResNetBackbone
 from detector.models.coder import BoxCoder
-from detector.models.config import ModelConfig
 from detector.models.fpn import FPN
 from detector.models.gfl_head import GFLHead, HeadOutputs, flatten_levels
 from detector.postprocess import PostProcessConfig, postprocess

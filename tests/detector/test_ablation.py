@@ -22,7 +22,7 @@ from detector.ablation.report import orderings, ranks, render_markdown, summariz
 from detector.ablation.results import read_rows, write_rows
 from detector.ablation.runner import SweepOptions, group_tasks
 from detector.ablation.studies import STUDIES
-from detector.configs import CONFIGS, get_config
+from detector.config import CONFIGS, get_config
 from detector.data.synthetic import SyntheticConfig, generate_dataset
 from detector.losses import DetectionLoss, gaussian_nll, l2_joint_score_loss
 from detector.models import VARIANTS, ModelConfig, build_detector

@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from detector.checkpoint import read_checkpoint
-from detector.configs import get_config
+from detector.config import get_config
 from detector.data.synthetic import SyntheticConfig, generate_dataset
 from detector.engine import Trainer, read_csv
 

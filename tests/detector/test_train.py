@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from detector.checkpoint import CheckpointError, read_checkpoint
-from detector.configs import get_config
+from detector.config import get_config
 from detector.data.synthetic import SyntheticConfig, generate_dataset
 from detector.engine import Trainer, TrainingInterrupted, WarmupStepSchedule, read_csv
 
