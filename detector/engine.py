@@ -50,7 +50,7 @@ from .config import ExperimentConfig
 from .data.coco import CocoDetection
 from .data.loader import build_eval_loader, build_train_loader
 from .data.transforms import TransformConfig
-from .evaluation import (
+from .metrics import (
     detections_to_coco,
     evaluate_detections,
     format_metrics_table,

@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data.coco import CocoDetection, DatasetError
     from .data.transforms import TransformConfig
     from .engine import check_amp, evaluate, init_distributed, setup_logging
-    from .evaluation import format_metrics_table, write_metrics
+    from .metrics import format_metrics_table, write_metrics
 
     ctx = init_distributed(args.device)
     setup_logging(args.output, ctx.rank, filename="eval.log")

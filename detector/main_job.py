@@ -63,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import apply_overrides, get_config
     from .data.synthetic import SyntheticConfig, generate_dataset, is_generated
     from .engine import Trainer, TrainingInterrupted, setup_logging
-    from .evaluation import format_metrics_table
     from .infer import list_images, run_inference
+    from .metrics import format_metrics_table
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -3,7 +3,7 @@
 Columns: ``study, setting, seed``; the COCO metrics ``AP, AP50, AP75, APs, APm, APl`` as
 COCOeval gives them (fractions in [0, 1]; -1 where an area range has no ground truth);
 ``score_iou_r`` (Pearson correlation of detection score and IoU, see
-:mod:`detector.evaluation`); ``train_seconds`` (wall time of the training, summed over the
+:mod:`detector.metrics`); ``train_seconds`` (wall time of the training, summed over the
 attempts of a resumed run); ``commit, device, torch``; then ``eval_seconds, epochs, iterations,
 img_size, dataset, budget, budget_id, run_key, finished_at``.
 

@@ -126,7 +126,7 @@ def run(run_dir: Path) -> int:
 
     from ..config import ExperimentConfig
     from ..engine import Trainer, TrainingInterrupted, build_datasets, evaluate, setup_logging
-    from ..evaluation import METRIC_KEYS
+    from ..metrics import METRIC_KEYS
 
     lock = lock_run_dir(run_dir)  # noqa: F841 - released when the process exits
     spec = json.loads((run_dir / "run.json").read_text())

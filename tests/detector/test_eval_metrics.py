@@ -10,7 +10,7 @@ import pytest
 
 from detector.data.coco import load_coco_json
 from detector.data.synthetic import SyntheticConfig, generate_dataset
-from detector.evaluation import (
+from detector.metrics import (
     METRIC_KEYS,
     detections_to_coco,
     evaluate_detections,

@@ -1,5 +1,9 @@
 """Detection metrics: COCO AP through pycocotools' COCOeval, and the score–IoU Pearson correlation.
 
+Computed from COCO-format detections (:func:`detections_to_coco`); also the table the commands
+print and ``metrics.json``. Running a model over a dataset to get the detections is
+:func:`detector.engine.evaluate`; the command line is ``python -m detector.eval``.
+
 The correlation is the statistic of the GFL paper's rebuttal (Q2): over every detection on the
 validation set, the Pearson correlation between the detection's score (the predicted IoU-aware
 classification score) and its actual IoU with the best-matching ground-truth box of the same class
