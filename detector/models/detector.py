@@ -50,13 +50,13 @@ import torch
 from torch import Tensor, nn
 
 from detector.config import ModelConfig
-from detector.losses import DetectionLoss
 from detector.models.anchors import AnchorGenerator, Anchors
 from detector.models.backbone import ResNetBackbone
 from detector.models.coder import BoxCoder
 from detector.models.fpn import FPN
 from detector.models.gfl_head import GFLHead, HeadOutputs, flatten_levels
-from detector.postprocess import PostProcessConfig, postprocess
+from detector.models.losses import DetectionLoss
+from detector.models.postprocess import PostProcessConfig, postprocess
 
 __all__ = ["GFLDetector", "build_detector"]
 

@@ -24,9 +24,9 @@ from detector.ablation.runner import SweepOptions, group_tasks
 from detector.ablation.studies import STUDIES
 from detector.config import CONFIGS, get_config
 from detector.data.synthetic import SyntheticConfig, generate_dataset
-from detector.losses import DetectionLoss, gaussian_nll, l2_joint_score_loss
 from detector.models import VARIANTS, ModelConfig, build_detector
 from detector.models.anchors import AnchorGenerator
+from detector.models.losses import DetectionLoss, gaussian_nll, l2_joint_score_loss
 
 REPO = Path(__file__).resolve().parents[2]
 

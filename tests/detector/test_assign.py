@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detector.assigners import atss_assign, atss_assign_batched
 from detector.models.anchors import AnchorGenerator
+from detector.models.assigners import atss_assign, atss_assign_batched
 
 STRIDES = (8, 16, 32, 64, 128)
 

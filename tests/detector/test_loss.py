@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import detector.losses as losses_mod
+import detector.models.losses as losses_mod
 import gfl_ops
-from detector.assigners import atss_assign_batched
-from detector.losses import DetectionLoss, reduce_mean
 from detector.models import VARIANTS, ModelConfig, build_detector
 from detector.models.anchors import AnchorGenerator
+from detector.models.assigners import atss_assign_batched
+from detector.models.losses import DetectionLoss, reduce_mean
 from detector.ops.boxes import aligned_giou, bbox2distance, box_centers, giou_loss
 
 BACKENDS = [b for b in ("cpu", "reference") if b in gfl_ops.available_backends("cpu")]
@@ -90,7 +90,7 @@ def test_zero_positives_from_degenerate_gt():
 
 
 def _positives(cfg, anchors, targets):
-    from detector.losses import pad_targets
+    from detector.models.losses import pad_targets
 
     boxes, labels, valid = pad_targets(targets, cfg.num_classes, torch.device("cpu"))
     assigned = atss_assign_batched(anchors.boxes, anchors.num_level_anchors, boxes, valid)

@@ -8,7 +8,7 @@ import torch
 from detector.models import build_detector
 from detector.models.anchors import AnchorGenerator
 from detector.models.coder import BoxCoder
-from detector.postprocess import PostProcessConfig, postprocess
+from detector.models.postprocess import PostProcessConfig, postprocess
 
 STRIDES = (8, 16, 32, 64, 128)
 C = 3
