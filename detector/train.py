@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError
     from .data.coco import DatasetError
-    from .engine import Trainer, TrainingInterrupted, format_metrics_table, setup_logging
+    from .engine import Trainer, TrainingInterrupted, setup_logging
+    from .metrics import format_metrics_table
 
     if (args.val_ann is None) != (args.val_images is None):
         print("error: --val-ann and --val-images go together", file=sys.stderr)
