@@ -104,13 +104,13 @@ struct QflFunction : torch::autograd::Function<QflFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& pred, const Tensor& labels,
                         const Tensor& scores, double beta, bool activated, bool fused) {
     static const auto op =
-        find_op<LossAndGrad(const Tensor&, const Tensor&, const Tensor&, double, bool, bool)>(
-            "gfl_ops::qfl");
+        find_op<LossAndGrad(const Tensor&, const Tensor&, const Tensor&, double, bool, bool,
+                            const std::optional<Tensor>&)>("gfl_ops::qfl");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["activated"] = activated;
-    return finish_forward(ctx, op.call(pred, labels, scores, beta, activated, fused), fused,
-                          {pred, labels, scores});
+    return finish_forward(ctx, op.call(pred, labels, scores, beta, activated, fused, {}),
+                          fused, {pred, labels, scores});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&,
@@ -127,12 +127,12 @@ struct QflDenseFunction : torch::autograd::Function<QflDenseFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& pred, const Tensor& target,
                         double beta, bool activated, bool fused) {
     static const auto op =
-        find_op<LossAndGrad(const Tensor&, const Tensor&, double, bool, bool)>(
-            "gfl_ops::qfl_dense");
+        find_op<LossAndGrad(const Tensor&, const Tensor&, double, bool, bool,
+                            const std::optional<Tensor>&)>("gfl_ops::qfl_dense");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["activated"] = activated;
-    return finish_forward(ctx, op.call(pred, target, beta, activated, fused), fused,
+    return finish_forward(ctx, op.call(pred, target, beta, activated, fused, {}), fused,
                           {pred, target});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -151,9 +151,10 @@ struct DflFunction : torch::autograd::Function<DflFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& pred, const Tensor& target,
                         bool fused) {
     static const auto op =
-        find_op<LossAndGrad(const Tensor&, const Tensor&, bool)>("gfl_ops::dfl");
+        find_op<LossAndGrad(const Tensor&, const Tensor&, bool, const std::optional<Tensor>&)>(
+            "gfl_ops::dfl");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return finish_forward(ctx, op.call(pred, target, fused), fused, {pred, target});
+    return finish_forward(ctx, op.call(pred, target, fused, {}), fused, {pred, target});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =

@@ -56,10 +56,11 @@ inline void check_same_device(const at::Tensor& pred, const at::Tensor& other, c
 // Rows of the gradient scale for the backward flavour: (N,) in opmath dtype, any stride.  The
 // kernels read it through its stride, so the expanded scalar that a mean or sum reduction
 // sends back (stride 0) is used as it is, without materialising N copies.
-inline at::Tensor prepare_row_scale(const at::Tensor& grad_loss, const at::Tensor& pred) {
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == pred.size(0),
-              "gfl_ops: grad_loss must have shape (", pred.size(0), ",), got ", grad_loss.sizes());
-  check_same_device(pred, grad_loss, "grad_loss");
+inline at::Tensor prepare_row_scale(const at::Tensor& grad_loss, const at::Tensor& pred,
+                                    const char* name = "grad_loss") {
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == pred.size(0), "gfl_ops: ", name,
+              " must have shape (", pred.size(0), ",), got ", grad_loss.sizes());
+  check_same_device(pred, grad_loss, name);
   return grad_loss.to(opmath_dtype(pred));
 }
 

@@ -1,8 +1,8 @@
 // Operator schemas of the gfl_ops library, and the Python module that loads them.
 //
 // Each loss has a forward that returns (per-row loss, gradient) — the gradient is computed in the
-// same pass when with_grad is true, else returned as an empty (0,) tensor — and a backward that
-// recomputes the gradient scaled by grad_loss.  The Python side (gfl_ops/_cpp_backend.py)
+// same pass when with_grad is true (times grad_scale per row when given), else returned as an
+// empty (0,) tensor — and a backward that recomputes the gradient scaled by grad_loss.  The Python side (gfl_ops/_cpp_backend.py)
 // registers fake kernels and autograd for them and picks, per device, whether autograd uses the
 // saved gradient (scale_rows) or the recomputing backward.  Plain eager calls skip that Python
 // autograd: the module's functions from eager_autograd.cpp build the same node in C++.
@@ -11,6 +11,7 @@
 
 #include <string>
 
+#include "cpu/buffer_cache.h"
 #include "eager_autograd.h"
 
 namespace gfl::cpu {
@@ -18,21 +19,28 @@ std::string cpu_kernel_isa();  // ops_cpu.cpp
 }
 
 TORCH_LIBRARY(gfl_ops, m) {
+  // grad_scale (N,): the gradient output is multiplied by it per row (callers that reduce the
+  // loss themselves fold the reduction's weights in here; the operator's own autograd refuses it)
   m.def("qfl(Tensor pred, Tensor labels, Tensor scores, float beta, bool activated, "
-        "bool with_grad) -> (Tensor, Tensor)");
+        "bool with_grad, Tensor? grad_scale=None) -> (Tensor, Tensor)");
   m.def("qfl_backward(Tensor grad_loss, Tensor pred, Tensor labels, Tensor scores, float beta, "
         "bool activated) -> Tensor");
-  m.def("qfl_dense(Tensor pred, Tensor target, float beta, bool activated, bool with_grad) "
-        "-> (Tensor, Tensor)");
+  m.def("qfl_dense(Tensor pred, Tensor target, float beta, bool activated, bool with_grad, "
+        "Tensor? grad_scale=None) -> (Tensor, Tensor)");
   m.def("qfl_dense_backward(Tensor grad_loss, Tensor pred, Tensor target, float beta, "
         "bool activated) -> Tensor");
-  m.def("dfl(Tensor pred, Tensor target, bool with_grad) -> (Tensor, Tensor)");
+  m.def("dfl(Tensor pred, Tensor target, bool with_grad, Tensor? grad_scale=None) "
+        "-> (Tensor, Tensor)");
   m.def("dfl_backward(Tensor grad_loss, Tensor pred, Tensor target) -> Tensor");
   m.def("integral(Tensor pred, bool with_grad) -> (Tensor, Tensor)");
   m.def("integral_backward(Tensor grad_out, Tensor pred) -> Tensor");
   m.def("scale_rows(Tensor grad, Tensor row_scale) -> Tensor");
   // in place on a contiguous grad: the eager backward of a fused forward, which owns the buffer
   m.def("scale_rows_(Tensor(a!) grad, Tensor row_scale) -> ()");
+  // the CPU buffer cache (cpu/buffer_cache.h): no tensor arguments, so one catch-all kernel each
+  m.def("cpu_buffer_cache_stats() -> int[]", &gfl::cpu::buffer_cache_stats);
+  m.def("set_cpu_buffer_cache_limit(int bytes) -> int", &gfl::cpu::set_buffer_cache_limit);
+  m.def("empty_cpu_buffer_cache() -> ()", &gfl::cpu::empty_buffer_cache);
 }
 
 extern "C" {

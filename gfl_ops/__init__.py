@@ -13,6 +13,11 @@ from gfl_ops.functional import (
     set_value_checks,
     weight_reduce_loss,
 )
+from gfl_ops.memory import (
+    cpu_buffer_cache_info,
+    empty_cpu_buffer_cache,
+    set_cpu_buffer_cache_limit,
+)
 from gfl_ops.modules import DistributionFocalLoss, Integral, QualityFocalLoss
 
 __version__ = "0.1.0"
@@ -30,4 +35,7 @@ __all__ = [
     "weight_reduce_loss",
     "extension_loaded",
     "extension_error",
+    "cpu_buffer_cache_info",
+    "set_cpu_buffer_cache_limit",
+    "empty_cpu_buffer_cache",
 ]

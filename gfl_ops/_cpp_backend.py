@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from gfl_ops import _reduced_loss
 from gfl_ops._extension import cuda_compiled, extension_error, extension_loaded
 from gfl_ops._second_order import register_gradient_autograd
 
@@ -67,15 +68,15 @@ def _register() -> None:
         return loss, grad
 
     @torch.library.register_fake(lib + "qfl")
-    def _(pred, labels, scores, beta, activated, with_grad):
+    def _(pred, labels, scores, beta, activated, with_grad, grad_scale=None):
         return _loss_and_grad_fake(pred, with_grad, _opmath(pred.dtype))
 
     @torch.library.register_fake(lib + "qfl_dense")
-    def _(pred, target, beta, activated, with_grad):
+    def _(pred, target, beta, activated, with_grad, grad_scale=None):
         return _loss_and_grad_fake(pred, with_grad, _opmath(pred.dtype))
 
     @torch.library.register_fake(lib + "dfl")
-    def _(pred, target, with_grad):
+    def _(pred, target, with_grad, grad_scale=None):
         return _loss_and_grad_fake(pred, with_grad, _opmath(pred.dtype))
 
     @torch.library.register_fake(lib + "integral")
@@ -96,10 +97,11 @@ def _register() -> None:
     # Autograd: gradients flow to pred only; targets, labels and scores are constants (as in
     # mmdetection, where the IoU scores are computed from detached boxes; functional.py sends a
     # target that requires grad to the reference formulas instead).
-    for name, (n_tensors, recompute) in _FUSED_OPS.items():
+    for name, (n_tensors, n_params, recompute) in _FUSED_OPS.items():
         torch.library.register_autograd(
             lib + name, _registered_backward(n_tensors, recompute),
-            setup_context=lambda ctx, inputs, output, n=n_tensors: _save(ctx, inputs, output, n))
+            setup_context=lambda ctx, inputs, output, n=n_tensors, k=n_params: _save(
+                ctx, inputs, output, n, k))
         # the gradient operators' own derivative: double backward (create_graph) is exact
         register_gradient_autograd(lib + recompute, name)
 
@@ -108,25 +110,33 @@ def _registered_backward(n_tensors: int, recompute: str):
     """The backward registered for a fused operator: dL/dpred, nothing for the other inputs."""
     def backward(ctx, grad_loss, _grad_grad):
         grad = _grad_input(ctx, grad_loss, getattr(_ops, recompute))
-        return (grad,) + (None,) * (n_tensors - 1 + len(ctx.extra))
+        return (grad,) + (None,) * (ctx.n_inputs - 1)
     return backward
 
 
-# op name -> (number of leading tensor inputs, the operator that recomputes the gradient)
+# op name -> (number of leading tensor inputs, number of scalar arguments between them and
+# with_grad, the operator that recomputes the gradient)
 _FUSED_OPS = {
-    "qfl": (3, "qfl_backward"), "qfl_dense": (2, "qfl_dense_backward"),
-    "dfl": (2, "dfl_backward"), "integral": (1, "integral_backward"),
+    "qfl": (3, 2, "qfl_backward"), "qfl_dense": (2, 2, "qfl_dense_backward"),
+    "dfl": (2, 0, "dfl_backward"), "integral": (1, 0, "integral_backward"),
 }
 
 
-def _save(ctx, inputs: tuple, output: tuple, n_tensors: int) -> None:
+def _save(ctx, inputs: tuple, output: tuple, n_tensors: int, n_params: int) -> None:
     """setup_context of the registered autograd: what the backward of an operator call needs.
 
-    ``inputs``: the operator's arguments (tensors first, ``with_grad`` last); ``output``: its
-    (loss, gradient buffer)."""
+    ``inputs``: the operator's arguments (tensors, scalars, ``with_grad``, and for the losses
+    ``grad_scale``); ``output``: its (loss, gradient buffer)."""
     pred, grad_buf = inputs[0], output[1]
-    ctx.extra = inputs[n_tensors:]
+    # the scalar arguments up to with_grad; after it, the losses' optional grad_scale
+    with_grad_at = n_tensors + n_params
+    if len(inputs) > with_grad_at + 1 and inputs[with_grad_at + 1] is not None:
+        raise RuntimeError("gfl_ops: grad_scale is for callers that differentiate the reduced "
+                           "loss themselves (gfl_ops/_reduced_loss.py); call the operator "
+                           "without it, or under torch.no_grad()")
+    ctx.extra = inputs[n_tensors:with_grad_at + 1]
     ctx.n_tensors = n_tensors
+    ctx.n_inputs = len(inputs)
     # the second output (the saved gradient) never receives a gradient: without this,
     # autograd would allocate and zero-fill a pred-sized tensor for it on every backward
     ctx.mark_non_differentiable(grad_buf)
@@ -223,6 +233,17 @@ class _CppBackend:
                 return _EAGER[name](pred, *args, fused)
             return getattr(_ops, name)(pred, *args, fused)[0]
         return getattr(_ops, name)(pred, *args, False)[0]
+
+    def reduced_loss(self, name: str, pred: torch.Tensor, targets: tuple, params: tuple,
+                     weight: torch.Tensor | None, reduction: str, avg_factor, reduce):
+        """The 'mean' / 'sum' loss with the reduction folded into the fused gradient
+        (gfl_ops/_reduced_loss.py), or None where that does not apply: the recompute strategy,
+        traced code, or anything but ``pred`` requiring grad."""
+        if not (FUSED_GRAD[self.device_type] and _plain_eager(pred)
+                and _reduced_loss.applies(pred, weight, reduction, avg_factor, targets)):
+            return None
+        return _reduced_loss.ReducedLoss.apply(pred, name, targets, params, weight, reduction,
+                                               avg_factor, reduce)
 
     def qfl(self, pred, labels, scores, beta, activated):
         return self._call("qfl", pred, labels, scores, beta, activated)

@@ -150,6 +150,20 @@ def weight_reduce_loss(
     return loss.sum() / (avg_factor + _FLOAT_EPS)
 
 
+def _weighted_loss(impl, name: str, pred: torch.Tensor, targets: tuple, params: tuple,
+                   weight: torch.Tensor | None, reduction: str, avg_factor) -> torch.Tensor:
+    """``weight_reduce_loss`` of the backend's per-row loss; a backend that fuses the gradient
+    into its forward folds the reduction into it (``reduced_loss``) where it can."""
+    reduced = getattr(impl, "reduced_loss", None)
+    if reduced is not None:
+        loss = reduced(name, pred, targets, params, weight, reduction, avg_factor,
+                       weight_reduce_loss)
+        if loss is not None:
+            return loss
+    loss = getattr(impl, name)(pred, *targets, *params)
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
 def _value_ranges(*tensors: torch.Tensor) -> list[tuple[float, float]]:
     """(min, max) of each non-empty tensor, with a single host transfer for all of them (NaN
     propagates into both, so it fails any range comparison)."""
@@ -239,11 +253,9 @@ def quality_focal_loss(
     impl = _registry.resolve(backend, pred.device, "qfl" if dense is None else "qfl_dense")
     if _targets_need_grad(scores, dense):
         impl = _registry.resolve("reference", pred.device, "qfl")
-    if dense is None:
-        loss = impl.qfl(pred, labels, scores, beta, bool(activated))
-    else:
-        loss = impl.qfl_dense(pred, dense, beta, bool(activated))
-    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+    name, targets = ("qfl", (labels, scores)) if dense is None else ("qfl_dense", (dense,))
+    return _weighted_loss(impl, name, pred, targets, (beta, bool(activated)), weight, reduction,
+                          avg_factor)
 
 
 def distribution_focal_loss(
@@ -285,8 +297,7 @@ def distribution_focal_loss(
     impl = _registry.resolve(backend, pred.device, "dfl")
     if _targets_need_grad(target):
         impl = _registry.resolve("reference", pred.device, "dfl")
-    loss = impl.dfl(pred, target)
-    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+    return _weighted_loss(impl, "dfl", pred, (target,), (), weight, reduction, avg_factor)
 
 
 def integral(pred: torch.Tensor, backend: str | None = None) -> torch.Tensor:

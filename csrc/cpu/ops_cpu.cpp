@@ -6,6 +6,7 @@
 #include <string>
 
 #include "../ops_impl.h"
+#include "buffer_cache.h"
 #include "kernels.h"
 
 namespace gfl::cpu {
@@ -38,6 +39,9 @@ struct CpuKernels {
   static void integral(const RowTensors& t) { GFL_CPU_DISPATCH(integral_kernel, t); }
   static void scale_rows(const at::Tensor& g, const at::Tensor& s, const at::Tensor& o) {
     GFL_CPU_DISPATCH(scale_rows_kernel, g, s, o);
+  }
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return empty_cached(sizes, options);
   }
 };
 #undef GFL_CPU_DISPATCH

@@ -25,6 +25,9 @@ const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data
 void* mut_or_null(const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
 
 struct CudaKernels {
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options);
+  }
   static void qfl(const QflTensors& t) {
     const c10::cuda::CUDAGuard guard(t.pred.device());
     QflLaunch p{};
