@@ -22,6 +22,8 @@ FIELDS = (
     # run metadata
     "run_id", "date_utc", "preset", "device_type", "device_name", "cpu_threads", "torch",
     "triton", "cuda", "git_commit", "git_dirty", "copy_gbps",
+    # 'fresh' or 'reused' inputs (benchmarks/steps.py); empty in rows from before it existed
+    "inputs",
     # the case
     "op", "provider", "mode", "dtype", "size", "rows", "cols", "elements",
     # timing
@@ -143,6 +145,16 @@ def append_rows(path: Path, rows: Iterable[dict], fields: tuple[str, ...] = FIEL
     """Append rows (dicts keyed by ``fields``), writing the header if the file is new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if header != list(fields) and set(header) <= set(fields):
+            # an older file lacking newer columns: rewrite it once with the full header
+            old_rows = read_rows(path)
+            with open(path, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(fields))
+                writer.writeheader()
+                writer.writerows({k: r.get(k, "") for k in fields} for r in old_rows)
     with open(path, "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="raise")
         if new:

@@ -184,10 +184,11 @@ def _runs_table(rows: Sequence[dict[str, str]]) -> list[str]:
         runs.setdefault(r["run_id"], r)
     body = [(r["run_id"], r["preset"], r["date_utc"],
              f"`{r['git_commit'][:10]}`" + (" (dirty)" if r["git_dirty"] == "yes" else ""),
-             r["torch"], r["triton"], r["cpu_threads"], r["copy_gbps"])
+             r["torch"], r["triton"], r["cpu_threads"], r["copy_gbps"],
+             r.get("inputs") or "reused")
             for r in sorted(runs.values(), key=lambda r: r["run_id"])]
     return _table(("run", "preset", "date (UTC)", "commit", "torch", "triton", "CPU threads",
-                   "copy GB/s"), body)
+                   "copy GB/s", "inputs"), body)
 
 
 def _ours(rows: Sequence[dict[str, str]]) -> list[str]:

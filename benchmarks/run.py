@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import math
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 from benchmarks import cases as cases_mod
 from benchmarks import csvio, peers, timing
 from benchmarks.cases import MODES, OPS, Case, Inputs
+from benchmarks.steps import INPUT_MODES, make_step
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -48,6 +48,7 @@ class Settings:
     max_sets: int
     memory: bool
     check: bool
+    inputs: str = "reused"   # 'fresh' | 'reused': see benchmarks/steps.py
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,29 +63,6 @@ def _rotation_sets(case: Case, dtype: torch.dtype, mode: str, settings: Settings
     n_sets = int(min(settings.max_sets, max(1, math.ceil(settings.rotate_bytes / per_set))))
     return [first] + [cases_mod.make_inputs(case, dtype, settings.device, requires_grad, seed=i)
                       for i in range(1, n_sets)]
-
-
-def _make_step(fn: Callable[..., torch.Tensor], sets: Sequence[Inputs],
-               mode: str) -> Callable[[], object]:
-    """The timed callable: the next input set, the op, and for fwd+bwd ``backward()``.
-
-    It returns the op's output (kept alive only until the caller drops it)."""
-    cycle = itertools.cycle(sets)
-    if mode == "fwd":
-        def step_fwd() -> object:
-            return fn(*next(cycle).args)
-        return step_fwd
-
-    def step_fwd_bwd() -> object:
-        s = next(cycle)
-        s.pred.grad = None  # every provider pays for allocating a fresh gradient
-        out = fn(*s.args)
-        if s.grad_out is None:
-            out.backward()
-        else:
-            out.backward(s.grad_out)
-        return out
-    return step_fwd_bwd
 
 
 def _sync(device: torch.device) -> None:
@@ -176,7 +154,7 @@ def bench_case(case: Case, dtype: torch.dtype, mode: str, providers: list[peers.
         try:
             psets = [p.prepare(s) for s in sets] if p.prepare else list(sets)
             prepared[p.name] = psets
-            step = _make_step(p.fn, psets, mode)
+            step = make_step(p.fn, psets, mode, settings.inputs)
             _sync(device)
             t0 = time.perf_counter()
             out = step()  # first call, on set 0: compiles for the compile peer
@@ -209,6 +187,8 @@ def bench_case(case: Case, dtype: torch.dtype, mode: str, providers: list[peers.
         for s in prepared[name]:
             s.pred.grad = None  # freeing an old gradient inside the window would hide a buffer
         gc.collect()
+        if hasattr(step, "prepare"):
+            step.prepare()  # the fresh pred is the caller's memory, not the step's
         extra = timing.peak_extra_memory(step, device)
         if extra is not None:
             rows[name]["peak_extra_mb"] = extra / 2**20
@@ -300,6 +280,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "generalise on a new shape); true = one dynamic-shape compilation; "
                          "false = one compilation per shape (default: false for the target "
                          "presets, true otherwise)")
+    ap.add_argument("--inputs", choices=INPUT_MODES, default=None,
+                    help="fresh: a new pred every call, its gradient flowing into a head, as in "
+                         "a training step (the CPU default); reused: the same input tensors "
+                         "cycled (the CUDA default: its caching allocator makes both alike)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     ap.add_argument("--no-check", action="store_true",
                     help="skip the float64 accuracy check of each provider's forward")
@@ -352,9 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             3 if quick else 10 if core else 5),
         warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cuda_timer=args.cuda_timer,
         rotate_bytes=rotate if not quick else min(rotate, 16 << 20),
-        max_sets=64, memory=not args.no_memory, check=not args.no_check)
+        max_sets=64, memory=not args.no_memory, check=not args.no_check,
+        inputs=args.inputs or ("fresh" if device.type == "cpu" else "reused"))
 
     meta = csvio.run_metadata(device, args.preset)
+    meta["inputs"] = settings.inputs
     copy_bps = timing.copy_bandwidth(device, timer=args.cuda_timer,
                                      nbytes=(32 << 20) if quick else None,
                                      budget_s=0.1 if quick else 0.5)
@@ -366,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"commit {meta['git_commit'][:10]} ({'dirty' if meta['git_dirty'] == 'yes' else 'clean'})"
           f" | {meta['cpu_threads']} threads | copy bandwidth {copy_bps / 1e9:.1f} GB/s")
     print(f"# preset {args.preset}: {len(selected)} sizes x {len(dtypes)} dtypes x {len(modes)} "
-          f"modes; torch.compile dynamic={dynamic}; rows -> {path}")
+          f"modes; {settings.inputs} inputs; torch.compile dynamic={dynamic}; rows -> {path}")
     print(f"# gfl_ops backends timed: {', '.join(peers.ours_backends(device.type)) or 'none'}"
           " (available_backends minus 'reference', which is the eager peer)")
     for name, status in peers.peer_status().items():

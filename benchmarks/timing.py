@@ -66,6 +66,8 @@ def bench_cpu(fns: Mapping[str, Callable[[], object]], *, budget_s: float = 0.6,
     estimated, and given ``budget_s / estimate`` repetitions clamped to [min_reps, max_reps].
     The repetitions are spread over ``rounds`` rounds; in each round every callable runs its
     share, the starting callable rotating from round to round.
+    A callable with a ``prepare`` attribute (a fresh-input step, benchmarks/steps.py) has it
+    called before every timed call, outside the timing.
 
     Returns:
         name -> Timing.
@@ -76,7 +78,10 @@ def bench_cpu(fns: Mapping[str, Callable[[], object]], *, budget_s: float = 0.6,
             start = time.perf_counter()
             calls = 0
             last = math.inf
+            prepare = getattr(fn, "prepare", None)
             while calls < min_warmup or (time.perf_counter() - start < warmup_s and calls < 50):
+                if prepare is not None:
+                    prepare()
                 t0 = time.perf_counter()
                 fn()
                 last = time.perf_counter() - t0
@@ -90,9 +95,12 @@ def bench_cpu(fns: Mapping[str, Callable[[], object]], *, budget_s: float = 0.6,
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 fn = fns[name]
+                prepare = getattr(fn, "prepare", None)
                 # this round's share of the repetitions (the last round takes the remainder)
                 share = (reps[name] * (r + 1)) // rounds - (reps[name] * r) // rounds
                 for _ in range(share):
+                    if prepare is not None:
+                        prepare()
                     t0 = time.perf_counter()
                     fn()
                     samples[name].append(time.perf_counter() - t0)
@@ -138,8 +146,11 @@ def bench_cuda(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: flo
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_repeat)]
         for _ in range(n_warmup):
             fn()
+        prepare = getattr(fn, "prepare", None)  # a fresh-input step: untimed set-up
         for i in range(n_repeat):
             cache.zero_()  # flush L2 so no repetition reads what the previous one left there
+            if prepare is not None:
+                prepare()
             starts[i].record()
             fn()
             ends[i].record()
