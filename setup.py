@@ -71,7 +71,7 @@ def _extensions():
     # The DEFAULT build of the CPU kernels is listed before the AVX2 one so that the linker keeps
     # the portable copies of shared inline functions.
     sources = ["csrc/ops.cpp", "csrc/eager_autograd.cpp", "csrc/cpu/ops_cpu.cpp",
-               "csrc/cpu/buffer_cache.cpp", "csrc/cpu/parallel.cpp",
+               "csrc/cpu/buffer_cache.cpp",
                "csrc/cpu/kernels_default.cpp", "csrc/cpu/kernels_avx2.cpp",
                "csrc/cpu/kernels_avx512.cpp"]
     # -Wno-psabi: GCC notes that AVX2 lambdas in at::vec change the ABI; they never cross a TU.

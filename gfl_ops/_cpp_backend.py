@@ -235,7 +235,7 @@ class _CppBackend:
         return getattr(_ops, name)(pred, *args, False)[0]
 
     def reduced_loss(self, name: str, pred: torch.Tensor, targets: tuple, params: tuple,
-                     weight: torch.Tensor | None, reduction: str, avg_factor, reduce):
+                     weight: torch.Tensor | None, reduction: str, avg_factor):
         """The 'mean' / 'sum' loss with the reduction folded into the fused gradient
         (gfl_ops/_reduced_loss.py), or None where that does not apply: the recompute strategy,
         traced code, or anything but ``pred`` requiring grad."""
@@ -243,7 +243,7 @@ class _CppBackend:
                 and _reduced_loss.applies(pred, weight, reduction, avg_factor, targets)):
             return None
         return _reduced_loss.ReducedLoss.apply(pred, name, targets, params, weight, reduction,
-                                               avg_factor, reduce)
+                                               avg_factor)
 
     def qfl(self, pred, labels, scores, beta, activated):
         return self._call("qfl", pred, labels, scores, beta, activated)

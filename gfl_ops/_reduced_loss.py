@@ -11,16 +11,15 @@ case), or scales it in place by the scalar ``g``.  Measured on the 2-core CPU (f
 benchmarks/README.md "Fresh inputs"): the backward pass over the gradient and the three small
 nodes were about half of the DFL step at 32000 x 17.
 
-The forward value is computed by the same ``weight_reduce_loss`` as the plain path, so it is
-bitwise the same; the gradient differs from the plain path's by rounding only (``w_i / d`` is
-applied once, in fp32).  A second backward through a retained graph, or a backward that builds
-a graph (create_graph), recomputes the gradient with the operator's ``*_backward`` kernel, which
-has its own derivative.  Only plain eager calls take this path (see ``applies``).
+The forward value is ``dot(l, w / d)``: one op where ``weight_reduce_loss`` runs three (a few
+microseconds each count at 32000 rows), equal to it up to rounding; so is the gradient
+(``w_i / d`` is applied once, in the kernel's opmath type).  A second backward through a
+retained graph, or a backward that builds a graph (create_graph), recomputes the gradient with
+the operator's ``*_backward`` kernel, which has its own derivative.  Only plain eager calls
+take this path (see ``applies``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -33,28 +32,30 @@ _FLOAT_EPS = torch.finfo(torch.float32).eps
 def grad_scale(n: int, dtype: torch.dtype, device: torch.device, weight: torch.Tensor | None,
                reduction: str, avg_factor: float | torch.Tensor | None) -> torch.Tensor:
     """dL/dl_i of ``weight_reduce_loss`` for its 'mean' / 'sum' reductions: (N,) in ``dtype``
-    (a stride-0 expansion when there is no weight)."""
+    (a stride-0 expansion when there is no weight).  One small op at most: this runs on every
+    training step, where a few microseconds of Python count at 32000 rows."""
     if reduction == "sum":
-        unit = torch.ones((), dtype=dtype)
+        unit: float | torch.Tensor = 1.0
     elif avg_factor is None:
-        unit = torch.ones((), dtype=dtype) / max(n, 1)
+        unit = 1.0 / max(n, 1)
     elif isinstance(avg_factor, torch.Tensor):
-        unit = 1.0 / (avg_factor.detach().to(dtype=dtype).reshape(()) + _FLOAT_EPS)
+        unit = 1.0 / (avg_factor.detach().to(device=device, dtype=dtype).reshape(()) + _FLOAT_EPS)
     else:
-        unit = torch.ones((), dtype=dtype) / (avg_factor + _FLOAT_EPS)
+        unit = 1.0 / (avg_factor + _FLOAT_EPS)
     if weight is None:
-        return unit.to(device).expand(n)
-    return weight.detach().to(dtype) * unit.to(weight.device)
+        if not isinstance(unit, torch.Tensor):
+            unit = torch.full((), unit, dtype=dtype, device=device)
+        return unit.expand(n)
+    return weight.detach().to(dtype) * unit
 
 
 class ReducedLoss(torch.autograd.Function):
-    """forward(pred, op, targets, params, weight, reduction, avg_factor, reduce) -> 0-d loss."""
+    """forward(pred, op, targets, params, weight, reduction, avg_factor) -> 0-d loss."""
 
     @staticmethod
     def forward(ctx, pred: torch.Tensor, op: str, targets: tuple, params: tuple,
                 weight: torch.Tensor | None, reduction: str,
-                avg_factor: float | torch.Tensor | None,
-                reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
+                avg_factor: float | torch.Tensor | None) -> torch.Tensor:
         ops = torch.ops.gfl_ops
         loss_dtype = torch.float32 if pred.dtype in (torch.float16, torch.bfloat16) else pred.dtype
         scale = grad_scale(pred.shape[0], loss_dtype, pred.device, weight, reduction, avg_factor)
@@ -62,15 +63,15 @@ class ReducedLoss(torch.autograd.Function):
         ctx.op, ctx.params = op, params
         ctx.workspace = grad
         ctx.save_for_backward(pred, *targets, scale)
-        return reduce(rows, weight, reduction, avg_factor)
+        return torch.dot(rows, scale) if rows.numel() else rows.sum()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        nones = (None,) * 7
+        nones = (None,) * 6
         workspace = ctx.workspace
         if workspace is not None and not torch.is_grad_enabled():
             ctx.workspace = None  # handed out once: a second backward recomputes
-            if not bool(grad_out == 1):
+            if grad_out.item() != 1.0:
                 rows = workspace.shape[0]
                 torch.ops.gfl_ops.scale_rows_(workspace, grad_out.expand(rows))
             return (workspace, *nones)

@@ -156,8 +156,7 @@ def _weighted_loss(impl, name: str, pred: torch.Tensor, targets: tuple, params: 
     into its forward folds the reduction into it (``reduced_loss``) where it can."""
     reduced = getattr(impl, "reduced_loss", None)
     if reduced is not None:
-        loss = reduced(name, pred, targets, params, weight, reduction, avg_factor,
-                       weight_reduce_loss)
+        loss = reduced(name, pred, targets, params, weight, reduction, avg_factor)
         if loss is not None:
             return loss
     loss = getattr(impl, name)(pred, *targets, *params)
@@ -167,6 +166,10 @@ def _weighted_loss(impl, name: str, pred: torch.Tensor, targets: tuple, params: 
 def _value_ranges(*tensors: torch.Tensor) -> list[tuple[float, float]]:
     """(min, max) of each non-empty tensor, with a single host transfer for all of them (NaN
     propagates into both, so it fails any range comparison)."""
+    if all(t.device.type == "cpu" for t in tensors):
+        # no transfer to batch: two scalar reads each, without the stack/cat/tolist ops (a few
+        # microseconds each, a tenth of the DFL step at 32000 rows on a CPU)
+        return [(lo.item(), hi.item()) for lo, hi in (torch.aminmax(t.detach()) for t in tensors)]
     stats = [torch.stack(torch.aminmax(t.detach())).float() for t in tensors]
     values = torch.cat(stats).tolist() if stats else []
     return [(values[2 * i], values[2 * i + 1]) for i in range(len(stats))]

@@ -2,14 +2,14 @@
 // kernels_avx512.cpp,
 // each of which defines CPU_CAPABILITY (the namespace the code lands in) first.
 //
-// Parallel over rows (anchors for QFL, sides for DFL / integral) with gfl::cpu::parallel_for
-// (parallel.h: a pool that does not stall when another process holds a core); a row is always
-// processed by one thread in a fixed order, so results are bitwise identical whatever the thread
-// count.  Storage types half / bfloat16 are converted to float per row through a
+// Parallel over rows (anchors for QFL, sides for DFL / integral) with at::parallel_for; a row is
+// always processed by one thread in a fixed order, so results are bitwise identical whatever the
+// thread count.  Storage types half / bfloat16 are converted to float per row through a
 // thread-local buffer; all math runs in the opmath type via the templates of gfl_math.h,
 // vectorised with at::vec over the row and finished with the same templates on scalars.
 
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -21,7 +21,6 @@
 
 #include "../gfl_math.h"
 #include "kernels.h"
-#include "parallel.h"
 #include "vec_ops.h"
 
 namespace gfl::cpu::CPU_CAPABILITY {
@@ -134,7 +133,7 @@ void qfl_typed(const QflTensors& t) {
   // prefetch distance: the row ~4 KB ahead (13 rows at 80 float classes)
   const int64_t ahead = std::max<int64_t>(
       1, kQflPrefetchBytes / std::max<int64_t>(1, num_classes * int64_t(sizeof(scalar_t))));
-  ::gfl::cpu::parallel_for(0, n, row_grain(num_classes), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, row_grain(num_classes), [&](int64_t begin, int64_t end) {
     RowBuffer<scalar_t, opmath_t> xbuf(num_classes), gbuf(num_classes);
     RowBuffer<target_t, opmath_t> ybuf(num_classes);
     for (int64_t i = begin; i < end; ++i) {
@@ -343,7 +342,7 @@ void rows_typed(const RowTensors& t) {
   out_t* out = t.out.defined() ? t.out.mutable_data_ptr<out_t>() : nullptr;
   const int64_t blocks = (m + kW - 1) / kW;
 
-  ::gfl::cpu::parallel_for(0, blocks, std::max<int64_t>(1, row_grain(bins) / kW),
+  at::parallel_for(0, blocks, std::max<int64_t>(1, row_grain(bins) / kW),
                    [&](int64_t begin, int64_t end) {
     // zt[j * kW + i] = bin j of row i of the block; et holds the exps, then the gradient
     std::vector<opmath_t> zt(bins * kW), et(bins * kW);
@@ -499,7 +498,7 @@ void scale_rows_typed(const at::Tensor& grad, const at::Tensor& scale, const at:
   const bool permute_rows =
       kPermute && cols % kW != 0 && cols < 8 * kW && (s_stride == 0 || s_stride == 1);
 #endif
-  ::gfl::cpu::parallel_for(0, blocks, std::max<int64_t>(1, row_grain(cols) * 4 / kW),
+  at::parallel_for(0, blocks, std::max<int64_t>(1, row_grain(cols) * 4 / kW),
                    [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> staged(kConvert ? kW * cols : 0);
 #if defined(CPU_CAPABILITY_AVX512)
