@@ -115,7 +115,10 @@ def _cmdclass():
 
 
 setup(
-    packages=find_packages(include=["gfl_ops", "gfl_ops.*", "detector", "detector.*"]),
+    # The distribution is gfl_ops alone.  detector/ (like benchmarks/) runs from a checkout,
+    # `python -m detector.main_job` from the repository root; listed here it would install a
+    # top-level package named `detector` into every environment that installs gfl-ops.
+    packages=find_packages(include=["gfl_ops", "gfl_ops.*"]),
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
 )
