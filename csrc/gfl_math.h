@@ -7,7 +7,8 @@
 // the scalar tail and the CUDA kernels.  Math is done in the "opmath" type: float for
 // fp16 / bf16 / fp32 storage, double for fp64.
 //
-// Formulas (GFL paper Eq. 5-6, Appendix B; derivation in shared/DESIGN.md section 2):
+// Formulas (GFL paper Eq. 5-6, Appendix B; gradients and stable forms in docs/math.md, "Quality
+// Focal Loss", "Distribution Focal Loss" and "The integral (box decoding)"):
 //   QFL   L = |y - s|^beta * BCE,  s = sigmoid(x) (logits) or s = p (probabilities)
 //   DFL   L = w_l (lse - z_l) + w_r (lse - z_r),   dL/dz_j = S_j - w_l [j=l] - w_r [j=r]
 //   Integral  y_hat = sum_j S_j j,                  dy_hat/dz_j = S_j (j - y_hat)

@@ -78,7 +78,7 @@ def compare_to_reference(call: Callable[..., torch.Tensor], pred: torch.Tensor, 
                                       pred.detach().double().cpu(), upstream)
     if torch.isfinite(ref_out).all():
         # autograd of |y - s|^beta at s = y exactly (beta < 1) gives 0 * inf = NaN; the kernels
-        # use the subgradient 0 there (shared/DESIGN.md section 2)
+        # use the subgradient 0 there (docs/math.md, "Quality Focal Loss")
         ref_grad = torch.nan_to_num(ref_grad, nan=0.0)
     out, grad = run_with_grad(lambda p: call(p, backend=backend, **targets), pred,
                               upstream.to(pred.device))

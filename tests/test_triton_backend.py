@@ -83,7 +83,8 @@ def _compare(ours, ref, leaf, n_rows, loss_tol, grad_tol, what, seed=0, subgradi
     a random per-row upstream gradient (which exercises the gradient scaling).
 
     ``subgradient``: where autograd through the reference gives NaN for a finite loss (QFL at
-    σ = y exactly with β < 1: 0·∞ in ``|d|.pow(β)``), expect DESIGN §2's subgradient 0."""
+    σ = y exactly with β < 1: 0·∞ in ``|d|.pow(β)``), expect the subgradient 0 of
+    docs/math.md, "Quality Focal Loss"."""
     gen = torch.Generator().manual_seed(seed)
     upstream = torch.rand(n_rows, generator=gen, dtype=torch.float64) + 0.5
     out, grad = _value_and_grad(ours, leaf, upstream.to(leaf.device))

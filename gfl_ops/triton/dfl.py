@@ -1,6 +1,7 @@
 """Distribution Focal Loss in Triton: one loss per row of bin logits, and its gradient.
 
-Math (DESIGN.md §2), row logits ``z`` over bins 0..n, ``S = softmax(z)``, target ``y``::
+Math (docs/math.md, "Distribution Focal Loss"), row logits ``z`` over bins 0..n,
+``S = softmax(z)``, target ``y``::
 
     y  <- clamp(y, 0, n)          (in the kernel; a NaN target gives a NaN loss and gradient row)
     l  = min(floor(y), n − 1),  r = l + 1,  w_l = r − y,  w_r = y − l

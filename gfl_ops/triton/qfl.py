@@ -1,6 +1,7 @@
 """Quality Focal Loss in Triton: per-anchor loss summed over classes, and its gradient.
 
-Math (DESIGN.md §2), per element with logit ``x``, target ``y`` and ``σ = sigmoid(x)``::
+Math (docs/math.md, "Quality Focal Loss"), per element with logit ``x``, target ``y`` and
+``σ = sigmoid(x)``::
 
     L      = |y − σ|^β · BCE(x, y),   BCE = max(x, 0) − x·y + log1p(exp(−|x|))
     dL/dx  = β·|y−σ|^(β−1)·sign(σ−y)·σ(1−σ)·BCE + |y−σ|^β·(σ − y)
@@ -15,7 +16,8 @@ of the sigmoid loses digits (``σ − y`` is ``(a − y − y·e)/(1+e)`` with `
 ``e``: exact ``a − y`` and one FMA where ``σ`` is close to ``y``);
 ``log1p(e)`` is ``log(u) + (e − (u − 1))/u`` with ``u = 1 + e`` (exact compensation for the
 rounding of ``u``; ``1/u`` is already needed for ``σ``, so no extra division).  ``|d|^β`` is
-specialised at compile time for β ∈ {0, 1, 2} and uses ``exp2(β·log2|d|)`` otherwise.
+specialised at compile time for β ∈ {0, 1, 2}; otherwise ``|d|^(β−1) = exp2((β−1)·log2|d|)``
+(0 at ``d = 0``, the subgradient) and ``|d|^β = |d|^(β−1)·|d|``.
 
 Kernel layout: one program owns BLOCK_N rows and walks the classes in BLOCK_C-wide steps,
 accumulating the row sum in the opmath dtype and writing one value per row (no atomics).  The
