@@ -1,4 +1,5 @@
-"""ATSS + GFL one-stage detector built on gfl_ops (see DESIGN.md section 7).
+"""ATSS + GFL one-stage detector built on gfl_ops (README.md, "The detector"; where it sits:
+docs/architecture.md).
 
 Layout, lowest layer first (a module imports only its own layer and those below; checked by
 ``tests/test_import_layers.py``):

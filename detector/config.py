@@ -6,10 +6,12 @@ keyword arguments (``ModelConfig`` fields), the data pipeline (:class:`DataConfi
 optimisation schedule (:class:`TrainConfig`). Named experiments:
 
 ``gfl_r50_1x_coco``
-    mmdetection's ``gfl_r50_fpn_1x_coco`` (DESIGN.md §7): ImageNet ResNet-50, frozen stem + stage
-    1, frozen BN; 1333×800 keep-ratio, flip 0.5; SGD lr 0.01 for a total batch of 16 (2 images ×
-    8 GPUs), momentum 0.9, wd 1e-4, linear warmup 500 iterations from 0.001, ×0.1 at epochs 8 and
-    11, 12 epochs. 40.2 AP on COCO val2017 in mmdetection.
+    mmdetection's ``gfl_r50_fpn_1x_coco`` (mmdetection 3.x ``configs/gfl/gfl_r50_fpn_1x_coco.py``
+    with its ``_base_`` COCO dataset and 1x schedule; the AP from ``configs/gfl/metafile.yml``):
+    ImageNet ResNet-50, frozen stem + stage 1, frozen BN; 1333×800 keep-ratio, flip 0.5; SGD lr
+    0.01 for a total batch of 16 (2 images × 8 GPUs), momentum 0.9, wd 1e-4, linear warmup 500
+    iterations from 0.001, ×0.1 at epochs 8 and 11, 12 epochs. 40.2 AP on COCO val2017 in
+    mmdetection.
 ``gfl_r18_synthetic_cpu``
     the main job: ResNet-18 from scratch (BN trained, nothing frozen), a slim FPN and head,
     224-px inputs of the embedded shapes dataset, AdamW, 9 epochs; reaches AP50 0.76 on its
