@@ -5,6 +5,12 @@ Drop-in replacements for mmdetection's ``quality_focal_loss``, ``distribution_fo
 """
 
 from gfl_ops._extension import extension_error, extension_loaded
+
+# The C++ operators exist once _extension has loaded _C (``torch.ops.gfl_ops.*``); give them their
+# fake kernels and autograd now, not at the first gfl_ops call, so that calling or tracing them
+# directly right after ``import gfl_ops`` is already correct.  (Imported here rather than from
+# _extension, which _cpp_backend itself imports: no import cycle.)
+from gfl_ops import _cpp_backend  # noqa: E402, F401  isort: skip
 from gfl_ops._registry import available_backends, backend_status
 from gfl_ops.functional import (
     distribution_focal_loss,

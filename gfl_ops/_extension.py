@@ -60,10 +60,3 @@ def openmp_enabled() -> bool:
     """True when the CPU kernels were compiled with OpenMP, i.e. ``at::parallel_for`` in them
     uses torch's intra-op threads (without it they run on one thread)."""
     return _C is not None and bool(getattr(_C, "OPENMP", False))
-
-
-if _C is not None:
-    # The operators exist from here on (``torch.ops.gfl_ops.*``); give them their fake kernels
-    # and autograd now, not at the first gfl_ops call, so that calling or tracing them directly
-    # right after ``import gfl_ops`` is already correct.
-    importlib.import_module("gfl_ops._cpp_backend")
