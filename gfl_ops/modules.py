@@ -98,8 +98,10 @@ def project_problem(project: torch.Tensor, reg_max: int) -> str | None:
 
 class ProjectCheck:
     """Mixin for integral modules with a ``project`` buffer and a ``reg_max``: loading a state
-    dict whose ``project`` is not the bin values is an error (the fused kernel would ignore it),
-    and the buffer keeps its value, as torch does for an entry of the wrong shape."""
+    dict whose ``project`` is not the bin values is an error (the fused kernel would ignore it):
+    the message goes to ``load_state_dict``'s error list, so it raises, strict or not, after
+    loading the other entries, and the buffer keeps its value, as torch does for an entry of the
+    wrong shape."""
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -124,17 +126,22 @@ class ProjectCheck:
 class Integral(ProjectCheck, nn.Module):
     """Decode 4 side distributions into distances (mmdetection ``Integral``).
 
-    ``forward(x)``: x of shape (..., 4*(reg_max+1)) (mmdetection's (N, 4*(n+1)) layout) or
-    (..., 4, reg_max+1), floating logits -> (..., 4) expected distances in [0, reg_max], dtype
-    of ``x``.  Any other last dimension is refused: a (B, 4*(n+1), A) channel-first head output
-    (Ultralytics' layout) must be transposed first, or use :mod:`gfl_ops.integrations.ultralytics`.
+    ``forward(x)``: x of shape (..., 4*(reg_max+1)) with at least one leading dimension
+    (mmdetection's (N, 4*(n+1)) layout) or (..., 4, reg_max+1), floating logits -> (..., 4)
+    expected distances in [0, reg_max], dtype of ``x``.  Any other last dimension is refused: a
+    (B, 4*(n+1), A) channel-first head output (Ultralytics' layout) must be transposed first, or
+    use :mod:`gfl_ops.integrations.ultralytics`.  During ONNX export the module lowers to
+    Softmax + MatMul (:func:`gfl_ops.reference.integral`; the fused op has no ONNX symbolic).
 
-    Checkpoints: like mmdetection's ``Integral`` the module holds a persistent buffer
-    ``project`` = ``linspace(0, reg_max, reg_max + 1)`` (the bin values), so a state dict holds
-    the key ``<prefix>project`` and mmdetection GFL checkpoints load with ``strict=True`` both
-    ways.  The fused kernel uses the bin indices 0..reg_max themselves; loading a state dict whose
-    ``project`` holds other values raises instead of being silently ignored.  During ONNX export
-    the module lowers to Softmax + MatMul (the fused op has no ONNX symbolic).
+    The ``project`` buffer is there for checkpoints only.  Like mmdetection's ``Integral`` the
+    module registers a persistent buffer ``project`` = ``linspace(0, reg_max, reg_max + 1)``
+    (the bin values), so its state dict has mmdetection's key ``<prefix>project`` and
+    mmdetection GFL checkpoints load with ``strict=True`` both ways.  ``forward`` never reads
+    it: every backend, and the ONNX path, multiplies by the bin indices 0..reg_max, which are
+    exactly those values.  So loading a state dict whose ``project`` holds anything else is an
+    error rather than silently ignored (:class:`ProjectCheck`): ``load_state_dict`` raises,
+    with ``strict`` or without, and the buffer keeps its value.  Values written into the buffer
+    directly are not checked, and are ignored like any others.
     """
 
     def __init__(self, reg_max: int = 16, backend: str | None = None) -> None:
