@@ -10,6 +10,7 @@
 #                benchmarks and a detector step, write benchmarks/results/gpu-<device>.{csv,md}
 #                (QUICK=1: under 3 minutes; DRY_RUN=1: rehearse the wiring on a CPU machine).
 #                Uses the GPU machine's own python3 with its torch (GPU_PYTHON to change it).
+#   make lint    virtual env, then `ruff check .` (pyproject.toml's rules; no build needed)
 #
 # Variables: PYTHON (interpreter for the venv), VENV (its folder), MAX_JOBS (parallel compile),
 # TORCH_CUDA_ARCH_LIST (GPU archs compiled when nvcc is present; default 8.0;9.0+PTX: SASS for
@@ -66,7 +67,8 @@ bench-frameworks: setup
 gpu-check:
 	$(GPU_PYTHON) -m benchmarks.gpu_check $(if $(QUICK),--quick) $(if $(DRY_RUN),--dry-run)
 
-lint: setup
+# ruff needs the dev requirements only, not the compiled extension
+lint: $(VENV)/.deps-stamp
 	$(VENV)/bin/ruff check .
 
 clean:
