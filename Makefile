@@ -49,7 +49,8 @@ build: setup
 demo: setup
 	$(PY) -m detector.main_job
 
-test: setup
+# lint first: a tree that ruff rejects fails CI before the half-hour of tests
+test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
