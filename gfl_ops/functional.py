@@ -33,7 +33,7 @@ from numbers import Number
 
 import torch
 
-from gfl_ops import _registry
+from gfl_ops import _registry, reference
 
 __all__ = [
     "quality_focal_loss",
@@ -312,11 +312,17 @@ def integral(pred: torch.Tensor, backend: str | None = None) -> torch.Tensor:
 
     Returns:
         (...) expected bin index in [0, n], dtype of ``pred``.
+
+    During ONNX export (either ``torch.onnx.export`` path) it is the reference formula, which
+    lowers to standard Softmax + MatMul: the one export fallback every module of this package
+    relies on (``Integral``, the mmdetection and Ultralytics adapters).
     """
     _check_floating("pred", pred, None, " (..., n+1)")
     if pred.dim() < 1 or pred.size(-1) < 2:
         raise ValueError(f"pred must have shape (..., n+1) with at least 2 bins, got "
                          f"{tuple(pred.shape)}")
+    if torch.onnx.is_in_onnx_export():
+        return reference.integral(pred)
     impl = _registry.resolve(backend, pred.device, "integral")
     if pred.dim() == 2:  # the common (M, n+1) case: no views, so no extra autograd nodes
         return impl.integral(pred)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gfl_ops import functional, reference
+from gfl_ops import functional
 
 __all__ = ["QualityFocalLoss", "DistributionFocalLoss", "Integral", "ProjectCheck",
            "project_problem"]
@@ -167,9 +167,5 @@ class Integral(ProjectCheck, nn.Module):
                 f"(N, 4, {bins}) for reg_max={self.reg_max}, got {tuple(x.shape)} (last dimension "
                 f"{x.size(-1) if x.dim() else 'none'}); a channel-first (B, 4*(reg_max+1), A) "
                 "head output must be transposed to put the bins last")
-        x = x.reshape(-1, bins)
-        if torch.onnx.is_in_onnx_export():
-            out = reference.integral(x)
-        else:
-            out = functional.integral(x, backend=self.backend)
-        return out.reshape(*lead, 4)
+        # (during ONNX export functional.integral is the Softmax + MatMul reference formula)
+        return functional.integral(x.reshape(-1, bins), backend=self.backend).reshape(*lead, 4)

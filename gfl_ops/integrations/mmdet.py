@@ -261,8 +261,7 @@ class FusedIntegral(ProjectCheck, _MMDetIntegral):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 4*(reg_max+1)) floating logits (as mmdet, any shape whose size is a multiple
         of 4*(reg_max+1)) -> (N, 4) expected distances in [0, reg_max], dtype of ``x``."""
-        if torch.onnx.is_in_onnx_export():
-            return super().forward(x)
+        # (ONNX export: functional.integral lowers to Softmax + MatMul itself)
         bins = self.reg_max + 1
         return functional.integral(x.reshape(-1, bins), backend=self.backend).reshape(-1, 4)
 
