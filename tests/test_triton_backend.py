@@ -49,19 +49,19 @@ INTEGRAL_TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (2e-5, 2e-5),
 @pytest.fixture(params=[False, True], ids=["recompute", "fused"])
 def fused(request, monkeypatch) -> bool:
     """Run a test under both gradient strategies."""
-    monkeypatch.setattr(_common, "FUSED_BACKWARD", request.param)
+    monkeypatch.setattr(_common, "FUSED_GRAD", request.param)
     return request.param
 
 
 @contextlib.contextmanager
 def _gradient_mode(fused: bool):
-    """``FUSED_BACKWARD`` set for a block (hypothesis tests cannot use the fixture per example)."""
-    saved = _common.FUSED_BACKWARD
-    _common.FUSED_BACKWARD = fused
+    """``FUSED_GRAD`` set for a block (hypothesis tests cannot use the fixture per example)."""
+    saved = _common.FUSED_GRAD
+    _common.FUSED_GRAD = fused
     try:
         yield
     finally:
-        _common.FUSED_BACKWARD = saved
+        _common.FUSED_GRAD = saved
 
 
 def _close(actual, expected, tol, what=""):
@@ -481,7 +481,7 @@ def test_gradcheck_float64(fused):
 def test_double_backward_is_exact(monkeypatch, fused):
     """Double backward used to raise; it is now exact on both gradient strategies (the fused
     path recomputes under create_graph: its saved gradient is a constant)."""
-    monkeypatch.setattr(_common, "FUSED_BACKWARD", fused)
+    monkeypatch.setattr(_common, "FUSED_GRAD", fused)
     b = triton_backend.BACKEND
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 4, dtype=torch.float64, generator=gen).to(DEVICE).requires_grad_(True)
@@ -570,9 +570,9 @@ def test_bitwise_deterministic(dtype, fused):
 
 
 def test_fused_and_recompute_agree(monkeypatch):
-    monkeypatch.setattr(_common, "FUSED_BACKWARD", False)
+    monkeypatch.setattr(_common, "FUSED_GRAD", False)
     recompute = _run_all_ops(_all_ops_inputs(torch.float64))
-    monkeypatch.setattr(_common, "FUSED_BACKWARD", True)
+    monkeypatch.setattr(_common, "FUSED_GRAD", True)
     fused = _run_all_ops(_all_ops_inputs(torch.float64))
     for a, b in zip(recompute, fused):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -17,7 +17,7 @@ failed opcheck/compile under the interpreter):
 * ``*_fwd_fused``: forward that also returns the unscaled gradient; backward is
   ``triton_scale_rows``.
 
-Fused forward or recompute in backward (``gfl_ops.triton._common.FUSED_BACKWARD``, default
+Fused forward or recompute in backward (``gfl_ops.triton._common.FUSED_GRAD``, default
 ``False`` = recompute).  Counting bytes for QFL with (labels, scores) targets on N×C logits:
 
 * recompute: forward reads N·C; backward reads N·C and writes N·C -> 3 N·C moved;
@@ -68,7 +68,7 @@ def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:
 
 
 def _fused(pred: torch.Tensor) -> bool:
-    return _common.FUSED_BACKWARD and pred.requires_grad and torch.is_grad_enabled()
+    return _common.FUSED_GRAD and pred.requires_grad and torch.is_grad_enabled()
 
 
 class TritonBackend:

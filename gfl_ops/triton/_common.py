@@ -29,12 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Gradient strategy for all three operators (see gfl_ops/triton/__init__.py for the reasoning):
+# Gradient strategy for all three operators, the name the C++ backends use too
+# (gfl_ops/_cpp_backend.py, per device); the reasoning is in gfl_ops/triton/__init__.py.
 # False = forward writes only the loss and backward recomputes the gradient scaled by grad_output;
 # True = when pred requires grad, forward also writes the unscaled gradient, which backward only
 # scales by grad_output (``triton_scale_rows``).  Read at call time, so it can be switched at run
 # time (torch.compile guards on it).
-FUSED_BACKWARD = False
+FUSED_GRAD = False
 
 # Storage dtypes the kernels read directly; other floating dtypes are upcast to float32 first.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
