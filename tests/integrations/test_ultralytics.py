@@ -647,6 +647,23 @@ def test_pickled_patched_models_load_in_another_process(tmp_path: Path) -> None:
                        f"{module} FusedSegmentationModel FusedDFL"], out
 
 
+def test_adapter_classes_are_found_under_the_public_module() -> None:
+    """Pickles record a class's ``__module__`` and name: every class the adapter defines in its
+    private modules, or makes, names gfl_ops.integrations.ultralytics and is found there."""
+    adapter = sys.modules[patch.__module__]
+    classes = {obj for name, module in list(sys.modules.items())
+               if name.startswith(adapter.__name__ + ".")
+               for obj in vars(module).values()
+               if isinstance(obj, type) and obj.__name__.startswith(("Fused", "_Fused"))}
+    classes |= set(adapter._classes._FUSED.values())
+    assert FusedDFL in classes and FusedDetectionTrainer in classes
+    for cls in classes:
+        assert cls.__module__ == adapter.__name__, cls
+        if cls.__name__ != "FusedDetectionTrainer" and issubclass(cls, BaseTrainer):
+            continue  # made trainer classes stay off the namespace (cloudpickled by value)
+        assert getattr(adapter, cls.__qualname__) is cls, cls
+
+
 def assert_stock_checkpoint(path: Path, key: str) -> None:
     """The checkpoint names no gfl_ops class and loads with Ultralytics' restricted
     (weights_only) loader, as a stock model."""

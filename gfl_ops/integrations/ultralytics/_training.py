@@ -1,0 +1,130 @@
+"""Training with the fused ops: Ultralytics trainers made fused, and the patched ``YOLO`` class.
+
+Ultralytics' trainer builds a *new* DetectionModel (``get_model``), so patching the model object
+alone would be lost.  A fused trainer (:func:`patch_trainer`, :class:`FusedDetectionTrainer`)
+patches the model it builds or is given (hence also its EMA copy and resumed / DDP runs) and the
+best checkpoint it validates at the end, and writes its checkpoints with the stock classes.
+:class:`FusedYOLO` (a patched ``YOLO``) trains with such a trainer, re-patches ``yolo.model``
+after ``train()`` reloads it, and ``save()`` writes a stock checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ultralytics.engine.trainer import BaseTrainer
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.model import YOLO
+from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+
+from ._classes import _fused_subclass, _homed, _register
+from ._model import _patch_detection_model, _patch_if_model, _stock_while
+
+
+@_homed
+class _FusedTrainer:
+    """Mixin over an Ultralytics trainer class: every model it trains or validates is patched,
+    and the checkpoints it writes hold the stock classes."""
+
+    def get_model(self, *args: Any, **kwargs: Any) -> Any:
+        return _patch_if_model(super().get_model(*args, **kwargs))
+
+    def setup_model(self) -> Any:
+        # also covers a model handed over already built (YOLO.train, resume, DDP workers)
+        ckpt = super().setup_model()
+        _patch_if_model(self.model)
+        return ckpt
+
+    def save_model(self) -> Any:
+        # the checkpoint is a pickle of the EMA model: write it with the stock classes
+        with _stock_while(getattr(getattr(self, "ema", None), "ema", None)):
+            return super().save_model()
+
+    def final_eval(self) -> Any:
+        # Ultralytics validates best.pt by path, i.e. a stock model loaded from the checkpoint:
+        # hand the validator that model patched, for this call only.
+        validator = getattr(self, "validator", None)
+        if validator is None:
+            return super().final_eval()
+        stock_get_model = validator.get_model
+
+        def get_model(model: Any = None, trainer: Any = None, *args: Any, **kwargs: Any) -> Any:
+            if trainer is None and isinstance(model, (str, Path)) and str(model).endswith(".pt"):
+                model = _patch_if_model(load_checkpoint(model)[0])
+            return stock_get_model(model, trainer, *args, **kwargs)
+
+        validator.get_model = get_model
+        try:
+            return super().final_eval()
+        finally:
+            del validator.get_model
+
+
+@_homed
+class FusedDetectionTrainer(_FusedTrainer, DetectionTrainer):
+    """``DetectionTrainer`` whose models (trained, EMA, validated) run on gfl_ops.
+
+    For users who build trainers themselves: ``FusedDetectionTrainer(overrides=...).train()`` or
+    ``YOLO(...).train(trainer=FusedDetectionTrainer, ...)``; :func:`patch_trainer` makes the same
+    for any trainer class.
+    """
+
+
+_register(FusedDetectionTrainer, DetectionTrainer, _FusedTrainer)
+
+
+def patch_trainer(trainer: type[BaseTrainer] | BaseTrainer) -> Any:
+    """Make an Ultralytics trainer train, and validate, patched models.
+
+    Args:
+        trainer: a trainer class (e.g. ``DetectionTrainer`` or a user subclass) -> returns its
+            fused subclass (:class:`FusedDetectionTrainer` for ``DetectionTrainer``; cached), for
+            ``YOLO.train(trainer=...)`` or to instantiate; or a trainer instance -> patched in
+            place (class switched; its model and EMA patched if already built) and returned.
+
+    Raises:
+        TypeError: ``trainer`` is not an Ultralytics trainer class or instance.
+    """
+    if isinstance(trainer, type):
+        if not issubclass(trainer, BaseTrainer):
+            raise TypeError("patch_trainer() takes an Ultralytics trainer class or instance, got "
+                            f"class {trainer.__name__}")
+        return _fused_subclass(trainer, _FusedTrainer, by_name=False)
+    if not isinstance(trainer, BaseTrainer):
+        raise TypeError("patch_trainer() takes an Ultralytics trainer class or instance, got "
+                        f"{type(trainer).__name__}")
+    trainer.__class__ = _fused_subclass(type(trainer), _FusedTrainer, by_name=False)
+    _patch_if_model(getattr(trainer, "model", None))
+    _patch_if_model(getattr(getattr(trainer, "ema", None), "ema", None))
+    return trainer
+
+
+@_homed
+class _FusedYOLOMixin:
+    """Mixin over ``YOLO`` (any ``ultralytics.engine.model.Model``)."""
+
+    def train(self, trainer: type[BaseTrainer] | None = None, **kwargs: Any) -> Any:
+        """``YOLO.train`` with the task's trainer (or ``trainer``) made fused by
+        :func:`patch_trainer`; ``self.model`` is patched again after training."""
+        fused = patch_trainer(trainer or self._smart_load("trainer"))
+        try:
+            return super().train(trainer=fused, **kwargs)
+        finally:
+            # train() reloads self.model from the (stock) checkpoint it wrote
+            if isinstance(self._modules.get("model"), DetectionModel):
+                _patch_detection_model(self.model)
+                self.predictor = None
+
+    def save(self, filename: str | Path = "saved_model.pt") -> None:
+        """``YOLO.save`` writing the stock classes (loadable without gfl_ops)."""
+        with _stock_while(self._modules.get("model")):
+            super().save(filename)
+
+
+@_homed
+class FusedYOLO(_FusedYOLOMixin, YOLO):
+    """The class of a patched ``YOLO`` object."""
+
+
+_register(FusedYOLO, YOLO, _FusedYOLOMixin)
