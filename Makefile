@@ -71,6 +71,7 @@ gpu-check:
 # ruff needs the dev requirements only, not the compiled extension
 lint: $(VENV)/.deps-stamp
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf build *.egg-info gfl_ops/_C*.so $(VENV)/.build-stamp

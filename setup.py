@@ -70,10 +70,15 @@ def _extensions():
     with_cuda, reason = _cuda_config(torch)
     # The DEFAULT build of the CPU kernels is listed before the AVX2 one so that the linker keeps
     # the portable copies of shared inline functions.
-    sources = ["csrc/ops.cpp", "csrc/eager_autograd.cpp", "csrc/cpu/ops_cpu.cpp",
-               "csrc/cpu/buffer_cache.cpp",
-               "csrc/cpu/kernels_default.cpp", "csrc/cpu/kernels_avx2.cpp",
-               "csrc/cpu/kernels_avx512.cpp"]
+    sources = [
+        "csrc/ops.cpp",
+        "csrc/eager_autograd.cpp",
+        "csrc/cpu/ops_cpu.cpp",
+        "csrc/cpu/buffer_cache.cpp",
+        "csrc/cpu/kernels_default.cpp",
+        "csrc/cpu/kernels_avx2.cpp",
+        "csrc/cpu/kernels_avx512.cpp",
+    ]
     # -Wno-psabi: GCC notes that AVX2 lambdas in at::vec change the ABI; they never cross a TU.
     cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-psabi"]
     link_flags = []
@@ -98,14 +103,27 @@ def _extensions():
     print(f"  ninja          {'yes' if shutil.which('ninja') else 'no'}")
     print(f"  sources        {len(sources)} files")
     if with_cuda:
-        return [CUDAExtension(
-            "gfl_ops._C", sources, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags,
-                                "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+        return [
+            CUDAExtension(
+                "gfl_ops._C",
+                sources,
+                define_macros=define_macros,
+                extra_compile_args={
+                    "cxx": cxx_flags,
+                    "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+                },
+                extra_link_args=link_flags,
+            )
+        ]
+    return [
+        CppExtension(
+            "gfl_ops._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
-        )]
-    return [CppExtension("gfl_ops._C", sources, define_macros=define_macros,
-                         extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)]
+        )
+    ]
 
 
 def _cmdclass():

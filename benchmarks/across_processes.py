@@ -39,13 +39,17 @@ TARGETS = {
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.across_processes",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.across_processes", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--processes", type=int, default=5)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
-    ap.add_argument("--report-only", action="store_true",
-                    help="only rewrite the markdown from the CSV's newest series")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rewrite the markdown from the CSV's newest series",
+    )
     args, rest = ap.parse_known_args(argv)
     if args.processes < 1:
         ap.error("--processes must be >= 1")
@@ -53,18 +57,31 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _csv_name(device: torch.device) -> str:
-    return csvio.csv_path(Path("."), device).name.replace(f"{device.type}-",
-                                                          f"across-processes-{device.type}-", 1)
+    return csvio.csv_path(Path("."), device).name.replace(
+        f"{device.type}-", f"across-processes-{device.type}-", 1
+    )
 
 
 def run_processes(args: argparse.Namespace, rest: list[str], csv_path: Path) -> str:
     """Runs the benchmark in ``args.processes`` processes; returns the series' start time, in
     the run_id format (every row of the series has a run_id at or after it)."""
     series = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    defaults = {"--preset": "core-targets", "--providers": "eager,compile,gfl_ops-cpu"
-                if args.device == "cpu" else None}
-    cmd = [sys.executable, "-m", "benchmarks.run", "--device", args.device, "--out",
-           str(args.out), "--csv", csv_path.name, "--no-report"]
+    defaults = {
+        "--preset": "core-targets",
+        "--providers": "eager,compile,gfl_ops-cpu" if args.device == "cpu" else None,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--device",
+        args.device,
+        "--out",
+        str(args.out),
+        "--csv",
+        csv_path.name,
+        "--no-report",
+    ]
     for flag, value in defaults.items():
         if value is not None and not any(a == flag or a.startswith(flag + "=") for a in rest):
             cmd += [flag, value]
@@ -115,19 +132,29 @@ def summarise(rows: list[dict[str, str]], since: str) -> list[str]:
         frac = [float(r["frac_copy_bw"]) for r in grp if r.get("frac_copy_bw")]
         target, verdict = "", ""
         goal = TARGETS.get((op, size))
-        if (goal and prov.startswith("gfl_ops") and mode == "fwd+bwd" and dtype == "float32"
-                and se and sc):
+        if (
+            goal
+            and prov.startswith("gfl_ops")
+            and mode == "fwd+bwd"
+            and dtype == "float32"
+            and se
+            and sc
+        ):
             every, med, comp = goal
             ok = min(se) >= every and statistics.median(se) >= med and min(sc) >= comp
-            target = (f">= {every:g}x eager every process" + (f", {med:g}x median" if med > every
-                                                                else "")
-                      + f", >= {comp:g}x compile")
+            target = (
+                f">= {every:g}x eager every process"
+                + (f", {med:g}x median" if med > every else "")
+                + f", >= {comp:g}x compile"
+            )
             verdict = "**PASS**" if ok else "**FAIL**"
         frac_med = f"{100 * statistics.median(frac):.1f}%" if frac else "-"
-        lines.append(f"| {op} | {size} | {mode} | {dtype} | {prov} | {fmt(ms)} | "
-                     f"{fmt(_stats(se), 'x') if se else '-'} | "
-                     f"{fmt(_stats(sc), 'x') if sc else '-'} | {frac_med} | {target} | "
-                     f"{verdict} |")
+        lines.append(
+            f"| {op} | {size} | {mode} | {dtype} | {prov} | {fmt(ms)} | "
+            f"{fmt(_stats(se), 'x') if se else '-'} | "
+            f"{fmt(_stats(sc), 'x') if sc else '-'} | {frac_med} | {target} | "
+            f"{verdict} |"
+        )
     return lines
 
 
@@ -144,10 +171,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     md = csv_path.with_suffix(".md")
     title = "# The core targets measured in separate processes"
     cmd = "python -m benchmarks.across_processes " + " ".join(
-        [f"--processes {args.processes}", f"--device {args.device}"] + rest)
-    md.write_text("\n".join([title, "", f"Command: `{cmd}` (see benchmarks/across_processes.py)",
-                             ""] + summarise(csvio.read_rows(csv_path), since)) + "\n",
-                  encoding="utf-8")
+        [f"--processes {args.processes}", f"--device {args.device}"] + rest
+    )
+    md.write_text(
+        "\n".join(
+            [title, "", f"Command: `{cmd}` (see benchmarks/across_processes.py)", ""]
+            + summarise(csvio.read_rows(csv_path), since)
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     print(f"# wrote {md}")
     return 0
 

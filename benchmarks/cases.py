@@ -75,8 +75,13 @@ class Inputs:
 _K = 1000
 
 
-def _grid(op: str, rows: Sequence[int], cols: Sequence[int], max_elements: float = math.inf,
-          core: Sequence[tuple[int, int]] = ()) -> list[Case]:
+def _grid(
+    op: str,
+    rows: Sequence[int],
+    cols: Sequence[int],
+    max_elements: float = math.inf,
+    core: Sequence[tuple[int, int]] = (),
+) -> list[Case]:
     sizes = {(r, c) for r in rows for c in cols if r * c <= max_elements} | set(core)
     return [Case(op, r, c, core=(r, c) in set(core)) for r, c in sorted(sizes)]
 
@@ -103,23 +108,36 @@ def preset_cases(preset: str, device_type: str) -> list[Case]:
     if preset == "quick":
         return [Case("qfl", 1 * _K, 20), Case("dfl", 1 * _K, 17), Case("integral", 1 * _K, 17)]
     if preset == "core-targets":
-        return ([Case("qfl", r, c, core=True) for r, c in QFL_CORE]
-                + [Case(op, r, c, core=True) for op in ("dfl", "integral") for r, c in ROWS_CORE])
+        return [Case("qfl", r, c, core=True) for r, c in QFL_CORE] + [
+            Case(op, r, c, core=True) for op in ("dfl", "integral") for r, c in ROWS_CORE
+        ]
     if preset == "gpu-targets":
-        return ([Case("qfl", 640 * _K, c) for c in (20, 80, 365)]
-                + [Case(op, 640 * _K, b) for op in ("dfl", "integral") for b in (8, 17, 33)])
+        return [Case("qfl", 640 * _K, c) for c in (20, 80, 365)] + [
+            Case(op, 640 * _K, b) for op in ("dfl", "integral") for b in (8, 17, 33)
+        ]
     if preset != "full":
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     if device_type == "cpu":
-        qfl = _grid("qfl", (1 * _K, 20 * _K, 160 * _K, 640 * _K), (20, 80, 365),
-                    _CPU_QFL_MAX_ELEMENTS, QFL_CORE)
-        rows_cases = [c for op in ("dfl", "integral")
-                      for c in _grid(op, (1 * _K, 64 * _K, 640 * _K), (17,), core=ROWS_CORE)
-                      + _grid(op, (64 * _K, 640 * _K), (8, 33))]
+        qfl = _grid(
+            "qfl",
+            (1 * _K, 20 * _K, 160 * _K, 640 * _K),
+            (20, 80, 365),
+            _CPU_QFL_MAX_ELEMENTS,
+            QFL_CORE,
+        )
+        rows_cases = [
+            c
+            for op in ("dfl", "integral")
+            for c in _grid(op, (1 * _K, 64 * _K, 640 * _K), (17,), core=ROWS_CORE)
+            + _grid(op, (64 * _K, 640 * _K), (8, 33))
+        ]
         return qfl + sorted(rows_cases, key=lambda c: (c.op != "dfl", c.rows, c.cols))
     qfl = _grid("qfl", (1 * _K, 20 * _K, 160 * _K, 640 * _K), (20, 80, 365), core=QFL_CORE)
-    rows_cases = [c for op in ("dfl", "integral")
-                  for c in _grid(op, (1 * _K, 64 * _K, 640 * _K), (8, 17, 33), core=ROWS_CORE)]
+    rows_cases = [
+        c
+        for op in ("dfl", "integral")
+        for c in _grid(op, (1 * _K, 64 * _K, 640 * _K), (8, 17, 33), core=ROWS_CORE)
+    ]
     return qfl + rows_cases
 
 
@@ -135,8 +153,9 @@ def is_large(case: Case) -> bool:
 # inputs
 
 
-def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, requires_grad: bool,
-                seed: int) -> Inputs:
+def make_inputs(
+    case: Case, dtype: torch.dtype, device: torch.device, requires_grad: bool, seed: int
+) -> Inputs:
     """Random inputs of ``case`` shaped and distributed as a detector produces them.
 
     * QFL: logits ~ N(0, 1); 2% of anchors positive with a label uniform in [0, C) and an IoU

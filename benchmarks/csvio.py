@@ -20,31 +20,88 @@ import torch
 # Columns of the microbenchmark CSV, in order.  See benchmarks/README.md for their meaning.
 FIELDS = (
     # run metadata
-    "run_id", "date_utc", "preset", "device_type", "device_name", "cpu_threads", "torch",
-    "triton", "cuda", "git_commit", "git_dirty", "copy_gbps",
+    "run_id",
+    "date_utc",
+    "preset",
+    "device_type",
+    "device_name",
+    "cpu_threads",
+    "torch",
+    "triton",
+    "cuda",
+    "git_commit",
+    "git_dirty",
+    "copy_gbps",
     # 'fresh' or 'reused' inputs (benchmarks/steps.py); empty in rows from before it existed
     "inputs",
     # the case
-    "op", "provider", "mode", "dtype", "size", "rows", "cols", "elements",
+    "op",
+    "provider",
+    "mode",
+    "dtype",
+    "size",
+    "rows",
+    "cols",
+    "elements",
     # timing
-    "median_ms", "p20_ms", "p80_ms", "reps", "rotating_sets",
-    "speedup_vs_eager", "speedup_vs_compile",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "reps",
+    "rotating_sets",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
     # memory
-    "peak_extra_mb", "grad_mb", "extra_per_grad",
+    "peak_extra_mb",
+    "grad_mb",
+    "extra_per_grad",
     # bandwidth
-    "floor_bytes", "floor_ms", "time_over_floor", "achieved_gbps", "frac_copy_bw",
+    "floor_bytes",
+    "floor_ms",
+    "time_over_floor",
+    "achieved_gbps",
+    "frac_copy_bw",
     # other
-    "compile_s", "rel_err_fp64", "core_target", "notes",
+    "compile_s",
+    "rel_err_fp64",
+    "core_target",
+    "notes",
 )
 
 # Columns of the end-to-end loss-step CSV (benchmarks/e2e_loss_step.py).
 E2E_CSV = "e2e_loss_step.csv"
-RUN_FIELDS = ("run_id", "date_utc", "preset", "device_type", "device_name", "cpu_threads",
-              "torch", "triton", "cuda", "git_commit", "git_dirty")
+RUN_FIELDS = (
+    "run_id",
+    "date_utc",
+    "preset",
+    "device_type",
+    "device_name",
+    "cpu_threads",
+    "torch",
+    "triton",
+    "cuda",
+    "git_commit",
+    "git_dirty",
+)
 E2E_FIELDS = RUN_FIELDS + (
-    "losses", "dtype", "batch", "image", "num_classes", "reg_max", "anchors", "positives",
-    "assign_ms", "loss_ms", "loss_p20_ms", "loss_p80_ms", "step_ms", "loss_share",
-    "loss_speedup", "reps", "model", "notes",
+    "losses",
+    "dtype",
+    "batch",
+    "image",
+    "num_classes",
+    "reg_max",
+    "anchors",
+    "positives",
+    "assign_ms",
+    "loss_ms",
+    "loss_p20_ms",
+    "loss_p80_ms",
+    "step_ms",
+    "loss_share",
+    "loss_speedup",
+    "reps",
+    "model",
+    "notes",
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +109,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=20, check=True)
+        out = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
@@ -66,8 +124,9 @@ def git_commit() -> tuple[str, str]:
         return env, "unknown"
     commit = _git("rev-parse", "HEAD") or "unknown"
     # the results folder is this harness's own output, not code: it does not make a run dirty
-    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                  ":(exclude)benchmarks/results")
+    status = _git(
+        "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"
+    )
     dirty = "unknown" if status is None else ("yes" if status else "no")
     return commit, dirty
 

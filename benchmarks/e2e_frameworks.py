@@ -45,9 +45,26 @@ from benchmarks.peers import ensure_mmcv_ops
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
-FIELDS = ("framework", "variant", "step_ms", "loss_ms", "loss_share", "step_speedup",
-          "loss_speedup", "steps", "image", "device_type", "device_name", "cpu_threads",
-          "torch", "framework_version", "git_commit", "git_dirty", "date_utc", "notes")
+FIELDS = (
+    "framework",
+    "variant",
+    "step_ms",
+    "loss_ms",
+    "loss_share",
+    "step_speedup",
+    "loss_speedup",
+    "steps",
+    "image",
+    "device_type",
+    "device_name",
+    "cpu_threads",
+    "torch",
+    "framework_version",
+    "git_commit",
+    "git_dirty",
+    "date_utc",
+    "notes",
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -63,8 +80,9 @@ def _time(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _medians(fns: dict[str, Callable[[], object]], steps: int,
-             device: torch.device) -> dict[str, float]:
+def _medians(
+    fns: dict[str, Callable[[], object]], steps: int, device: torch.device
+) -> dict[str, float]:
     for fn in fns.values():  # warm-up, untimed
         fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
@@ -74,15 +92,19 @@ def _medians(fns: dict[str, Callable[[], object]], steps: int,
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def _measure(models: dict[str, torch.nn.Module],
-             step_loss: Callable[[torch.nn.Module], torch.Tensor],
-             fixed_loss: Callable[[torch.nn.Module], Callable[[], torch.Tensor]],
-             steps: int, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+def _measure(
+    models: dict[str, torch.nn.Module],
+    step_loss: Callable[[torch.nn.Module], torch.Tensor],
+    fixed_loss: Callable[[torch.nn.Module], Callable[[], torch.Tensor]],
+    steps: int,
+    device: torch.device,
+) -> tuple[dict[str, float], dict[str, float]]:
     """Median ms of a whole SGD step and of the loss's forward+backward alone, per variant.
 
     ``step_loss(model)``: the scalar training loss of one forward of ``model``;
     ``fixed_loss(model)``: a callable giving the loss from head outputs held fixed (leaves).
     """
+
     def step(model: torch.nn.Module) -> Callable[[], None]:
         optim = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
@@ -91,14 +113,17 @@ def _measure(models: dict[str, torch.nn.Module],
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
+
         return run
 
     def loss_only(model: torch.nn.Module) -> Callable[[], None]:
         loss_of = fixed_loss(model)
         return lambda: loss_of().backward()
 
-    return (_medians({k: step(m) for k, m in models.items()}, steps, device),
-            _medians({k: loss_only(m) for k, m in models.items()}, steps, device))
+    return (
+        _medians({k: step(m) for k, m in models.items()}, steps, device),
+        _medians({k: loss_only(m) for k, m in models.items()}, steps, device),
+    )
 
 
 def _boxes(batch: int, size: int, num_gt: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -122,14 +147,29 @@ def _gfl_head(device: torch.device):
 
     register_all_modules()
     cfg = dict(
-        type="GFLHead", num_classes=80, in_channels=256, stacked_convs=4, feat_channels=256,
-        anchor_generator=dict(type="AnchorGenerator", ratios=[1.0], octave_base_scale=8,
-                              scales_per_octave=1, strides=[8, 16, 32, 64, 128]),
+        type="GFLHead",
+        num_classes=80,
+        in_channels=256,
+        stacked_convs=4,
+        feat_channels=256,
+        anchor_generator=dict(
+            type="AnchorGenerator",
+            ratios=[1.0],
+            octave_base_scale=8,
+            scales_per_octave=1,
+            strides=[8, 16, 32, 64, 128],
+        ),
         loss_cls=dict(type="QualityFocalLoss", use_sigmoid=True, beta=2.0, loss_weight=1.0),
         loss_dfl=dict(type="DistributionFocalLoss", loss_weight=0.25),
-        reg_max=16, loss_bbox=dict(type="GIoULoss", loss_weight=2.0),
-        train_cfg=ConfigDict(assigner=dict(type="ATSSAssigner", topk=9), allowed_border=-1,
-                             pos_weight=-1, debug=False))
+        reg_max=16,
+        loss_bbox=dict(type="GIoULoss", loss_weight=2.0),
+        train_cfg=ConfigDict(
+            assigner=dict(type="ATSSAssigner", topk=9),
+            allowed_border=-1,
+            pos_weight=-1,
+            debug=False,
+        ),
+    )
     return MODELS.build(cfg).to(device).train()
 
 
@@ -145,16 +185,19 @@ def bench_mmdet(device: torch.device, image: int, steps: int) -> tuple[list[dict
     fused = fuse(copy.deepcopy(stock))
     gen = torch.Generator().manual_seed(0)
     batch = 2
-    feats = [torch.randn(batch, 256, image // s, image // s, generator=gen).to(device)
-             for s in (8, 16, 32, 64, 128)]
+    feats = [
+        torch.randn(batch, 256, image // s, image // s, generator=gen).to(device)
+        for s in (8, 16, 32, 64, 128)
+    ]
     gts = []
     for boxes in _boxes(batch, image, 8, gen):
         gt = InstanceData()
         gt.bboxes = boxes.to(device)
         gt.labels = torch.randint(0, 80, (len(boxes),), generator=gen).to(device)
         gts.append(gt)
-    metas = [dict(img_shape=(image, image), pad_shape=(image, image), batch_input_shape=(
-        image, image))] * batch
+    metas = [
+        dict(img_shape=(image, image), pad_shape=(image, image), batch_input_shape=(image, image))
+    ] * batch
 
     def total(losses: dict) -> torch.Tensor:  # GFLHead's losses: tensors or per-level lists
         return sum(v if isinstance(v, torch.Tensor) else sum(v) for v in losses.values())
@@ -165,11 +208,16 @@ def bench_mmdet(device: torch.device, image: int, steps: int) -> tuple[list[dict
         leaves = [[t.detach().requires_grad_(True) for t in level] for level in outs]
         return lambda: total(head.loss_by_feat(*leaves, gts, metas))
 
-    step_ms, loss_ms = _measure({"stock": stock, "fused": fused},
-                                lambda head: total(head.loss_by_feat(*head(feats), gts, metas)),
-                                fixed_loss, steps, device)
-    return _rows("mmdet GFLHead (gfl_r50_fpn_1x head)", step_ms, loss_ms,
-                 f"mmdet {mmdet.__version__}"), note
+    step_ms, loss_ms = _measure(
+        {"stock": stock, "fused": fused},
+        lambda head: total(head.loss_by_feat(*head(feats), gts, metas)),
+        fixed_loss,
+        steps,
+        device,
+    )
+    return _rows(
+        "mmdet GFLHead (gfl_r50_fpn_1x head)", step_ms, loss_ms, f"mmdet {mmdet.__version__}"
+    ), note
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,41 +242,60 @@ def bench_ultralytics(device: torch.device, image: int, steps: int) -> tuple[lis
     xyxy = torch.cat(boxes) / image
     targets = {
         "img": images,
-        "batch_idx": torch.cat([torch.full((len(b),), float(i)) for i, b in
-                                enumerate(boxes)]).to(device),
+        "batch_idx": torch.cat([torch.full((len(b),), float(i)) for i, b in enumerate(boxes)]).to(
+            device
+        ),
         "cls": torch.randint(0, 80, (len(xyxy), 1), generator=gen).float().to(device),
-        "bboxes": torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]],
-                            dim=1).to(device),
+        "bboxes": torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1).to(
+            device
+        ),
     }
 
     def fixed_loss(model) -> Callable[[], torch.Tensor]:
         with torch.no_grad():
             preds = model(images)
-        leaves = {k: ([t.detach().requires_grad_(True) for t in v] if isinstance(v, list) else
-                      v.detach().requires_grad_(v.is_floating_point()))
-                  for k, v in preds.items()}
+        leaves = {
+            k: (
+                [t.detach().requires_grad_(True) for t in v]
+                if isinstance(v, list)
+                else v.detach().requires_grad_(v.is_floating_point())
+            )
+            for k, v in preds.items()
+        }
         return lambda: model.loss(targets, leaves)[0].sum()
 
-    step_ms, loss_ms = _measure({"stock": stock, "fused": fused},
-                                lambda model: model.loss(targets)[0].sum(), fixed_loss, steps,
-                                device)
-    return _rows("Ultralytics YOLOv8n", step_ms, loss_ms,
-                 f"ultralytics {ultralytics.__version__}"), ""
+    step_ms, loss_ms = _measure(
+        {"stock": stock, "fused": fused},
+        lambda model: model.loss(targets)[0].sum(),
+        fixed_loss,
+        steps,
+        device,
+    )
+    return _rows(
+        "Ultralytics YOLOv8n", step_ms, loss_ms, f"ultralytics {ultralytics.__version__}"
+    ), ""
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def _rows(framework: str, step_ms: dict[str, float], loss_ms: dict[str, float],
-          version: str) -> list[dict]:
+def _rows(
+    framework: str, step_ms: dict[str, float], loss_ms: dict[str, float], version: str
+) -> list[dict]:
     rows = []
     for variant in ("stock", "fused"):
-        rows.append({
-            "framework": framework, "variant": variant, "step_ms": step_ms[variant],
-            "loss_ms": loss_ms[variant], "loss_share": loss_ms[variant] / step_ms[variant],
-            "step_speedup": step_ms["stock"] / step_ms[variant],
-            "loss_speedup": loss_ms["stock"] / loss_ms[variant], "framework_version": version,
-        })
+        rows.append(
+            {
+                "framework": framework,
+                "variant": variant,
+                "step_ms": step_ms[variant],
+                "loss_ms": loss_ms[variant],
+                "loss_share": loss_ms[variant] / step_ms[variant],
+                "step_speedup": step_ms["stock"] / step_ms[variant],
+                "loss_speedup": loss_ms["stock"] / loss_ms[variant],
+                "framework_version": version,
+            }
+        )
     return rows
 
 
@@ -243,16 +310,19 @@ def _markdown(rows: list[dict], meta: dict[str, str], notes: list[str], command:
         f"Device: {meta['device_name']} ({meta['cpu_threads']} CPU threads); torch "
         f"{meta['torch']}; commit {meta['git_commit'][:10]}"
         f"{' (dirty tree)' if meta['git_dirty'] == 'yes' else ''}; {meta['date_utc']} UTC.",
-        f"Command: `{command}`", "",
+        f"Command: `{command}`",
+        "",
         "| framework | variant | image | step ms | loss fwd+bwd ms | loss share of step |"
         " step speed-up | loss speed-up |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['framework']} ({r['framework_version']}) | {r['variant']} | "
-                     f"{r['image']} | {r['step_ms']:.1f} | {r['loss_ms']:.1f} | "
-                     f"{r['loss_share']:.1%} | {r['step_speedup']:.2f}x | "
-                     f"{r['loss_speedup']:.2f}x |")
+        lines.append(
+            f"| {r['framework']} ({r['framework_version']}) | {r['variant']} | "
+            f"{r['image']} | {r['step_ms']:.1f} | {r['loss_ms']:.1f} | "
+            f"{r['loss_share']:.1%} | {r['step_speedup']:.2f}x | "
+            f"{r['loss_speedup']:.2f}x |"
+        )
     lines += ["", *(f"- {n}" for n in notes if n)]
     return "\n".join(lines) + "\n"
 
@@ -261,8 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (median)")
-    ap.add_argument("--image", type=int, default=None,
-                    help="square image side in pixels (default: mmdet 800, ultralytics 640)")
+    ap.add_argument(
+        "--image",
+        type=int,
+        default=None,
+        help="square image side in pixels (default: mmdet 800, ultralytics 640)",
+    )
     ap.add_argument("--frameworks", default="mmdet,ultralytics")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
@@ -276,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(note)
         for r in got:
             r.update(meta, steps=args.steps, image=f"{image}x{image}", notes=note)
-            print(f"{r['framework']:<40} {r['variant']:<6} step {r['step_ms']:8.1f} ms  loss "
-                  f"{r['loss_ms']:7.1f} ms  share {r['loss_share']:6.1%}  step x"
-                  f"{r['step_speedup']:.2f}  loss x{r['loss_speedup']:.2f}")
+            print(
+                f"{r['framework']:<40} {r['variant']:<6} step {r['step_ms']:8.1f} ms  loss "
+                f"{r['loss_ms']:7.1f} ms  share {r['loss_share']:6.1%}  step x"
+                f"{r['step_speedup']:.2f}  loss x{r['loss_speedup']:.2f}"
+            )
         rows += got
         print(f"# {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     stem = f"e2e-frameworks-{device.type}-{csvio.slug(meta['device_name'].split(' (')[0])}"

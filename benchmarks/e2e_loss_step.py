@@ -40,8 +40,15 @@ from benchmarks import csvio, timing
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def make_targets(batch: int, height: int, width: int, num_gt: int, num_classes: int,
-                 device: torch.device, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def make_targets(
+    batch: int,
+    height: int,
+    width: int,
+    num_gt: int,
+    num_classes: int,
+    device: torch.device,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
     """Ground truths: ``num_gt`` boxes per image, sides log-uniform in [16, 512] px (clipped to
     the image), centres uniform, labels uniform."""
     gen = torch.Generator().manual_seed(seed)
@@ -69,13 +76,20 @@ def _assignment_cached(result: torch.Tensor) -> Iterator[None]:
         losses_mod.atss_assign_batched = original
 
 
-def _bench(fns: dict[str, Callable[[], object]], device: torch.device, budget_s: float,
-           min_reps: int) -> dict[str, timing.Timing]:
+def _bench(
+    fns: dict[str, Callable[[], object]], device: torch.device, budget_s: float, min_reps: int
+) -> dict[str, timing.Timing]:
     """Time callables that have each been called once already (so one more warm-up call)."""
     if device.type == "cuda":
         return {name: timing.bench_cuda(fn, min_reps=min_reps) for name, fn in fns.items()}
-    return timing.bench_cpu(fns, budget_s=budget_s, min_reps=min_reps, rounds=min(min_reps, 5),
-                            min_warmup=1, warmup_s=0.0)
+    return timing.bench_cpu(
+        fns,
+        budget_s=budget_s,
+        min_reps=min_reps,
+        rounds=min(min_reps, 5),
+        min_warmup=1,
+        warmup_s=0.0,
+    )
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -94,9 +108,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     images = torch.randn(args.batch, 3, height, width, device=device)
     targets = make_targets(args.batch, height, width, args.gts, args.num_classes, device)
     # Triton on CPU is its interpreter: not a timing (see peers.ours_backends)
-    backends = ["reference"] + [b for b in gfl_ops.available_backends(device.type)
-                                if b != "reference" and not (device.type == "cpu"
-                                                             and b == "triton")]
+    backends = ["reference"] + [
+        b
+        for b in gfl_ops.available_backends(device.type)
+        if b != "reference" and not (device.type == "cpu" and b == "triton")
+    ]
     if args.backends:
         backends = [b for b in backends if b in args.backends.split(",")]
     notes = []
@@ -110,8 +126,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     gt_boxes, _, gt_valid = pad_targets(targets, args.num_classes, device)
 
     def assign() -> torch.Tensor:
-        return atss_assign_batched(anchors.boxes, anchors.num_level_anchors, gt_boxes, gt_valid,
-                                   cfg.atss_topk)
+        return atss_assign_batched(
+            anchors.boxes, anchors.num_level_anchors, gt_boxes, gt_valid, cfg.atss_topk
+        )
 
     assigned = assign()
     positives = int((assigned >= 0).sum())
@@ -131,6 +148,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             out = criterion(c_leaf, r_leaf, None, anchors, targets)["loss"]
             out.backward()
             return out
+
         loss_fns[b] = loss_step
     with _assignment_cached(assigned):
         values = {b: float(fn().detach()) for b, fn in loss_fns.items()}  # warm-up + agreement
@@ -155,6 +173,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 loss = model(images, targets)["loss"]
                 loss.backward()
                 return loss
+
             step_fns[b] = train_step
         for fn in step_fns.values():
             fn()  # first call (allocations, kernel loading), untimed
@@ -167,43 +186,68 @@ def run(args: argparse.Namespace) -> list[dict]:
     for b in backends:
         lt = loss_t[b]
         st = step_t.get(b)
-        rows.append({**meta, "losses": "reference" if b == "reference" else f"gfl_ops-{b}",
-                     "dtype": "float32", "batch": args.batch, "image": f"{width}x{height}",
-                     "num_classes": args.num_classes, "reg_max": args.reg_max,
-                     "anchors": int(anchors.boxes.size(0)) * args.batch, "positives": positives,
-                     "assign_ms": assign_t.median_ms, "loss_ms": lt.median_ms,
-                     "loss_p20_ms": lt.p20_ms, "loss_p80_ms": lt.p80_ms,
-                     "step_ms": st.median_ms if st else None,
-                     "loss_share": lt.median_ms / st.median_ms if st else None,
-                     "loss_speedup": ref_loss / lt.median_ms if ref_loss else None,
-                     "reps": lt.reps, "model": model_name, "notes": "; ".join(notes)})
+        rows.append(
+            {
+                **meta,
+                "losses": "reference" if b == "reference" else f"gfl_ops-{b}",
+                "dtype": "float32",
+                "batch": args.batch,
+                "image": f"{width}x{height}",
+                "num_classes": args.num_classes,
+                "reg_max": args.reg_max,
+                "anchors": int(anchors.boxes.size(0)) * args.batch,
+                "positives": positives,
+                "assign_ms": assign_t.median_ms,
+                "loss_ms": lt.median_ms,
+                "loss_p20_ms": lt.p20_ms,
+                "loss_p80_ms": lt.p80_ms,
+                "step_ms": st.median_ms if st else None,
+                "loss_share": lt.median_ms / st.median_ms if st else None,
+                "loss_speedup": ref_loss / lt.median_ms if ref_loss else None,
+                "reps": lt.reps,
+                "model": model_name,
+                "notes": "; ".join(notes),
+            }
+        )
     return rows
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e_loss_step",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"),
-                    default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.e2e_loss_step", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     ap.add_argument("--batch", type=int, default=2, help="images per step (per GPU: 2)")
     ap.add_argument("--image", default="1344x800", help="padded input WxH (default 1344x800)")
     ap.add_argument("--depth", type=int, default=50, help="ResNet depth (default 50)")
     ap.add_argument("--num-classes", type=int, default=80)
     ap.add_argument("--reg-max", type=int, default=16)
     ap.add_argument("--gts", type=int, default=8, help="ground truths per image")
-    ap.add_argument("--backends", default=None,
-                    help="comma-separated subset of reference,cpu,cuda,triton")
-    ap.add_argument("--no-step", action="store_true",
-                    help="skip the whole training step (no loss share)")
-    ap.add_argument("--budget-s", type=float, default=2.0,
-                    help="CPU: timed seconds per loss measurement")
+    ap.add_argument(
+        "--backends", default=None, help="comma-separated subset of reference,cpu,cuda,triton"
+    )
+    ap.add_argument(
+        "--no-step", action="store_true", help="skip the whole training step (no loss share)"
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=2.0, help="CPU: timed seconds per loss measurement"
+    )
     ap.add_argument("--min-reps", type=int, default=5)
-    ap.add_argument("--step-budget-s", type=float, default=10.0,
-                    help="CPU: timed seconds per whole-step measurement")
+    ap.add_argument(
+        "--step-budget-s",
+        type=float,
+        default=10.0,
+        help="CPU: timed seconds per whole-step measurement",
+    )
     ap.add_argument("--step-min-reps", type=int, default=3)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke test: ResNet-18, one 320x256 image, 20 classes, few reps, "
-                         "writing to results/quick/")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: ResNet-18, one 320x256 image, 20 classes, few reps, "
+        "writing to results/quick/",
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args(argv)
@@ -222,22 +266,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         import detector.models  # noqa: F401
     except ImportError as exc:
         raise SystemExit(
-            f"the detector package is needed for the end-to-end benchmark: {exc}") from exc
+            f"the detector package is needed for the end-to-end benchmark: {exc}"
+        ) from exc
     out_dir = args.out or (RESULTS_DIR / "quick" if args.quick else RESULTS_DIR)
     started = time.perf_counter()
     rows = run(args)
     path = out_dir / csvio.E2E_CSV
     csvio.append_rows(path, rows, csvio.E2E_FIELDS)
-    print(f"# {rows[0]['device_name']} | torch {rows[0]['torch']} | batch {args.batch} x "
-          f"{args.image} | {rows[0]['anchors']} anchors, {rows[0]['positives']} positives | "
-          f"assignment {rows[0]['assign_ms']:.4g} ms")
+    print(
+        f"# {rows[0]['device_name']} | torch {rows[0]['torch']} | batch {args.batch} x "
+        f"{args.image} | {rows[0]['anchors']} anchors, {rows[0]['positives']} positives | "
+        f"assignment {rows[0]['assign_ms']:.4g} ms"
+    )
     for r in rows:
         share = f"{100 * r['loss_share']:.1f}%" if r["loss_share"] is not None else "-"
         step = f"{r['step_ms']:.5g}" if r["step_ms"] is not None else "-"
-        print(f"{r['losses']:<14} loss fwd+bwd {r['loss_ms']:9.4g} ms "
-              f"[{r['loss_p20_ms']:.4g}-{r['loss_p80_ms']:.4g}]  x{r['loss_speedup']:.2f} vs "
-              f"reference  | step {step} ms, losses {share} of it"
-              + (f"  [{r['notes']}]" if r["notes"] else ""))
+        print(
+            f"{r['losses']:<14} loss fwd+bwd {r['loss_ms']:9.4g} ms "
+            f"[{r['loss_p20_ms']:.4g}-{r['loss_p80_ms']:.4g}]  x{r['loss_speedup']:.2f} vs "
+            f"reference  | step {step} ms, losses {share} of it"
+            + (f"  [{r['notes']}]" if r["notes"] else "")
+        )
     print(f"# measured in {time.perf_counter() - started:.0f} s; rows appended to {path}")
     if not args.no_report:
         from benchmarks import report

@@ -52,10 +52,18 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
 # the operator tests worth GPU time, cheapest and most GPU-specific first
-TESTS_QUICK = ["tests/test_cuda_only.py", "tests/test_api.py",
-               "tests/test_gradients_beyond_pred.py"]
-TESTS_FULL = TESTS_QUICK + ["tests/test_qfl.py", "tests/test_dfl.py", "tests/test_integral.py",
-                            "tests/test_torch_integration.py", "tests/test_triton_backend.py"]
+TESTS_QUICK = [
+    "tests/test_cuda_only.py",
+    "tests/test_api.py",
+    "tests/test_gradients_beyond_pred.py",
+]
+TESTS_FULL = TESTS_QUICK + [
+    "tests/test_qfl.py",
+    "tests/test_dfl.py",
+    "tests/test_integral.py",
+    "tests/test_torch_integration.py",
+    "tests/test_triton_backend.py",
+]
 
 # seconds per step: full run, --quick run
 CAPS = {"build": (150, 120), "tests": (200, 60), "bench": (150, 45), "detector": (40, 25)}
@@ -75,8 +83,14 @@ def _run(step: Step, cmd: list[str], cap: float, env: dict[str, str] | None = No
     print(f"\n## {step.name}: {' '.join(cmd)}  (cap {cap:.0f} s)", flush=True)
     started = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, timeout=cap,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            cmd,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            timeout=cap,
+            capture_output=True,
+            text=True,
+        )
         output = proc.stdout + proc.stderr
         step.status = "ok" if proc.returncode == 0 else "FAILED"
         tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
@@ -94,27 +108,40 @@ def _run(step: Step, cmd: list[str], cap: float, env: dict[str, str] | None = No
 
 
 def _env_report(device: torch.device) -> dict[str, str]:
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cuda": str(torch.version.cuda), "device_type": device.type}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "device_type": device.type,
+    }
     try:
         import triton
+
         info["triton"] = triton.__version__
     except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"
         info["triton"] = f"n/a ({type(exc).__name__})"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                    sms=str(props.multi_processor_count),
-                    memory_gb=f"{props.total_memory / 2**30:.0f}")
+        info.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            sms=str(props.multi_processor_count),
+            memory_gb=f"{props.total_memory / 2**30:.0f}",
+        )
         smi = shutil.which("nvidia-smi")
         if smi:
-            out = subprocess.run([smi, "--query-gpu=driver_version,clocks.sm,clocks.mem",
-                                  "--format=csv,noheader"], capture_output=True, text=True)
+            out = subprocess.run(
+                [smi, "--query-gpu=driver_version,clocks.sm,clocks.mem", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+            )
             info["driver, SM clock, memory clock"] = out.stdout.strip()
     else:
         from benchmarks.csvio import cpu_name
+
         info["device"] = cpu_name()
     from benchmarks.csvio import git_commit
+
     info["commit"], info["dirty"] = git_commit()
     return info
 
@@ -127,8 +154,9 @@ def _detector_step(device: torch.device, dry_run: bool) -> str:
     from detector.models import build_detector
 
     depth, size = (18, 128) if dry_run else (50, 640)
-    backends = ["reference"] + [b for b in gfl_ops.available_backends(device.type)
-                                if b in ("cpu", "cuda", "triton")]
+    backends = ["reference"] + [
+        b for b in gfl_ops.available_backends(device.type) if b in ("cpu", "cuda", "triton")
+    ]
     if dry_run:
         backends = [b for b in backends if b != "triton"]  # the CPU interpreter is too slow
     gen = torch.Generator().manual_seed(0)
@@ -138,8 +166,11 @@ def _detector_step(device: torch.device, dry_run: bool) -> str:
     state = None
     for backend in backends:
         torch.manual_seed(0)
-        model = build_detector(depth=depth, num_classes=80, pretrained=None,
-                               gfl_backend=backend).to(device).train()
+        model = (
+            build_detector(depth=depth, num_classes=80, pretrained=None, gfl_backend=backend)
+            .to(device)
+            .train()
+        )
         if state is None:  # a copy: the live tensors change with every step
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(state)
@@ -164,11 +195,13 @@ def _detector_step(device: torch.device, dry_run: bool) -> str:
     parts = []
     for backend, losses, ms in results:
         worst = max(abs(losses[k] - ref[k]) / max(abs(ref[k]), 1e-6) for k in ref)
-        parts.append(f"{backend}: {ms:.1f} ms/step, loss {losses['loss']:.5f} "
-                     f"(max rel diff {worst:.1e})")
+        parts.append(
+            f"{backend}: {ms:.1f} ms/step, loss {losses['loss']:.5f} (max rel diff {worst:.1e})"
+        )
         if worst > 1e-3:
-            raise AssertionError(f"detector losses of backend {backend} differ from the "
-                                 f"reference: {losses} vs {ref}")
+            raise AssertionError(
+                f"detector losses of backend {backend} differ from the reference: {losses} vs {ref}"
+            )
     return f"ResNet-{depth} GFL, 2 x {size}x{size}: " + "; ".join(parts)
 
 
@@ -177,21 +210,34 @@ def _bench_table(csv_file: Path) -> list[str]:
         return ["(no benchmark rows)"]
     with open(csv_file, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    lines = ["| op | mode | dtype | size | provider | median ms | x eager | x compile | "
-             "% copy BW |", "|---|---|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| op | mode | dtype | size | provider | median ms | x eager | x compile | % copy BW |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         frac = r.get("frac_copy_bw") or ""
         pct = f"{float(frac):.0%}" if frac else ""
-        lines.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['size']} | "
-                     f"{r['provider']} | {r['median_ms']} | {r['speedup_vs_eager']} | "
-                     f"{r['speedup_vs_compile']} | {pct} |")
+        lines.append(
+            f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['size']} | "
+            f"{r['provider']} | {r['median_ms']} | {r['speedup_vs_eager']} | "
+            f"{r['speedup_vs_compile']} | {pct} |"
+        )
     copy = rows[0].get("copy_gbps", "?") if rows else "?"
-    return [f"Copy bandwidth measured in the same run: {copy} GB/s (bytes read + written).",
-            "", *lines]
+    return [
+        f"Copy bandwidth measured in the same run: {copy} GB/s (bytes read + written).",
+        "",
+        *lines,
+    ]
 
 
-def _write_report(out_dir: Path, info: dict[str, str], steps: list[Step], bench_csv: Path,
-                  args: argparse.Namespace, total_s: float) -> tuple[Path, Path]:
+def _write_report(
+    out_dir: Path,
+    info: dict[str, str],
+    steps: list[Step],
+    bench_csv: Path,
+    args: argparse.Namespace,
+    total_s: float,
+) -> tuple[Path, Path]:
     from benchmarks.csvio import slug
 
     name = "gpu-" + slug(info["device"].split(" (")[0]) + ("-dry-run" if args.dry_run else "")
@@ -199,32 +245,49 @@ def _write_report(out_dir: Path, info: dict[str, str], steps: list[Step], bench_
     csv_out, md_out = out_dir / f"{name}.csv", out_dir / f"{name}.md"
     if bench_csv.exists():
         shutil.copyfile(bench_csv, csv_out)
-    lines = [f"# GPU check: {info['device']}", "",
-             f"`make gpu-check{' QUICK=1' if args.quick else ''}`"
-             f"{' (dry run on a CPU machine)' if args.dry_run else ''}: {total_s:.0f} s in all, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-             "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in info.items()), "",
-             "| step | outcome | seconds | detail |", "|---|---|---:|---|",
-             *(f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.detail.replace('|', '/')} |"
-               for s in steps), "",
-             "## Operators (benchmarks.run, value checks off: see benchmarks/gpu_check.py)", "",
-             *_bench_table(bench_csv), ""]
+    lines = [
+        f"# GPU check: {info['device']}",
+        "",
+        f"`make gpu-check{' QUICK=1' if args.quick else ''}`"
+        f"{' (dry run on a CPU machine)' if args.dry_run else ''}: {total_s:.0f} s in all, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in info.items()),
+        "",
+        "| step | outcome | seconds | detail |",
+        "|---|---|---:|---|",
+        *(
+            f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.detail.replace('|', '/')} |"
+            for s in steps
+        ),
+        "",
+        "## Operators (benchmarks.run, value checks off: see benchmarks/gpu_check.py)",
+        "",
+        *_bench_table(bench_csv),
+        "",
+    ]
     md_out.write_text("\n".join(lines), encoding="utf-8")
     return csv_out, md_out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--quick", action="store_true", help="fewer tests, the quick bench preset")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="rehearse every step on a machine without a GPU")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="rehearse every step on a machine without a GPU"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the report goes")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     if not args.dry_run and not torch.cuda.is_available():
-        print("gpu-check: no CUDA device here; use --dry-run to rehearse on a CPU machine",
-              file=sys.stderr)
+        print(
+            "gpu-check: no CUDA device here; use --dry-run to rehearse on a CPU machine",
+            file=sys.stderr,
+        )
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
     cap_index = 1 if args.quick else 0
@@ -236,13 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     steps["env"].detail = f"{info['device']}, torch {info['torch']}, triton {info['triton']}"
     print("\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)
 
-    build_env = {"FORCE_CUDA": "1", "MAX_JOBS": str(os.cpu_count() or 4),
-                 "TORCH_CUDA_ARCH_LIST": info.get("capability", "9.0")}
+    build_env = {
+        "FORCE_CUDA": "1",
+        "MAX_JOBS": str(os.cpu_count() or 4),
+        "TORCH_CUDA_ARCH_LIST": info.get("capability", "9.0"),
+    }
     build_cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
     if args.dry_run:
         steps["build"].status = "dry-run"
-        steps["build"].detail = " ".join(f"{k}={v}" for k, v in build_env.items()) + " " + \
-            " ".join(build_cmd[1:])
+        steps["build"].detail = (
+            " ".join(f"{k}={v}" for k, v in build_env.items()) + " " + " ".join(build_cmd[1:])
+        )
     else:
         _run(steps["build"], build_cmd, CAPS["build"][cap_index], build_env)
         if steps["build"].status != "ok":
@@ -250,15 +317,35 @@ def main(argv: list[str] | None = None) -> int:
 
     if steps["build"].status in ("ok", "dry-run"):
         tests = TESTS_QUICK if args.quick else TESTS_FULL
-        test_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                    "-o", "addopts=", "-rfE", *tests]
+        test_cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+            "-rfE",
+            *tests,
+        ]
         if args.dry_run:
             test_cmd.append("--collect-only")
         _run(steps["tests"], test_cmd, CAPS["tests"][cap_index])
 
         bench_dir = Path(tempfile.mkdtemp(prefix="gfl_gpu_check_"))
-        bench_cmd = [sys.executable, "-m", "benchmarks.run", "--device", device.type,
-                     "--out", str(bench_dir), "--csv", "bench.csv", "--no-report"]
+        bench_cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--device",
+            device.type,
+            "--out",
+            str(bench_dir),
+            "--csv",
+            "bench.csv",
+            "--no-report",
+        ]
         if args.quick or args.dry_run:
             bench_cmd.append("--quick")
         else:
@@ -282,15 +369,17 @@ def main(argv: list[str] | None = None) -> int:
             steps[name].status = "skipped"
 
     total = time.perf_counter() - started
-    csv_out, md_out = _write_report(args.out, info, list(steps.values()),
-                                    bench_dir / "bench.csv", args, total)
+    csv_out, md_out = _write_report(
+        args.out, info, list(steps.values()), bench_dir / "bench.csv", args, total
+    )
     out_env = os.environ.get("OUT")
     if out_env and Path(out_env).is_dir():
         for path in (csv_out, md_out):
             if path.exists():
                 shutil.copy(path, out_env)
         Path(out_env, "gpu-check.log").write_text(
-            "\n".join(f"## {s.name}\n" + "\n".join(s.log) for s in steps.values()))
+            "\n".join(f"## {s.name}\n" + "\n".join(s.log) for s in steps.values())
+        )
     print("\n" + md_out.read_text(encoding="utf-8").split("## Operators")[0])
     print(f"wrote {csv_out} and {md_out}")
     bad = [s for s in steps.values() if s.status in ("FAILED", "TIMEOUT")]

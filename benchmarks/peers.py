@@ -67,24 +67,31 @@ class Provider:
 # mmdetection-style eager formulas (+ mmdetection's weight_reduce_loss with avg_factor)
 
 
-def mmdet_weight_reduce(loss: torch.Tensor, weight: torch.Tensor,
-                        avg_factor: float) -> torch.Tensor:
+def mmdet_weight_reduce(
+    loss: torch.Tensor, weight: torch.Tensor, avg_factor: float
+) -> torch.Tensor:
     """mmdetection's ``weight_reduce_loss(loss, weight, reduction='mean', avg_factor)``."""
     return (loss * weight).sum() / (avg_factor + _FLOAT32_EPS)
 
 
-def qfl_eager(pred: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
-              weight: torch.Tensor, avg_factor: float) -> torch.Tensor:
+def qfl_eager(
+    pred: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    weight: torch.Tensor,
+    avg_factor: float,
+) -> torch.Tensor:
     """QFL as ``GFLHead`` calls it: per-anchor loss summed over classes, mean with avg_factor."""
-    return mmdet_weight_reduce(reference.quality_focal_loss(pred, labels, scores, QFL_BETA),
-                               weight, avg_factor)
+    return mmdet_weight_reduce(
+        reference.quality_focal_loss(pred, labels, scores, QFL_BETA), weight, avg_factor
+    )
 
 
-def dfl_eager(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-              avg_factor: float) -> torch.Tensor:
+def dfl_eager(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, avg_factor: float
+) -> torch.Tensor:
     """DFL as ``GFLHead`` calls it: per-row loss, weighted, mean with ``avg_factor=4.0``."""
-    return mmdet_weight_reduce(reference.distribution_focal_loss(pred, target), weight,
-                               avg_factor)
+    return mmdet_weight_reduce(reference.distribution_focal_loss(pred, target), weight, avg_factor)
 
 
 def integral_eager(pred: torch.Tensor) -> torch.Tensor:
@@ -102,6 +109,7 @@ EAGER = {"qfl": qfl_eager, "dfl": dfl_eager, "integral": integral_eager}
 def _import_ultralytics():
     from ultralytics.nn.modules.block import DFL
     from ultralytics.utils.loss import DFLoss
+
     return DFL, DFLoss
 
 
@@ -134,6 +142,7 @@ def _import_mmdet():
     ensure_mmcv_ops()
     from mmdet.models.dense_heads.gfl_head import Integral
     from mmdet.models.losses import DistributionFocalLoss, QualityFocalLoss
+
     return QualityFocalLoss, DistributionFocalLoss, Integral
 
 
@@ -201,8 +210,9 @@ def _ultralytics_dfl_provider() -> list[Provider]:
     return [Provider("ultralytics", fn, prepare=_rows_of_four)]
 
 
-def _ultralytics_integral_provider(bins: int, dtype: torch.dtype,
-                                   device: torch.device) -> list[Provider]:
+def _ultralytics_integral_provider(
+    bins: int, dtype: torch.dtype, device: torch.device
+) -> list[Provider]:
     modules, _ = _try(_import_ultralytics)
     if modules is None:
         return []
@@ -227,19 +237,36 @@ def _ultralytics_integral_provider(bins: int, dtype: torch.dtype,
 
 def _ours(op: str, backend: str) -> Callable[..., torch.Tensor]:
     if op == "qfl":
+
         def qfl(pred, labels, scores, weight, avg_factor):
-            return gfl_ops.quality_focal_loss(pred, (labels, scores), weight=weight,
-                                              reduction="mean", avg_factor=avg_factor,
-                                              beta=QFL_BETA, backend=backend)
+            return gfl_ops.quality_focal_loss(
+                pred,
+                (labels, scores),
+                weight=weight,
+                reduction="mean",
+                avg_factor=avg_factor,
+                beta=QFL_BETA,
+                backend=backend,
+            )
+
         return qfl
     if op == "dfl":
+
         def dfl(pred, target, weight, avg_factor):
-            return gfl_ops.distribution_focal_loss(pred, target, weight=weight, reduction="mean",
-                                                   avg_factor=avg_factor, backend=backend)
+            return gfl_ops.distribution_focal_loss(
+                pred,
+                target,
+                weight=weight,
+                reduction="mean",
+                avg_factor=avg_factor,
+                backend=backend,
+            )
+
         return dfl
 
     def integral(pred):
         return gfl_ops.integral(pred, backend=backend)
+
     return integral
 
 
@@ -255,9 +282,14 @@ def ours_backends(device_type: str, include_triton_on_cpu: bool = False) -> list
     return names
 
 
-def build_providers(op: str, dtype: torch.dtype, device: torch.device, bins: int,
-                    compiled: dict[str, Callable[..., torch.Tensor]],
-                    wanted: set[str] | None = None) -> list[Provider]:
+def build_providers(
+    op: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    bins: int,
+    compiled: dict[str, Callable[..., torch.Tensor]],
+    wanted: set[str] | None = None,
+) -> list[Provider]:
     """The providers of ``op`` for one case, in the order they are reported.
 
     Args:

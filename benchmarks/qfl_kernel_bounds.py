@@ -47,17 +47,33 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["csrc/gfl_math.h", "csrc/cuda/common.cuh", "csrc/cuda/launchers.h",
-           "csrc/cuda/qfl_kernel.cuh", "csrc/cuda/qfl.cu"]
+SOURCES = [
+    "csrc/gfl_math.h",
+    "csrc/cuda/common.cuh",
+    "csrc/cuda/launchers.h",
+    "csrc/cuda/qfl_kernel.cuh",
+    "csrc/cuda/qfl.cu",
+]
 SMS, CLOCK_HZ = 132, 1.98e9
 ISSUE = SMS * 4 * 32 * CLOCK_HZ  # thread issue slots / s
-MUFU = SMS * 16 * CLOCK_HZ       # MUFU lane-operations / s
+MUFU = SMS * 16 * CLOCK_HZ  # MUFU lane-operations / s
 BANDWIDTHS = {"H100": (3.0e12, 3.35e12), "H200": (4.3e12, 4.8e12)}  # (measured copy, datasheet)
-NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17",
-              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
-STORAGE = {"fp32": ("float", 4), "bf16": ("__nv_bfloat16", 2), "fp16": ("__half", 2),
-           "fp64": ("double", 8)}
+NVCC_FLAGS = [
+    "-O3",
+    "-lineinfo",
+    "--expt-relaxed-constexpr",
+    "-std=c++17",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
+STORAGE = {
+    "fp32": ("float", 4),
+    "bf16": ("__nv_bfloat16", 2),
+    "fp16": ("__half", 2),
+    "fp64": ("double", 8),
+}
 # the before kernel's `mode` / `activated` parameters: offsets from the parameter base of
 # constant bank 0 (by the size of its beta: float or double), and that base per arch
 BEFORE_MODE = {4: (0x54, 0x58), 8: (0x58, 0x5C)}
@@ -67,12 +83,14 @@ PARAM_BASE = {80: 0x160, 86: 0x160, 89: 0x160, 90: 0x210}
 # ---------------------------------------------------------------------------------------------
 # Tools.
 
+
 def _tool(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
     try:
         import triton  # noqa: F401  (bundles nvdisasm and cuobjdump)
+
         path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
         if path.exists():
             return str(path)
@@ -84,22 +102,43 @@ def _tool(name: str) -> str:
 def compile_cubin(src: Path, arch: int, out: Path) -> None:
     from torch.utils.cpp_extension import include_paths
 
-    cmd = ["nvcc", *NVCC_FLAGS, "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-cubin",
-           "-o", str(out), str(src / "csrc/cuda/qfl.cu"), "-I", str(src / "csrc/cuda"),
-           "-I", str(src / "csrc"), "-I", include_paths()[0]]
+    cmd = [
+        "nvcc",
+        *NVCC_FLAGS,
+        "-gencode",
+        f"arch=compute_{arch},code=sm_{arch}",
+        "-cubin",
+        "-o",
+        str(out),
+        str(src / "csrc/cuda/qfl.cu"),
+        "-I",
+        str(src / "csrc/cuda"),
+        "-I",
+        str(src / "csrc"),
+        "-I",
+        include_paths()[0],
+    ]
     subprocess.run(cmd, check=True)
 
 
 def sass_of(cubin: Path) -> str:
-    env = dict(os.environ, PATH=str(Path(_tool("nvdisasm")).parent) + os.pathsep
-               + os.environ.get("PATH", ""))
-    return subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], check=True,
-                          capture_output=True, text=True, env=env).stdout
+    env = dict(
+        os.environ,
+        PATH=str(Path(_tool("nvdisasm")).parent) + os.pathsep + os.environ.get("PATH", ""),
+    )
+    return subprocess.run(
+        [_tool("cuobjdump"), "-sass", str(cubin)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
 
 
 def registers(cubin: Path) -> dict[str, int]:
-    out = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [_tool("cuobjdump"), "-res-usage", str(cubin)], check=True, capture_output=True, text=True
+    ).stdout
     regs, name = {}, None
     for line in out.splitlines():
         m = re.search(r"Function (\S+):", line)
@@ -113,13 +152,19 @@ def registers(cubin: Path) -> dict[str, int]:
 
 
 def demangle(names: list[str]) -> dict[str, str]:
-    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
-                         check=True).stdout.strip().split("\n")
+    out = (
+        subprocess.run(
+            ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
+        )
+        .stdout.strip()
+        .split("\n")
+    )
     return dict(zip(names, out))
 
 
 # ---------------------------------------------------------------------------------------------
 # SASS paths.
+
 
 def parse(listing: str) -> dict[str, list[tuple[int, str]]]:
     funcs = {}
@@ -141,8 +186,9 @@ def branch_target(text: str) -> int | None:
 
 def loops(ins):
     found = [(t, a) for a, text in ins if (t := branch_target(text)) is not None and t <= a]
-    inner = [lp for lp in found
-             if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in found)]
+    inner = [
+        lp for lp in found if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in found)
+    ]
     return found, inner
 
 
@@ -153,8 +199,10 @@ def _pred_writer(ins, i, preg):
         if len(ops) < 2:
             continue
         dsts = [d.strip() for d in ops[1].split(",")[:2]]
-        if re.match(r"(U?I|F|D|H)SETP|FCHK", ops[0]) and preg in dsts[:2 if "SETP" in ops[0]
-                                                                   else 1]:
+        if (
+            re.match(r"(U?I|F|D|H)SETP|FCHK", ops[0])
+            and preg in dsts[: 2 if "SETP" in ops[0] else 1]
+        ):
             return body
     return None
 
@@ -249,6 +297,7 @@ def row_work(ins, env) -> int:
 # ---------------------------------------------------------------------------------------------
 # The cases.
 
+
 def occupancy(regs: int, block: int = 256) -> float:
     per_warp = math.ceil(regs * 32 / 256) * 256
     warps = (16384 // per_warp) * 4
@@ -261,8 +310,10 @@ def after_lanes(c: int, size: int) -> int:
     width = 16 // size
     words = (c + width - 1) // width
     lowest = 0 if c * size <= 16 else 1
-    cost = {s: (1 << s) * (((words + (1 << s) - 1) >> s) * width * 30 + 40 + 2 * s)
-            for s in range(lowest, 6)}
+    cost = {
+        s: (1 << s) * (((words + (1 << s) - 1) >> s) * width * 30 + 40 + 2 * s)
+        for s in range(lowest, 6)
+    }
     cheapest = min(cost.values())
     return 1 << max(s for s in cost if cost[s] * 100 <= cheapest * 103)
 
@@ -284,36 +335,43 @@ def before_case(lst: Listing, dtype: str, form: str, c: int, activated=False, mo
     storage, size = STORAGE[dtype]
     target = "float" if form == "dense-opmath" and size == 2 else storage
     lanes = 1 if c <= 2 else (8 if c <= 16 else 32)  # the old qfl_lanes_per_row
-    name = lst.find(f"void gfl::cuda::qfl_kernel<{storage}, {target}, {lanes}, "
-                    f"{'false' if form == 'labels' else 'true'}>")
+    name = lst.find(
+        f"void gfl::cuda::qfl_kernel<{storage}, {target}, {lanes}, "
+        f"{'false' if form == 'labels' else 'true'}>"
+    )
     ins = lst.funcs[name]
     base = PARAM_BASE[lst.arch]
     mode_off, act_off = BEFORE_MODE[max(size, 4)]
     env = runtime_env(ins, base + mode_off, base + act_off, mode, activated)
     path = element_loops(ins, env, need_mufu=not activated)[0][2]
     loop = len(path)
-    return {"loop": loop, "mufu": sum("MUFU" in t for t in path),
-            "row": row_work(ins, env), "lanes": lanes, "regs": lst.regs[name],
-            "lane_work": loop * lanes * math.ceil(c / lanes),
-            "lane_mufu": sum("MUFU" in t for t in path) * lanes * math.ceil(c / lanes)}
+    return {
+        "loop": loop,
+        "mufu": sum("MUFU" in t for t in path),
+        "row": row_work(ins, env),
+        "lanes": lanes,
+        "regs": lst.regs[name],
+        "lane_work": loop * lanes * math.ceil(c / lanes),
+        "lane_mufu": sum("MUFU" in t for t in path) * lanes * math.ceil(c / lanes),
+    }
 
 
-def after_case(lst: Listing, dtype: str, form: str, c: int, grad: bool, activated=False,
-               beta=2):
+def after_case(lst: Listing, dtype: str, form: str, c: int, grad: bool, activated=False, beta=2):
     storage, size = STORAGE[dtype]
     target = "float" if form == "dense-opmath" and size == 2 else storage
-    name = lst.find(f"void gfl::cuda::qfl_kernel<{storage}, {target}, "
-                    f"{'false' if form == 'labels' else 'true'}, "
-                    f"{'true' if activated else 'false'}, {beta}, "
-                    f"{'true' if grad else 'false'}, int>")
+    name = lst.find(
+        f"void gfl::cuda::qfl_kernel<{storage}, {target}, "
+        f"{'false' if form == 'labels' else 'true'}, "
+        f"{'true' if activated else 'false'}, {beta}, "
+        f"{'true' if grad else 'false'}, int>"
+    )
     ins = lst.funcs[name]
     env = runtime_env(ins, -1, -1, beta, activated)
     (_, _, path), *rest = element_loops(ins, env, need_mufu=not activated)
     width = 16 // size if size < 8 else 1
     tsize = {"labels": 0, "dense": size, "dense-opmath": 4 if size == 2 else size}[form]
     if width > 1:
-        words = sum(bool(re.search(r"\bLDG\.E\.128", t)) for t in path) / (1 + tsize * width
-                                                                             // 16)
+        words = sum(bool(re.search(r"\bLDG\.E\.128", t)) for t in path) / (1 + tsize * width // 16)
     else:
         words = sum(bool(re.search(r"\bLDG", t)) for t in path) / (2 if tsize else 1)
     elems = words * width
@@ -321,23 +379,32 @@ def after_case(lst: Listing, dtype: str, form: str, c: int, grad: bool, activate
     # a row of 16-byte aligned rows: c // width words, c % width scalars (head + tail)
     row_words, scalars = c // width, c % width
     scalar = rest[0][2] if rest and scalars else []
-    lane_work = (len(path) / elems * width * lanes * math.ceil(row_words / lanes)
-                 + len(scalar) * lanes * math.ceil(scalars / lanes))
+    lane_work = len(path) / elems * width * lanes * math.ceil(row_words / lanes) + len(
+        scalar
+    ) * lanes * math.ceil(scalars / lanes)
     mufu = sum("MUFU" in t for t in path) / elems
-    lane_mufu = (mufu * width * lanes * math.ceil(row_words / lanes)
-                 + sum("MUFU" in t for t in scalar) * lanes * math.ceil(scalars / lanes))
-    return {"loop": len(path) / elems, "mufu": mufu, "scalar": len(scalar),
-            "row": row_work(ins, env), "lanes": lanes, "regs": lst.regs[name],
-            "lane_work": lane_work, "lane_mufu": lane_mufu}
+    lane_mufu = mufu * width * lanes * math.ceil(row_words / lanes) + sum(
+        "MUFU" in t for t in scalar
+    ) * lanes * math.ceil(scalars / lanes)
+    return {
+        "loop": len(path) / elems,
+        "mufu": mufu,
+        "scalar": len(scalar),
+        "row": row_work(ins, env),
+        "lanes": lanes,
+        "regs": lst.regs[name],
+        "lane_work": lane_work,
+        "lane_mufu": lane_mufu,
+    }
 
 
 MODES = {  # mode -> (form, gradient written, bytes per row besides pred / target / gradient)
-    "labels fwd": ("labels", False, 8 + 4 + 4),   # label, score read; loss written
+    "labels fwd": ("labels", False, 8 + 4 + 4),  # label, score read; loss written
     "labels fused": ("labels", True, 8 + 4 + 4),
-    "labels bwd": ("labels", True, 8 + 4 + 4),    # label, score, row scale read
-    "dense fwd": ("dense", False, 4),             # loss written
+    "labels bwd": ("labels", True, 8 + 4 + 4),  # label, score, row scale read
+    "dense fwd": ("dense", False, 4),  # loss written
     "dense fused": ("dense", True, 4),
-    "dense bwd": ("dense", True, 4),              # row scale read
+    "dense bwd": ("dense", True, 4),  # row scale read
 }
 
 
@@ -357,9 +424,17 @@ def table(before: Listing, after: Listing, c: int) -> list[dict]:
                 eff = (k["lane_work"] + k["row"] * k["lanes"]) / c
                 mufu = k["lane_mufu"] / c
                 rate = min(ISSUE / eff, MUFU / mufu)
-                r.update({f"{key}_loop": k["loop"], f"{key}_eff": eff, f"{key}_mufu": mufu,
-                          f"{key}_row": k["row"], f"{key}_lanes": k["lanes"],
-                          f"{key}_regs": k["regs"], f"{key}_occ": occupancy(k["regs"])})
+                r.update(
+                    {
+                        f"{key}_loop": k["loop"],
+                        f"{key}_eff": eff,
+                        f"{key}_mufu": mufu,
+                        f"{key}_row": k["row"],
+                        f"{key}_lanes": k["lanes"],
+                        f"{key}_regs": k["regs"],
+                        f"{key}_occ": occupancy(k["regs"]),
+                    }
+                )
                 for gpu, (measured, sheet) in BANDWIDTHS.items():
                     r[f"{key}_{gpu}"] = (rate * nbytes / measured, rate * nbytes / sheet)
             rows.append(r)
@@ -372,26 +447,36 @@ def _pct(x: float) -> str:
 
 
 def print_tables(rows: list[dict], c: int) -> None:
-    print(f"C = {c} classes; issue {ISSUE / 1e12:.2f}e12 slots/s, MUFU {MUFU / 1e12:.2f}e12/s "
-          f"({SMS} SMs, {CLOCK_HZ / 1e9:.2f} GHz)\n")
-    print("| mode | dtype | bytes/elem | loop SASS/elem | + idle lanes, row work | MUFU/elem "
-          "| row work/lane (lanes) | regs | occupancy |")
+    print(
+        f"C = {c} classes; issue {ISSUE / 1e12:.2f}e12 slots/s, MUFU {MUFU / 1e12:.2f}e12/s "
+        f"({SMS} SMs, {CLOCK_HZ / 1e9:.2f} GHz)\n"
+    )
+    print(
+        "| mode | dtype | bytes/elem | loop SASS/elem | + idle lanes, row work | MUFU/elem "
+        "| row work/lane (lanes) | regs | occupancy |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['dtype']} | {r['bytes']:.2f} | {r['b_loop']:.0f} -> "
-              f"{r['a_loop']:.1f} | {r['b_eff']:.0f} -> {r['a_eff']:.1f} | {r['b_mufu']:.1f} -> "
-              f"{r['a_mufu']:.1f} | {r['b_row']} ({r['b_lanes']}) -> {r['a_row']} "
-              f"({r['a_lanes']}) | {r['b_regs']} -> {r['a_regs']} | {r['b_occ'] * 100:.0f}% -> "
-              f"{r['a_occ'] * 100:.0f}% |")
-    print("\nBound by the issue rate (and MUFU) as % of copy bandwidth, against the measured "
-          "(datasheet) bandwidth; over 100%: memory-bound, with that much headroom\n")
+        print(
+            f"| {r['mode']} | {r['dtype']} | {r['bytes']:.2f} | {r['b_loop']:.0f} -> "
+            f"{r['a_loop']:.1f} | {r['b_eff']:.0f} -> {r['a_eff']:.1f} | {r['b_mufu']:.1f} -> "
+            f"{r['a_mufu']:.1f} | {r['b_row']} ({r['b_lanes']}) -> {r['a_row']} "
+            f"({r['a_lanes']}) | {r['b_regs']} -> {r['a_regs']} | {r['b_occ'] * 100:.0f}% -> "
+            f"{r['a_occ'] * 100:.0f}% |"
+        )
+    print(
+        "\nBound by the issue rate (and MUFU) as % of copy bandwidth, against the measured "
+        "(datasheet) bandwidth; over 100%: memory-bound, with that much headroom\n"
+    )
     print("| mode | dtype | H100 before | H100 after | H200 before | H200 after |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        cells = [f"{_pct(r[f'{k}_{g}'][0])} ({_pct(r[f'{k}_{g}'][1])})"
-                 for g in ("H100", "H200") for k in ("b", "a")]
-        print(f"| {r['mode']} | {r['dtype']} | {cells[0]} | {cells[1]} | {cells[2]} | "
-              f"{cells[3]} |")
+        cells = [
+            f"{_pct(r[f'{k}_{g}'][0])} ({_pct(r[f'{k}_{g}'][1])})"
+            for g in ("H100", "H200")
+            for k in ("b", "a")
+        ]
+        print(f"| {r['mode']} | {r['dtype']} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
 
 
 def print_modes(after: Listing, c: int) -> None:
@@ -407,8 +492,7 @@ def print_modes(after: Listing, c: int) -> None:
                     for grad in (False, True):
                         k = after_case(after, dtype, f, c, grad, activated, beta)
                         cells.append(f"{k['loop']:.1f} ({k['mufu']:.2f})")
-                    print(f"| {form} | {activated} | {label} | {dtype} | {cells[0]} | "
-                          f"{cells[1]} |")
+                    print(f"| {form} | {activated} | {label} | {dtype} | {cells[0]} | {cells[1]} |")
 
 
 def main(argv=None) -> int:
@@ -423,9 +507,11 @@ def main(argv=None) -> int:
         old = tmp / "before"
         for f in SOURCES:
             (old / f).parent.mkdir(parents=True, exist_ok=True)
-            (old / f).write_bytes(subprocess.run(["git", "show", f"{args.before}:{f}"],
-                                                 cwd=ROOT, check=True,
-                                                 capture_output=True).stdout)
+            (old / f).write_bytes(
+                subprocess.run(
+                    ["git", "show", f"{args.before}:{f}"], cwd=ROOT, check=True, capture_output=True
+                ).stdout
+            )
         compile_cubin(old, args.arch, tmp / "before.cubin")
         compile_cubin(ROOT, args.arch, tmp / "after.cubin")
         before = Listing(tmp / "before.cubin", args.arch)

@@ -32,11 +32,14 @@ CPU_TARGETS = {  # op -> (size, min speed-up vs eager, min speed-up vs compile o
 GPU_TARGET_FRAC_BW = 0.80
 GPU_TARGET_VS_COMPILE = 1.5
 GPU_TARGET_VS_EAGER = 5.0
-GPU_TARGET_ROWS = 640_000          # "the large sizes": the largest N / M of the grid
-MEM_SLACK_BYTES_PER_ROW = 16       # room for a few per-row float32 vectors (per-row loss, ...)
+GPU_TARGET_ROWS = 640_000  # "the large sizes": the largest N / M of the grid
+MEM_SLACK_BYTES_PER_ROW = 16  # room for a few per-row float32 vectors (per-row loss, ...)
 
-_OP_TITLES = {"qfl": "Quality Focal Loss", "dfl": "Distribution Focal Loss",
-              "integral": "Softmax integral"}
+_OP_TITLES = {
+    "qfl": "Quality Focal Loss",
+    "dfl": "Distribution Focal Loss",
+    "integral": "Softmax integral",
+}
 _PEER_ORDER = ("eager", "compile", "mmdet", "ultralytics")
 
 
@@ -87,8 +90,14 @@ def latest(rows: Iterable[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
                 newest[key] = r
         result[device] = sorted(
             newest.values(),
-            key=lambda r: (r["op"], r["mode"], r["dtype"], _size_key(r["size"]),
-                           _provider_rank(r["provider"])))
+            key=lambda r: (
+                r["op"],
+                r["mode"],
+                r["dtype"],
+                _size_key(r["size"]),
+                _provider_rank(r["provider"]),
+            ),
+        )
     return result
 
 
@@ -113,32 +122,62 @@ def plot_op(rows: Sequence[dict[str, str]], device: str, op: str, path: Path) ->
     dtypes = sorted({r["dtype"] for r in rows}, key=lambda d: (d != "float32", d))
     if not modes or not dtypes:
         return None
-    fig, axes = plt.subplots(len(modes), len(dtypes), squeeze=False, sharex=True,
-                             figsize=(5.2 * len(dtypes), 3.8 * len(modes)))
-    providers = sorted({r["provider"] for r in rows if r["provider"] != "eager"},
-                       key=_provider_rank)
+    fig, axes = plt.subplots(
+        len(modes),
+        len(dtypes),
+        squeeze=False,
+        sharex=True,
+        figsize=(5.2 * len(dtypes), 3.8 * len(modes)),
+    )
+    providers = sorted(
+        {r["provider"] for r in rows if r["provider"] != "eager"}, key=_provider_rank
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, mode in enumerate(modes):
         for j, dtype in enumerate(dtypes):
             ax = axes[i][j]
             panel = [r for r in rows if r["mode"] == mode and r["dtype"] == dtype]
             for k, prov in enumerate(providers):
-                pts = sorted(((int(r["elements"]), _f(r, "speedup_vs_eager"), r["size"],
-                               _f(r, "speedup_vs_compile"))
-                              for r in panel if r["provider"] == prov), key=lambda p: p[0])
+                pts = sorted(
+                    (
+                        (
+                            int(r["elements"]),
+                            _f(r, "speedup_vs_eager"),
+                            r["size"],
+                            _f(r, "speedup_vs_compile"),
+                        )
+                        for r in panel
+                        if r["provider"] == prov
+                    ),
+                    key=lambda p: p[0],
+                )
                 pts = [p for p in pts if p[1] == p[1]]
                 if not pts:
                     continue
                 color = colors[k % len(colors)]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color,
-                        label=f"{prov} / eager", ms=4)
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    "o-",
+                    color=color,
+                    label=f"{prov} / eager",
+                    ms=4,
+                )
                 if prov.startswith("gfl_ops"):
                     vs_c = [p for p in pts if p[3] == p[3]]
-                    ax.plot([p[0] for p in vs_c], [p[3] for p in vs_c], "s--", color=color,
-                            label=f"{prov} / compile", ms=3, alpha=0.7)
+                    ax.plot(
+                        [p[0] for p in vs_c],
+                        [p[3] for p in vs_c],
+                        "s--",
+                        color=color,
+                        label=f"{prov} / compile",
+                        ms=3,
+                        alpha=0.7,
+                    )
                     for x, y, size, _ in pts:
-                        ax.annotate(size, (x, y), fontsize=6, xytext=(2, 3),
-                                    textcoords="offset points")
+                        ax.annotate(
+                            size, (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points"
+                        )
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -182,13 +221,34 @@ def _runs_table(rows: Sequence[dict[str, str]]) -> list[str]:
     runs: dict[str, dict[str, str]] = {}
     for r in rows:
         runs.setdefault(r["run_id"], r)
-    body = [(r["run_id"], r["preset"], r["date_utc"],
-             f"`{r['git_commit'][:10]}`" + (" (dirty)" if r["git_dirty"] == "yes" else ""),
-             r["torch"], r["triton"], r["cpu_threads"], r["copy_gbps"],
-             r.get("inputs") or "reused")
-            for r in sorted(runs.values(), key=lambda r: r["run_id"])]
-    return _table(("run", "preset", "date (UTC)", "commit", "torch", "triton", "CPU threads",
-                   "copy GB/s", "inputs"), body)
+    body = [
+        (
+            r["run_id"],
+            r["preset"],
+            r["date_utc"],
+            f"`{r['git_commit'][:10]}`" + (" (dirty)" if r["git_dirty"] == "yes" else ""),
+            r["torch"],
+            r["triton"],
+            r["cpu_threads"],
+            r["copy_gbps"],
+            r.get("inputs") or "reused",
+        )
+        for r in sorted(runs.values(), key=lambda r: r["run_id"])
+    ]
+    return _table(
+        (
+            "run",
+            "preset",
+            "date (UTC)",
+            "commit",
+            "torch",
+            "triton",
+            "CPU threads",
+            "copy GB/s",
+            "inputs",
+        ),
+        body,
+    )
 
 
 def _ours(rows: Sequence[dict[str, str]]) -> list[str]:
@@ -203,8 +263,11 @@ def _verdict(ok: Sequence[bool | None]) -> str:
 
 def cpu_targets(rows: Sequence[dict[str, str]]) -> list[str]:
     """The core issue's CPU targets (float32, forward+backward), one line per case and backend."""
-    idx = {(r["op"], r["provider"], r["size"]): r for r in rows
-           if r["mode"] == "fwd+bwd" and r["dtype"] == "float32"}
+    idx = {
+        (r["op"], r["provider"], r["size"]): r
+        for r in rows
+        if r["mode"] == "fwd+bwd" and r["dtype"] == "float32"
+    }
     body = []
     for op, (sizes, min_eager, min_compile) in CPU_TARGETS.items():
         for size in sizes:
@@ -219,44 +282,100 @@ def cpu_targets(rows: Sequence[dict[str, str]]) -> list[str]:
                 if min_compile is not None:
                     checks.append(None if sc != sc else sc >= min_compile)
                 target = f">= {min_eager:g}x eager" + (
-                    f", >= {min_compile:g}x compile" if min_compile else "")
-                body.append((op, size, prov, _ms(_f(r, "median_ms") if r else math.nan),
-                             _ms(_f(eager, "median_ms") if eager else math.nan),
-                             _ms(_f(comp, "median_ms") if comp else math.nan),
-                             _x(se), _x(sc), target, _verdict(checks)))
+                    f", >= {min_compile:g}x compile" if min_compile else ""
+                )
+                body.append(
+                    (
+                        op,
+                        size,
+                        prov,
+                        _ms(_f(r, "median_ms") if r else math.nan),
+                        _ms(_f(eager, "median_ms") if eager else math.nan),
+                        _ms(_f(comp, "median_ms") if comp else math.nan),
+                        _x(se),
+                        _x(sc),
+                        target,
+                        _verdict(checks),
+                    )
+                )
     if not body:
-        return ["No float32 forward+backward rows of the target sizes yet "
-                "(`python -m benchmarks.run --device cpu --preset core-targets`)."]
-    return _table(("op", "size", "backend", "ours ms", "eager ms", "compile ms", "x eager",
-                   "x compile", "target", "verdict"), body)
+        return [
+            "No float32 forward+backward rows of the target sizes yet "
+            "(`python -m benchmarks.run --device cpu --preset core-targets`)."
+        ]
+    return _table(
+        (
+            "op",
+            "size",
+            "backend",
+            "ours ms",
+            "eager ms",
+            "compile ms",
+            "x eager",
+            "x compile",
+            "target",
+            "verdict",
+        ),
+        body,
+    )
 
 
 def gpu_targets(rows: Sequence[dict[str, str]]) -> list[str]:
     """Issue #6's GPU targets at the large sizes, forward+backward."""
     body = []
     for r in rows:
-        if not (r["provider"].startswith("gfl_ops") and r["mode"] == "fwd+bwd"
-                and int(r["rows"]) >= GPU_TARGET_ROWS):
+        if not (
+            r["provider"].startswith("gfl_ops")
+            and r["mode"] == "fwd+bwd"
+            and int(r["rows"]) >= GPU_TARGET_ROWS
+        ):
             continue
-        frac, sc, se = _f(r, "frac_copy_bw"), _f(r, "speedup_vs_compile"), _f(r,
-                                                                            "speedup_vs_eager")
+        frac, sc, se = _f(r, "frac_copy_bw"), _f(r, "speedup_vs_compile"), _f(r, "speedup_vs_eager")
         extra = _f(r, "peak_extra_mb") * 2**20
         allowed = _f(r, "grad_mb") * 2**20 + MEM_SLACK_BYTES_PER_ROW * int(r["rows"])
-        checks = [None if frac != frac else frac >= GPU_TARGET_FRAC_BW,
-                  None if sc != sc else sc >= GPU_TARGET_VS_COMPILE,
-                  None if se != se else se >= GPU_TARGET_VS_EAGER,
-                  None if extra != extra else extra <= allowed]
-        body.append((r["op"], r["dtype"], r["size"], r["provider"], _ms(_f(r, "median_ms")),
-                     _pct(frac), _x(sc), _x(se), _x(_f(r, "extra_per_grad")).replace("x", ""),
-                     _verdict(checks)))
+        checks = [
+            None if frac != frac else frac >= GPU_TARGET_FRAC_BW,
+            None if sc != sc else sc >= GPU_TARGET_VS_COMPILE,
+            None if se != se else se >= GPU_TARGET_VS_EAGER,
+            None if extra != extra else extra <= allowed,
+        ]
+        body.append(
+            (
+                r["op"],
+                r["dtype"],
+                r["size"],
+                r["provider"],
+                _ms(_f(r, "median_ms")),
+                _pct(frac),
+                _x(sc),
+                _x(se),
+                _x(_f(r, "extra_per_grad")).replace("x", ""),
+                _verdict(checks),
+            )
+        )
     if not body:
         return ["No gfl_ops forward+backward rows at the large sizes (M or N = 640k) yet."]
-    return [f"Targets: >= {100 * GPU_TARGET_FRAC_BW:.0f}% of the measured copy bandwidth, "
-            f">= {GPU_TARGET_VS_COMPILE:g}x torch.compile(reference), >= {GPU_TARGET_VS_EAGER:g}x "
-            f"eager, peak extra memory <= one gradient-sized buffer (+ {MEM_SLACK_BYTES_PER_ROW} "
-            "bytes per row for per-row vectors).", ""] + _table(
-        ("op", "dtype", "size", "backend", "ms", "% copy BW (>= 80%)", "x compile (>= 1.5)",
-         "x eager (>= 5)", "extra / grad (<= 1)", "verdict"), body)
+    return [
+        f"Targets: >= {100 * GPU_TARGET_FRAC_BW:.0f}% of the measured copy bandwidth, "
+        f">= {GPU_TARGET_VS_COMPILE:g}x torch.compile(reference), >= {GPU_TARGET_VS_EAGER:g}x "
+        f"eager, peak extra memory <= one gradient-sized buffer (+ {MEM_SLACK_BYTES_PER_ROW} "
+        "bytes per row for per-row vectors).",
+        "",
+    ] + _table(
+        (
+            "op",
+            "dtype",
+            "size",
+            "backend",
+            "ms",
+            "% copy BW (>= 80%)",
+            "x compile (>= 1.5)",
+            "x eager (>= 5)",
+            "extra / grad (<= 1)",
+            "verdict",
+        ),
+        body,
+    )
 
 
 def op_tables(rows: Sequence[dict[str, str]], op: str) -> list[str]:
@@ -269,23 +388,44 @@ def op_tables(rows: Sequence[dict[str, str]], op: str) -> list[str]:
                 continue
             body = []
             for r in part:
-                spread = (f"{_ms(_f(r, 'p20_ms'))}-{_ms(_f(r, 'p80_ms'))}"
-                          if r["median_ms"] else "-")
+                spread = f"{_ms(_f(r, 'p20_ms'))}-{_ms(_f(r, 'p80_ms'))}" if r["median_ms"] else "-"
                 mem = _f(r, "peak_extra_mb")
-                mem_s = "n/a" if mem != mem else (
-                    f"{mem:.3g} ({_f(r, 'extra_per_grad'):.2f})")
+                mem_s = "n/a" if mem != mem else (f"{mem:.3g} ({_f(r, 'extra_per_grad'):.2f})")
                 note = r["notes"]
                 if r["compile_s"]:
                     note = (note + "; " if note else "") + f"compile {_f(r, 'compile_s'):.1f} s"
-                body.append((r["size"], r["provider"], _ms(_f(r, "median_ms")), spread,
-                             _x(_f(r, "speedup_vs_eager")), _x(_f(r, "speedup_vs_compile")),
-                             _pct(_f(r, "frac_copy_bw")), _ms(_f(r, "floor_ms")), mem_s,
-                             f"{_f(r, 'rel_err_fp64'):.1e}" if r["rel_err_fp64"] else "-",
-                             note))
+                body.append(
+                    (
+                        r["size"],
+                        r["provider"],
+                        _ms(_f(r, "median_ms")),
+                        spread,
+                        _x(_f(r, "speedup_vs_eager")),
+                        _x(_f(r, "speedup_vs_compile")),
+                        _pct(_f(r, "frac_copy_bw")),
+                        _ms(_f(r, "floor_ms")),
+                        mem_s,
+                        f"{_f(r, 'rel_err_fp64'):.1e}" if r["rel_err_fp64"] else "-",
+                        note,
+                    )
+                )
             lines += [f"#### {mode}, {dtype}", ""]
-            lines += _table(("size", "provider", "median ms", "p20-p80 ms", "x eager",
-                             "x compile", "% copy BW", "floor ms", "extra MB (/grad)",
-                             "rel err", "notes"), body)
+            lines += _table(
+                (
+                    "size",
+                    "provider",
+                    "median ms",
+                    "p20-p80 ms",
+                    "x eager",
+                    "x compile",
+                    "% copy BW",
+                    "floor ms",
+                    "extra MB (/grad)",
+                    "rel err",
+                    "notes",
+                ),
+                body,
+            )
             lines.append("")
     return lines
 
@@ -300,34 +440,76 @@ def e2e_section(results_dir: Path) -> list[str]:
         key = (r["device_name"], r["losses"], r["dtype"], r["batch"], r["image"])
         if key not in newest or r["run_id"] >= newest[key]["run_id"]:
             newest[key] = r
-    body = [(r["device_name"], r["losses"], r["dtype"], f"{r['batch']} x {r['image']}",
-             r["anchors"], r["positives"], _ms(_f(r, "assign_ms")), _ms(_f(r, "loss_ms")),
-             _ms(_f(r, "step_ms")), _pct(_f(r, "loss_share")), _x(_f(r, "loss_speedup")),
-             r["model"], f"`{r['git_commit'][:10]}` {r['date_utc']}")
-            for r in sorted(newest.values(), key=lambda r: (r["device_name"], r["losses"]))]
-    return ["## End to end: the GFL head's loss step", "",
+    body = [
+        (
+            r["device_name"],
+            r["losses"],
+            r["dtype"],
+            f"{r['batch']} x {r['image']}",
+            r["anchors"],
+            r["positives"],
+            _ms(_f(r, "assign_ms")),
+            _ms(_f(r, "loss_ms")),
+            _ms(_f(r, "step_ms")),
+            _pct(_f(r, "loss_share")),
+            _x(_f(r, "loss_speedup")),
+            r["model"],
+            f"`{r['git_commit'][:10]}` {r['date_utc']}",
+        )
+        for r in sorted(newest.values(), key=lambda r: (r["device_name"], r["losses"]))
+    ]
+    return (
+        [
+            "## End to end: the GFL head's loss step",
+            "",
             "One training step of the GFL-R50 head's losses (`detector.losses.DetectionLoss`: "
             "QFL over every anchor; integral decode, GIoU and DFL over the positives; "
             "mmdetection's weighting) on a realistic batch.  `assign ms`: ATSS assignment alone "
             "(the same code for every row); `loss ms`: forward+backward of the losses with the "
             "assignment precomputed; `step ms`: the whole training step (backbone, FPN, head, "
             "assignment, losses, backward) with those losses; `loss share` = loss ms / step "
-            "ms.  Produced by `python -m benchmarks.e2e_loss_step`.", ""] + _table(
-        ("device", "losses", "dtype", "batch", "anchors", "positives", "assign ms",
-         "loss ms (fwd+bwd)", "step ms", "loss share", "x vs reference losses", "model",
-         "commit, date"), body) + [""]
+            "ms.  Produced by `python -m benchmarks.e2e_loss_step`.",
+            "",
+        ]
+        + _table(
+            (
+                "device",
+                "losses",
+                "dtype",
+                "batch",
+                "anchors",
+                "positives",
+                "assign ms",
+                "loss ms (fwd+bwd)",
+                "step ms",
+                "loss share",
+                "x vs reference losses",
+                "model",
+                "commit, date",
+            ),
+            body,
+        )
+        + [""]
+    )
 
 
-def summary_markdown(by_device: dict[str, list[dict[str, str]]], plots: dict[tuple, Path],
-                     results_dir: Path) -> str:
-    lines = ["# gfl_ops benchmark results", "",
-             "Generated by `python -m benchmarks.report` from the CSV files in this folder (do not "
-             "edit by hand).  For each device, the newest measurement of every case; each row's "
-             "speed-ups are against the eager and compile peers measured in the same run.  "
-             "Column meanings and method: [benchmarks/README.md](../README.md).", ""]
+def summary_markdown(
+    by_device: dict[str, list[dict[str, str]]], plots: dict[tuple, Path], results_dir: Path
+) -> str:
+    lines = [
+        "# gfl_ops benchmark results",
+        "",
+        "Generated by `python -m benchmarks.report` from the CSV files in this folder (do not "
+        "edit by hand).  For each device, the newest measurement of every case; each row's "
+        "speed-ups are against the eager and compile peers measured in the same run.  "
+        "Column meanings and method: [benchmarks/README.md](../README.md).",
+        "",
+    ]
     if not by_device:
-        lines += ["No microbenchmark results yet: run `python -m benchmarks.run` (see the README).",
-                  ""]
+        lines += [
+            "No microbenchmark results yet: run `python -m benchmarks.run` (see the README).",
+            "",
+        ]
     for device, rows in by_device.items():
         device_type = rows[0]["device_type"]
         lines += [f"## {device}", "", "Runs:", ""] + _runs_table(rows) + [""]
@@ -370,8 +552,12 @@ def generate(results_dir: Path = RESULTS_DIR) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
-    ap.add_argument("--results", type=Path, default=RESULTS_DIR,
-                    help="folder holding the CSVs (default benchmarks/results)")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS_DIR,
+        help="folder holding the CSVs (default benchmarks/results)",
+    )
     args = ap.parse_args(argv)
     for p in generate(args.results):
         print(f"wrote {p}")

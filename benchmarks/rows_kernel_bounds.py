@@ -33,12 +33,19 @@ from pathlib import Path
 from benchmarks import sass_path_count as spc
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["csrc/gfl_math.h", "csrc/cuda/common.cuh", "csrc/cuda/launchers.h",
-           "csrc/cuda/softmax_rows_kernel.cuh", "csrc/cuda/softmax_rows.cu"]
+SOURCES = [
+    "csrc/gfl_math.h",
+    "csrc/cuda/common.cuh",
+    "csrc/cuda/launchers.h",
+    "csrc/cuda/softmax_rows_kernel.cuh",
+    "csrc/cuda/softmax_rows.cu",
+]
 SMS, CLOCK_HZ = 132, 1.98e9  # H100 SXM5 / H200 SXM: 132 SMs, 1980 MHz max boost (datasheets)
 BANDWIDTHS = {  # bytes/s: datasheet HBM bandwidth, and the device-to-device copy measured here
-    "H100 datasheet 3.35": 3.35e12, "H100 measured 3.0": 3.0e12,
-    "H200 datasheet 4.8": 4.8e12, "H200 measured 4.3": 4.3e12,
+    "H100 datasheet 3.35": 3.35e12,
+    "H100 measured 3.0": 3.0e12,
+    "H200 datasheet 4.8": 4.8e12,
+    "H200 measured 4.3": 4.3e12,
 }
 DTYPES = {"fp32": ("f", 4), "bf16": ("13__nv_bfloat16", 2), "fp16": ("6__half", 2)}
 ACC = 4  # opmath bytes of the three
@@ -53,19 +60,40 @@ def materialize(ref: str | None, dest: Path) -> Path:
     for rel in SOURCES:
         out = dest / rel
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text((ROOT / rel).read_text() if ref is None
-                       else run(["git", "-C", str(ROOT), "show", f"{ref}:{rel}"]))
+        out.write_text(
+            (ROOT / rel).read_text()
+            if ref is None
+            else run(["git", "-C", str(ROOT), "show", f"{ref}:{rel}"])
+        )
     return dest
 
 
 def compile_cubin(src: Path, arch: int) -> Path:
     import torch.utils.cpp_extension as ext
+
     nvcc = Path(ext.CUDA_HOME or "/usr/local/cuda") / "bin" / "nvcc"
     out = src / f"rows_sm{arch}.cubin"
-    run([str(nvcc), "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17",
-         "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-cubin", "-o", str(out),
-         str(src / "csrc/cuda/softmax_rows.cu"), "-I", str(src / "csrc/cuda"),
-         "-I", str(src / "csrc"), "-I", ext.include_paths()[0]])
+    run(
+        [
+            str(nvcc),
+            "-O3",
+            "-lineinfo",
+            "--expt-relaxed-constexpr",
+            "-std=c++17",
+            "-gencode",
+            f"arch=compute_{arch},code=sm_{arch}",
+            "-cubin",
+            "-o",
+            str(out),
+            str(src / "csrc/cuda/softmax_rows.cu"),
+            "-I",
+            str(src / "csrc/cuda"),
+            "-I",
+            str(src / "csrc"),
+            "-I",
+            ext.include_paths()[0],
+        ]
+    )
     return out
 
 
@@ -114,8 +142,9 @@ def bytes_per_element(op: str, mode: str, s: int, bins: int) -> float:
     if op == "integral":
         return {"fwd": s + s / n, "fused": 2 * s + s / n, "bwd": 2 * s + ACC / n}[mode]
     if op == "dfl":
-        return {"fwd": s + 2 * ACC / n, "fused": 2 * s + 2 * ACC / n,
-                "bwd": 2 * s + 2 * ACC / n}[mode]
+        return {"fwd": s + 2 * ACC / n, "fused": 2 * s + 2 * ACC / n, "bwd": 2 * s + 2 * ACC / n}[
+            mode
+        ]
     return 2 * s + ACC / n  # scale_rows over (rows, bins)
 
 
@@ -133,12 +162,20 @@ def walk(kernel: spc.Kernel, block: int, params: str, decide_at: dict[str, bool]
     raw = spc.parse_params(params)
     raw += bytes(-len(raw) % 4)
     for off in range(0, len(raw), 4):
-        c0[0x210 + off] = int.from_bytes(raw[off:off + 4], "little")
+        c0[0x210 + off] = int.from_bytes(raw[off : off + 4], "little")
     total, counts = 0, {}
     for w in range(block // 32):
-        sregs = {"SR_TID.X": 32 * w, "SR_TID.Y": 0, "SR_TID.Z": 0, "SR_CTAID.X": 0,
-                 "SR_CTAID.Y": 0, "SR_CTAID.Z": 0, "SR_LANEID": 0, "SR_CgaCtaId": 0,
-                 "SR_SWINHI": 0x10000}
+        sregs = {
+            "SR_TID.X": 32 * w,
+            "SR_TID.Y": 0,
+            "SR_TID.Z": 0,
+            "SR_CTAID.X": 0,
+            "SR_CTAID.Y": 0,
+            "SR_CTAID.Z": 0,
+            "SR_LANEID": 0,
+            "SR_CgaCtaId": 0,
+            "SR_SWINHI": 0x10000,
+        }
         m = spc.Machine(kernel, c0, sregs, {})
         m.decide_at = decide_at
         m.run()
@@ -158,9 +195,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ref", default=None, help="a git commit; default: the work tree")
     ap.add_argument("--bins", default="17,8,33")
     ap.add_argument("--dtypes", default="fp32,bf16,fp16")
-    ap.add_argument("--generic", action="store_true",
-                    help="the runtime-bin-count tile kernel even where the launcher has one "
-                         "compiled for the bin count")
+    ap.add_argument(
+        "--generic",
+        action="store_true",
+        help="the runtime-bin-count tile kernel even where the launcher has one "
+        "compiled for the bin count",
+    )
     ap.add_argument("--ops", default="integral,dfl,scale_rows")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rows_bounds_") as tmp:
@@ -173,15 +213,24 @@ def main(argv=None) -> int:
         nan_line = next(i + 1 for i, text in enumerate(math_h) if "if (y != y)" in text)
         decide_at = {f"gfl_math.h:{nan_line}": False}  # DFL targets are not NaN
         new = "softmax_rows_tile_kernel" in sass
-        spill = [n for r in (res90, res80) for n, v in r.items()
-                 if v.get("STACK", 0) or v.get("LOCAL", 0)]
+        spill = [
+            n
+            for r in (res90, res80)
+            for n, v in r.items()
+            if v.get("STACK", 0) or v.get("LOCAL", 0)
+        ]
         kind = ("tile" + (", runtime bin count" if args.generic else "")) if new else "warp-per-row"
-        print(f"# rows kernels of {args.ref or 'the work tree'} ({kind} kernels); sm_90/sm_80 "
-              f"kernels with stack or local memory: {spill or 'none'}\n")
+        print(
+            f"# rows kernels of {args.ref or 'the work tree'} ({kind} kernels); sm_90/sm_80 "
+            f"kernels with stack or local memory: {spill or 'none'}\n"
+        )
         cols = list(BANDWIDTHS)
-        print("| op | dtype | bins | mode | B/elem | slots/elem | MUFU/elem | half-rate/elem | "
-              "regs | smem/block | block | blocks/SM, occupancy | "
-              + " | ".join(f"bound {c}" for c in cols) + " |")
+        print(
+            "| op | dtype | bins | mode | B/elem | slots/elem | MUFU/elem | half-rate/elem | "
+            "regs | smem/block | block | blocks/SM, occupancy | "
+            + " | ".join(f"bound {c}" for c in cols)
+            + " |"
+        )
         print("|" + "---|" * (12 + len(cols)))
         for bins in [int(b) for b in args.bins.split(",")]:
             for dname in args.dtypes.split(","):
@@ -189,17 +238,33 @@ def main(argv=None) -> int:
                 for op in args.ops.split(","):
                     modes = ("fwd", "fused", "bwd") if op != "scale_rows" else ("in place",)
                     for mode in modes:
-                        row = measure(op, mode, dname, mangled, s, bins, new, sass, res90,
-                                      decide_at, args.generic)
+                        row = measure(
+                            op,
+                            mode,
+                            dname,
+                            mangled,
+                            s,
+                            bins,
+                            new,
+                            sass,
+                            res90,
+                            decide_at,
+                            args.generic,
+                        )
                         if row is None:
                             continue
                         slots, mufu, half, regs, smem, block, occ = row
                         bpe = bytes_per_element(op, mode, s, bins)
-                        bounds = [min(1.0, SMS * 4 * 32 * CLOCK_HZ / slots * bpe / bw)
-                                  for bw in BANDWIDTHS.values()]
-                        print(f"| {op} | {dname} | {bins} | {mode} | {bpe:.2f} | {slots:.1f} | "
-                              f"{mufu:.2f} | {half:.1f} | {regs} | {smem} | {block} | {occ} | "
-                              + " | ".join(f"{b:.0%}" for b in bounds) + " |")
+                        bounds = [
+                            min(1.0, SMS * 4 * 32 * CLOCK_HZ / slots * bpe / bw)
+                            for bw in BANDWIDTHS.values()
+                        ]
+                        print(
+                            f"| {op} | {dname} | {bins} | {mode} | {bpe:.2f} | {slots:.1f} | "
+                            f"{mufu:.2f} | {half:.1f} | {regs} | {smem} | {block} | {occ} | "
+                            + " | ".join(f"{b:.0%}" for b in bounds)
+                            + " |"
+                        )
     return 0
 
 
@@ -209,19 +274,23 @@ def measure(op, mode, dname, mangled, s, bins, new, sass, res, decide_at, generi
         per_thread = 8 * 16 // s if new else 1  # the launcher's elements per thread
         block, rows = 256, 256 * per_thread // bins + 1
         total_elems = rows * bins
-        params = (f"ptr:0x7f2000000000,ptr:0x7f4000000000,i64:1,ptr:0x7f2000000000,"
-                  f"i64:{rows},i64:{bins}")
+        params = (
+            f"ptr:0x7f2000000000,ptr:0x7f4000000000,i64:1,ptr:0x7f2000000000,i64:{rows},i64:{bins}"
+        )
         smem = 0
         elems = min(total_elems, 256 * per_thread)
     elif new:
         pitch, vec, tile, rpt, block, smem = rows_geometry(bins)
         fixed = not generic and bins in (8, 16, 17, 33) and (bins % 2 == 0 or rpt % 4 == 0)
         kb = bins if fixed else 0
-        name = (f"_ZN3gfl4cuda24softmax_rows_tile_kernelI{mangled}Lb{int(op == 'dfl')}E"
-                f"Li{kb}ELi{vec}E")
+        name = (
+            f"_ZN3gfl4cuda24softmax_rows_tile_kernelI{mangled}Lb{int(op == 'dfl')}ELi{kb}ELi{vec}E"
+        )
         target, scale, out, grad = pointers(op, mode)
-        params = (f"ptr:0x7f0000000000,ptr:{target},ptr:{scale},i64:1,ptr:{out},ptr:{grad},"
-                  f"i64:{tile},i32:{bins},i32:{pitch},i32:{rpt}")
+        params = (
+            f"ptr:0x7f0000000000,ptr:{target},ptr:{scale},i64:1,ptr:{out},ptr:{grad},"
+            f"i64:{tile},i32:{bins},i32:{pitch},i32:{rpt}"
+        )
         elems = tile * bins
     else:
         tpr = 8 if bins <= 8 else (16 if bins <= 16 else 32)
@@ -229,8 +298,10 @@ def measure(op, mode, dname, mangled, s, bins, new, sass, res, decide_at, generi
         target, scale, out, grad = pointers(op, mode)
         block, smem = 256, 0
         m = 256 // tpr
-        params = (f"ptr:0x7f0000000000,ptr:{target},ptr:{scale},i64:1,ptr:{out},ptr:{grad},"
-                  f"i64:{m},i64:{bins}")
+        params = (
+            f"ptr:0x7f0000000000,ptr:{target},ptr:{scale},i64:1,ptr:{out},ptr:{grad},"
+            f"i64:{m},i64:{bins}"
+        )
         elems = m * bins
     kernel = spc.parse(sass, name)
     total, counts = walk(kernel, block, params, decide_at)

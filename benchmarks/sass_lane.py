@@ -340,8 +340,11 @@ class Lane:
                 if d.startswith(("desc", "[")):
                     continue
                 if re.fullmatch(r"U?R\d+|U?P\d", d.replace(".reuse", "")):
-                    if "64" in mods and d.startswith(("R", "UR")) and base in ("LDG", "LDS",
-                                                                              "LDL", "LD"):
+                    if (
+                        "64" in mods
+                        and d.startswith(("R", "UR"))
+                        and base in ("LDG", "LDS", "LDL", "LD")
+                    ):
                         self.setpair(d, U)
                     elif "128" in mods and d.startswith("R") and base in ("LDG", "LDS", "LD"):
                         n = int(d.replace(".reuse", "")[1:])
@@ -409,16 +412,29 @@ class Lane:
             self.setreg(a[0], U)
             return self.setreg(a[1], U)
         xv, yv = (x, y) if unsigned else (s32(x), s32(y))
-        ops = {"LT": xv < yv, "LE": xv <= yv, "GT": xv > yv, "GE": xv >= yv, "EQ": xv == yv,
-               "NE": xv != yv}
+        ops = {
+            "LT": xv < yv,
+            "LE": xv <= yv,
+            "GT": xv > yv,
+            "GE": xv >= yv,
+            "EQ": xv == yv,
+            "NE": xv != yv,
+        }
         if "EX" in mods:
             eq = x == y
             lt, gt = xv < yv, xv > yv
-            r = {"LT": lt or (eq and pex), "LE": lt or (eq and pex), "GT": gt or (eq and pex),
-                 "GE": gt or (eq and pex), "EQ": eq and pex, "NE": (not eq) or pex}[cmp]
+            r = {
+                "LT": lt or (eq and pex),
+                "LE": lt or (eq and pex),
+                "GT": gt or (eq and pex),
+                "GE": gt or (eq and pex),
+                "EQ": eq and pex,
+                "NE": (not eq) or pex,
+            }[cmp]
         else:
             r = ops[cmp]
-        f = {"AND": lambda u, v: u and v, "OR": lambda u, v: u or v,
-             "XOR": lambda u, v: u != v}[comb]
+        f = {"AND": lambda u, v: u and v, "OR": lambda u, v: u or v, "XOR": lambda u, v: u != v}[
+            comb
+        ]
         self.setreg(a[0], f(r, pc))
         self.setreg(a[1], f(not r, pc))

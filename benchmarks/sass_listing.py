@@ -12,6 +12,7 @@ from pathlib import Path
 def default_nvdisasm() -> str:
     try:
         import triton  # the CUDA toolkit here ships no nvdisasm; Triton bundles one
+
         return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm")
     except ImportError:
         return "nvdisasm"
@@ -21,7 +22,7 @@ def default_nvdisasm() -> str:
 class Instr:
     addr: int
     guard: str | None  # "P0", "!P0", "UP1", ...
-    op: str            # full opcode with modifiers, e.g. "IMAD.WIDE.U32"
+    op: str  # full opcode with modifiers, e.g. "IMAD.WIDE.U32"
     args: list[str]
     text: str
     where: tuple[str, ...] = ()  # "file.h:LINE" of the source line and the lines it is inlined at

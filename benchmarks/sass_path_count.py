@@ -52,8 +52,9 @@ class Machine(Lane):
     """One warp's walk from the kernel's entry (lane 0's values in :class:`Lane`): which
     instruction runs next, each one reached counted by class, opcode and region."""
 
-    def __init__(self, kernel: Kernel, const0: dict[int, int], sregs: dict[str, int],
-                 decide: dict[int, bool]):
+    def __init__(
+        self, kernel: Kernel, const0: dict[int, int], sregs: dict[str, int], decide: dict[int, bool]
+    ):
         super().__init__(const0, sregs)
         self.k = kernel
         self.decide = decide
@@ -70,16 +71,51 @@ class Machine(Lane):
         base = op.split(".")[0]
         if base == "MUFU":
             return "mufu"
-        if base in ("FFMA", "FADD", "FMUL", "IMAD", "DFMA", "DADD", "DMUL", "HFMA2", "HADD2",
-                    "HMUL2", "FSWZADD"):
+        if base in (
+            "FFMA",
+            "FADD",
+            "FMUL",
+            "IMAD",
+            "DFMA",
+            "DADD",
+            "DMUL",
+            "HFMA2",
+            "HADD2",
+            "HMUL2",
+            "FSWZADD",
+        ):
             return "fma"
-        if base in ("LDG", "STG", "LDS", "STS", "LDL", "STL", "LD", "ST", "LDC", "ATOM", "RED",
-                    "LDSM", "SHFL"):
+        if base in (
+            "LDG",
+            "STG",
+            "LDS",
+            "STS",
+            "LDL",
+            "STL",
+            "LD",
+            "ST",
+            "LDC",
+            "ATOM",
+            "RED",
+            "LDSM",
+            "SHFL",
+        ):
             return "lsu"
         if base.startswith("U") or base in ("S2UR", "R2UR"):
             return "uniform"
-        if base in ("BRA", "EXIT", "CALL", "RET", "BAR", "BSSY", "BSYNC", "WARPSYNC", "NOP",
-                    "DEPBAR", "ENDCOLLECTIVE"):
+        if base in (
+            "BRA",
+            "EXIT",
+            "CALL",
+            "RET",
+            "BAR",
+            "BSSY",
+            "BSYNC",
+            "WARPSYNC",
+            "NOP",
+            "DEPBAR",
+            "ENDCOLLECTIVE",
+        ):
             return "control"
         return "alu"
 
@@ -118,7 +154,6 @@ class Machine(Lane):
             if g:
                 self.execute(ins)
             i += 1
-
 
     def control(self, ins: Instr, g, i):
         op = ins.op
@@ -161,13 +196,15 @@ class Machine(Lane):
         """For a data-dependent branch around a call of a libdevice slow path (the division's
         and reciprocal's, taken only for operands near the ends of the exponent range): the
         direction that skips the call, else None."""
+
         def calls_slow_path(start: int) -> bool:
-            for ins in self.k.instrs[start:start + 4]:
+            for ins in self.k.instrs[start : start + 4]:
                 if ins.op.startswith("CALL") and "slowpath" in ins.text:
                     return True
                 if ins.op.startswith(("BRA", "EXIT", "RET")):
                     return False
             return False
+
         if calls_slow_path(i + 1):
             return True
         if target is not None and calls_slow_path(target):
@@ -180,8 +217,15 @@ def parse_params(spec: str) -> bytes:
     out = bytearray()
     for item in filter(None, spec.split(",")):
         kind, _, val = item.partition(":")
-        fmt, size = {"ptr": ("<Q", 8), "i64": ("<q", 8), "i32": ("<i", 4), "u32": ("<I", 4),
-                     "f32": ("<f", 4), "f64": ("<d", 8), "bool": ("<B", 1)}[kind]
+        fmt, size = {
+            "ptr": ("<Q", 8),
+            "i64": ("<q", 8),
+            "i32": ("<i", 4),
+            "u32": ("<I", 4),
+            "f32": ("<f", 4),
+            "f64": ("<d", 8),
+            "bool": ("<B", 1),
+        }[kind]
         while len(out) % size:
             out.append(0)
         v = float(val) if kind.startswith("f") else int(val, 0)
@@ -199,16 +243,25 @@ def main(argv=None) -> int:
     ap.add_argument("--params", required=True)
     ap.add_argument("--warps", default="all", help="'all' (every warp of block 0) or a warp index")
     ap.add_argument("--decide", action="append", default=[], help="ADDR=taken|fall")
-    ap.add_argument("--decide-at", action="append", default=[],
-                    help="FILE:LINE=taken|fall for the data-dependent branches of that source "
-                         "line (e.g. gfl_math.h:179=fall: DFL targets are not NaN)")
+    ap.add_argument(
+        "--decide-at",
+        action="append",
+        default=[],
+        help="FILE:LINE=taken|fall for the data-dependent branches of that source "
+        "line (e.g. gfl_math.h:179=fall: DFL targets are not NaN)",
+    )
     ap.add_argument("--nvdisasm", default=default_nvdisasm())
     ap.add_argument("--per", type=float, default=0.0, help="divide the totals by this (elements)")
-    ap.add_argument("--region", action="append", default=[],
-                    help="NAME=LO-HI: also count the instructions at addresses [LO, HI)")
+    ap.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        help="NAME=LO-HI: also count the instructions at addresses [LO, HI)",
+    )
     args = ap.parse_args(argv)
-    sass = subprocess.run([args.nvdisasm, "-c", "-gi", args.cubin], check=True,
-                          capture_output=True, text=True).stdout
+    sass = subprocess.run(
+        [args.nvdisasm, "-c", "-gi", args.cubin], check=True, capture_output=True, text=True
+    ).stdout
     kernel = parse(sass, args.kernel)
     params = parse_params(args.params)
     c0 = {0x0: args.block, 0x4: 1, 0x8: 1, 0xC: args.grid, 0x10: 1, 0x14: 1, 0x28: 0xFFFC00}
@@ -225,9 +278,17 @@ def main(argv=None) -> int:
     counts: Counter[str] = Counter()
     for w in warps:
         # block 0 of a one-block cluster; the shared window's base is any aligned value
-        sregs = {"SR_TID.X": 32 * w, "SR_TID.Y": 0, "SR_TID.Z": 0, "SR_CTAID.X": 0,
-                 "SR_CTAID.Y": 0, "SR_CTAID.Z": 0, "SR_LANEID": 0, "SR_CgaCtaId": 0,
-                 "SR_SWINHI": 0x10000}
+        sregs = {
+            "SR_TID.X": 32 * w,
+            "SR_TID.Y": 0,
+            "SR_TID.Z": 0,
+            "SR_CTAID.X": 0,
+            "SR_CTAID.Y": 0,
+            "SR_CTAID.Z": 0,
+            "SR_LANEID": 0,
+            "SR_CgaCtaId": 0,
+            "SR_SWINHI": 0x10000,
+        }
         mach = Machine(kernel, c0, sregs, decide)
         for d in args.decide_at:
             loc, _, what = d.rpartition("=")
@@ -251,8 +312,9 @@ def main(argv=None) -> int:
     regions = [(k[7:], v) for k, v in counts.items() if k.startswith("region:")]
     if regions:
         print("  regions: " + "  ".join(f"{k} {v / per:.3f}" for k, v in regions))
-    ops = sorted(((k[3:], v) for k, v in counts.items() if k.startswith("op:")),
-                 key=lambda kv: -kv[1])
+    ops = sorted(
+        ((k[3:], v) for k, v in counts.items() if k.startswith("op:")), key=lambda kv: -kv[1]
+    )
     print("  " + " ".join(f"{k}:{v / per:.2f}" for k, v in ops))
     return 0
 

@@ -27,8 +27,9 @@ from benchmarks.cases import Inputs
 INPUT_MODES = ("fresh", "reused")
 
 
-def make_step(fn: Callable[..., torch.Tensor], sets: Sequence[Inputs], mode: str,
-              inputs: str = "reused") -> Callable[[], object]:
+def make_step(
+    fn: Callable[..., torch.Tensor], sets: Sequence[Inputs], mode: str, inputs: str = "reused"
+) -> Callable[[], object]:
     """The timed callable of one provider (see the module docstring).
 
     Args:
@@ -47,8 +48,10 @@ def make_step(fn: Callable[..., torch.Tensor], sets: Sequence[Inputs], mode: str
         raise ValueError(f"inputs must be one of {INPUT_MODES}, got {inputs!r}")
     cycle = itertools.cycle(sets)
     if mode == "fwd":
+
         def step_fwd() -> object:
             return fn(*next(cycle).args)
+
         return step_fwd
 
     def step_fwd_bwd() -> object:
@@ -60,6 +63,7 @@ def make_step(fn: Callable[..., torch.Tensor], sets: Sequence[Inputs], mode: str
         else:
             out.backward(s.grad_out)
         return out
+
     return step_fwd_bwd
 
 
@@ -75,8 +79,9 @@ class FreshStep:
             raise ValueError("a fresh step needs pred as the op's first argument")
         # one weight per column (class or bin, or the anchors of a channel-first layout): the
         # cheapest head with a real backward; ones keep pred's values exact in every dtype
-        self.weight = torch.ones(first.shape[-1], dtype=first.dtype, device=first.device,
-                                 requires_grad=self.backward)
+        self.weight = torch.ones(
+            first.shape[-1], dtype=first.dtype, device=first.device, requires_grad=self.backward
+        )
         self._ready: tuple[Inputs, torch.Tensor] | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 

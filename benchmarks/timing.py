@@ -57,9 +57,16 @@ class _GcPaused:
             gc.enable()
 
 
-def bench_cpu(fns: Mapping[str, Callable[[], object]], *, budget_s: float = 0.6,
-              warmup_s: float = 0.1, min_reps: int = 5, max_reps: int = 200,
-              rounds: int = 5, min_warmup: int = 2) -> dict[str, Timing]:
+def bench_cpu(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    budget_s: float = 0.6,
+    warmup_s: float = 0.1,
+    min_reps: int = 5,
+    max_reps: int = 200,
+    rounds: int = 5,
+    min_warmup: int = 2,
+) -> dict[str, Timing]:
     """Time several callables side by side on the CPU.
 
     Each callable is warmed up (at least ``min_warmup`` calls and ``warmup_s``), its per-call time
@@ -87,12 +94,14 @@ def bench_cpu(fns: Mapping[str, Callable[[], object]], *, budget_s: float = 0.6,
                 last = time.perf_counter() - t0
                 calls += 1
             estimates[name] = last
-        reps = {name: int(min(max_reps, max(min_reps, math.ceil(budget_s / max(est, 1e-9)))))
-                for name, est in estimates.items()}
+        reps = {
+            name: int(min(max_reps, max(min_reps, math.ceil(budget_s / max(est, 1e-9)))))
+            for name, est in estimates.items()
+        }
         samples: dict[str, list[float]] = {name: [] for name in fns}
         names = list(fns)
         for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 fn = fns[name]
                 prepare = getattr(fn, "prepare", None)
@@ -110,8 +119,15 @@ def bench_cpu(fns: Mapping[str, Callable[[], object]], *, budget_s: float = 0.6,
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
 
 
-def bench_cuda(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0,
-               timer: str = "events", min_reps: int = 10, max_reps: int = 1000) -> Timing:
+def bench_cuda(
+    fn: Callable[[], object],
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    timer: str = "events",
+    min_reps: int = 10,
+    max_reps: int = 1000,
+) -> Timing:
     """Time ``fn`` on the current CUDA device.
 
     Args:
@@ -201,8 +217,10 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int | N
         return int(peak - base)
     from torch.profiler import ProfilerActivity, profile
 
-    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
-                                     profile_memory=True) as prof:
+    with (
+        _stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         out = fn()
         del out
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -219,8 +237,9 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int | N
     return int(peak)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int | None = None,
-                   timer: str = "events", budget_s: float = 0.5) -> float:
+def copy_bandwidth(
+    device: torch.device, nbytes: int | None = None, timer: str = "events", budget_s: float = 0.5
+) -> float:
     """Achievable memory bandwidth in bytes/s: ``dst.copy_(src)`` (read + write) of a buffer far
     larger than the caches, timed like the benchmarks.
 

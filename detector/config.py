@@ -34,8 +34,18 @@ from typing import Any
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ModelConfig", "VARIANTS", "BOX_REPRS", "CLS_LOSSES", "DataConfig", "TrainConfig",
-           "ExperimentConfig", "CONFIGS", "get_config", "apply_overrides"]
+__all__ = [
+    "ModelConfig",
+    "VARIANTS",
+    "BOX_REPRS",
+    "CLS_LOSSES",
+    "DataConfig",
+    "TrainConfig",
+    "ExperimentConfig",
+    "CONFIGS",
+    "get_config",
+    "apply_overrides",
+]
 
 
 # ============================================================================================
@@ -75,42 +85,42 @@ class ModelConfig:
     """
 
     # --- architecture
-    depth: int = 50                      # torchvision ResNet depth: 18, 34, 50 or 101
-    num_classes: int = 80                # foreground classes; labels are 0..num_classes-1
-    variant: str = "gfl"                 # 'gfl' | 'atss' | 'qfl' | 'dfl' (see VARIANTS)
-    reg_max: int = 16                    # DFL bins are 0..reg_max (stride units)
-    pretrained: Any = None               # None | path to a checkpoint | torchvision weights
-    frozen_stages: int = 1               # -1: none, 0: stem, k: stem + stages 1..k
-    norm_eval: bool = True               # keep backbone BatchNorm in eval mode while training
+    depth: int = 50  # torchvision ResNet depth: 18, 34, 50 or 101
+    num_classes: int = 80  # foreground classes; labels are 0..num_classes-1
+    variant: str = "gfl"  # 'gfl' | 'atss' | 'qfl' | 'dfl' (see VARIANTS)
+    reg_max: int = 16  # DFL bins are 0..reg_max (stride units)
+    pretrained: Any = None  # None | path to a checkpoint | torchvision weights
+    frozen_stages: int = 1  # -1: none, 0: stem, k: stem + stages 1..k
+    norm_eval: bool = True  # keep backbone BatchNorm in eval mode while training
     fpn_channels: int = 256
     feat_channels: int = 256
     stacked_convs: int = 4
     gn_groups: int = 32
     strides: tuple[int, ...] = (8, 16, 32, 64, 128)
-    octave_base_scale: float = 8.0       # anchor side = octave_base_scale * stride
-    prior_prob: float = 0.01             # initial foreground probability of the classifier
+    octave_base_scale: float = 8.0  # anchor side = octave_base_scale * stride
+    prior_prob: float = 0.01  # initial foreground probability of the classifier
 
     # --- training
     atss_topk: int = 9
     qfl_beta: float = 2.0
-    focal_alpha: float = 0.25            # focal loss of the 'atss'/'dfl' variants
+    focal_alpha: float = 0.25  # focal loss of the 'atss'/'dfl' variants
     focal_gamma: float = 2.0
     loss_cls_weight: float = 1.0
-    loss_bbox_weight: float = 2.0        # GIoU
+    loss_bbox_weight: float = 2.0  # GIoU
     loss_dfl_weight: float = 0.25
     loss_centerness_weight: float = 1.0
-    gfl_backend: str | None = None       # gfl_ops backend: None = auto, 'cpu', 'reference', ...
-    box_repr: str | None = None          # 'dirac' | 'gaussian' | 'general'; None: the variant's
-    dfl_loss: bool | None = None         # DFL on a General box; None: whenever it is General
-    cls_loss: str | None = None          # 'focal' | 'qfl' | 'l2'; None: the variant's
-    loss_nll_weight: float = 0.25        # Gaussian NLL, averaged over the 4 sides (as DFL)
+    gfl_backend: str | None = None  # gfl_ops backend: None = auto, 'cpu', 'reference', ...
+    box_repr: str | None = None  # 'dirac' | 'gaussian' | 'general'; None: the variant's
+    dfl_loss: bool | None = None  # DFL on a General box; None: whenever it is General
+    cls_loss: str | None = None  # 'focal' | 'qfl' | 'l2'; None: the variant's
+    loss_nll_weight: float = 0.25  # Gaussian NLL, averaged over the 4 sides (as DFL)
 
     # --- inference
     score_thr: float = 0.05
-    nms_pre: int = 1000                  # top (anchor, class) pairs kept per level before NMS
+    nms_pre: int = 1000  # top (anchor, class) pairs kept per level before NMS
     nms_iou: float = 0.6
     max_per_img: int = 100
-    min_bbox_size: float = 0.0           # boxes with a side <= this are dropped
+    min_bbox_size: float = 0.0  # boxes with a side <= this are dropped
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, ignored by the model
 
@@ -132,18 +142,22 @@ class ModelConfig:
         if self.box_repr is not None and self.box_repr not in BOX_REPRS:
             raise ValueError(f"box_repr must be one of {BOX_REPRS} or None, got {self.box_repr!r}")
         if self.dfl_loss and self.box_representation != "general":
-            raise ValueError(f"dfl_loss needs the 'general' box representation, not "
-                             f"{self.box_representation!r} (variant {self.variant!r})")
+            raise ValueError(
+                f"dfl_loss needs the 'general' box representation, not "
+                f"{self.box_representation!r} (variant {self.variant!r})"
+            )
         if self.cls_loss is not None:
             if self.cls_loss not in CLS_LOSSES:
-                raise ValueError(f"cls_loss must be one of {CLS_LOSSES} or None, "
-                                 f"got {self.cls_loss!r}")
+                raise ValueError(
+                    f"cls_loss must be one of {CLS_LOSSES} or None, got {self.cls_loss!r}"
+                )
             # the joint score has no one-hot target for focal loss; the centre-ness variants'
             # class score has no IoU target for QFL / L2
             if (self.cls_loss == "focal") == self.joint_score:
                 kind = "joint-score ('qfl', 'gfl')" if self.joint_score else "centre-ness"
-                raise ValueError(f"cls_loss {self.cls_loss!r} does not fit the {kind} "
-                                 f"variant {self.variant!r}")
+                raise ValueError(
+                    f"cls_loss {self.cls_loss!r} does not fit the {kind} variant {self.variant!r}"
+                )
 
     @property
     def joint_score(self) -> bool:
@@ -191,6 +205,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
 
 # ============================================================================================
 # a run: data, schedule, experiment; the named experiments and overrides
@@ -269,8 +284,9 @@ class ExperimentConfig:
         unknown = set(d) - {"name", "model", "data", "train"}
         if unknown:
             raise ValueError(f"unknown ExperimentConfig keys {sorted(unknown)}")
-        return cls(name=d.get("name", "custom"), model=dict(d.get("model", {})), data=data,
-                   train=train)
+        return cls(
+            name=d.get("name", "custom"), model=dict(d.get("model", {})), data=data, train=train
+        )
 
 
 def _dataclass_from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
@@ -289,13 +305,30 @@ def _dataclass_from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
 def _gfl_r50_1x_coco() -> ExperimentConfig:
     return ExperimentConfig(
         name="gfl_r50_1x_coco",
-        model=dict(depth=50, num_classes=80, variant="gfl", reg_max=16,
-                   pretrained="IMAGENET1K_V1", frozen_stages=1, norm_eval=True),
+        model=dict(
+            depth=50,
+            num_classes=80,
+            variant="gfl",
+            reg_max=16,
+            pretrained="IMAGENET1K_V1",
+            frozen_stages=1,
+            norm_eval=True,
+        ),
         data=DataConfig(img_scale=(1333, 800), flip_prob=0.5, batch_size=2, num_workers=2),
-        train=TrainConfig(epochs=12, lr=0.01, base_batch_size=16, momentum=0.9,
-                          weight_decay=1e-4, warmup_iters=500, warmup_ratio=0.001,
-                          lr_steps=(8, 11), lr_gamma=0.1, grad_clip=None,
-                          checkpoint_interval_iters=2000, log_interval=50),
+        train=TrainConfig(
+            epochs=12,
+            lr=0.01,
+            base_batch_size=16,
+            momentum=0.9,
+            weight_decay=1e-4,
+            warmup_iters=500,
+            warmup_ratio=0.001,
+            lr_steps=(8, 11),
+            lr_gamma=0.1,
+            grad_clip=None,
+            checkpoint_interval_iters=2000,
+            log_interval=50,
+        ),
     )
 
 
@@ -307,30 +340,79 @@ def _gfl_r18_synthetic_cpu() -> ExperimentConfig:
     # longer-schedule probe: AP50 0.26 after 4 epochs, 0.69 after 8 at constant lr).
     return ExperimentConfig(
         name="gfl_r18_synthetic_cpu",
-        model=dict(depth=18, num_classes=4, variant="gfl", reg_max=8, pretrained=None,
-                   frozen_stages=-1, norm_eval=False, fpn_channels=64, feat_channels=64,
-                   stacked_convs=2, gn_groups=16, nms_pre=300),
-        data=DataConfig(img_scale=(224, 224), flip_prob=0.5, batch_size=8, eval_batch_size=8,
-                        num_workers=1),
-        train=TrainConfig(epochs=9, optimizer="adamw", lr=1e-3, base_batch_size=8,
-                          weight_decay=1e-4, warmup_iters=100, warmup_ratio=0.01,
-                          lr_steps=(8,), lr_gamma=0.1, grad_clip=10.0,
-                          eval_interval=0, checkpoint_interval=0,
-                          checkpoint_interval_iters=100, log_interval=5),
+        model=dict(
+            depth=18,
+            num_classes=4,
+            variant="gfl",
+            reg_max=8,
+            pretrained=None,
+            frozen_stages=-1,
+            norm_eval=False,
+            fpn_channels=64,
+            feat_channels=64,
+            stacked_convs=2,
+            gn_groups=16,
+            nms_pre=300,
+        ),
+        data=DataConfig(
+            img_scale=(224, 224), flip_prob=0.5, batch_size=8, eval_batch_size=8, num_workers=1
+        ),
+        train=TrainConfig(
+            epochs=9,
+            optimizer="adamw",
+            lr=1e-3,
+            base_batch_size=8,
+            weight_decay=1e-4,
+            warmup_iters=100,
+            warmup_ratio=0.01,
+            lr_steps=(8,),
+            lr_gamma=0.1,
+            grad_clip=10.0,
+            eval_interval=0,
+            checkpoint_interval=0,
+            checkpoint_interval_iters=100,
+            log_interval=5,
+        ),
     )
 
 
 def _gfl_tiny_test() -> ExperimentConfig:
     return ExperimentConfig(
         name="gfl_tiny_test",
-        model=dict(depth=18, num_classes=4, variant="gfl", reg_max=4, pretrained=None,
-                   frozen_stages=-1, norm_eval=True, fpn_channels=16, feat_channels=16,
-                   stacked_convs=1, gn_groups=4, nms_pre=100),
-        data=DataConfig(img_scale=(128, 128), flip_prob=0.5, batch_size=2, eval_batch_size=2,
-                        num_workers=0, group_by_aspect=False),
-        train=TrainConfig(epochs=2, lr=0.01, base_batch_size=2, warmup_iters=4,
-                          warmup_ratio=0.1, lr_steps=(1,), grad_clip=10.0,
-                          eval_interval=1, checkpoint_interval=1, log_interval=1),
+        model=dict(
+            depth=18,
+            num_classes=4,
+            variant="gfl",
+            reg_max=4,
+            pretrained=None,
+            frozen_stages=-1,
+            norm_eval=True,
+            fpn_channels=16,
+            feat_channels=16,
+            stacked_convs=1,
+            gn_groups=4,
+            nms_pre=100,
+        ),
+        data=DataConfig(
+            img_scale=(128, 128),
+            flip_prob=0.5,
+            batch_size=2,
+            eval_batch_size=2,
+            num_workers=0,
+            group_by_aspect=False,
+        ),
+        train=TrainConfig(
+            epochs=2,
+            lr=0.01,
+            base_batch_size=2,
+            warmup_iters=4,
+            warmup_ratio=0.1,
+            lr_steps=(1,),
+            grad_clip=10.0,
+            eval_interval=1,
+            checkpoint_interval=1,
+            log_interval=1,
+        ),
     )
 
 
@@ -378,8 +460,9 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Iterable[str]) -> Experime
             target = getattr(cfg, section)
             if not hasattr(target, name):
                 valid = sorted(f.name for f in dataclasses.fields(target))
-                raise ValueError(f"unknown {section} key {name!r} in override {item!r}; "
-                                 f"valid: {valid}")
+                raise ValueError(
+                    f"unknown {section} key {name!r} in override {item!r}; valid: {valid}"
+                )
             setattr(target, name, value)
         else:
             raise ValueError(f"override {item!r}: section must be model, data or train")

@@ -36,10 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann", required=True, help="COCO instances JSON")
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument("--output", required=True, help="directory for metrics.json, detections.json")
-    p.add_argument("--config", default=None,
-                   help="fail unless the checkpoint was trained with this named config")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per batch (default: the checkpoint's data.eval_batch_size)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="fail unless the checkpoint was trained with this named config",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per batch (default: the checkpoint's data.eval_batch_size)",
+    )
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
@@ -71,36 +78,47 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overrides["score_thr"] = args.score_thr
             if args.gfl_backend is not None:
                 overrides["gfl_backend"] = args.gfl_backend
-            model, ckpt = load_for_inference(args.checkpoint, ctx.device,
-                                             expect_config=args.config,
-                                             model_overrides=overrides)
+            model, ckpt = load_for_inference(
+                args.checkpoint, ctx.device, expect_config=args.config, model_overrides=overrides
+            )
             cfg = ExperimentConfig.from_dict(ckpt["config"])
             d = cfg.data
             dataset = CocoDetection(
-                args.ann, args.images,
+                args.ann,
+                args.images,
                 TransformConfig(tuple(d.img_scale), 0.0, tuple(d.mean), tuple(d.std)),
-                filter_empty=False, on_bad_image="drop")
+                filter_empty=False,
+                on_bad_image="drop",
+            )
             classes = ckpt.get("classes", {})
             if classes.get("cat_ids") is not None and classes["cat_ids"] != dataset.cat_ids:
                 raise CheckpointError(
                     f"{args.checkpoint}: checkpoint was trained on categories "
                     f"{classes['cat_ids']} ({', '.join(classes.get('names', []))}), but "
-                    f"{args.ann} has {dataset.cat_ids}")
+                    f"{args.ann} has {dataset.cat_ids}"
+                )
         except (DatasetError, CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         metrics, dets = evaluate(
-            model, dataset, ctx,
+            model,
+            dataset,
+            ctx,
             batch_size=args.batch_size or d.eval_batch_size,
             num_workers=d.num_workers if args.workers is None else args.workers,
-            amp=args.amp, progress=not args.no_progress, max_images=args.max_images)
+            amp=args.amp,
+            progress=not args.no_progress,
+            max_images=args.max_images,
+        )
         if ctx.is_main:
             out = Path(args.output)
             write_metrics(metrics, out / "metrics.json")
             (out / "detections.json").write_text(json.dumps(dets))
             prog = ckpt.get("progress", {})
-            title = (f"{args.checkpoint} (config {cfg.name}, epoch {prog.get('epoch', '?')}) "
-                     f"on {args.ann}")
+            title = (
+                f"{args.checkpoint} (config {cfg.name}, epoch {prog.get('epoch', '?')}) "
+                f"on {args.ann}"
+            )
             print(format_metrics_table(metrics, title=title))
             if metrics.get("skipped_images"):
                 print(f"warning: {metrics['skipped_images']} undecodable images were left out")

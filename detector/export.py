@@ -50,13 +50,20 @@ class DenseDetections(nn.Module):
         reg = flatten_levels(outs.reg)
         batch, num_anchors = reg.shape[:2]
         strides = anchors.strides.repeat(batch)
-        boxes = self.detector.coder.decode(anchors.boxes.repeat(batch, 1), strides,
-                                           reg.reshape(batch * num_anchors, -1))
+        boxes = self.detector.coder.decode(
+            anchors.boxes.repeat(batch, 1), strides, reg.reshape(batch * num_anchors, -1)
+        )
         return scores, boxes.reshape(batch, num_anchors, 4)
 
 
-def export_onnx(detector: GFLDetector, path: str | Path, image_size: tuple[int, int] = (320, 320),
-                batch: int = 1, dynamo: bool = False, opset: int = 18) -> Path:
+def export_onnx(
+    detector: GFLDetector,
+    path: str | Path,
+    image_size: tuple[int, int] = (320, 320),
+    batch: int = 1,
+    dynamo: bool = False,
+    opset: int = 18,
+) -> Path:
     """Write ``detector`` as an ONNX file of :class:`DenseDetections`.
 
     Args:
@@ -76,9 +83,16 @@ def export_onnx(detector: GFLDetector, path: str | Path, image_size: tuple[int, 
     device = next(detector.parameters()).device
     images = torch.zeros(batch, 3, *image_size, device=device)
     try:
-        torch.onnx.export(DenseDetections(detector), (images,), str(path), dynamo=dynamo,
-                          input_names=["images"], output_names=["scores", "boxes"],
-                          opset_version=opset, external_data=False)
+        torch.onnx.export(
+            DenseDetections(detector),
+            (images,),
+            str(path),
+            dynamo=dynamo,
+            input_names=["images"],
+            output_names=["scores", "boxes"],
+            opset_version=opset,
+            external_data=False,
+        )
     finally:
         detector.train(was_training)
     return path

@@ -34,9 +34,23 @@ SIDE_NAMES = ("left", "top", "right", "bottom")
 
 def class_colour(label: int) -> tuple[int, int, int]:
     """A distinct, deterministic RGB colour per class label."""
-    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-               (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-               (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0)]
+    palette = [
+        (230, 25, 75),
+        (60, 180, 75),
+        (255, 225, 25),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+        (250, 190, 212),
+        (0, 128, 128),
+        (220, 190, 255),
+        (170, 110, 40),
+        (255, 250, 200),
+        (128, 0, 0),
+    ]
     if label < len(palette):
         return palette[label]
     rng = np.random.default_rng(label)
@@ -110,8 +124,9 @@ def plot_distributions(
     fig = plt.figure(figsize=(4 + 8, max(3.2, 2.0 * rows)), dpi=100)
     gs = fig.add_gridspec(rows, 5, width_ratios=[2.2, 1, 1, 1, 1], wspace=0.35, hspace=0.6)
     ax_img = fig.add_subplot(gs[:, 0])
-    ax_img.imshow(draw_detections(image, boxes, scores[keep], labels, class_names, -1.0,
-                                  numbered=True))
+    ax_img.imshow(
+        draw_detections(image, boxes, scores[keep], labels, class_names, -1.0, numbered=True)
+    )
     ax_img.set_axis_off()
     ax_img.set_title("detections (#i = row)")
     for r in range(rows):
@@ -166,9 +181,11 @@ def run_inference(
     cfg = ExperimentConfig.from_dict(ckpt["config"])
     d = cfg.data
     transform = DetectionTransform(
-        TransformConfig(tuple(d.img_scale), 0.0, tuple(d.mean), tuple(d.std)))
-    names = list(ckpt.get("classes", {}).get("names") or
-                 [str(i) for i in range(cfg.model["num_classes"])])
+        TransformConfig(tuple(d.img_scale), 0.0, tuple(d.mean), tuple(d.std))
+    )
+    names = list(
+        ckpt.get("classes", {}).get("names") or [str(i) for i in range(cfg.model["num_classes"])]
+    )
     cat_ids = list(ckpt.get("classes", {}).get("cat_ids") or range(len(names)))
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,29 +198,42 @@ def run_inference(
         except (OSError, UnidentifiedImageError, ValueError) as e:
             logger.error("skipping %s: cannot decode image (%s)", f, e)
             continue
-        tensor, _, meta = transform(image, np.zeros((0, 4), np.float32),
-                                    np.random.default_rng(0))
+        tensor, _, meta = transform(image, np.zeros((0, 4), np.float32), np.random.default_rng(0))
         images, _ = collate([(tensor, {})])
-        det = model.predict(images.to(device), image_sizes=[meta["img_shape"]],
-                            scale_factors=[meta["scale_factor"]],
-                            original_sizes=[(image.height, image.width)],
-                            with_distributions=distributions)[0]
-        det = {k: v.detach().float().cpu().numpy() if k != "labels" else v.cpu().numpy()
-               for k, v in det.items()}
-        draw_detections(image, det["boxes"], det["scores"], det["labels"], names,
-                        score_thr).save(out_dir / f"{f.stem}_det.png")
+        det = model.predict(
+            images.to(device),
+            image_sizes=[meta["img_shape"]],
+            scale_factors=[meta["scale_factor"]],
+            original_sizes=[(image.height, image.width)],
+            with_distributions=distributions,
+        )[0]
+        det = {
+            k: v.detach().float().cpu().numpy() if k != "labels" else v.cpu().numpy()
+            for k, v in det.items()
+        }
+        draw_detections(image, det["boxes"], det["scores"], det["labels"], names, score_thr).save(
+            out_dir / f"{f.stem}_det.png"
+        )
         if distributions:
-            plot_distributions(image, det, names, out_dir / f"{f.stem}_dist.png", score_thr,
-                               max_boxes_plot)
-        results.append({
-            "file": str(f),
-            "detections": [
-                {"bbox": [round(float(v), 2) for v in b], "score": round(float(s), 4),
-                 "label": int(lb), "category_id": int(cat_ids[int(lb)]), "name": names[int(lb)]}
-                for b, s, lb in zip(det["boxes"], det["scores"], det["labels"])
-                if s >= score_thr
-            ],
-        })
+            plot_distributions(
+                image, det, names, out_dir / f"{f.stem}_dist.png", score_thr, max_boxes_plot
+            )
+        results.append(
+            {
+                "file": str(f),
+                "detections": [
+                    {
+                        "bbox": [round(float(v), 2) for v in b],
+                        "score": round(float(s), 4),
+                        "label": int(lb),
+                        "category_id": int(cat_ids[int(lb)]),
+                        "name": names[int(lb)],
+                    }
+                    for b, s, lb in zip(det["boxes"], det["scores"], det["labels"])
+                    if s >= score_thr
+                ],
+            }
+        )
     (out_dir / "detections.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -219,10 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint written by detector.train")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--score-thr", type=float, default=0.3,
-                   help="minimum score drawn / listed (default: %(default)s)")
-    p.add_argument("--max-boxes-plot", type=int, default=4,
-                   help="boxes per distribution plot")
+    p.add_argument(
+        "--score-thr",
+        type=float,
+        default=0.3,
+        help="minimum score drawn / listed (default: %(default)s)",
+    )
+    p.add_argument("--max-boxes-plot", type=int, default=4, help="boxes per distribution plot")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of a folder")
     p.add_argument("--no-distributions", action="store_true", help="skip the Fig. 3 plots")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -241,18 +274,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             files = files[: args.limit]
         if not files:
             raise FileNotFoundError(f"{args.input}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-        model, ckpt = load_for_inference(args.checkpoint, device,
-                                         model_overrides={"score_thr": args.score_thr})
+        model, ckpt = load_for_inference(
+            args.checkpoint, device, model_overrides={"score_thr": args.score_thr}
+        )
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with_dist = not args.no_distributions and (
-        getattr(model.cfg, "box_representation", "general") == "general")
-    results = run_inference(model, ckpt, files, args.output, device, args.score_thr,
-                            args.max_boxes_plot, with_dist)
+        getattr(model.cfg, "box_representation", "general") == "general"
+    )
+    results = run_inference(
+        model, ckpt, files, args.output, device, args.score_thr, args.max_boxes_plot, with_dist
+    )
     n = sum(len(r["detections"]) for r in results)
-    print(f"{len(results)} images, {n} detections with score >= {args.score_thr}; "
-          f"drawings in {args.output}")
+    print(
+        f"{len(results)} images, {n} detections with score >= {args.score_thr}; "
+        f"drawings in {args.output}"
+    )
     return 0
 
 

@@ -33,24 +33,44 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 1)[1] if __doc__ else None,
     )
-    p.add_argument("--data", default="data/shapes",
-                   help="embedded dataset folder (default: %(default)s)")
+    p.add_argument(
+        "--data", default="data/shapes", help="embedded dataset folder (default: %(default)s)"
+    )
     p.add_argument("--output", default="runs/main_job", help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
     p.add_argument("--data-seed", type=int, default=0, help="dataset generator seed")
-    p.add_argument("--num-train", type=int, default=None,
-                   help="training images to generate (default: the generator's 600)")
-    p.add_argument("--num-val", type=int, default=None,
-                   help="validation images to generate (default: the generator's 150)")
+    p.add_argument(
+        "--num-train",
+        type=int,
+        default=None,
+        help="training images to generate (default: the generator's 600)",
+    )
+    p.add_argument(
+        "--num-val",
+        type=int,
+        default=None,
+        help="validation images to generate (default: the generator's 150)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: all cores)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, as in detector.train")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: all cores)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, as in detector.train",
+    )
     p.add_argument("--fresh", action="store_true", help="delete OUTPUT first")
     p.add_argument("--vis-images", type=int, default=4, help="validation images to draw")
-    p.add_argument("--require-ap50", type=float, default=None,
-                   help="exit with status 1 if the final AP50 is below this")
+    p.add_argument(
+        "--require-ap50",
+        type=float,
+        default=None,
+        help="exit with status 1 if the final AP50 is below this",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -82,8 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if is_generated(args.data, syn):
         logger.info("embedded dataset found in %s", args.data)
     else:
-        logger.info("generating the embedded dataset in %s (%d train + %d val images)",
-                    args.data, syn.num_train, syn.num_val)
+        logger.info(
+            "generating the embedded dataset in %s (%d train + %d val images)",
+            args.data,
+            syn.num_train,
+            syn.num_val,
+        )
     paths = generate_dataset(args.data, syn, progress=not args.no_progress)
     t_data = time.perf_counter() - t0
 
@@ -93,9 +117,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.epochs is not None:
         cfg.train.epochs = args.epochs
     apply_overrides(cfg, args.overrides)
-    trainer = Trainer(cfg, paths["train_ann"], paths["train_images"], paths["val_ann"],
-                      paths["val_images"], out, resume="auto", device="cpu",
-                      progress=not args.no_progress)
+    trainer = Trainer(
+        cfg,
+        paths["train_ann"],
+        paths["train_images"],
+        paths["val_ann"],
+        paths["val_images"],
+        out,
+        resume="auto",
+        device="cpu",
+        progress=not args.no_progress,
+    )
     try:
         metrics = trainer.train()
     except TrainingInterrupted:
@@ -115,12 +147,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - t0
 
     print()
-    print(format_metrics_table(metrics, title=f"{CONFIG_NAME} on the embedded validation split "
-                               f"({paths['val_ann']})"))
-    print(f"wall time {wall / 60:.1f} min (data {t_data:.0f} s, training + evaluation "
-          f"{t_train:.0f} s) with {torch.get_num_threads()} threads")
-    print(f"metrics: {out / 'metrics.json'}   checkpoint: {out / 'latest.pth'}   "
-          f"pictures: {out / 'vis'}")
+    print(
+        format_metrics_table(
+            metrics, title=f"{CONFIG_NAME} on the embedded validation split ({paths['val_ann']})"
+        )
+    )
+    print(
+        f"wall time {wall / 60:.1f} min (data {t_data:.0f} s, training + evaluation "
+        f"{t_train:.0f} s) with {torch.get_num_threads()} threads"
+    )
+    print(
+        f"metrics: {out / 'metrics.json'}   checkpoint: {out / 'latest.pth'}   "
+        f"pictures: {out / 'vis'}"
+    )
     if args.require_ap50 is not None and metrics["AP50"] < args.require_ap50:
         print(f"AP50 {metrics['AP50']:.3f} is below the required {args.require_ap50}")
         return 1

@@ -141,8 +141,11 @@ def evaluate_detections(
             ev.accumulate()
             ev.summarize()
         if verbose:
-            print("\n".join(line for line in sink.getvalue().splitlines()
-                            if line.startswith(" Average")))
+            print(
+                "\n".join(
+                    line for line in sink.getvalue().splitlines() if line.startswith(" Average")
+                )
+            )
         for k, v in zip(METRIC_KEYS, ev.stats[:6]):
             result[k] = float(v)
         result["AR100"] = float(ev.stats[8])
@@ -182,8 +185,6 @@ def format_metrics_table(metrics: dict[str, Any], title: str | None = None) -> s
 
 def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``metrics`` as JSON (NaN written as ``null``)."""
-    clean = {
-        k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
-    }
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(clean, indent=2) + "\n")

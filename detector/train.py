@@ -42,15 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 1)[1] if __doc__ else None,
     )
-    p.add_argument("--config", default="gfl_r18_synthetic_cpu", choices=sorted(CONFIGS),
-                   help="named experiment config (default: %(default)s)")
+    p.add_argument(
+        "--config",
+        default="gfl_r18_synthetic_cpu",
+        choices=sorted(CONFIGS),
+        help="named experiment config (default: %(default)s)",
+    )
     p.add_argument("--train-ann", required=True, help="COCO instances JSON of the training set")
     p.add_argument("--train-images", required=True, help="image folder of the training set")
     p.add_argument("--val-ann", help="COCO instances JSON of the validation set")
     p.add_argument("--val-images", help="image folder of the validation set")
     p.add_argument("--output", required=True, help="output directory (checkpoints, logs)")
-    p.add_argument("--resume", default=None,
-                   help="checkpoint to resume from, or 'auto' for OUTPUT/latest.pth if present")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint to resume from, or 'auto' for OUTPUT/latest.pth if present",
+    )
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--lr", type=float, help="override train.lr")
     p.add_argument("--batch-size", type=int, help="override data.batch_size (per process)")
@@ -58,13 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override train.seed")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="override train.amp")
     p.add_argument("--eval-interval", type=int, help="override train.eval_interval (epochs)")
-    p.add_argument("--pretrained", help="backbone weights: local path, torchvision name, "
-                   "or 'none' (override model.pretrained)")
+    p.add_argument(
+        "--pretrained",
+        help="backbone weights: local path, torchvision name, "
+        "or 'none' (override model.pretrained)",
+    )
     p.add_argument("--gfl-backend", help="gfl_ops backend (override model.gfl_backend)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config override, e.g. --set train.lr_steps=[16,22] "
-                   "--set model.reg_max=8 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config override, e.g. --set train.lr_steps=[16,22] "
+        "--set model.reg_max=8 (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     p.add_argument("--stop-after-iters", type=int, default=None, help=argparse.SUPPRESS)
@@ -76,9 +92,13 @@ def config_from_args(args: argparse.Namespace):
     cfg = get_config(args.config)
     apply_overrides(cfg, args.overrides)
     simple = {
-        "epochs": ("train", "epochs"), "lr": ("train", "lr"), "seed": ("train", "seed"),
-        "amp": ("train", "amp"), "eval_interval": ("train", "eval_interval"),
-        "batch_size": ("data", "batch_size"), "workers": ("data", "num_workers"),
+        "epochs": ("train", "epochs"),
+        "lr": ("train", "lr"),
+        "seed": ("train", "seed"),
+        "amp": ("train", "amp"),
+        "eval_interval": ("train", "eval_interval"),
+        "batch_size": ("data", "batch_size"),
+        "workers": ("data", "num_workers"),
     }
     for arg, (section, key) in simple.items():
         v = getattr(args, arg)
@@ -109,13 +129,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:  # bad input: a clear message and exit status 2, no traceback
             cfg = config_from_args(args)
-            trainer = Trainer(cfg, args.train_ann, args.train_images, args.val_ann,
-                              args.val_images, args.output, resume=args.resume,
-                              device=args.device, progress=not args.no_progress,
-                              stop_after_iters=args.stop_after_iters,
-                              tensorboard=not args.no_tensorboard)
-        except (DatasetError, CheckpointError, KeyError, ValueError, FileNotFoundError,
-                RuntimeError) as e:
+            trainer = Trainer(
+                cfg,
+                args.train_ann,
+                args.train_images,
+                args.val_ann,
+                args.val_images,
+                args.output,
+                resume=args.resume,
+                device=args.device,
+                progress=not args.no_progress,
+                stop_after_iters=args.stop_after_iters,
+                tensorboard=not args.no_tensorboard,
+            )
+        except (
+            DatasetError,
+            CheckpointError,
+            KeyError,
+            ValueError,
+            FileNotFoundError,
+            RuntimeError,
+        ) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             print(f"error: {msg}", file=sys.stderr)
             return 2

@@ -42,8 +42,11 @@ def _needs_grad(pred: torch.Tensor) -> bool:
     return pred.requires_grad and torch.is_grad_enabled()
 
 
-_TRACING_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE,
-                  torch._C._TorchDispatchModeKey.FUNCTIONAL)
+_TRACING_MODES = (
+    torch._C._TorchDispatchModeKey.PROXY,
+    torch._C._TorchDispatchModeKey.FAKE,
+    torch._C._TorchDispatchModeKey.FUNCTIONAL,
+)
 
 
 def _plain_eager(t: torch.Tensor) -> bool:
@@ -99,26 +102,33 @@ def _register() -> None:
     # target that requires grad to the reference formulas instead).
     for name, (n_tensors, n_params, recompute) in _FUSED_OPS.items():
         torch.library.register_autograd(
-            lib + name, _registered_backward(n_tensors, recompute),
+            lib + name,
+            _registered_backward(n_tensors, recompute),
             setup_context=lambda ctx, inputs, output, n=n_tensors, k=n_params: _save(
-                ctx, inputs, output, n, k))
+                ctx, inputs, output, n, k
+            ),
+        )
         # the gradient operators' own derivative: double backward (create_graph) is exact
         register_gradient_autograd(lib + recompute, name)
 
 
 def _registered_backward(n_tensors: int, recompute: str):
     """The backward registered for a fused operator: dL/dpred, nothing for the other inputs."""
+
     def backward(ctx, grad_loss, _grad_grad):
         grad = _grad_input(ctx, grad_loss, getattr(_ops, recompute))
         return (grad,) + (None,) * (ctx.n_inputs - 1)
+
     return backward
 
 
 # op name -> (number of leading tensor inputs, number of scalar arguments between them and
 # with_grad, the operator that recomputes the gradient)
 _FUSED_OPS = {
-    "qfl": (3, 2, "qfl_backward"), "qfl_dense": (2, 2, "qfl_dense_backward"),
-    "dfl": (2, 0, "dfl_backward"), "integral": (1, 0, "integral_backward"),
+    "qfl": (3, 2, "qfl_backward"),
+    "qfl_dense": (2, 2, "qfl_dense_backward"),
+    "dfl": (2, 0, "dfl_backward"),
+    "integral": (1, 0, "integral_backward"),
 }
 
 
@@ -131,10 +141,12 @@ def _save(ctx, inputs: tuple, output: tuple, n_tensors: int, n_params: int) -> N
     # the scalar arguments up to with_grad; after it, the losses' optional grad_scale
     with_grad_at = n_tensors + n_params
     if len(inputs) > with_grad_at + 1 and inputs[with_grad_at + 1] is not None:
-        raise RuntimeError("gfl_ops: grad_scale is for callers that differentiate the reduced "
-                           "loss themselves (gfl_ops/_reduced_loss.py); call the operator "
-                           "without it, or under torch.no_grad()")
-    ctx.extra = inputs[n_tensors:with_grad_at + 1]
+        raise RuntimeError(
+            "gfl_ops: grad_scale is for callers that differentiate the reduced "
+            "loss themselves (gfl_ops/_reduced_loss.py); call the operator "
+            "without it, or under torch.no_grad()"
+        )
+    ctx.extra = inputs[n_tensors : with_grad_at + 1]
     ctx.n_tensors = n_tensors
     ctx.n_inputs = len(inputs)
     # the second output (the saved gradient) never receives a gradient: without this,
@@ -169,7 +181,7 @@ def _grad_input(ctx, grad_loss: torch.Tensor | None, recompute) -> torch.Tensor 
         return workspace
     # (unpacked only here: the common path above needs none of the saved tensors)
     tensors = ctx.saved_tensors
-    inputs, saved_grad = tensors[:ctx.n_tensors], tensors[ctx.n_tensors:]
+    inputs, saved_grad = tensors[: ctx.n_tensors], tensors[ctx.n_tensors :]
     # (not under create_graph: the saved gradient is a constant, so scaling it would drop the
     # second-order term; the recompute operator has a derivative of its own)
     if saved_grad and not torch.is_grad_enabled():
@@ -193,8 +205,13 @@ def _eager_functions() -> dict[str, object]:
     loss (or the integral's value) only.
     """
     from gfl_ops._extension import _C
-    return {"qfl": _C.qfl_eager, "qfl_dense": _C.qfl_dense_eager, "dfl": _C.dfl_eager,
-            "integral": _C.integral_eager}
+
+    return {
+        "qfl": _C.qfl_eager,
+        "qfl_dense": _C.qfl_dense_eager,
+        "dfl": _C.dfl_eager,
+        "integral": _C.integral_eager,
+    }
 
 
 _EAGER = _eager_functions() if _ops is not None else {}
@@ -217,9 +234,11 @@ class _CppBackend:
             return f"the {self.name!r} backend runs on {self.device_type} tensors only"
         if self.device_type == "cuda":
             if not cuda_compiled():
-                return ("gfl_ops._C was built without CUDA kernels (no nvcc or a CPU-only torch "
-                        "at build time); rebuild with FORCE_CUDA=1 pip install "
-                        "--no-build-isolation -e .")
+                return (
+                    "gfl_ops._C was built without CUDA kernels (no nvcc or a CPU-only torch "
+                    "at build time); rebuild with FORCE_CUDA=1 pip install "
+                    "--no-build-isolation -e ."
+                )
             if not torch.cuda.is_available():
                 return "no CUDA device is available"
         return None
@@ -234,16 +253,28 @@ class _CppBackend:
             return getattr(_ops, name)(pred, *args, fused)[0]
         return getattr(_ops, name)(pred, *args, False)[0]
 
-    def reduced_loss(self, name: str, pred: torch.Tensor, targets: tuple, params: tuple,
-                     weight: torch.Tensor | None, reduction: str, avg_factor):
+    def reduced_loss(
+        self,
+        name: str,
+        pred: torch.Tensor,
+        targets: tuple,
+        params: tuple,
+        weight: torch.Tensor | None,
+        reduction: str,
+        avg_factor,
+    ):
         """The 'mean' / 'sum' loss with the reduction folded into the fused gradient
         (gfl_ops/_reduced_loss.py), or None where that does not apply: the recompute strategy,
         traced code, or anything but ``pred`` requiring grad."""
-        if not (FUSED_GRAD[self.device_type] and _plain_eager(pred)
-                and _reduced_loss.applies(pred, weight, reduction, avg_factor, targets)):
+        if not (
+            FUSED_GRAD[self.device_type]
+            and _plain_eager(pred)
+            and _reduced_loss.applies(pred, weight, reduction, avg_factor, targets)
+        ):
             return None
-        return _reduced_loss.ReducedLoss.apply(pred, name, targets, params, weight, reduction,
-                                               avg_factor)
+        return _reduced_loss.ReducedLoss.apply(
+            pred, name, targets, params, weight, reduction, avg_factor
+        )
 
     def qfl(self, pred, labels, scores, beta, activated):
         return self._call("qfl", pred, labels, scores, beta, activated)

@@ -27,8 +27,10 @@ except ImportError as exc:
     if "No module named" in message:
         _error = f"the compiled extension gfl_ops._C is not built. {REBUILD_HINT}"
     elif "undefined symbol" in message or "version" in message.lower():
-        _error = (f"gfl_ops._C was built for another torch/CUDA than the installed torch "
-                  f"{torch.__version__} (CUDA {torch.version.cuda}): {message}. {REBUILD_HINT}")
+        _error = (
+            f"gfl_ops._C was built for another torch/CUDA than the installed torch "
+            f"{torch.__version__} (CUDA {torch.version.cuda}): {message}. {REBUILD_HINT}"
+        )
     else:
         _error = f"gfl_ops._C failed to load: {message}. {REBUILD_HINT}"
 except OSError as exc:  # a missing shared library (e.g. libcudart) surfaces as OSError

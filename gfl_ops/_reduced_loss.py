@@ -25,13 +25,22 @@ from __future__ import annotations
 import torch
 
 # op name -> its recomputing backward operator and the number of leading tensor arguments
-RECOMPUTE = {"qfl": ("qfl_backward", 3), "qfl_dense": ("qfl_dense_backward", 2),
-             "dfl": ("dfl_backward", 2)}
+RECOMPUTE = {
+    "qfl": ("qfl_backward", 3),
+    "qfl_dense": ("qfl_dense_backward", 2),
+    "dfl": ("dfl_backward", 2),
+}
 _FLOAT_EPS = torch.finfo(torch.float32).eps
 
 
-def grad_scale(n: int, dtype: torch.dtype, device: torch.device, weight: torch.Tensor | None,
-               reduction: str, avg_factor: float | torch.Tensor | None) -> torch.Tensor:
+def grad_scale(
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    weight: torch.Tensor | None,
+    reduction: str,
+    avg_factor: float | torch.Tensor | None,
+) -> torch.Tensor:
     """dL/dl_i of ``weight_reduce_loss`` for its 'mean' / 'sum' reductions: (N,) in ``dtype``
     (a stride-0 expansion when there is no weight).  One small op at most: this runs on every
     training step, where a few microseconds of Python count at 32000 rows."""
@@ -54,9 +63,16 @@ class ReducedLoss(torch.autograd.Function):
     """forward(pred, op, targets, params, weight, reduction, avg_factor) -> 0-d loss."""
 
     @staticmethod
-    def forward(ctx, pred: torch.Tensor, op: str, targets: tuple, params: tuple,
-                weight: torch.Tensor | None, reduction: str,
-                avg_factor: float | torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx,
+        pred: torch.Tensor,
+        op: str,
+        targets: tuple,
+        params: tuple,
+        weight: torch.Tensor | None,
+        reduction: str,
+        avg_factor: float | torch.Tensor | None,
+    ) -> torch.Tensor:
         ops = torch.ops.gfl_ops
         loss_dtype = torch.float32 if pred.dtype in (torch.float16, torch.bfloat16) else pred.dtype
         scale = grad_scale(pred.shape[0], loss_dtype, pred.device, weight, reduction, avg_factor)
@@ -78,13 +94,17 @@ class ReducedLoss(torch.autograd.Function):
             return (workspace, *nones)
         pred, *targets, scale = ctx.saved_tensors
         recompute, _ = RECOMPUTE[ctx.op]
-        grad = getattr(torch.ops.gfl_ops, recompute)(scale * grad_out, pred, *targets,
-                                                     *ctx.params)
+        grad = getattr(torch.ops.gfl_ops, recompute)(scale * grad_out, pred, *targets, *ctx.params)
         return (grad, *nones)
 
 
-def applies(pred: torch.Tensor, weight: torch.Tensor | None, reduction: str,
-            avg_factor: object, targets: tuple) -> bool:
+def applies(
+    pred: torch.Tensor,
+    weight: torch.Tensor | None,
+    reduction: str,
+    avg_factor: object,
+    targets: tuple,
+) -> bool:
     """Whether a call may take this path: a reduced loss, the gradient needed, nothing but
     ``pred`` requiring grad."""
     if reduction == "none" or not (pred.requires_grad and torch.is_grad_enabled()):

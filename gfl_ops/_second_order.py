@@ -34,16 +34,23 @@ def _opmath(t: torch.Tensor) -> torch.Tensor:
 # kind -> per-row value of the forward, f(pred, *rest) with rest = the operator's other arguments
 LOSS_FORMULAS: dict[str, Callable[..., torch.Tensor]] = {
     "qfl": lambda pred, labels, scores, beta, activated: reference.quality_focal_loss(
-        pred, labels, scores, beta, activated),
+        pred, labels, scores, beta, activated
+    ),
     "qfl_dense": lambda pred, target, beta, activated: reference.quality_focal_loss_dense(
-        pred, target, beta, activated),
+        pred, target, beta, activated
+    ),
     "dfl": lambda pred, target: reference.distribution_focal_loss(pred, target),
     "integral": lambda pred: reference.integral(pred),
 }
 
 
-def gradient_vjp(kind: str, grad_loss: torch.Tensor, pred: torch.Tensor, rest: tuple,
-                 grad_grad: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+def gradient_vjp(
+    kind: str,
+    grad_loss: torch.Tensor,
+    pred: torch.Tensor,
+    rest: tuple,
+    grad_grad: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
     """Vector-Jacobian product of a gradient operator ``(grad_loss, pred, *rest) -> grad_pred``.
 
     Args:
@@ -63,14 +70,16 @@ def gradient_vjp(kind: str, grad_loss: torch.Tensor, pred: torch.Tensor, rest: t
     if torch.is_grad_enabled():
         raise RuntimeError(
             "gfl_ops: third and higher derivatives are not supported; the second derivative "
-            "(double backward) is. Use gfl_ops.reference's formulas for higher orders.")
+            "(double backward) is. Use gfl_ops.reference's formulas for higher orders."
+        )
     with torch.enable_grad():
         p = pred.detach().requires_grad_(True)
         g = grad_loss.detach().requires_grad_(True)
         value = LOSS_FORMULAS[kind](_opmath(p), *rest)
         (grad_pred,) = torch.autograd.grad(value, p, g.to(value.dtype), create_graph=True)
-        d_g, d_p = torch.autograd.grad(grad_pred, (g, p), grad_grad.to(grad_pred.dtype),
-                                       allow_unused=True)
+        d_g, d_p = torch.autograd.grad(
+            grad_pred, (g, p), grad_grad.to(grad_pred.dtype), allow_unused=True
+        )
     if d_g is None:
         d_g = torch.zeros_like(grad_loss)
     if d_p is None:

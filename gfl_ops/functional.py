@@ -46,7 +46,11 @@ __all__ = [
 _REDUCTIONS = ("none", "mean", "sum")
 _FLOAT_EPS = torch.finfo(torch.float32).eps
 _value_checks = os.environ.get("GFL_OPS_CHECK_VALUES", "1").strip().lower() not in (
-    "0", "false", "off", "no")
+    "0",
+    "false",
+    "off",
+    "no",
+)
 
 
 def set_value_checks(enabled: bool) -> None:
@@ -77,15 +81,18 @@ def _check_floating(name: str, t: object, ndim: int | None = None, shape_doc: st
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor{shape_doc}, got dtype {t.dtype}")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have shape {shape_doc.strip() or f'{ndim}-D'}, got "
-                         f"{tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have shape {shape_doc.strip() or f'{ndim}-D'}, got {tuple(t.shape)}"
+        )
 
 
 def _check_same_device(pred: torch.Tensor, **others: torch.Tensor | None) -> None:
     for name, t in others.items():
         if t is not None and t.device != pred.device:
-            raise ValueError(f"{name} is on {t.device} but pred is on {pred.device}; "
-                             "they must be on the same device")
+            raise ValueError(
+                f"{name} is on {t.device} but pred is on {pred.device}; "
+                "they must be on the same device"
+            )
 
 
 def _check_beta(beta: object) -> float:
@@ -103,8 +110,10 @@ def _check_reduction(reduction: object, avg_factor: object) -> None:
     if avg_factor is not None:
         if isinstance(avg_factor, torch.Tensor):
             if avg_factor.numel() != 1:
-                raise ValueError("avg_factor must be a number or a one-element tensor, got shape "
-                                 f"{tuple(avg_factor.shape)}")
+                raise ValueError(
+                    "avg_factor must be a number or a one-element tensor, got shape "
+                    f"{tuple(avg_factor.shape)}"
+                )
         elif isinstance(avg_factor, bool) or not isinstance(avg_factor, Number):
             raise TypeError(f"avg_factor must be a number or a 0-d tensor, got {avg_factor!r}")
         if reduction == "sum":
@@ -115,11 +124,14 @@ def _check_weight(weight: torch.Tensor | None, n: int, what: str) -> None:
     if weight is None:
         return
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a tensor of shape ({n},) (one value per {what}), got "
-                        f"{type(weight).__name__}")
+        raise TypeError(
+            f"weight must be a tensor of shape ({n},) (one value per {what}), got "
+            f"{type(weight).__name__}"
+        )
     if tuple(weight.shape) != (n,):
-        raise ValueError(f"weight must have shape ({n},) (one value per {what}), got "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape ({n},) (one value per {what}), got {tuple(weight.shape)}"
+        )
 
 
 def weight_reduce_loss(
@@ -150,8 +162,16 @@ def weight_reduce_loss(
     return loss.sum() / (avg_factor + _FLOAT_EPS)
 
 
-def _weighted_loss(impl, name: str, pred: torch.Tensor, targets: tuple, params: tuple,
-                   weight: torch.Tensor | None, reduction: str, avg_factor) -> torch.Tensor:
+def _weighted_loss(
+    impl,
+    name: str,
+    pred: torch.Tensor,
+    targets: tuple,
+    params: tuple,
+    weight: torch.Tensor | None,
+    reduction: str,
+    avg_factor,
+) -> torch.Tensor:
     """``weight_reduce_loss`` of the backend's per-row loss; a backend that fuses the gradient
     into its forward folds the reduction into it (``reduced_loss``) where it can."""
     reduced = getattr(impl, "reduced_loss", None)
@@ -176,18 +196,25 @@ def _value_ranges(*tensors: torch.Tensor) -> list[tuple[float, float]]:
 
 
 def _validate_qfl_values(pred, scores, target, activated: bool) -> None:
-    checked = [(name, t) for name, t in (("target scores", scores), ("target", target))
-               if t is not None and t.numel()]
+    checked = [
+        (name, t)
+        for name, t in (("target scores", scores), ("target", target))
+        if t is not None and t.numel()
+    ]
     if activated and pred.numel():
         checked.append(("pred", pred))
     for (name, _), (lo, hi) in zip(checked, _value_ranges(*(t for _, t in checked))):
         if lo >= 0.0 and hi <= 1.0:
             continue
         if name == "pred":
-            raise ValueError("pred must hold probabilities in [0, 1] when activated=True, found "
-                             f"values outside it or NaN (min {lo}, max {hi})")
-        raise ValueError(f"{name} must lie in [0, 1] (IoU quality), found values outside it or "
-                         f"NaN (min {lo}, max {hi})")
+            raise ValueError(
+                "pred must hold probabilities in [0, 1] when activated=True, found "
+                f"values outside it or NaN (min {lo}, max {hi})"
+            )
+        raise ValueError(
+            f"{name} must lie in [0, 1] (IoU quality), found values outside it or "
+            f"NaN (min {lo}, max {hi})"
+        )
 
 
 def quality_focal_loss(
@@ -228,13 +255,21 @@ def quality_focal_loss(
     labels = scores = dense = None
     if isinstance(target, (tuple, list)):
         if len(target) != 2:
-            raise ValueError("target must be (labels, scores) or a dense (N, C) tensor, got a "
-                             f"sequence of length {len(target)}")
+            raise ValueError(
+                "target must be (labels, scores) or a dense (N, C) tensor, got a "
+                f"sequence of length {len(target)}"
+            )
         labels, scores = target
-        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or \
-                labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"target labels must be an integer tensor of shape ({n},), got "
-                            f"{getattr(labels, 'dtype', type(labels).__name__)}")
+        if (
+            not isinstance(labels, torch.Tensor)
+            or labels.dtype.is_floating_point
+            or labels.dtype.is_complex
+            or labels.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"target labels must be an integer tensor of shape ({n},), got "
+                f"{getattr(labels, 'dtype', type(labels).__name__)}"
+            )
         if tuple(labels.shape) != (n,):
             raise ValueError(f"target labels must have shape ({n},), got {tuple(labels.shape)}")
         _check_floating("target scores", scores, None, f" ({n},)")
@@ -244,11 +279,14 @@ def quality_focal_loss(
         dense = target
         _check_floating("target", dense, None, f" ({n}, {num_classes})")
         if dense.shape != pred.shape:
-            raise ValueError(f"a dense target must have the shape of pred ({n}, {num_classes}), "
-                             f"got {tuple(dense.shape)}")
+            raise ValueError(
+                f"a dense target must have the shape of pred ({n}, {num_classes}), "
+                f"got {tuple(dense.shape)}"
+            )
     else:
-        raise TypeError("target must be (labels, scores) or a dense (N, C) tensor, got "
-                        f"{type(target).__name__}")
+        raise TypeError(
+            f"target must be (labels, scores) or a dense (N, C) tensor, got {type(target).__name__}"
+        )
     _check_same_device(pred, labels=labels, scores=scores, target=dense, weight=weight)
     if _should_check_values(pred, check_values):
         _validate_qfl_values(pred, scores, dense, activated)
@@ -257,8 +295,9 @@ def quality_focal_loss(
     if _targets_need_grad(scores, dense):
         impl = _registry.resolve("reference", pred.device, "qfl")
     name, targets = ("qfl", (labels, scores)) if dense is None else ("qfl_dense", (dense,))
-    return _weighted_loss(impl, name, pred, targets, (beta, bool(activated)), weight, reduction,
-                          avg_factor)
+    return _weighted_loss(
+        impl, name, pred, targets, (beta, bool(activated)), weight, reduction, avg_factor
+    )
 
 
 def distribution_focal_loss(
@@ -295,8 +334,10 @@ def distribution_focal_loss(
     if _should_check_values(pred, check_values) and target.numel():
         ((lo, hi),) = _value_ranges(target)
         if not (lo >= 0.0 and hi <= n_bins - 1):
-            raise ValueError(f"target must lie in [0, {n_bins - 1}] (n = bins - 1), found values "
-                             f"outside it or NaN (min {lo}, max {hi})")
+            raise ValueError(
+                f"target must lie in [0, {n_bins - 1}] (n = bins - 1), found values "
+                f"outside it or NaN (min {lo}, max {hi})"
+            )
     impl = _registry.resolve(backend, pred.device, "dfl")
     if _targets_need_grad(target):
         impl = _registry.resolve("reference", pred.device, "dfl")
@@ -319,8 +360,9 @@ def integral(pred: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """
     _check_floating("pred", pred, None, " (..., n+1)")
     if pred.dim() < 1 or pred.size(-1) < 2:
-        raise ValueError(f"pred must have shape (..., n+1) with at least 2 bins, got "
-                         f"{tuple(pred.shape)}")
+        raise ValueError(
+            f"pred must have shape (..., n+1) with at least 2 bins, got {tuple(pred.shape)}"
+        )
     if torch.onnx.is_in_onnx_export():
         return reference.integral(pred)
     impl = _registry.resolve(backend, pred.device, "integral")

@@ -30,8 +30,9 @@ _STAT_NAMES = ("hits", "misses", "cached_bytes", "cached_blocks", "limit_bytes")
 
 def _ops():
     if not extension_loaded():
-        raise RuntimeError(f"the CPU buffer cache lives in the compiled extension: "
-                           f"{extension_error()}")
+        raise RuntimeError(
+            f"the CPU buffer cache lives in the compiled extension: {extension_error()}"
+        )
     return torch.ops.gfl_ops
 
 
@@ -65,8 +66,10 @@ def limit_from_environment() -> int | None:
     except ValueError:
         mb = -1.0
     if not mb >= 0.0:
-        raise ValueError(f"{ENV_LIMIT_MB} must be a number of MiB >= 0 (0 turns the CPU buffer "
-                         f"cache off), got {raw!r}")
+        raise ValueError(
+            f"{ENV_LIMIT_MB} must be a number of MiB >= 0 (0 turns the CPU buffer "
+            f"cache off), got {raw!r}"
+        )
     return int(mb * 2**20)
 
 

@@ -7,14 +7,20 @@ from torch import nn
 
 from gfl_ops import functional
 
-__all__ = ["QualityFocalLoss", "DistributionFocalLoss", "Integral", "ProjectCheck",
-           "project_problem"]
+__all__ = [
+    "QualityFocalLoss",
+    "DistributionFocalLoss",
+    "Integral",
+    "ProjectCheck",
+    "project_problem",
+]
 
 
 def _pick_reduction(default: str, override: str | None) -> str:
     if override not in (None, "none", "mean", "sum"):
-        raise ValueError("reduction_override must be None, 'none', 'mean' or 'sum', got "
-                         f"{override!r}")
+        raise ValueError(
+            f"reduction_override must be None, 'none', 'mean' or 'sum', got {override!r}"
+        )
     return override if override else default
 
 
@@ -30,9 +36,15 @@ class QualityFocalLoss(nn.Module):
         backend: optional backend name (see :func:`gfl_ops.available_backends`).
     """
 
-    def __init__(self, use_sigmoid: bool = True, beta: float = 2.0, reduction: str = "mean",
-                 loss_weight: float = 1.0, activated: bool = False,
-                 backend: str | None = None) -> None:
+    def __init__(
+        self,
+        use_sigmoid: bool = True,
+        beta: float = 2.0,
+        reduction: str = "mean",
+        loss_weight: float = 1.0,
+        activated: bool = False,
+        backend: str | None = None,
+    ) -> None:
         super().__init__()
         if not use_sigmoid:
             raise ValueError("use_sigmoid must be True: QFL is only defined for sigmoid outputs")
@@ -45,21 +57,34 @@ class QualityFocalLoss(nn.Module):
         self.activated = activated
         self.backend = backend
 
-    def forward(self, pred: torch.Tensor, target, weight: torch.Tensor | None = None,
-                avg_factor: float | torch.Tensor | None = None,
-                reduction_override: str | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target,
+        weight: torch.Tensor | None = None,
+        avg_factor: float | torch.Tensor | None = None,
+        reduction_override: str | None = None,
+    ) -> torch.Tensor:
         """pred (N, C); target ``(labels (N,), scores (N,))`` or dense (N, C); weight (N,)."""
         reduction = _pick_reduction(self.reduction, reduction_override)
         return self.loss_weight * functional.quality_focal_loss(
-            pred, target, weight, reduction=reduction, avg_factor=avg_factor, beta=self.beta,
-            activated=self.activated, backend=self.backend)
+            pred,
+            target,
+            weight,
+            reduction=reduction,
+            avg_factor=avg_factor,
+            beta=self.beta,
+            activated=self.activated,
+            backend=self.backend,
+        )
 
 
 class DistributionFocalLoss(nn.Module):
     """Distribution Focal Loss module (mmdetection ``DistributionFocalLoss``)."""
 
-    def __init__(self, reduction: str = "mean", loss_weight: float = 1.0,
-                 backend: str | None = None) -> None:
+    def __init__(
+        self, reduction: str = "mean", loss_weight: float = 1.0, backend: str | None = None
+    ) -> None:
         super().__init__()
         if reduction not in ("none", "mean", "sum"):
             raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
@@ -67,15 +92,19 @@ class DistributionFocalLoss(nn.Module):
         self.loss_weight = loss_weight
         self.backend = backend
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor,
-                weight: torch.Tensor | None = None,
-                avg_factor: float | torch.Tensor | None = None,
-                reduction_override: str | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        avg_factor: float | torch.Tensor | None = None,
+        reduction_override: str | None = None,
+    ) -> torch.Tensor:
         """pred (M, n+1) logits; target (M,) in [0, n]; weight (M,)."""
         reduction = _pick_reduction(self.reduction, reduction_override)
         return self.loss_weight * functional.distribution_focal_loss(
-            pred, target, weight, reduction=reduction, avg_factor=avg_factor,
-            backend=self.backend)
+            pred, target, weight, reduction=reduction, avg_factor=avg_factor, backend=self.backend
+        )
 
 
 def project_problem(project: torch.Tensor, reg_max: int) -> str | None:
@@ -91,9 +120,11 @@ def project_problem(project: torch.Tensor, reg_max: int) -> str | None:
     expected = torch.linspace(0, reg_max, reg_max + 1).to(project.dtype)
     if project.shape == expected.shape and torch.equal(project.detach().cpu(), expected):
         return None
-    return (f"project must be linspace(0, {reg_max}, {reg_max + 1}), the bin values the fused "
-            f"integral uses; got {project.detach().flatten()[:8].tolist()} of shape "
-            f"{tuple(project.shape)}")
+    return (
+        f"project must be linspace(0, {reg_max}, {reg_max + 1}), the bin values the fused "
+        f"integral uses; got {project.detach().flatten()[:8].tolist()} of shape "
+        f"{tuple(project.shape)}"
+    )
 
 
 class ProjectCheck:
@@ -103,22 +134,31 @@ class ProjectCheck:
     loading the other entries, and the buffer keeps its value, as torch does for an entry of the
     wrong shape."""
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         project = state_dict.get(prefix + "project")
         problem = None
         # a shape mismatch is reported (and the entry skipped) by nn.Module itself
         if isinstance(project, torch.Tensor) and project.shape == self.project.shape:
             problem = project_problem(project, self.reg_max)
         if problem is None:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                          missing_keys, unexpected_keys, error_msgs)
+            super()._load_from_state_dict(
+                state_dict,
+                prefix,
+                local_metadata,
+                strict,
+                missing_keys,
+                unexpected_keys,
+                error_msgs,
+            )
             return
         error_msgs.append(f"{prefix}{problem}")
         # load everything else, but keep the buffer (load_state_dict raises after the walk)
         kept = self.project.detach().clone()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         with torch.no_grad():
             self.project.copy_(kept)
 
@@ -155,8 +195,10 @@ class Integral(ProjectCheck, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bins = self.reg_max + 1
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor of shape (N, {4 * bins}) or (N, 4, {bins})"
-                            f", got {type(x).__name__}")
+            raise TypeError(
+                f"x must be a torch.Tensor of shape (N, {4 * bins}) or (N, 4, {bins})"
+                f", got {type(x).__name__}"
+            )
         if x.dim() >= 2 and x.size(-1) == 4 * bins:
             lead = x.shape[:-1]
         elif x.dim() >= 2 and x.shape[-2:] == (4, bins):
@@ -166,6 +208,7 @@ class Integral(ProjectCheck, nn.Module):
                 f"x must have shape (N, 4*(reg_max+1)) = (N, {4 * bins}) or (N, 4, reg_max+1) = "
                 f"(N, 4, {bins}) for reg_max={self.reg_max}, got {tuple(x.shape)} (last dimension "
                 f"{x.size(-1) if x.dim() else 'none'}); a channel-first (B, 4*(reg_max+1), A) "
-                "head output must be transposed to put the bins last")
+                "head output must be transposed to put the bins last"
+            )
         # (during ONNX export functional.integral is the Softmax + MatMul reference formula)
         return functional.integral(x.reshape(-1, bins), backend=self.backend).reshape(*lead, 4)

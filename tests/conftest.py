@@ -21,11 +21,17 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
-    "ci", max_examples=25, deadline=None, derandomize=True, print_blob=True,
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
-    "thorough", max_examples=300, deadline=None,
+    "thorough",
+    max_examples=300,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -41,8 +47,9 @@ def _backend_devices() -> list[tuple[str, str]]:
 BACKEND_DEVICES = _backend_devices()
 
 
-@pytest.fixture(scope="session", params=BACKEND_DEVICES,
-                ids=[f"{b}-{d}" for b, d in BACKEND_DEVICES])
+@pytest.fixture(
+    scope="session", params=BACKEND_DEVICES, ids=[f"{b}-{d}" for b, d in BACKEND_DEVICES]
+)
 def backend_device(request) -> tuple[str, str]:
     """(backend name, device type) of a fused backend that can run here."""
     return request.param

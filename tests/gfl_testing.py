@@ -34,15 +34,25 @@ INTEGRAL_TOL = {
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: tuple[float, float],
-                 what: str) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, tol: tuple[float, float], what: str
+) -> None:
     rtol, atol = tol
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol,
-                               atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double().cpu(),
+        expected.double().cpu(),
+        rtol=rtol,
+        atol=atol,
+        equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
-def run_with_grad(fn: Callable[[torch.Tensor], torch.Tensor], pred: torch.Tensor,
-                  upstream: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def run_with_grad(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    pred: torch.Tensor,
+    upstream: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(fn(pred), d<fn(pred), upstream>/dpred) with pred a fresh leaf."""
     leaf = pred.detach().clone().requires_grad_(True)
     out = fn(leaf)
@@ -51,10 +61,17 @@ def run_with_grad(fn: Callable[[torch.Tensor], torch.Tensor], pred: torch.Tensor
     return out.detach(), grad
 
 
-def compare_to_reference(call: Callable[..., torch.Tensor], pred: torch.Tensor, backend: str,
-                         targets: dict | None = None, upstream_seed: int = 0, loss_tol=None,
-                         grad_tol=None, what: str = "",
-                         perturbed_targets: Sequence[dict] = ()) -> None:
+def compare_to_reference(
+    call: Callable[..., torch.Tensor],
+    pred: torch.Tensor,
+    backend: str,
+    targets: dict | None = None,
+    upstream_seed: int = 0,
+    loss_tol=None,
+    grad_tol=None,
+    what: str = "",
+    perturbed_targets: Sequence[dict] = (),
+) -> None:
     """Compare ``call(pred, backend=backend, **targets)`` with the float64 reference.
 
     The reference gets the same rounded inputs, upcast to float64 on the CPU, so only the kernel's
@@ -70,27 +87,35 @@ def compare_to_reference(call: Callable[..., torch.Tensor], pred: torch.Tensor, 
     loss_tol = loss_tol or LOSS_TOL[dtype]
     grad_tol = grad_tol or GRAD_TOL[dtype]
     ref_targets = {k: cpu64(v) for k, v in targets.items()}
-    ref_out, _ = run_with_grad(lambda p: call(p, backend="reference", **ref_targets),
-                               pred.detach().double().cpu())
+    ref_out, _ = run_with_grad(
+        lambda p: call(p, backend="reference", **ref_targets), pred.detach().double().cpu()
+    )
     gen = torch.Generator().manual_seed(upstream_seed)
     upstream = torch.rand(ref_out.shape, generator=gen, dtype=torch.float64) + 0.5
-    ref_out, ref_grad = run_with_grad(lambda p: call(p, backend="reference", **ref_targets),
-                                      pred.detach().double().cpu(), upstream)
+    ref_out, ref_grad = run_with_grad(
+        lambda p: call(p, backend="reference", **ref_targets),
+        pred.detach().double().cpu(),
+        upstream,
+    )
     if torch.isfinite(ref_out).all():
         # autograd of |y - s|^beta at s = y exactly (beta < 1) gives 0 * inf = NaN; the kernels
         # use the subgradient 0 there (docs/math.md, "Quality Focal Loss")
         ref_grad = torch.nan_to_num(ref_grad, nan=0.0)
-    out, grad = run_with_grad(lambda p: call(p, backend=backend, **targets), pred,
-                              upstream.to(pred.device))
+    out, grad = run_with_grad(
+        lambda p: call(p, backend=backend, **targets), pred, upstream.to(pred.device)
+    )
     assert grad.dtype == dtype, f"{what}: gradient dtype {grad.dtype}, expected {dtype}"
     assert_close(out, ref_out, loss_tol, f"{what} forward")
     if perturbed_targets:
         slack = torch.zeros_like(ref_grad)
         for perturbed in perturbed_targets:
             _, moved = run_with_grad(
-                lambda p, t=perturbed: call(p, backend="reference",
-                                            **{k: cpu64(v) for k, v in t.items()}),
-                pred.detach().double().cpu(), upstream)
+                lambda p, t=perturbed: call(
+                    p, backend="reference", **{k: cpu64(v) for k, v in t.items()}
+                ),
+                pred.detach().double().cpu(),
+                upstream,
+            )
             slack = torch.maximum(slack, torch.nan_to_num(moved - ref_grad, nan=0.0).abs())
         # the expected value moves towards ours by up to the slack, then the usual tolerance
         ref_grad = ref_grad + (grad.double().cpu() - ref_grad).clamp(-slack, slack)
@@ -105,5 +130,16 @@ def cpu64(t):
         return t
     t = t.detach().cpu()
     return t.double() if t.is_floating_point() else t
-__all__ = ["DTYPES", "LOSS_TOL", "GRAD_TOL", "INTEGRAL_TOL", "assert_close", "run_with_grad",
-           "compare_to_reference", "cpu64", "gfl_ops"]
+
+
+__all__ = [
+    "DTYPES",
+    "LOSS_TOL",
+    "GRAD_TOL",
+    "INTEGRAL_TOL",
+    "assert_close",
+    "run_with_grad",
+    "compare_to_reference",
+    "cpu64",
+    "gfl_ops",
+]

@@ -21,10 +21,15 @@ from benchmarks.steps import FreshStep, make_step  # noqa: E402
 @pytest.mark.parametrize("op", cases.OPS)
 def test_a_fresh_step_computes_what_a_reused_step_does(op):
     case = cases.Case(op, 64, 17)
-    sets = [cases.make_inputs(case, torch.float32, torch.device("cpu"), True, seed=s)
-            for s in range(2)]
-    fn = {p.name: p for p in peers.build_providers(op, torch.float32, torch.device("cpu"), 17,
-                                                   {o: None for o in cases.OPS})}["eager"].fn
+    sets = [
+        cases.make_inputs(case, torch.float32, torch.device("cpu"), True, seed=s) for s in range(2)
+    ]
+    fn = {
+        p.name: p
+        for p in peers.build_providers(
+            op, torch.float32, torch.device("cpu"), 17, {o: None for o in cases.OPS}
+        )
+    }["eager"].fn
     reused = make_step(fn, sets, "fwd+bwd", "reused")
     fresh = make_step(fn, sets, "fwd+bwd", "fresh")
     assert isinstance(fresh, FreshStep)
@@ -62,21 +67,38 @@ def test_an_older_csv_gets_the_new_columns(tmp_path):
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(csvio.FIELDS)
-    assert [(r["run_id"], r["op"], r["inputs"]) for r in rows] == [("old", "qfl", ""),
-                                                                  ("new", "dfl", "fresh")]
+    assert [(r["run_id"], r["op"], r["inputs"]) for r in rows] == [
+        ("old", "qfl", ""),
+        ("new", "dfl", "fresh"),
+    ]
 
 
 def _row(run: str, provider: str, ms: float, x_eager: float, x_compile: float) -> dict:
-    return {"run_id": run, "op": "qfl", "size": "40000x80", "mode": "fwd+bwd",
-            "dtype": "float32", "provider": provider, "median_ms": str(ms),
-            "speedup_vs_eager": str(x_eager), "speedup_vs_compile": str(x_compile),
-            "frac_copy_bw": "0.4", "device_name": "cpu", "torch": "t", "cpu_threads": "2",
-            "git_commit": "abcdef0123", "git_dirty": "no", "inputs": "fresh"}
+    return {
+        "run_id": run,
+        "op": "qfl",
+        "size": "40000x80",
+        "mode": "fwd+bwd",
+        "dtype": "float32",
+        "provider": provider,
+        "median_ms": str(ms),
+        "speedup_vs_eager": str(x_eager),
+        "speedup_vs_compile": str(x_compile),
+        "frac_copy_bw": "0.4",
+        "device_name": "cpu",
+        "torch": "t",
+        "cpu_threads": "2",
+        "git_commit": "abcdef0123",
+        "git_dirty": "no",
+        "inputs": "fresh",
+    }
 
 
 def test_the_summary_gives_min_median_max_over_processes_and_checks_every_process():
-    rows = [_row(f"2026120{i}T000000Z-x", "gfl_ops-cpu", ms, xe, 3.0)
-            for i, (ms, xe) in enumerate([(2.0, 9.0), (3.0, 8.5), (2.5, 10.0)], start=1)]
+    rows = [
+        _row(f"2026120{i}T000000Z-x", "gfl_ops-cpu", ms, xe, 3.0)
+        for i, (ms, xe) in enumerate([(2.0, 9.0), (3.0, 8.5), (2.5, 10.0)], start=1)
+    ]
     rows.append(_row("20261101T000000Z-x", "gfl_ops-cpu", 99.0, 1.0, 1.0))  # an older series
     lines = "\n".join(across_processes.summarise(rows, since="20261201T000000Z"))
     assert "| 2 / 2.5 / 3 |" in lines and "| 8.5x / 9x / 10x |" in lines
@@ -87,6 +109,13 @@ def test_the_summary_gives_min_median_max_over_processes_and_checks_every_proces
 
 
 def test_series_start_is_the_newest_group_of_runs():
-    rows = [{"run_id": r} for r in ("20261101T100000Z-a", "20261206T100000Z-a",
-                                    "20261206T100500Z-a", "20261206T101000Z-a")]
+    rows = [
+        {"run_id": r}
+        for r in (
+            "20261101T100000Z-a",
+            "20261206T100000Z-a",
+            "20261206T100500Z-a",
+            "20261206T101000Z-a",
+        )
+    ]
     assert across_processes._series_start(rows) == "20261206T100000Z-a"

@@ -28,9 +28,25 @@ from benchmarks import cases, report  # noqa: E402
 
 def _run(args: list[str], tmp_path: Path, timeout: int = 240) -> list[dict[str, str]]:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--device", "cpu",
-                           "--out", str(tmp_path), "--csv", "bench.csv", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--csv",
+            "bench.csv",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "bench.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -38,8 +54,16 @@ def _run(args: list[str], tmp_path: Path, timeout: int = 240) -> list[dict[str, 
 
 def test_quick_run_writes_csv_plots_and_summary(tmp_path: Path) -> None:
     # The compile peer is exercised by the next test: compiling here would take most of a minute.
-    rows = _run(["--quick", "--dtypes", "float32", "--providers",
-                 "eager,ultralytics,gfl_ops-cpu,gfl_ops-cuda"], tmp_path)
+    rows = _run(
+        [
+            "--quick",
+            "--dtypes",
+            "float32",
+            "--providers",
+            "eager,ultralytics,gfl_ops-cpu,gfl_ops-cuda",
+        ],
+        tmp_path,
+    )
     seen = {(r["op"], r["mode"], r["provider"]) for r in rows}
     for op in cases.OPS:
         for mode in cases.MODES:
@@ -73,8 +97,21 @@ def test_quick_run_writes_csv_plots_and_summary(tmp_path: Path) -> None:
 
 
 def test_compile_peer_and_report(tmp_path: Path) -> None:
-    rows = _run(["--quick", "--ops", "integral", "--modes", "fwd", "--dtypes", "float32",
-                 "--providers", "eager,compile", "--no-memory"], tmp_path)
+    rows = _run(
+        [
+            "--quick",
+            "--ops",
+            "integral",
+            "--modes",
+            "fwd",
+            "--dtypes",
+            "float32",
+            "--providers",
+            "eager,compile",
+            "--no-memory",
+        ],
+        tmp_path,
+    )
     comp = [r for r in rows if r["provider"] == "compile"]
     assert len(comp) == 1 and not comp[0]["notes"], comp
     assert float(comp[0]["compile_s"]) >= 0 and float(comp[0]["speedup_vs_compile"]) == 1.0
@@ -89,8 +126,12 @@ def test_compile_peer_and_report(tmp_path: Path) -> None:
 def test_presets_and_floor() -> None:
     core = cases.preset_cases("core-targets", "cpu")
     assert {(c.op, c.size) for c in core} == {
-        ("qfl", "40000x80"), ("dfl", "32000x17"), ("dfl", "160000x17"),
-        ("integral", "32000x17"), ("integral", "160000x17")}
+        ("qfl", "40000x80"),
+        ("dfl", "32000x17"),
+        ("dfl", "160000x17"),
+        ("integral", "32000x17"),
+        ("integral", "160000x17"),
+    }
     full_cpu = cases.preset_cases("full", "cpu")
     full_gpu = cases.preset_cases("full", "cuda")
     assert all(c.elements <= 25_000_000 for c in full_cpu)
@@ -99,8 +140,9 @@ def test_presets_and_floor() -> None:
     # floor: pred read once (+ labels/scores/weight), loss written; fwd+bwd adds one gradient
     c = cases.Case("qfl", 10, 4)
     assert cases.floor_bytes(c, torch.float32, "fwd") == 10 * 4 * 4 + 10 * 16 + 4
-    assert (cases.floor_bytes(c, torch.float32, "fwd+bwd")
-            - cases.floor_bytes(c, torch.float32, "fwd")) == 10 * 4 * 4
+    assert (
+        cases.floor_bytes(c, torch.float32, "fwd+bwd") - cases.floor_bytes(c, torch.float32, "fwd")
+    ) == 10 * 4 * 4
     i = cases.Case("integral", 8, 17)
     assert cases.floor_bytes(i, torch.bfloat16, "fwd+bwd") == 2 * (8 * 17 * 2) + 2 * (8 * 2)
 
@@ -121,8 +163,9 @@ def test_e2e_loss_step_quick(tmp_path: Path) -> None:
     pytest.importorskip("detector.losses")
     from benchmarks import csvio, e2e_loss_step
 
-    assert e2e_loss_step.main(["--quick", "--no-step", "--device", "cpu", "--out",
-                               str(tmp_path)]) == 0
+    assert (
+        e2e_loss_step.main(["--quick", "--no-step", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    )
     rows = csvio.read_rows(tmp_path / csvio.E2E_CSV)
     assert {r["losses"] for r in rows} >= {"reference"}
     for r in rows:
@@ -142,20 +185,42 @@ def test_framework_peers_are_the_real_modules() -> None:
     assert status["ultralytics"] == "available"
     assert status["mmdet"] == "available"
     device = torch.device("cpu")
-    (integral,) = [p for p in peers.build_providers("integral", torch.float32, device, 17, {
-        "qfl": None, "dfl": None, "integral": None}) if p.name == "ultralytics"]
+    (integral,) = [
+        p
+        for p in peers.build_providers(
+            "integral", torch.float32, device, 17, {"qfl": None, "dfl": None, "integral": None}
+        )
+        if p.name == "ultralytics"
+    ]
     assert isinstance(integral.fn, DFL)
     from mmdet.models.losses import DistributionFocalLoss
 
-    (mmdet_dfl,) = [p for p in peers.build_providers("dfl", torch.float32, torch.device("cpu"),
-                                                     17, {"qfl": None, "dfl": None,
-                                                          "integral": None})
-                    if p.name == "mmdet"]
-    assert any(isinstance(c.cell_contents, DistributionFocalLoss)
-               for c in mmdet_dfl.fn.__closure__ or ())
-    (dfl,) = [p for p in peers.build_providers("dfl", torch.float32, device, 17, {
-        "qfl": None, "dfl": None, "integral": None}) if p.name == "ultralytics"]
+    (mmdet_dfl,) = [
+        p
+        for p in peers.build_providers(
+            "dfl",
+            torch.float32,
+            torch.device("cpu"),
+            17,
+            {"qfl": None, "dfl": None, "integral": None},
+        )
+        if p.name == "mmdet"
+    ]
+    assert any(
+        isinstance(c.cell_contents, DistributionFocalLoss) for c in mmdet_dfl.fn.__closure__ or ()
+    )
+    (dfl,) = [
+        p
+        for p in peers.build_providers(
+            "dfl", torch.float32, device, 17, {"qfl": None, "dfl": None, "integral": None}
+        )
+        if p.name == "ultralytics"
+    ]
     inputs = cases.make_inputs(cases.Case("dfl", 64, 17), torch.float32, device, False, seed=0)
-    want = peers.EAGER["dfl"](*(a.double() if isinstance(a, torch.Tensor) and
-                                a.is_floating_point() else a for a in inputs.args))
+    want = peers.EAGER["dfl"](
+        *(
+            a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in inputs.args
+        )
+    )
     torch.testing.assert_close(dfl.fn(*inputs.args).double(), want, rtol=1e-5, atol=0)

@@ -19,8 +19,9 @@ import torch
 
 import gfl_ops
 
-pytestmark = pytest.mark.skipif(not gfl_ops.extension_loaded(),
-                                reason="needs the compiled extension (the cache lives there)")
+pytestmark = pytest.mark.skipif(
+    not gfl_ops.extension_loaded(), reason="needs the compiled extension (the cache lives there)"
+)
 
 BIG = (4096, 80)  # 1.25 MiB of float32: above the 256 KiB threshold
 
@@ -158,8 +159,16 @@ def test_bad_arguments_are_refused():
 def test_environment_variable(value, expected):
     env = dict(os.environ, GFL_OPS_CPU_CACHE_MB=value)
     proc = subprocess.run(
-        [sys.executable, "-c", "import gfl_ops; print(gfl_ops.cpu_buffer_cache_info()"
-         "['limit_bytes'])"], env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-c",
+            "import gfl_ops; print(gfl_ops.cpu_buffer_cache_info()['limit_bytes'])",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if expected is None:
         assert proc.returncode != 0
         assert "GFL_OPS_CPU_CACHE_MB must be a number of MiB >= 0" in proc.stderr

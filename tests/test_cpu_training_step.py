@@ -19,8 +19,9 @@ import torch
 import gfl_ops
 from gfl_ops import _cpp_backend
 
-pytestmark = pytest.mark.skipif(not gfl_ops.extension_loaded(),
-                                reason="needs the compiled extension")
+pytestmark = pytest.mark.skipif(
+    not gfl_ops.extension_loaded(), reason="needs the compiled extension"
+)
 
 
 def _inputs(op: str, n: int = 300, cols: int = 17, seed: int = 0, dtype=torch.float64):
@@ -46,15 +47,20 @@ def _loss(op: str, pred, target, **kw):
 @pytest.fixture
 def plain_path(monkeypatch):
     """Switch the reduced path off: the per-row loss, weight_reduce_loss, its autograd."""
+
     def use_plain():
-        monkeypatch.setattr(_cpp_backend._CppBackend, "reduced_loss",
-                            lambda self, *args: None)
+        monkeypatch.setattr(_cpp_backend._CppBackend, "reduced_loss", lambda self, *args: None)
+
     return use_plain
 
 
-REDUCTIONS = [dict(reduction="mean"), dict(reduction="sum"), dict(reduction="mean", avg_factor=7.5),
-              dict(reduction="mean", avg_factor=torch.tensor(3.25, dtype=torch.float64)),
-              dict(reduction="mean", avg_factor=torch.tensor([3.25], dtype=torch.float64))]
+REDUCTIONS = [
+    dict(reduction="mean"),
+    dict(reduction="sum"),
+    dict(reduction="mean", avg_factor=7.5),
+    dict(reduction="mean", avg_factor=torch.tensor(3.25, dtype=torch.float64)),
+    dict(reduction="mean", avg_factor=torch.tensor([3.25], dtype=torch.float64)),
+]
 
 
 @pytest.mark.parametrize("op", ["qfl", "qfl_dense", "dfl"])
@@ -110,13 +116,15 @@ def test_a_second_backward_and_double_backward_recompute(plain_path):
     torch.testing.assert_close(p.grad, 2 * first, rtol=1e-12, atol=0)
 
     p2 = pred.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(_loss("dfl", p2, target, weight=weight, avg_factor=4.0), p2,
-                               create_graph=True)
+    (g,) = torch.autograd.grad(
+        _loss("dfl", p2, target, weight=weight, avg_factor=4.0), p2, create_graph=True
+    )
     (gg,) = torch.autograd.grad(g.square().sum(), p2)
     plain_path()
     p3 = pred.clone().requires_grad_(True)
-    (g3,) = torch.autograd.grad(_loss("dfl", p3, target, weight=weight, avg_factor=4.0), p3,
-                                create_graph=True)
+    (g3,) = torch.autograd.grad(
+        _loss("dfl", p3, target, weight=weight, avg_factor=4.0), p3, create_graph=True
+    )
     (gg3,) = torch.autograd.grad(g3.square().sum(), p3)
     torch.testing.assert_close(g, g3, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(gg, gg3, rtol=1e-10, atol=1e-14)
@@ -153,11 +161,9 @@ def test_grad_scale_is_refused_under_autograd():
     with pytest.raises(RuntimeError, match="grad_scale is for callers"):
         torch.ops.gfl_ops.qfl(p, labels, scores, 2.0, False, True, scale)
     with pytest.raises(RuntimeError, match="needs with_grad=True"):
-        torch.ops.gfl_ops.dfl(pred, torch.rand(pred.shape[0], dtype=torch.float64), False,
-                              scale)
+        torch.ops.gfl_ops.dfl(pred, torch.rand(pred.shape[0], dtype=torch.float64), False, scale)
     with pytest.raises(RuntimeError, match=r"grad_scale must have shape \(300,\)"):
-        torch.ops.gfl_ops.dfl(pred, torch.rand(pred.shape[0], dtype=torch.float64), True,
-                              scale[:7])
+        torch.ops.gfl_ops.dfl(pred, torch.rand(pred.shape[0], dtype=torch.float64), True, scale[:7])
     # with it, each gradient row is scaled; the loss rows are not
     loss, grad = torch.ops.gfl_ops.qfl(pred, labels, scores, 2.0, False, True, scale * 3)
     loss1, grad1 = torch.ops.gfl_ops.qfl(pred, labels, scores, 2.0, False, True)
@@ -170,8 +176,11 @@ def test_results_do_not_depend_on_the_thread_count(op):
     gen = torch.Generator().manual_seed(5)
     rows, cols = (20000, 80) if op == "qfl" else (50000, 17)
     pred = torch.randn(rows, cols, generator=gen)
-    target = (torch.randint(0, cols + 1, (rows,), generator=gen), torch.rand(rows, generator=gen)) \
-        if op == "qfl" else torch.rand(rows, generator=gen) * (cols - 1)
+    target = (
+        (torch.randint(0, cols + 1, (rows,), generator=gen), torch.rand(rows, generator=gen))
+        if op == "qfl"
+        else torch.rand(rows, generator=gen) * (cols - 1)
+    )
     upstream = torch.randn(rows, generator=gen)
 
     def run():

@@ -53,9 +53,18 @@ REQUIRED_DEFAULT_SASS = {"sm_80", "sm_90"}
 
 # Per-SM limits of cuda_occupancy.h (CUDA 13) for the archs whose occupancy is computed.
 SM_LIMITS = {
-    arch: {"regs_per_sm": 65536, "regs_per_block": 65536, "reg_unit": 256, "sub_partitions": 4,
-           "max_regs_per_thread": 255, "max_warps": 64, "max_blocks": 32,
-           "smem_per_sm": smem, "smem_reserved": 1024, "smem_unit": 128}
+    arch: {
+        "regs_per_sm": 65536,
+        "regs_per_block": 65536,
+        "reg_unit": 256,
+        "sub_partitions": 4,
+        "max_regs_per_thread": 255,
+        "max_warps": 64,
+        "max_blocks": 32,
+        "smem_per_sm": smem,
+        "smem_reserved": 1024,
+        "smem_unit": 128,
+    }
     for arch, smem in (("sm_80", 167936), ("sm_90", 233472))
 }
 
@@ -79,11 +88,18 @@ def blocks_per_sm(arch: str, regs: int, shared: int, block: int) -> dict | None:
         per_partition = lim["regs_per_sm"] // lim["sub_partitions"] // regs_per_warp
         by_regs = per_partition * lim["sub_partitions"] // warps
     smem = _round_up(shared + lim["smem_reserved"], lim["smem_unit"])
-    limits = {"registers": by_regs, "warps": lim["max_warps"] // warps,
-              "blocks": lim["max_blocks"], "shared": lim["smem_per_sm"] // smem}
+    limits = {
+        "registers": by_regs,
+        "warps": lim["max_warps"] // warps,
+        "blocks": lim["max_blocks"],
+        "shared": lim["smem_per_sm"] // smem,
+    }
     blocks = min(limits.values())
-    return {"blocks": blocks, "occupancy_pct": 100 * blocks * warps // lim["max_warps"],
-            "limited_by": "+".join(k for k, v in limits.items() if v == blocks)}
+    return {
+        "blocks": blocks,
+        "occupancy_pct": 100 * blocks * warps // lim["max_warps"],
+        "limited_by": "+".join(k for k, v in limits.items() if v == blocks),
+    }
 
 
 def parse_arch_list(text: str) -> tuple[set[str], set[str]]:
@@ -122,7 +138,7 @@ def kernel_template(mangled: str) -> str:
     while pos < len(mangled) and mangled[pos].isdigit():
         digits = re.match(r"\d+", mangled[pos:])[0]
         pos += len(digits)
-        ident = mangled[pos:pos + int(digits)]
+        ident = mangled[pos : pos + int(digits)]
         pos += int(digits)
         parts.append("(anonymous namespace)" if ident.startswith("_GLOBAL__N") else ident)
         if not nested:
@@ -147,8 +163,9 @@ def demangle(names: list[str]) -> dict[str, str]:
     cxxfilt = shutil.which("c++filt")
     if cxxfilt is None or not names:
         return {n: n for n in names}
-    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True,
-                         timeout=60).stdout.splitlines()
+    out = subprocess.run(
+        [cxxfilt], input="\n".join(names), capture_output=True, text=True, timeout=60
+    ).stdout.splitlines()
     if len(out) != len(names):
         return {n: n for n in names}
     return {n: _without_signature(d) for n, d in zip(names, out)}
@@ -197,16 +214,18 @@ class Compiled:
 
 
 def _run(cuobjdump: str, flag: str, path: Path) -> str:
-    proc = subprocess.run([cuobjdump, flag, str(path)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([cuobjdump, flag, str(path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"cuobjdump {flag} {path} failed:\n{proc.stderr}"
     return proc.stdout
 
 
 def inspect_binary(path: Path, cuobjdump: str) -> Compiled:
     listing = re.compile(r"^(?:ELF|PTX) file\s+\d+:\s+(.+)\.(sm_\w+)\.(?:cubin|ptx)\s*$", re.M)
-    result = Compiled(path, set(listing.findall(_run(cuobjdump, "--list-elf", path))),
-                      set(listing.findall(_run(cuobjdump, "--list-ptx", path))))
+    result = Compiled(
+        path,
+        set(listing.findall(_run(cuobjdump, "--list-elf", path))),
+        set(listing.findall(_run(cuobjdump, "--list-ptx", path))),
+    )
     arch = module = None
     by_key: dict[tuple[str, str], Kernel] = {}
     current: str | None = None
@@ -233,7 +252,7 @@ def inspect_binary(path: Path, cuobjdump: str) -> Compiled:
         elif line.startswith("arch = "):
             arch = line.split("=", 1)[1].strip()
         elif line.startswith(".nv.info."):
-            section = line[len(".nv.info."):].strip()
+            section = line[len(".nv.info.") :].strip()
             if (arch, section) in by_key:
                 by_key[(arch, section)].entry = True
         elif line.rstrip().endswith("EIATTR_MAX_THREADS"):
@@ -254,8 +273,9 @@ def source_kernels() -> set[str]:
     names = set()
     for src in sorted(CUDA_DIR.glob("*.cu*")):
         text = re.sub(r"//[^\n]*", "", src.read_text())
-        names |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(",
-                                text))
+        names |= set(
+            re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(", text)
+        )
     return names
 
 
@@ -269,17 +289,23 @@ def compiled() -> Compiled:
         from gfl_ops import _extension
 
         if not _extension.extension_loaded():
-            pytest.skip(f"gfl_ops._C is not loaded, no compiled CUDA code to inspect "
-                        f"(test_torch_integration reports why): {_extension.extension_error()}")
+            pytest.skip(
+                f"gfl_ops._C is not loaded, no compiled CUDA code to inspect "
+                f"(test_torch_integration reports why): {_extension.extension_error()}"
+            )
         if not _extension.cuda_compiled():
-            pytest.skip("gfl_ops._C was built without CUDA kernels "
-                        "(gfl_ops._extension.cuda_compiled() is False): no device code to inspect")
+            pytest.skip(
+                "gfl_ops._C was built without CUDA kernels "
+                "(gfl_ops._extension.cuda_compiled() is False): no device code to inspect"
+            )
         path = Path(_extension._C.__file__)
     cuobjdump = find_cuobjdump()
     if cuobjdump is None:
-        pytest.fail(f"cuobjdump not found, needed to inspect the CUDA kernels of {path}: install "
-                    f"the pip package {CUOBJDUMP_PACKAGE} (requirements-dev.txt), e.g. "
-                    f"pip install '{CUOBJDUMP_PACKAGE}>=13.2,<14', or set CUOBJDUMP")
+        pytest.fail(
+            f"cuobjdump not found, needed to inspect the CUDA kernels of {path}: install "
+            f"the pip package {CUOBJDUMP_PACKAGE} (requirements-dev.txt), e.g. "
+            f"pip install '{CUOBJDUMP_PACKAGE}>=13.2,<14', or set CUOBJDUMP"
+        )
     return inspect_binary(path, cuobjdump)
 
 
@@ -295,9 +321,11 @@ def report(c: Compiled, block: int, every: bool = False) -> str:
     for k in c.kernels:
         groups.setdefault((k.arch, names.get(k.name, k.template)), []).append(k)
     width = max(len(name) for _, name in groups)
-    lines = [f"{c.path}  (kBlock={block}; occupancy = resident warps / max warps per SM)",
-             f"{'arch':6} {'kernel':{width}} {'n':>3} {'REG':>7} {'STACK':>5} {'LOCAL':>5} "
-             f"{'SHARED':>6} {'blocks/SM':>9} {'occupancy':>9}  limited by"]
+    lines = [
+        f"{c.path}  (kBlock={block}; occupancy = resident warps / max warps per SM)",
+        f"{'arch':6} {'kernel':{width}} {'n':>3} {'REG':>7} {'STACK':>5} {'LOCAL':>5} "
+        f"{'SHARED':>6} {'blocks/SM':>9} {'occupancy':>9}  limited by",
+    ]
 
     def span(values: list) -> str:
         lo, hi = min(values), max(values)
@@ -311,10 +339,14 @@ def report(c: Compiled, block: int, every: bool = False) -> str:
             f"{span([k.res.get('STACK', 0) for k in ks]):>5} "
             f"{span([k.res.get('LOCAL', 0) for k in ks]):>5} "
             f"{span([k.res.get('SHARED', 0) for k in ks]):>6} "
-            + (f"{span([o['blocks'] for o in known]):>9} "
-               f"{span([o['occupancy_pct'] for o in known]) + '%':>9}  "
-               f"{', '.join(sorted({o['limited_by'] for o in known}))}"
-               if known else f"{'n/a':>9} {'n/a':>9}"))
+            + (
+                f"{span([o['blocks'] for o in known]):>9} "
+                f"{span([o['occupancy_pct'] for o in known]) + '%':>9}  "
+                f"{', '.join(sorted({o['limited_by'] for o in known}))}"
+                if known
+                else f"{'n/a':>9} {'n/a':>9}"
+            )
+        )
     return "\n".join(lines)
 
 
@@ -323,7 +355,8 @@ def test_default_arch_list_has_sass_for_a100_h100_and_ptx_for_the_newest():
     assert REQUIRED_DEFAULT_SASS <= sass, f"default arch list {default_arch_list()!r}"
     assert ptx == {max(sass, key=_arch_number)}, (
         f"default arch list {default_arch_list()!r}: PTX must be embedded for the newest arch "
-        f"(and only it) so that newer GPUs can JIT it")
+        f"(and only it) so that newer GPUs can JIT it"
+    )
 
 
 def test_architectures_embedded():
@@ -334,10 +367,14 @@ def test_architectures_embedded():
     for module in sorted(modules):
         got_sass = {a for m, a in c.elf if m == module}
         got_ptx = {a for m, a in c.ptx if m == module}
-        assert got_sass == sass, (f"{module}.cu: SASS for {sorted(got_sass)}, expected "
-                                  f"{sorted(sass)} from TORCH_CUDA_ARCH_LIST={text!r}")
-        assert got_ptx == ptx, (f"{module}.cu: PTX for {sorted(got_ptx)}, expected {sorted(ptx)} "
-                                f"from TORCH_CUDA_ARCH_LIST={text!r}")
+        assert got_sass == sass, (
+            f"{module}.cu: SASS for {sorted(got_sass)}, expected "
+            f"{sorted(sass)} from TORCH_CUDA_ARCH_LIST={text!r}"
+        )
+        assert got_ptx == ptx, (
+            f"{module}.cu: PTX for {sorted(got_ptx)}, expected {sorted(ptx)} "
+            f"from TORCH_CUDA_ARCH_LIST={text!r}"
+        )
     # every SASS arch holds every kernel, and every __global__ of csrc/cuda is compiled
     per_arch: dict[str, set[str]] = {}
     for k in c.kernels:
@@ -359,7 +396,8 @@ def test_no_local_memory_or_stack():
     bad = [k for k in c.kernels if k.res.get("LOCAL", 0) or k.res.get("STACK", 0)]
     names = demangle([k.name for k in bad])
     assert not bad, "kernels with local memory or a stack frame:\n" + "\n".join(
-        f"  {k.arch} {names[k.name]}: {k.res}" for k in bad)
+        f"  {k.arch} {names[k.name]}: {k.res}" for k in bad
+    )
 
 
 def test_registers_fit_the_launch_block():
@@ -374,15 +412,18 @@ def test_registers_fit_the_launch_block():
             # fits fewer, and the driver refuses a launch above the compiled bound
             assert len(parts) >= 2 and parts[1] in ("kBlock", "g.block"), (
                 f"{src.name}: launch <<<{config}>>> does not use kBlock (or the rows tile "
-                "geometry's block) threads per block")
+                "geometry's block) threads per block"
+            )
     problems = []
     assert any(k.entry for k in c.kernels), "no __global__ function found in cuobjdump -elf"
     for k in c.kernels:
         regs = k.res["REG"]
         if k.entry and k.max_threads != block:
-            problems.append(f"{k.arch} {k.name}: compiled for {k.max_threads} threads per block "
-                            f"(EIATTR_MAX_THREADS; None: no __launch_bounds__), launched with "
-                            f"kBlock={block}")
+            problems.append(
+                f"{k.arch} {k.name}: compiled for {k.max_threads} threads per block "
+                f"(EIATTR_MAX_THREADS; None: no __launch_bounds__), launched with "
+                f"kBlock={block}"
+            )
         if regs > 255 or regs * block > 65536:
             problems.append(f"{k.arch} {k.name}: {regs} registers x {block} threads")
         occ = blocks_per_sm(k.arch, regs, k.res.get("SHARED", 0), block)

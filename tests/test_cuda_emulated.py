@@ -45,25 +45,49 @@ ROW_VARIANTS = (0, 1, 2)
 
 
 class RowsLaunch(ctypes.Structure):  # csrc/cuda/launchers.h
-    _fields_ = [("dtype", ctypes.c_int), ("dfl", ctypes.c_bool), ("pred", ctypes.c_void_p),
-                ("target", ctypes.c_void_p), ("row_scale", ctypes.c_void_p),
-                ("row_scale_stride", ctypes.c_int64), ("out", ctypes.c_void_p),
-                ("grad", ctypes.c_void_p), ("m", ctypes.c_int64), ("bins", ctypes.c_int64)]
+    _fields_ = [
+        ("dtype", ctypes.c_int),
+        ("dfl", ctypes.c_bool),
+        ("pred", ctypes.c_void_p),
+        ("target", ctypes.c_void_p),
+        ("row_scale", ctypes.c_void_p),
+        ("row_scale_stride", ctypes.c_int64),
+        ("out", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("m", ctypes.c_int64),
+        ("bins", ctypes.c_int64),
+    ]
 
 
 class QflLaunch(ctypes.Structure):
-    _fields_ = [("dtype", ctypes.c_int), ("pred", ctypes.c_void_p), ("labels", ctypes.c_void_p),
-                ("scores", ctypes.c_void_p), ("target", ctypes.c_void_p),
-                ("target_opmath", ctypes.c_bool), ("row_scale", ctypes.c_void_p),
-                ("row_scale_stride", ctypes.c_int64), ("loss", ctypes.c_void_p),
-                ("grad", ctypes.c_void_p), ("n", ctypes.c_int64), ("c", ctypes.c_int64),
-                ("beta", ctypes.c_double), ("activated", ctypes.c_bool)]
+    _fields_ = [
+        ("dtype", ctypes.c_int),
+        ("pred", ctypes.c_void_p),
+        ("labels", ctypes.c_void_p),
+        ("scores", ctypes.c_void_p),
+        ("target", ctypes.c_void_p),
+        ("target_opmath", ctypes.c_bool),
+        ("row_scale", ctypes.c_void_p),
+        ("row_scale_stride", ctypes.c_int64),
+        ("loss", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("c", ctypes.c_int64),
+        ("beta", ctypes.c_double),
+        ("activated", ctypes.c_bool),
+    ]
 
 
 class ScaleRowsLaunch(ctypes.Structure):
-    _fields_ = [("dtype", ctypes.c_int), ("grad", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("scale_stride", ctypes.c_int64), ("out", ctypes.c_void_p),
-                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64)]
+    _fields_ = [
+        ("dtype", ctypes.c_int),
+        ("grad", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("scale_stride", ctypes.c_int64),
+        ("out", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+    ]
 
 
 def _cuda_include() -> Path | None:
@@ -86,11 +110,24 @@ def emu(tmp_path_factory) -> ctypes.CDLL:
         pytest.skip("the CUDA kernel emulation needs a C++ compiler and the CUDA headers")
     lib = tmp_path_factory.mktemp("cuda_emulation") / "emulated_kernels.so"
     # the half / bfloat16 flags nvcc gets from torch, so both compiles accept the same code
-    cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-           f"-I{ROOT / 'csrc'}", f"-I{include_paths()[0]}", f"-I{cuda_include}",
-           str(EMULATION / "emulated_kernels.cpp"), "-o", str(lib)]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-Wno-unknown-pragmas",
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
+        f"-I{ROOT / 'csrc'}",
+        f"-I{include_paths()[0]}",
+        f"-I{cuda_include}",
+        str(EMULATION / "emulated_kernels.cpp"),
+        "-o",
+        str(lib),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"compiling the emulated kernels failed:\n{done.stderr[-4000:]}"
     dll = ctypes.CDLL(str(lib))
@@ -147,16 +184,37 @@ def _offset_view(t: torch.Tensor, offset: int) -> torch.Tensor:
     return view
 
 
-def run_rows(emu, pred, *, dfl, target=None, scale=None, stride=0, with_out=True,
-             with_grad=True, variant=0, grid=GRID, grad_offset=0):
+def run_rows(
+    emu,
+    pred,
+    *,
+    dfl,
+    target=None,
+    scale=None,
+    stride=0,
+    with_out=True,
+    with_grad=True,
+    variant=0,
+    grid=GRID,
+    grad_offset=0,
+):
     """(out, grad) of one emulated rows-kernel launch; grid (0, 0) is the launcher's geometry.
     What the launch does not write stays NaN."""
     m, bins = pred.shape
     out = torch.full((m,), float("nan"), dtype=_acc(pred.dtype) if dfl else pred.dtype)
     grad = _offset_view(torch.full_like(pred, float("nan")), grad_offset)
-    launch = RowsLaunch(DTYPE_CODES[pred.dtype], dfl, _ptr(pred), _ptr(target), _ptr(scale),
-                        stride, _ptr(out) if with_out else None,
-                        _ptr(grad) if with_grad else None, m, bins)
+    launch = RowsLaunch(
+        DTYPE_CODES[pred.dtype],
+        dfl,
+        _ptr(pred),
+        _ptr(target),
+        _ptr(scale),
+        stride,
+        _ptr(out) if with_out else None,
+        _ptr(grad) if with_grad else None,
+        m,
+        bins,
+    )
     _check(emu, emu.gfl_emu_rows(ctypes.byref(launch), variant, *grid))
     return out, grad
 
@@ -191,10 +249,15 @@ def _assert_rows_close(out, grad, ref, ref_grad, dfl, dtype, what):
     assert_close(grad, ref_grad, GRAD_TOL[dtype], what + " gradient")
 
 
-@given(m=st.integers(1, 40), bins=st.sampled_from([2, 5, 8, 9, 16, 17, 33, 40]),
-       dtype=st.sampled_from(DTYPES), spread=st.sampled_from([0.5, 4.0, 20.0]),
-       variant=st.sampled_from(ROW_VARIANTS),
-       scale_kind=st.sampled_from(["none", "rows", "scalar"]), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(1, 40),
+    bins=st.sampled_from([2, 5, 8, 9, 16, 17, 33, 40]),
+    dtype=st.sampled_from(DTYPES),
+    spread=st.sampled_from([0.5, 4.0, 20.0]),
+    variant=st.sampled_from(ROW_VARIANTS),
+    scale_kind=st.sampled_from(["none", "rows", "scalar"]),
+    seed=st.integers(0, 2**16),
+)
 def test_emulated_integral_kernel(emu, m, bins, dtype, spread, variant, scale_kind, seed):
     gen = torch.Generator().manual_seed(seed)
     pred = (torch.randn(m, bins, generator=gen, dtype=torch.float64) * spread).to(dtype)
@@ -214,8 +277,9 @@ def test_emulated_integral_kernel_peaked_rows_are_accurate(emu, variant):
     pred[torch.arange(bins), torch.arange(bins)] = 12.0
     pred = pred.float()
     out, grad = run_rows(emu, pred, dfl=False, variant=variant)
-    ref, ref_grad = _reference_with_grad(reference.integral, pred,
-                                         torch.ones(bins, dtype=torch.float64))
+    ref, ref_grad = _reference_with_grad(
+        reference.integral, pred, torch.ones(bins, dtype=torch.float64)
+    )
     assert_close(out, ref, INTEGRAL_TOL[torch.float32], "peaked integral value")
     assert_close(grad, ref_grad, (2e-5, 1e-12), "peaked integral gradient")
 
@@ -233,9 +297,14 @@ def test_emulated_rows_kernel_forward_only_and_backward_only(emu):
     assert_close(grad, ref_grad, GRAD_TOL[torch.float32], "gradient")
 
 
-@given(m=st.integers(1, 40), bins=st.sampled_from([2, 5, 8, 9, 16, 17, 33]),
-       dtype=st.sampled_from(DTYPES), variant=st.sampled_from(ROW_VARIANTS),
-       scale_kind=st.sampled_from(["none", "rows", "scalar"]), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(1, 40),
+    bins=st.sampled_from([2, 5, 8, 9, 16, 17, 33]),
+    dtype=st.sampled_from(DTYPES),
+    variant=st.sampled_from(ROW_VARIANTS),
+    scale_kind=st.sampled_from(["none", "rows", "scalar"]),
+    seed=st.integers(0, 2**16),
+)
 def test_emulated_dfl_kernel(emu, m, bins, dtype, variant, scale_kind, seed):
     gen = torch.Generator().manual_seed(seed)
     n = bins - 1
@@ -245,8 +314,9 @@ def test_emulated_dfl_kernel(emu, m, bins, dtype, variant, scale_kind, seed):
     target[-1] = n  # the last bin, exactly
     target = target.to(_acc(dtype))
     scale, stride = _row_scale(m, dtype, scale_kind, gen)
-    out, grad = run_rows(emu, pred, dfl=True, target=target, scale=scale, stride=stride,
-                         variant=variant)
+    out, grad = run_rows(
+        emu, pred, dfl=True, target=target, scale=scale, stride=stride, variant=variant
+    )
     ref, ref_grad = _rows_reference(pred, True, target, scale, stride)
     what = f"dfl m={m} bins={bins} {dtype} variant={variant} scale={scale_kind}"
     _assert_rows_close(out, grad, ref, ref_grad, True, dtype, what)
@@ -273,8 +343,7 @@ def test_emulated_rows_kernel_every_bin_count(emu, dtype, dfl):
         ref, ref_grad = _rows_reference(pred, dfl, target, scale, 1)
         _assert_rows_close(out, grad, ref, ref_grad, dfl, dtype, f"bins={bins} {dtype}")
         if bins in FIXED_BINS:
-            generic = run_rows(emu, pred, dfl=dfl, target=target, scale=scale, stride=1,
-                               variant=1)
+            generic = run_rows(emu, pred, dfl=dfl, target=target, scale=scale, stride=1, variant=1)
             assert torch.equal(generic[0], out) and torch.equal(generic[1], grad), bins
 
 
@@ -294,8 +363,9 @@ def test_emulated_rows_kernel_launch_modes(emu, dtype, bins, dfl):
     ref, ref_grad = _rows_reference(pred, dfl, target, None, 0)
     _assert_rows_close(out, grad, ref, ref_grad, dfl, dtype, f"fused bins={bins}")
     for s, stride in ((scale, 1), (scale[:1].clone(), 0)):
-        bwd_out, bwd_grad = run_rows(emu, pred, dfl=dfl, target=target, scale=s, stride=stride,
-                                     with_out=False)
+        bwd_out, bwd_grad = run_rows(
+            emu, pred, dfl=dfl, target=target, scale=s, stride=stride, with_out=False
+        )
         assert torch.isnan(bwd_out).all(), "no value asked for, none written"
         _, ref_grad = _rows_reference(pred, dfl, target, s, stride)
         assert_close(bwd_grad, ref_grad, GRAD_TOL[dtype], f"backward bins={bins} stride={stride}")
@@ -305,17 +375,24 @@ def test_emulated_rows_kernel_launch_modes(emu, dtype, bins, dfl):
 def test_emulated_rows_kernel_partial_tiles(emu, m):
     """Row counts that fill no tile exactly, with the launcher's geometry (tiles of 256, 128, 64
     rows for these bin counts) and one block looping over several tiles."""
-    for bins, dtype in ((17, torch.bfloat16), (6, torch.float32), (24, torch.float16),
-                        (40, torch.float32), (12, torch.float64)):
+    for bins, dtype in (
+        (17, torch.bfloat16),
+        (6, torch.float32),
+        (24, torch.float16),
+        (40, torch.float32),
+        (12, torch.float64),
+    ):
         pred, target, scale = _rows_inputs(m, bins, dtype, seed=m + bins)
         for dfl in (False, True):
             tgt = target if dfl else None
             ref, ref_grad = _rows_reference(pred, dfl, tgt, scale, 1)
             for grid in ((0, 0), (1, 32)):
-                out, grad = run_rows(emu, pred, dfl=dfl, target=tgt, scale=scale, stride=1,
-                                     grid=grid)
-                _assert_rows_close(out, grad, ref, ref_grad, dfl, dtype,
-                                   f"m={m} bins={bins} grid={grid}")
+                out, grad = run_rows(
+                    emu, pred, dfl=dfl, target=tgt, scale=scale, stride=1, grid=grid
+                )
+                _assert_rows_close(
+                    out, grad, ref, ref_grad, dfl, dtype, f"m={m} bins={bins} grid={grid}"
+                )
 
 
 @pytest.mark.parametrize("bins", [5, 6, 12, 16, 17, 24, 64])
@@ -327,8 +404,9 @@ def test_emulated_rows_kernel_does_not_depend_on_the_launch_geometry(emu, bins):
         for dfl in (False, True):
             tgt = target if dfl else None
             for variant in (0, 1):
-                call = functools.partial(run_rows, emu, pred, dfl=dfl, target=tgt, scale=scale,
-                                         stride=1, variant=variant)
+                call = functools.partial(
+                    run_rows, emu, pred, dfl=dfl, target=tgt, scale=scale, stride=1, variant=variant
+                )
                 base = call(grid=(0, 0))
                 for grid in ((1, 32), (3, 96), (2, 256), (64, 64)):
                     got = call(grid=grid)
@@ -346,21 +424,31 @@ def test_emulated_rows_kernel_misaligned_pointers(emu, dtype, bins):
         tgt = target if dfl else None
         base = run_rows(emu, pred, dfl=dfl, target=tgt, scale=scale, stride=1)
         for pred_offset, grad_offset in ((1, 0), (0, 1), (3, 5)):
-            got = run_rows(emu, _offset_view(pred, pred_offset), dfl=dfl, target=tgt,
-                           scale=scale, stride=1, grad_offset=grad_offset)
+            got = run_rows(
+                emu,
+                _offset_view(pred, pred_offset),
+                dfl=dfl,
+                target=tgt,
+                scale=scale,
+                stride=1,
+                grad_offset=grad_offset,
+            )
             assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1])
 
 
 def test_emulated_rows_kernel_long_rows(emu):
     """Rows beyond the 2..64 of the detectors: 100 bins still fit a tile (64 rows of float,
     32 of double), 300 do not and take a warp per row."""
-    for bins, dtype in ((100, torch.float32), (100, torch.float64), (300, torch.float32),
-                        (300, torch.bfloat16)):
+    for bins, dtype in (
+        (100, torch.float32),
+        (100, torch.float64),
+        (300, torch.float32),
+        (300, torch.bfloat16),
+    ):
         pred, target, scale = _rows_inputs(9, bins, dtype, seed=bins)
         for dfl in (False, True):
             tgt = target if dfl else None
-            out, grad = run_rows(emu, pred, dfl=dfl, target=tgt, scale=scale, stride=1,
-                                 grid=(0, 0))
+            out, grad = run_rows(emu, pred, dfl=dfl, target=tgt, scale=scale, stride=1, grid=(0, 0))
             ref, ref_grad = _rows_reference(pred, dfl, tgt, scale, 1)
             _assert_rows_close(out, grad, ref, ref_grad, dfl, dtype, f"bins={bins} {dtype}")
 
@@ -373,15 +461,25 @@ def test_emulated_rows_kernel_long_rows(emu):
 # widths (the 64-bit one on rows past 2^31 elements without allocating them), every head / tail
 # of the 16-byte split, and check that nothing is written outside the outputs.
 
+
 class QflEmuOptions(ctypes.Structure):  # tests/cuda_emulation/emulated_kernels.cpp
-    _fields_ = [("lanes", ctypes.c_int), ("index_bits", ctypes.c_int),
-                ("vectorised", ctypes.c_int), ("grid", ctypes.c_uint), ("block", ctypes.c_uint),
-                ("first_block", ctypes.c_uint)]
+    _fields_ = [
+        ("lanes", ctypes.c_int),
+        ("index_bits", ctypes.c_int),
+        ("vectorised", ctypes.c_int),
+        ("grid", ctypes.c_uint),
+        ("block", ctypes.c_uint),
+        ("first_block", ctypes.c_uint),
+    ]
 
 
 class QflPlan(ctypes.Structure):  # csrc/cuda/qfl_kernel.cuh
-    _fields_ = [("lanes_log2", ctypes.c_int), ("vectorised", ctypes.c_bool),
-                ("index64", ctypes.c_bool), ("grid", ctypes.c_uint)]
+    _fields_ = [
+        ("lanes_log2", ctypes.c_int),
+        ("vectorised", ctypes.c_bool),
+        ("index64", ctypes.c_bool),
+        ("grid", ctypes.c_uint),
+    ]
 
 
 # beta 2, 0 and 1 have their own kernels; 2.5 and 0.5 take the general pow (either side of 1)
@@ -394,11 +492,11 @@ def _guarded(numel: int, dtype: torch.dtype, offset: int = 0):
     """(view, buffer): `numel` NaN elements starting `_GUARD + offset` elements into a NaN buffer
     (torch's CPU allocator aligns the buffer to 64 bytes), with _GUARD more after them."""
     buf = torch.full((2 * _GUARD + offset + numel,), float("nan"), dtype=dtype)
-    return buf[_GUARD + offset:_GUARD + offset + numel], buf
+    return buf[_GUARD + offset : _GUARD + offset + numel], buf
 
 
 def _assert_guards_intact(buf: torch.Tensor, offset: int, numel: int, what: str) -> None:
-    outside = torch.cat([buf[:_GUARD + offset], buf[_GUARD + offset + numel:]])
+    outside = torch.cat([buf[: _GUARD + offset], buf[_GUARD + offset + numel :]])
     assert torch.isnan(outside).all(), f"{what}: the kernel wrote outside its output"
 
 
@@ -412,23 +510,55 @@ def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
 def _qfl_launch(pred, labels, scores, target, beta, activated, scale, stride, loss, grad):
     n, c = pred.shape
     target_opmath = target is not None and target.dtype != pred.dtype
-    return QflLaunch(DTYPE_CODES[pred.dtype], _ptr(pred), _ptr(labels), _ptr(scores),
-                     _ptr(target), target_opmath, _ptr(scale), stride, _ptr(loss), _ptr(grad),
-                     n, c, beta, activated)
+    return QflLaunch(
+        DTYPE_CODES[pred.dtype],
+        _ptr(pred),
+        _ptr(labels),
+        _ptr(scores),
+        _ptr(target),
+        target_opmath,
+        _ptr(scale),
+        stride,
+        _ptr(loss),
+        _ptr(grad),
+        n,
+        c,
+        beta,
+        activated,
+    )
 
 
 def qfl_plan(emu, pred, *, target=None, grad_offset=0) -> QflPlan:
     """The launcher's plan for a launch with a fresh gradient buffer at grad_offset."""
     grad, _ = _guarded(pred.numel(), pred.dtype, grad_offset)
     plan = QflPlan()
-    emu.gfl_emu_qfl_plan(ctypes.byref(_qfl_launch(pred, None, None, target, 2.0, False, None, 0,
-                                                  None, grad)), ctypes.byref(plan))
+    emu.gfl_emu_qfl_plan(
+        ctypes.byref(_qfl_launch(pred, None, None, target, 2.0, False, None, 0, None, grad)),
+        ctypes.byref(plan),
+    )
     return plan
 
 
-def run_qfl(emu, pred, *, labels=None, scores=None, target=None, beta=2.0, activated=False,
-            scale=None, stride=0, with_loss=True, with_grad=True, grad_offset=0, lanes=0,
-            grid=GRID, index_bits=0, vectorised=-1, plan=None):
+def run_qfl(
+    emu,
+    pred,
+    *,
+    labels=None,
+    scores=None,
+    target=None,
+    beta=2.0,
+    activated=False,
+    scale=None,
+    stride=0,
+    with_loss=True,
+    with_grad=True,
+    grad_offset=0,
+    lanes=0,
+    grid=GRID,
+    index_bits=0,
+    vectorised=-1,
+    plan=None,
+):
     """(loss, grad) of one emulated QFL launch: NaN where it wrote nothing; the gradient buffer
     starts grad_offset elements past a 64-byte boundary; grid (0, 0) is the launcher's.  Checks
     that nothing outside the outputs was written.  `plan` (a QflPlan) receives the launcher's
@@ -437,11 +567,27 @@ def run_qfl(emu, pred, *, labels=None, scores=None, target=None, beta=2.0, activ
     loss, loss_buf = _guarded(n, _acc(pred.dtype))
     grad, grad_buf = _guarded(n * c, pred.dtype, grad_offset)
     grad = grad.view(n, c)
-    launch = _qfl_launch(pred, labels, scores, target, beta, activated, scale, stride,
-                         loss if with_loss else None, grad if with_grad else None)
+    launch = _qfl_launch(
+        pred,
+        labels,
+        scores,
+        target,
+        beta,
+        activated,
+        scale,
+        stride,
+        loss if with_loss else None,
+        grad if with_grad else None,
+    )
     options = QflEmuOptions(lanes, index_bits, vectorised, grid[0], grid[1], 0)
-    _check(emu, emu.gfl_emu_qfl(ctypes.byref(launch), ctypes.byref(options),
-                                ctypes.byref(plan) if plan is not None else None))
+    _check(
+        emu,
+        emu.gfl_emu_qfl(
+            ctypes.byref(launch),
+            ctypes.byref(options),
+            ctypes.byref(plan) if plan is not None else None,
+        ),
+    )
     _assert_guards_intact(loss_buf, 0, n, "loss")
     _assert_guards_intact(grad_buf, grad_offset, n * c, "gradient")
     return loss, grad
@@ -459,12 +605,14 @@ def _qfl_case(n, c, dtype, form, activated, beta, gen, *, pred_offset=0, spread=
 
         def ref_fn(p):
             return reference.quality_focal_loss(p, labels, scores.double(), beta, activated)
+
         return pred, {"labels": labels, "scores": scores}, ref_fn
     target = torch.rand(n, c, generator=gen, dtype=torch.float64)
     target = _at_offset(target.to(_acc(dtype) if form == "dense-opmath" else dtype), pred_offset)
 
     def ref_fn(p):
         return reference.quality_focal_loss_dense(p, target.double(), beta, activated)
+
     return pred, {"target": target}, ref_fn
 
 
@@ -482,22 +630,42 @@ def _assert_qfl_close(loss, grad, pred, ref_fn, beta, scale, stride, what, *, wi
     assert_close(grad, ref_grad, (rtol, atol), what + " gradient")
 
 
-@given(n=st.integers(1, 24), c=st.sampled_from([1, 2, 3, 5, 8, 9, 16, 20, 37, 80]),
-       dtype=st.sampled_from(DTYPES), beta=st.sampled_from(QFL_BETAS), activated=st.booleans(),
-       form=st.sampled_from(QFL_FORMS), lanes=st.sampled_from(LANES),
-       scale_kind=st.sampled_from(["none", "rows", "scalar"]),
-       offsets=st.sampled_from([(0, 0), (1, 1), (3, 0), (2, 2)]), seed=st.integers(0, 2**16))
-def test_emulated_qfl_kernel(emu, n, c, dtype, beta, activated, form, lanes, scale_kind, offsets,
-                             seed):
+@given(
+    n=st.integers(1, 24),
+    c=st.sampled_from([1, 2, 3, 5, 8, 9, 16, 20, 37, 80]),
+    dtype=st.sampled_from(DTYPES),
+    beta=st.sampled_from(QFL_BETAS),
+    activated=st.booleans(),
+    form=st.sampled_from(QFL_FORMS),
+    lanes=st.sampled_from(LANES),
+    scale_kind=st.sampled_from(["none", "rows", "scalar"]),
+    offsets=st.sampled_from([(0, 0), (1, 1), (3, 0), (2, 2)]),
+    seed=st.integers(0, 2**16),
+)
+def test_emulated_qfl_kernel(
+    emu, n, c, dtype, beta, activated, form, lanes, scale_kind, offsets, seed
+):
     gen = torch.Generator().manual_seed(seed)
     pred_offset, grad_offset = offsets
-    pred, targets, ref_fn = _qfl_case(n, c, dtype, form, activated, beta, gen,
-                                      pred_offset=pred_offset)
+    pred, targets, ref_fn = _qfl_case(
+        n, c, dtype, form, activated, beta, gen, pred_offset=pred_offset
+    )
     scale, stride = _row_scale(n, dtype, scale_kind, gen)
-    loss, grad = run_qfl(emu, pred, **targets, beta=beta, activated=activated, scale=scale,
-                         stride=stride, lanes=lanes, grad_offset=grad_offset)
-    what = (f"qfl n={n} c={c} {dtype} beta={beta} activated={activated} {form} lanes={lanes} "
-            f"offsets={offsets}")
+    loss, grad = run_qfl(
+        emu,
+        pred,
+        **targets,
+        beta=beta,
+        activated=activated,
+        scale=scale,
+        stride=stride,
+        lanes=lanes,
+        grad_offset=grad_offset,
+    )
+    what = (
+        f"qfl n={n} c={c} {dtype} beta={beta} activated={activated} {form} lanes={lanes} "
+        f"offsets={offsets}"
+    )
     _assert_qfl_close(loss, grad, pred, ref_fn, beta, scale, stride, what)
 
 
@@ -517,18 +685,20 @@ def test_emulated_qfl_every_specialisation(emu, dtype, form, activated, beta):
     what = f"qfl {dtype} {form} activated={activated} beta={beta}"
     loss, grad = run_qfl(emu, pred, **targets, beta=beta, activated=activated)
     _assert_qfl_close(loss, grad, pred, ref_fn, beta, None, 0, what + " fused")
-    alone, no_grad = run_qfl(emu, pred, **targets, beta=beta, activated=activated,
-                             with_grad=False)
+    alone, no_grad = run_qfl(emu, pred, **targets, beta=beta, activated=activated, with_grad=False)
     assert torch.equal(alone, loss), what + ": the loss-only kernel's loss differs"
     assert torch.isnan(no_grad).all(), what + ": the loss-only kernel wrote a gradient"
     scale = torch.rand(n, generator=gen, dtype=torch.float64).add(0.5).to(_acc(dtype))
-    no_loss, scaled = run_qfl(emu, pred, **targets, beta=beta, activated=activated, scale=scale,
-                              stride=1, with_loss=False)
+    no_loss, scaled = run_qfl(
+        emu, pred, **targets, beta=beta, activated=activated, scale=scale, stride=1, with_loss=False
+    )
     assert torch.isnan(no_loss).all(), what + ": the backward wrote a loss"
-    _assert_qfl_close(None, scaled, pred, ref_fn, beta, scale, 1, what + " backward",
-                      with_loss=False)
-    for got, expected in zip(run_qfl(emu, pred, **targets, beta=beta, activated=activated,
-                                     index_bits=64), (loss, grad)):
+    _assert_qfl_close(
+        None, scaled, pred, ref_fn, beta, scale, 1, what + " backward", with_loss=False
+    )
+    for got, expected in zip(
+        run_qfl(emu, pred, **targets, beta=beta, activated=activated, index_bits=64), (loss, grad)
+    ):
         assert torch.equal(got, expected), what + ": the 64-bit-index kernel differs"
 
 
@@ -545,8 +715,9 @@ def test_emulated_qfl_kernel_vector_heads_tails_and_misaligned_rows(emu, dtype, 
     width = 16 // torch.empty(0, dtype=dtype).element_size()
     for c in list(range(1, 18)) + [31, 37, 80]:
         gen = torch.Generator().manual_seed(c)
-        pred, targets, ref_fn = _qfl_case(7, c, dtype, form, False, 2.0, gen,
-                                          pred_offset=pred_offset)
+        pred, targets, ref_fn = _qfl_case(
+            7, c, dtype, form, False, 2.0, gen, pred_offset=pred_offset
+        )
         plan = QflPlan()
         loss, grad = run_qfl(emu, pred, **targets, grad_offset=grad_offset, plan=plan)
         what = f"qfl c={c} {dtype} {form} offsets={offsets}"
@@ -570,17 +741,31 @@ def test_emulated_qfl_kernel_label_in_every_column(emu, dtype, pred_offset, acti
     n = c + 3
     gen = torch.Generator().manual_seed(7)
     logits = torch.randn(n, c, generator=gen, dtype=torch.float64) * 3
-    pred = _at_offset((logits.sigmoid().clamp(0.02, 0.98) if activated else logits).to(dtype),
-                      pred_offset)
+    pred = _at_offset(
+        (logits.sigmoid().clamp(0.02, 0.98) if activated else logits).to(dtype), pred_offset
+    )
     labels = torch.arange(-1, c + 2)
     scores = torch.rand(n, generator=gen, dtype=torch.float64).to(_acc(dtype))
     for lanes in (0, 1, 4, 32):
-        loss, grad = run_qfl(emu, pred, labels=labels, scores=scores, activated=activated,
-                             lanes=lanes, grad_offset=pred_offset)
-        _assert_qfl_close(loss, grad, pred,
-                          lambda p: reference.quality_focal_loss(p, labels, scores.double(), 2.0,
-                                                                 activated),
-                          2.0, None, 0, f"qfl labels -1..{c + 1} {dtype} lanes={lanes}")
+        loss, grad = run_qfl(
+            emu,
+            pred,
+            labels=labels,
+            scores=scores,
+            activated=activated,
+            lanes=lanes,
+            grad_offset=pred_offset,
+        )
+        _assert_qfl_close(
+            loss,
+            grad,
+            pred,
+            lambda p: reference.quality_focal_loss(p, labels, scores.double(), 2.0, activated),
+            2.0,
+            None,
+            0,
+            f"qfl labels -1..{c + 1} {dtype} lanes={lanes}",
+        )
 
 
 @pytest.mark.parametrize("form", QFL_FORMS)
@@ -593,12 +778,20 @@ def test_emulated_qfl_kernel_does_not_depend_on_the_launch_geometry(emu, form, d
         gen = torch.Generator().manual_seed(c)
         pred, targets, _ = _qfl_case(45, c, dtype, form, False, 2.0, gen, pred_offset=offset)
         scale = torch.rand(45, generator=gen).to(_acc(dtype))
-        expected = run_qfl(emu, pred, **targets, scale=scale, stride=1, grad_offset=offset,
-                           grid=(0, 0))
-        for grid, bits in (((1, 32), 0), ((3, 256), 0), ((5, 96), 0), ((2, 64), 64),
-                           ((64, 64), 0)):
-            got = run_qfl(emu, pred, **targets, scale=scale, stride=1, grad_offset=offset,
-                          grid=grid, index_bits=bits)
+        expected = run_qfl(
+            emu, pred, **targets, scale=scale, stride=1, grad_offset=offset, grid=(0, 0)
+        )
+        for grid, bits in (((1, 32), 0), ((3, 256), 0), ((5, 96), 0), ((2, 64), 64), ((64, 64), 0)):
+            got = run_qfl(
+                emu,
+                pred,
+                **targets,
+                scale=scale,
+                stride=1,
+                grad_offset=offset,
+                grid=grid,
+                index_bits=bits,
+            )
             for g, e in zip(got, expected):
                 assert torch.equal(g, e), f"qfl {form} {dtype} c={c} grid={grid} bits={bits}"
 
@@ -627,18 +820,31 @@ def test_emulated_qfl_kernel_rows_past_2_31_elements(emu, dtype, form):
     def back(t, rows_elements):
         return None if t is None else t.data_ptr() - skipped * rows_elements * t.element_size()
 
-    launch = QflLaunch(DTYPE_CODES[dtype], back(pred, c), back(targets.get("labels"), 1),
-                       back(targets.get("scores"), 1), back(targets.get("target"), c),
-                       form == "dense-opmath" and dtype != torch.float32, None, 0,
-                       back(loss, 1), back(grad, c), skipped + n, c, 2.0, False)
+    launch = QflLaunch(
+        DTYPE_CODES[dtype],
+        back(pred, c),
+        back(targets.get("labels"), 1),
+        back(targets.get("scores"), 1),
+        back(targets.get("target"), c),
+        form == "dense-opmath" and dtype != torch.float32,
+        None,
+        0,
+        back(loss, 1),
+        back(grad, c),
+        skipped + n,
+        c,
+        2.0,
+        False,
+    )
     plan = QflPlan()
     options = QflEmuOptions(0, 0, -1, grid, block, first_block)
     _check(emu, emu.gfl_emu_qfl(ctypes.byref(launch), ctypes.byref(options), ctypes.byref(plan)))
     assert plan.index64, "the launcher's plan must take 64-bit indices past 2^31 elements"
     _assert_guards_intact(loss_buf, 0, n, "loss")
     _assert_guards_intact(grad_buf, 0, n * c, "gradient")
-    _assert_qfl_close(loss, grad.view(n, c), pred, ref_fn, 2.0, None, 0,
-                      f"qfl rows past 2^31 {dtype} {form}")
+    _assert_qfl_close(
+        loss, grad.view(n, c), pred, ref_fn, 2.0, None, 0, f"qfl rows past 2^31 {dtype} {form}"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -656,19 +862,25 @@ def test_emulated_qfl_kernel_extreme_inputs_every_mode(emu, dtype, form, activat
     pred = torch.tensor([row, row[::-1], row], dtype=dtype)
     n, c = pred.shape
     if form == "labels":
-        targets = {"labels": torch.tensor([0, 3, c]), "scores": torch.tensor([1.0, 0.9, 0.0],
-                                                                             dtype=dtype)}
+        targets = {
+            "labels": torch.tensor([0, 3, c]),
+            "scores": torch.tensor([1.0, 0.9, 0.0], dtype=dtype),
+        }
 
         def ref_fn(p):
-            return reference.quality_focal_loss(p, targets["labels"], targets["scores"].double(),
-                                                beta, activated)
+            return reference.quality_focal_loss(
+                p, targets["labels"], targets["scores"].double(), beta, activated
+            )
     else:
-        targets = {"target": torch.tensor([[1.0, 0.0, 0.5, 1.0, 0.0, 0.3, 0.7, 0.9]] * n,
-                                          dtype=dtype)}
+        targets = {
+            "target": torch.tensor([[1.0, 0.0, 0.5, 1.0, 0.0, 0.3, 0.7, 0.9]] * n, dtype=dtype)
+        }
 
         def ref_fn(p):
-            return reference.quality_focal_loss_dense(p, targets["target"].double(), beta,
-                                                      activated)
+            return reference.quality_focal_loss_dense(
+                p, targets["target"].double(), beta, activated
+            )
+
     loss, grad = run_qfl(emu, pred, **targets, beta=beta, activated=activated)
     what = f"qfl extreme {dtype} {form} activated={activated} beta={beta}"
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), what
@@ -682,17 +894,34 @@ def test_emulated_qfl_plan(emu):
     lanes at COCO's 80 classes, whole 32-byte sectors per row and access), 32-bit indices up to
     the limit and 64 past it (decided from n and c alone: nothing is allocated), 16-byte accesses
     only for congruent streams."""
+
     def plan_for(n, c, dtype=torch.float32, target=None, grad_offset=0):
         pred = torch.empty(64, dtype=dtype)  # only its address and the sizes below matter
-        launch = QflLaunch(DTYPE_CODES[dtype], _ptr(pred), None, None, _ptr(target),
-                           False, None, 0, None, _ptr(pred) + grad_offset * pred.element_size(),
-                           n, c, 2.0, False)
+        launch = QflLaunch(
+            DTYPE_CODES[dtype],
+            _ptr(pred),
+            None,
+            None,
+            _ptr(target),
+            False,
+            None,
+            0,
+            None,
+            _ptr(pred) + grad_offset * pred.element_size(),
+            n,
+            c,
+            2.0,
+            False,
+        )
         plan = QflPlan()
         emu.gfl_emu_qfl_plan(ctypes.byref(launch), ctypes.byref(plan))
         return plan
 
-    lanes = {(c, dt): 1 << plan_for(1000, c, dt).lanes_log2
-             for c in (1, 4, 20, 80, 365, 4096) for dt in (torch.float32, torch.bfloat16)}
+    lanes = {
+        (c, dt): 1 << plan_for(1000, c, dt).lanes_log2
+        for c in (1, 4, 20, 80, 365, 4096)
+        for dt in (torch.float32, torch.bfloat16)
+    }
     assert lanes[(80, torch.float32)] == 2 and lanes[(80, torch.bfloat16)] == 2  # 10 / 5 words
     assert lanes[(1, torch.float32)] == 1 and lanes[(4, torch.float32)] == 1  # rows <= 16 bytes
     assert lanes[(4096, torch.float32)] == 32 and lanes[(4096, torch.bfloat16)] == 32
@@ -723,8 +952,9 @@ def run_scale_rows(emu, grad, scale, stride, *, out=None, grid=GRID):
     cols = grad.numel() // rows
     if out is None:
         out = torch.full_like(grad, float("nan"))
-    launch = ScaleRowsLaunch(DTYPE_CODES[grad.dtype], _ptr(grad), _ptr(scale), stride, _ptr(out),
-                             rows, cols)
+    launch = ScaleRowsLaunch(
+        DTYPE_CODES[grad.dtype], _ptr(grad), _ptr(scale), stride, _ptr(out), rows, cols
+    )
     _check(emu, emu.gfl_emu_scale_rows(ctypes.byref(launch), *grid))
     return out
 
@@ -745,9 +975,14 @@ def test_emulated_scale_rows_kernel(emu, dtype, stride):
         for grad_offset, out_offset in ((0, 0), (1, 1), (3, 3), (1, 0), (0, 2)):
             g = _offset_view(grad, grad_offset)
             for grid in (GRID, (1, 32), (7, 64)):
-                out = run_scale_rows(emu, g, scale, stride,
-                                     out=_offset_view(torch.full_like(grad, float("nan")),
-                                                      out_offset), grid=grid)
+                out = run_scale_rows(
+                    emu,
+                    g,
+                    scale,
+                    stride,
+                    out=_offset_view(torch.full_like(grad, float("nan")), out_offset),
+                    grid=grid,
+                )
                 what = f"scale_rows {dtype} {rows}x{cols} offsets {grad_offset}/{out_offset}"
                 assert_close(out, expected, (0, 0), what)
             in_place = g.clone() if grad_offset == 0 else _offset_view(grad, grad_offset)
@@ -755,8 +990,10 @@ def test_emulated_scale_rows_kernel(emu, dtype, stride):
             assert_close(in_place, expected, (0, 0), f"in-place {what}")
 
 
-@pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e4), (torch.float64, 1e4),
-                                             (torch.float16, 60.0), (torch.bfloat16, 60.0)])
+@pytest.mark.parametrize(
+    "dtype,magnitude",
+    [(torch.float32, 1e4), (torch.float64, 1e4), (torch.float16, 60.0), (torch.bfloat16, 60.0)],
+)
 def test_emulated_kernels_extreme_logits_are_finite_and_accurate(emu, dtype, magnitude):
     # QFL: saturated logits on both sides of the target
     x = torch.tensor([[magnitude, -magnitude, 0.0], [-magnitude, magnitude, 3.0]], dtype=dtype)
@@ -764,8 +1001,10 @@ def test_emulated_kernels_extreme_logits_are_finite_and_accurate(emu, dtype, mag
     scores = torch.tensor([1.0, 0.9], dtype=_acc(dtype))
     loss, grad = run_qfl(emu, x, labels=labels, scores=scores)
     ref, ref_grad = _reference_with_grad(
-        lambda p: reference.quality_focal_loss(p, labels, scores.double()), x,
-        torch.ones(2, dtype=torch.float64))
+        lambda p: reference.quality_focal_loss(p, labels, scores.double()),
+        x,
+        torch.ones(2, dtype=torch.float64),
+    )
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     assert_close(loss, ref, (1e-4, 1e-4), f"qfl {dtype} +-{magnitude} loss")
     assert_close(grad, ref_grad, (1e-2, 1e-3), f"qfl {dtype} +-{magnitude} gradient")
@@ -780,8 +1019,10 @@ def test_emulated_kernels_extreme_logits_are_finite_and_accurate(emu, dtype, mag
         target = torch.tensor([3.0, 16.0, 0.5], dtype=_acc(dtype))
         dfl, dfl_grad = run_rows(emu, z, dfl=True, target=target, variant=variant)
         ref, ref_grad = _reference_with_grad(
-            functools.partial(_dfl_reference, target=target.double()), z,
-            torch.ones(3, dtype=torch.float64))
+            functools.partial(_dfl_reference, target=target.double()),
+            z,
+            torch.ones(3, dtype=torch.float64),
+        )
         assert torch.isfinite(dfl).all() and torch.isfinite(dfl_grad).all()
         assert_close(dfl, ref, (1e-4, 1e-4), f"dfl {what} loss")
         assert_close(dfl_grad, ref_grad, (1e-2, 1e-3), f"dfl {what} gradient")
@@ -793,8 +1034,9 @@ def test_emulated_kernels_empty_inputs_write_nothing(emu):
         for grid in (GRID, (0, 0)):
             out, grad = run_rows(emu, empty, dfl=False, variant=variant, grid=grid)
             assert out.shape == (0,) and grad.shape == (0, 17)
-    loss, grad = run_qfl(emu, torch.empty(0, 80), labels=torch.empty(0, dtype=torch.long),
-                         scores=torch.empty(0))
+    loss, grad = run_qfl(
+        emu, torch.empty(0, 80), labels=torch.empty(0, dtype=torch.long), scores=torch.empty(0)
+    )
     assert loss.shape == (0,)
 
 

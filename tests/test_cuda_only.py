@@ -11,14 +11,19 @@ import gfl_ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-GPU_BACKENDS = [b for b in ("cuda", "triton")
-                if torch.cuda.is_available() and b in gfl_ops.available_backends("cuda")]
+GPU_BACKENDS = [
+    b
+    for b in ("cuda", "triton")
+    if torch.cuda.is_available() and b in gfl_ops.available_backends("cuda")
+]
 
 
 def _losses(cls, labels, scores, reg, target, backend):
-    return (gfl_ops.quality_focal_loss(cls, (labels, scores), avg_factor=7.0, backend=backend)
-            + gfl_ops.distribution_focal_loss(reg, target, avg_factor=4.0, backend=backend)
-            + gfl_ops.integral(reg, backend=backend).mean())
+    return (
+        gfl_ops.quality_focal_loss(cls, (labels, scores), avg_factor=7.0, backend=backend)
+        + gfl_ops.distribution_focal_loss(reg, target, avg_factor=4.0, backend=backend)
+        + gfl_ops.integral(reg, backend=backend).mean()
+    )
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

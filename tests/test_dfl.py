@@ -16,10 +16,14 @@ import gfl_ops
 @st.composite
 def dfl_case(draw):
     return dict(
-        m=draw(st.integers(0, 64)), bins=draw(st.sampled_from([2, 3, 8, 17, 33])),
-        dtype=draw(st.sampled_from(DTYPES)), scale=draw(st.sampled_from([0.5, 3.0, 10.0])),
-        reduction=draw(st.sampled_from(["none", "mean", "sum"])), weighted=draw(st.booleans()),
-        avg=draw(st.sampled_from([None, 4.0])), integer_targets=draw(st.booleans()),
+        m=draw(st.integers(0, 64)),
+        bins=draw(st.sampled_from([2, 3, 8, 17, 33])),
+        dtype=draw(st.sampled_from(DTYPES)),
+        scale=draw(st.sampled_from([0.5, 3.0, 10.0])),
+        reduction=draw(st.sampled_from(["none", "mean", "sum"])),
+        weighted=draw(st.booleans()),
+        avg=draw(st.sampled_from([None, 4.0])),
+        integer_targets=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -28,15 +32,18 @@ def make_dfl_inputs(case: dict, device: str):
     gen = torch.Generator().manual_seed(case["seed"])
     m, bins = case["m"], case["bins"]
     n = bins - 1
-    pred = (torch.randn(m, bins, generator=gen, dtype=torch.float64) * case["scale"])
+    pred = torch.randn(m, bins, generator=gen, dtype=torch.float64) * case["scale"]
     target = torch.rand(m, generator=gen, dtype=torch.float64) * n
     if case["integer_targets"]:
         target = target.round()  # includes 0 and n: the exact edge bins
     if m:
         target[0] = n  # always exercise target == n
     weight = torch.rand(m, generator=gen, dtype=torch.float64) if case["weighted"] else None
-    return (pred.to(case["dtype"]).to(device), target.to(device),
-            None if weight is None else weight.to(device))
+    return (
+        pred.to(case["dtype"]).to(device),
+        target.to(device),
+        None if weight is None else weight.to(device),
+    )
 
 
 @given(case=dfl_case())
@@ -46,12 +53,13 @@ def test_dfl_matches_reference(backend_device, case):
     avg = case["avg"] if case["reduction"] == "mean" else None
 
     def call(p, backend, target, weight):
-        return gfl_ops.distribution_focal_loss(p, target, weight=weight,
-                                               reduction=case["reduction"], avg_factor=avg,
-                                               backend=backend)
+        return gfl_ops.distribution_focal_loss(
+            p, target, weight=weight, reduction=case["reduction"], avg_factor=avg, backend=backend
+        )
 
-    compare_to_reference(call, pred, backend, {"target": target, "weight": weight},
-                         what=f"dfl {case}")
+    compare_to_reference(
+        call, pred, backend, {"target": target, "weight": weight}, what=f"dfl {case}"
+    )
 
 
 @pytest.mark.parametrize("y", [0.0, 0.3, 2.5, 7.99, 15.2, 16.0])
@@ -68,16 +76,19 @@ def test_dfl_minimum_and_integral_recover_target(backend_device, y):
     target = torch.tensor([y], dtype=torch.float64, device=device)
     loss, grad = run_with_grad(
         lambda p: gfl_ops.distribution_focal_loss(p, target, reduction="none", backend=backend),
-        logits)
+        logits,
+    )
     assert grad.abs().max().item() < 1e-9
     decoded = gfl_ops.integral(logits, backend=backend)
     assert decoded.item() == pytest.approx(y, abs=1e-9)
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
-        moved = logits + 0.05 * torch.randn(logits.shape, generator=gen,
-                                            dtype=torch.float64).to(device)
-        moved_loss = gfl_ops.distribution_focal_loss(moved, target, reduction="none",
-                                                     backend=backend)
+        moved = logits + 0.05 * torch.randn(logits.shape, generator=gen, dtype=torch.float64).to(
+            device
+        )
+        moved_loss = gfl_ops.distribution_focal_loss(
+            moved, target, reduction="none", backend=backend
+        )
         assert moved_loss.item() >= loss.item() - 1e-12
 
 
@@ -85,7 +96,7 @@ def gfl_eq7(p_left: torch.Tensor, y: float, y_l: float, y_r: float, beta: float)
     """GFL (paper Eq. 7) for two bins with probabilities (p_left, 1 - p_left)."""
     p_right = 1 - p_left
     estimate = y_l * p_left + y_r * p_right
-    return -(y - estimate).abs() ** beta * ((y_r - y) * p_left.log() + (y - y_l) * p_right.log())
+    return -((y - estimate).abs() ** beta) * ((y_r - y) * p_left.log() + (y - y_l) * p_right.log())
 
 
 @pytest.mark.parametrize("y", [0.2, 0.5, 0.9])
@@ -104,8 +115,9 @@ def test_dfl_is_gfl_with_beta_zero(backend_device):
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(50, 2, generator=gen, dtype=torch.float64) * 3
     y = torch.rand(50, generator=gen, dtype=torch.float64)
-    ours = gfl_ops.distribution_focal_loss(logits.to(device), y.to(device), reduction="none",
-                                           backend=backend)
+    ours = gfl_ops.distribution_focal_loss(
+        logits.to(device), y.to(device), reduction="none", backend=backend
+    )
     p_left = logits.softmax(dim=1)[:, 0]
     expected = gfl_eq7(p_left, y, 0.0, 1.0, 0.0)
     torch.testing.assert_close(ours.cpu(), expected, rtol=1e-9, atol=1e-12)
@@ -118,7 +130,8 @@ def test_dfl_gradcheck_float64(backend_device):
     target = torch.tensor([0.0, 3.3, 15.5, 16.0, 7.0], dtype=torch.float64, device=device)
     torch.autograd.gradcheck(
         lambda p: gfl_ops.distribution_focal_loss(p, target, reduction="none", backend=backend),
-        (pred.requires_grad_(),))
+        (pred.requires_grad_(),),
+    )
 
 
 def test_dfl_target_equal_to_n_is_exact(backend_device):

@@ -14,8 +14,9 @@ import torch
 import gfl_ops
 from gfl_ops import _cpp_backend, _extension
 
-pytestmark = pytest.mark.skipif(not gfl_ops.extension_loaded(),
-                                reason=f"gfl_ops._C not loaded: {gfl_ops.extension_error()}")
+pytestmark = pytest.mark.skipif(
+    not gfl_ops.extension_loaded(), reason=f"gfl_ops._C not loaded: {gfl_ops.extension_error()}"
+)
 
 ops = torch.ops.gfl_ops
 
@@ -41,17 +42,25 @@ def _cases(dtype: torch.dtype, fused: bool = True):
     target = torch.rand(m, generator=gen) * 16
     target[0] = 16.0  # the last bin exactly
     return [
-        ("qfl", leaf(n, c),
-         lambda p: gfl_ops.quality_focal_loss(p, (labels, scores), reduction="none"),
-         lambda p: ops.qfl(p, labels, scores, 2.0, False, fused)[0]),
-        ("qfl_dense", leaf(n, c),
-         lambda p: gfl_ops.quality_focal_loss(p, dense, reduction="none"),
-         lambda p: ops.qfl_dense(p, dense, 2.0, False, fused)[0]),
-        ("dfl", leaf(m, bins),
-         lambda p: gfl_ops.distribution_focal_loss(p, target, reduction="none"),
-         lambda p: ops.dfl(p, target.to(torch.promote_types(dtype, torch.float32)), fused)[0]),
-        ("integral", leaf(m, bins), gfl_ops.integral,
-         lambda p: ops.integral(p, fused)[0]),
+        (
+            "qfl",
+            leaf(n, c),
+            lambda p: gfl_ops.quality_focal_loss(p, (labels, scores), reduction="none"),
+            lambda p: ops.qfl(p, labels, scores, 2.0, False, fused)[0],
+        ),
+        (
+            "qfl_dense",
+            leaf(n, c),
+            lambda p: gfl_ops.quality_focal_loss(p, dense, reduction="none"),
+            lambda p: ops.qfl_dense(p, dense, 2.0, False, fused)[0],
+        ),
+        (
+            "dfl",
+            leaf(m, bins),
+            lambda p: gfl_ops.distribution_focal_loss(p, target, reduction="none"),
+            lambda p: ops.dfl(p, target.to(torch.promote_types(dtype, torch.float32)), fused)[0],
+        ),
+        ("integral", leaf(m, bins), gfl_ops.integral, lambda p: ops.integral(p, fused)[0]),
     ]
 
 
@@ -89,8 +98,9 @@ def test_batched_upstream_gradients_recompute(name, strategy):
     gradient cannot scale the buffer in place, so the gradient is recomputed, per batch entry."""
     case = next(c for c in _cases(torch.float64) if c[0] == name)
     _, pred, public, _ = case
-    upstream = torch.randn(3, pred.shape[0], generator=torch.Generator().manual_seed(2),
-                           dtype=torch.float64)
+    upstream = torch.randn(
+        3, pred.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
     out = public(pred)
     (batched,) = torch.autograd.grad(out, pred, upstream, is_grads_batched=True)
     for i in range(3):
@@ -106,8 +116,9 @@ def test_entry_points_reject_malformed_calls():
     with pytest.raises(TypeError, match="pred must be a torch.Tensor"):
         c_module.integral_eager([1.0], True)
     with pytest.raises(TypeError, match="must be real number"):
-        c_module.qfl_dense_eager(torch.randn(4, 3, requires_grad=True), torch.rand(4, 3), "2",
-                                 False, True)
+        c_module.qfl_dense_eager(
+            torch.randn(4, 3, requires_grad=True), torch.rand(4, 3), "2", False, True
+        )
 
 
 def test_python_hooks_anomaly_mode_and_threads(strategy):

@@ -15,15 +15,32 @@ REPO = Path(__file__).resolve().parent.parent
 def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path / "out")}
     (tmp_path / "out").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out",
-                           str(tmp_path / "report")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_check",
+            "--dry-run",
+            "--out",
+            str(tmp_path / "report"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     (md,) = (tmp_path / "report").glob("gpu-*-dry-run.md")
     (csv_file,) = (tmp_path / "report").glob("gpu-*-dry-run.csv")
     text = md.read_text()
-    for step, outcome in (("env", "ok"), ("build", "dry-run"), ("tests", "ok"), ("bench", "ok"),
-                          ("detector", "ok")):
+    for step, outcome in (
+        ("env", "ok"),
+        ("build", "dry-run"),
+        ("tests", "ok"),
+        ("bench", "ok"),
+        ("detector", "ok"),
+    ):
         assert f"| {step} | {outcome} |" in text, text
     assert "TORCH_CUDA_ARCH_LIST=" in text and "tests collected" in text
     assert "| commit |" in text and "| torch |" in text

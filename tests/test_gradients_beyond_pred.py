@@ -29,13 +29,25 @@ def _losses(backend):
     """name -> (fn(pred, target) -> loss, pred, target) for each loss with a target."""
     pred, labels, scores, dense, dfl_pred, dfl_target = _inputs()
     return {
-        "qfl": (lambda p, t: gfl_ops.quality_focal_loss(p, (labels, t), backend=backend,
-                                                        reduction="sum"), pred, scores),
-        "qfl_dense": (lambda p, t: gfl_ops.quality_focal_loss(p, t, backend=backend, beta=1.5,
-                                                              reduction="sum"), pred, dense),
-        "dfl": (lambda p, t: gfl_ops.distribution_focal_loss(p, t, backend=backend,
-                                                             reduction="sum"),
-                dfl_pred, dfl_target),
+        "qfl": (
+            lambda p, t: gfl_ops.quality_focal_loss(
+                p, (labels, t), backend=backend, reduction="sum"
+            ),
+            pred,
+            scores,
+        ),
+        "qfl_dense": (
+            lambda p, t: gfl_ops.quality_focal_loss(
+                p, t, backend=backend, beta=1.5, reduction="sum"
+            ),
+            pred,
+            dense,
+        ),
+        "dfl": (
+            lambda p, t: gfl_ops.distribution_focal_loss(p, t, backend=backend, reduction="sum"),
+            dfl_pred,
+            dfl_target,
+        ),
     }
 
 
@@ -63,8 +75,10 @@ def test_double_backward_matches_reference(backend_device, name):
         pred = _inputs()[4]
 
         def fn(p, b):
-            return (gfl_ops.integral(p, backend=b) * torch.linspace(0.5, 2, N, device=device,
-                                                                     dtype=p.dtype)).sum()
+            return (
+                gfl_ops.integral(p, backend=b)
+                * torch.linspace(0.5, 2, N, device=device, dtype=p.dtype)
+            ).sum()
     else:
         fn0, pred, target = _losses(backend)[name]
         ref0 = _losses("reference")[name][0]
@@ -72,6 +86,7 @@ def test_double_backward_matches_reference(backend_device, name):
 
         def fn(p, b):
             return (fn0 if b == backend else ref0)(p, target)
+
     pred = pred.to(device)
     w = torch.randn(pred.shape, dtype=pred.dtype, generator=torch.Generator().manual_seed(3))
     w = w.to(device)
@@ -106,4 +121,3 @@ def test_third_derivative_raises(backend_device):
     (g,) = torch.autograd.grad(gfl_ops.integral(p, backend=backend).sum(), p, create_graph=True)
     with pytest.raises(RuntimeError, match="third and higher derivatives"):
         torch.autograd.grad(g.pow(2).sum(), p, create_graph=True)
-

@@ -33,9 +33,18 @@ DETECTOR_LAYERS: tuple[tuple[str, ...], ...] = (
     ("detector.engine",),  # training loop, evaluation loop, distributed set-up
     # commands and tools on top; detector.losses / detector.assigners are old import paths of
     # detector.models.losses / .assigners kept for benchmarks/
-    ("detector.train", "detector.eval", "detector.infer", "detector.main_job", "detector.export",
-     "detector.ablation", "detector.losses", "detector.assigners"),
+    (
+        "detector.train",
+        "detector.eval",
+        "detector.infer",
+        "detector.main_job",
+        "detector.export",
+        "detector.ablation",
+        "detector.losses",
+        "detector.assigners",
+    ),
 )
+
 
 def discover_modules(root: Path = REPO, packages: Iterable[str] = PACKAGES) -> dict[str, Path]:
     """Dotted module name -> source file, for every ``.py`` file of ``packages``."""
@@ -65,17 +74,26 @@ def _imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
                 base = node.module or ""
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
-        elif (isinstance(node, ast.Call) and node.args
-              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
-                   or (isinstance(node.func, ast.Name)
-                       and node.func.id in ("import_module", "__import__")))):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and (
+                (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                or (
+                    isinstance(node.func, ast.Name)
+                    and node.func.id in ("import_module", "__import__")
+                )
+            )
+        ):
             names.add(node.args[0].value)
     return names
 
 
-def build_graph(root: Path = REPO, packages: Iterable[str] = PACKAGES
-                ) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+def build_graph(
+    root: Path = REPO, packages: Iterable[str] = PACKAGES
+) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """``(graph, raw)``: ``graph[m]`` the scanned modules that importing ``m`` imports (packages
     whose ``__init__`` runs included), ``raw[m]`` every dotted name ``m`` imports."""
     modules = discover_modules(root, packages)
@@ -188,16 +206,25 @@ def test_detector_imports_no_higher_layer(graph_and_raw):
 def test_models_do_not_import_losses_postprocess_or_engine(graph_and_raw):
     _, raw = graph_and_raw
     forbidden = ("detector.losses", "detector.postprocess", "detector.engine")
-    bad = sorted(f"{m} -> {n}" for m, names in raw.items()
-                 if m == "detector.models" or m.startswith("detector.models.")
-                 for n in names if any(n == f or n.startswith(f + ".") for f in forbidden))
+    bad = sorted(
+        f"{m} -> {n}"
+        for m, names in raw.items()
+        if m == "detector.models" or m.startswith("detector.models.")
+        for n in names
+        if any(n == f or n.startswith(f + ".") for f in forbidden)
+    )
     assert not bad, bad
 
 
 def test_gfl_ops_imports_neither_detector_nor_benchmarks(graph_and_raw):
     _, raw = graph_and_raw
-    bad = sorted(f"{m} -> {n}" for m, names in raw.items() if m.split(".")[0] == "gfl_ops"
-                 for n in names if n.split(".")[0] in ("detector", "benchmarks"))
+    bad = sorted(
+        f"{m} -> {n}"
+        for m, names in raw.items()
+        if m.split(".")[0] == "gfl_ops"
+        for n in names
+        if n.split(".")[0] in ("detector", "benchmarks")
+    )
     assert not bad, bad
 
 
@@ -218,13 +245,15 @@ def test_old_import_paths_are_the_new_modules():
     assert detector.losses is detector.models.losses
     assert detector.assigners is detector.models.assigners
 
+
 def test_graph_sees_a_cycle_through_a_package_init(tmp_path):
     """The graph counts the ``__init__`` an import runs: a lazy import in a package's
     ``__init__`` of a module that imports back into the package is a cycle."""
     (tmp_path / "pkg" / "sub").mkdir(parents=True)
     (tmp_path / "pkg" / "__init__.py").write_text("")
     (tmp_path / "pkg" / "sub" / "__init__.py").write_text(
-        "def __getattr__(name):\n    from pkg.sub import big\n    return big\n")
+        "def __getattr__(name):\n    from pkg.sub import big\n    return big\n"
+    )
     (tmp_path / "pkg" / "sub" / "leaf.py").write_text("")
     (tmp_path / "pkg" / "sub" / "big.py").write_text("from pkg.up import x\n")
     (tmp_path / "pkg" / "up.py").write_text("from pkg.sub.leaf import y\n")

@@ -11,20 +11,30 @@ from hypothesis import strategies as st
 import gfl_ops
 
 
-@given(m=st.integers(0, 64), bins=st.sampled_from([2, 5, 8, 17, 33]),
-       dtype=st.sampled_from(DTYPES), scale=st.sampled_from([0.5, 4.0, 20.0]),
-       lead=st.sampled_from([(), (3,)]), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(0, 64),
+    bins=st.sampled_from([2, 5, 8, 17, 33]),
+    dtype=st.sampled_from(DTYPES),
+    scale=st.sampled_from([0.5, 4.0, 20.0]),
+    lead=st.sampled_from([(), (3,)]),
+    seed=st.integers(0, 2**16),
+)
 def test_integral_matches_reference(backend_device, m, bins, dtype, scale, lead, seed):
     backend, device = backend_device
     gen = torch.Generator().manual_seed(seed)
-    pred = (torch.randn(*lead, m, bins, generator=gen, dtype=torch.float64) * scale)
+    pred = torch.randn(*lead, m, bins, generator=gen, dtype=torch.float64) * scale
     pred = pred.to(dtype).to(device)
 
     def call(p, backend):
         return gfl_ops.integral(p, backend=backend)
 
-    compare_to_reference(call, pred, backend, loss_tol=INTEGRAL_TOL[dtype],
-                         what=f"integral m={m} bins={bins} {dtype}")
+    compare_to_reference(
+        call,
+        pred,
+        backend,
+        loss_tol=INTEGRAL_TOL[dtype],
+        what=f"integral m={m} bins={bins} {dtype}",
+    )
 
 
 def test_integral_module_matches_mmdetection_layout(backend_device):
@@ -32,8 +42,9 @@ def test_integral_module_matches_mmdetection_layout(backend_device):
     x = torch.randn(10, 4 * 17, dtype=torch.float32, device=device)
     out = gfl_ops.Integral(16, backend=backend)(x)
     project = torch.linspace(0, 16, 17, device=device)
-    expected = torch.nn.functional.linear(torch.softmax(x.reshape(-1, 17), dim=1),
-                                          project[None]).reshape(-1, 4)
+    expected = torch.nn.functional.linear(
+        torch.softmax(x.reshape(-1, 17), dim=1), project[None]
+    ).reshape(-1, 4)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert out.shape == (10, 4)
 
@@ -65,8 +76,10 @@ def test_integral_module_layouts_and_refusals(backend_device):
     assert flat.shape == (6, 4)
     assert module(x.reshape(2, 3, 64)).shape == (2, 3, 4)
     for bad in [(1, 64, 5376), (6, 68), (64,), (6, 4, 17)]:
-        with pytest.raises(ValueError, match=r"\(N, 64\) or .*\(N, 4, 16\).*got " +
-                           r"\(" + ", ".join(map(str, bad))):
+        with pytest.raises(
+            ValueError,
+            match=r"\(N, 64\) or .*\(N, 4, 16\).*got " + r"\(" + ", ".join(map(str, bad)),
+        ):
             module(torch.randn(*bad, device=device))
 
 

@@ -23,11 +23,18 @@ def qfl_case(draw):
     n = draw(st.integers(0, 48))
     c = draw(CLASS_COUNTS)
     return dict(
-        n=n, c=c, dtype=draw(st.sampled_from(DTYPES)), beta=draw(BETAS),
-        scale=draw(st.sampled_from([0.5, 3.0, 12.0])), dense=draw(st.booleans()),
-        activated=draw(st.booleans()), reduction=draw(st.sampled_from(["none", "mean", "sum"])),
-        weighted=draw(st.booleans()), avg=draw(st.sampled_from([None, 7.5, "tensor"])),
-        pos_frac=draw(st.sampled_from([0.0, 0.3, 1.0])), seed=draw(st.integers(0, 2**16)),
+        n=n,
+        c=c,
+        dtype=draw(st.sampled_from(DTYPES)),
+        beta=draw(BETAS),
+        scale=draw(st.sampled_from([0.5, 3.0, 12.0])),
+        dense=draw(st.booleans()),
+        activated=draw(st.booleans()),
+        reduction=draw(st.sampled_from(["none", "mean", "sum"])),
+        weighted=draw(st.booleans()),
+        avg=draw(st.sampled_from([None, 7.5, "tensor"])),
+        pos_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        seed=draw(st.integers(0, 2**16)),
     )
 
 
@@ -75,8 +82,15 @@ def test_qfl_matches_reference(backend_device, case):
         if avg is not None and isinstance(avg, torch.Tensor) and weight is not None:
             avg = avg.to(weight.dtype)
         return gfl_ops.quality_focal_loss(
-            p, target, weight=weight, reduction=case["reduction"], avg_factor=avg,
-            beta=case["beta"], activated=case["activated"], backend=backend)
+            p,
+            target,
+            weight=weight,
+            reduction=case["reduction"],
+            avg_factor=avg,
+            beta=case["beta"],
+            activated=case["activated"],
+            backend=backend,
+        )
 
     loss_tol = LOSS_TOL[case["dtype"]]
     grad_tol = GRAD_TOL[case["dtype"]]
@@ -90,11 +104,19 @@ def test_qfl_matches_reference(backend_device, case):
         # gradient amplifies the few-ulp error that any float32 evaluation of sigmoid(x) - y
         # carries (the kernels' d is accurate to ~2 ulp of y, gfl_math.h); allow what moving y by
         # 2 ulp does to the exact gradient
-        perturbed = tuple({"target": _scaled_target(target, 1 + k * 2.0**-22), "weight": weight}
-                          for k in (-1, 1))
-    compare_to_reference(call, pred, backend, {"target": target, "weight": weight},
-                         loss_tol=loss_tol, grad_tol=grad_tol, what=f"qfl {case}",
-                         perturbed_targets=perturbed)
+        perturbed = tuple(
+            {"target": _scaled_target(target, 1 + k * 2.0**-22), "weight": weight} for k in (-1, 1)
+        )
+    compare_to_reference(
+        call,
+        pred,
+        backend,
+        {"target": target, "weight": weight},
+        loss_tol=loss_tol,
+        grad_tol=grad_tol,
+        what=f"qfl {case}",
+        perturbed_targets=perturbed,
+    )
 
 
 def _scaled_target(target, factor: float):
@@ -117,8 +139,11 @@ def test_qfl_global_minimum_at_sigma_equals_target(backend_device, dtype, beta):
     x = (x_star[:, None] + offsets[None, :]).reshape(-1, 1).to(dtype).to(device)
     target = y.repeat_interleave(len(offsets)).reshape(-1, 1).to(dtype).to(device)
     loss, grad = run_with_grad(
-        lambda p: gfl_ops.quality_focal_loss(p, target, reduction="none", beta=beta,
-                                             backend=backend), x)
+        lambda p: gfl_ops.quality_focal_loss(
+            p, target, reduction="none", beta=beta, backend=backend
+        ),
+        x,
+    )
     loss = loss.reshape(len(y), len(offsets)).double().cpu()
     grad = grad.reshape(len(y), len(offsets)).double().cpu()
     assert torch.all(loss.argmin(dim=1) == 2), loss
@@ -131,20 +156,29 @@ def test_qfl_global_minimum_at_sigma_equals_target(backend_device, dtype, beta):
     assert torch.all(grad[:, :2] < 0) and torch.all(grad[:, 3:] > 0)
 
 
-@given(n=st.integers(0, 32), c=st.integers(1, 12), beta=st.sampled_from([0.0, 1.0, 2.0, 2.5]),
-       seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(0, 32),
+    c=st.integers(1, 12),
+    beta=st.sampled_from([0.0, 1.0, 2.0, 2.5]),
+    seed=st.integers(0, 2**16),
+)
 def test_qfl_with_binary_targets_is_focal_loss(backend_device, n, c, beta, seed):
     """Appendix C: with y in {0, 1}, QFL is focal loss without alpha, summed over classes."""
     backend, device = backend_device
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, c, generator=gen, dtype=torch.float64) * 4).to(device)
     labels = torch.randint(0, c + 1, (n,), generator=gen).to(device)
-    ours = gfl_ops.quality_focal_loss(x, (labels, torch.ones(n, dtype=torch.float64,
-                                                                device=device)),
-                                      reduction="none", beta=beta, backend=backend)
+    ours = gfl_ops.quality_focal_loss(
+        x,
+        (labels, torch.ones(n, dtype=torch.float64, device=device)),
+        reduction="none",
+        beta=beta,
+        backend=backend,
+    )
     onehot = torch.nn.functional.one_hot(labels, c + 1)[:, :c].to(x.dtype)
-    focal = torchvision.ops.sigmoid_focal_loss(x, onehot, alpha=-1, gamma=beta,
-                                               reduction="none").sum(dim=1)
+    focal = torchvision.ops.sigmoid_focal_loss(
+        x, onehot, alpha=-1, gamma=beta, reduction="none"
+    ).sum(dim=1)
     torch.testing.assert_close(ours, focal, rtol=1e-9, atol=1e-12)
 
 
@@ -159,32 +193,43 @@ def test_qfl_gradcheck_float64(backend_device):
         for target in ((labels, scores), dense):
             torch.autograd.gradcheck(
                 lambda p, t=target, b=beta: gfl_ops.quality_focal_loss(
-                    p, t, reduction="none", beta=b, backend=backend),
-                (x.clone().requires_grad_(),))
+                    p, t, reduction="none", beta=b, backend=backend
+                ),
+                (x.clone().requires_grad_(),),
+            )
         probs = x.sigmoid().clone().requires_grad_()
         torch.autograd.gradcheck(
             lambda p, b=beta: gfl_ops.quality_focal_loss(
-                p, (labels, scores), reduction="none", beta=b, activated=True, backend=backend),
-            (probs,))
+                p, (labels, scores), reduction="none", beta=b, activated=True, backend=backend
+            ),
+            (probs,),
+        )
 
 
 @pytest.mark.parametrize(
-    "dtype,magnitude", [(torch.float32, 1e4), (torch.float64, 1e4), (torch.float16, 60.0),
-                        (torch.bfloat16, 60.0)])
+    "dtype,magnitude",
+    [(torch.float32, 1e4), (torch.float64, 1e4), (torch.float16, 60.0), (torch.bfloat16, 60.0)],
+)
 def test_qfl_extreme_logits_are_finite_and_accurate(backend_device, dtype, magnitude):
     backend, device = backend_device
-    x = torch.tensor([[magnitude, -magnitude, 0.0], [-magnitude, magnitude, 3.0]],
-                     dtype=dtype, device=device)
+    x = torch.tensor(
+        [[magnitude, -magnitude, 0.0], [-magnitude, magnitude, 3.0]], dtype=dtype, device=device
+    )
     labels = torch.tensor([0, 0], device=device)
     scores = torch.tensor([1.0, 0.9], dtype=dtype, device=device)
     loss, grad = run_with_grad(
-        lambda p: gfl_ops.quality_focal_loss(p, (labels, scores), reduction="none",
-                                             backend=backend), x)
+        lambda p: gfl_ops.quality_focal_loss(
+            p, (labels, scores), reduction="none", backend=backend
+        ),
+        x,
+    )
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     ref_loss, ref_grad = run_with_grad(
-        lambda p: gfl_ops.quality_focal_loss(p, (labels.cpu(), scores.double().cpu()),
-                                             reduction="none", backend="reference"),
-        x.double().cpu())
+        lambda p: gfl_ops.quality_focal_loss(
+            p, (labels.cpu(), scores.double().cpu()), reduction="none", backend="reference"
+        ),
+        x.double().cpu(),
+    )
     torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-2, atol=1e-3)
     # row 0: the positive logit is right and saturated, the negative is saturated too -> ~0
@@ -197,13 +242,14 @@ def test_qfl_all_background_and_empty(backend_device):
     labels = torch.full((7,), 4, device=device)
     scores = torch.zeros(7, device=device)
     bg = gfl_ops.quality_focal_loss(x, (labels, scores), reduction="none", backend=backend)
-    expected = (torch.nn.functional.softplus(x.cpu().double()) * x.cpu().double().sigmoid() ** 2)
+    expected = torch.nn.functional.softplus(x.cpu().double()) * x.cpu().double().sigmoid() ** 2
     torch.testing.assert_close(bg.double().cpu(), expected.sum(1), rtol=1e-5, atol=1e-6)
     empty = torch.zeros(0, 4, device=device, requires_grad=True)
     out = gfl_ops.quality_focal_loss(empty, (labels[:0], scores[:0]), backend=backend)
     assert out.item() == 0.0
     out.backward()
     assert empty.grad.shape == (0, 4)
-    dense_empty = gfl_ops.quality_focal_loss(empty, torch.zeros(0, 4, device=device),
-                                             reduction="sum", backend=backend)
+    dense_empty = gfl_ops.quality_focal_loss(
+        empty, torch.zeros(0, 4, device=device), reduction="sum", backend=backend
+    )
     assert dense_empty.item() == 0.0

@@ -12,8 +12,9 @@ import torch
 import gfl_ops
 from gfl_ops import _extension
 
-needs_ext = pytest.mark.skipif(not gfl_ops.extension_loaded(),
-                               reason=f"gfl_ops._C not loaded: {gfl_ops.extension_error()}")
+needs_ext = pytest.mark.skipif(
+    not gfl_ops.extension_loaded(), reason=f"gfl_ops._C not loaded: {gfl_ops.extension_error()}"
+)
 
 
 def _devices():
@@ -62,20 +63,29 @@ def test_opcheck_every_operator(device, dtype):
     for op, args in _op_samples(device, dtype):
         # test_aot_dispatch_dynamic compiles through AOTAutograd; it is covered (much faster)
         # by the fullgraph tests below.
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration",
-                                                    "test_faketensor"))
+        torch.library.opcheck(
+            op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+        )
 
 
 def _loss_step(pred_cls, labels, scores, pred_reg, dfl_target, backend):
     qfl = gfl_ops.quality_focal_loss(pred_cls, (labels, scores), avg_factor=3.0, backend=backend)
-    dfl = gfl_ops.distribution_focal_loss(pred_reg, dfl_target, weight=scores.repeat(4)[:
-                                          pred_reg.shape[0]], avg_factor=4.0, backend=backend)
+    dfl = gfl_ops.distribution_focal_loss(
+        pred_reg,
+        dfl_target,
+        weight=scores.repeat(4)[: pred_reg.shape[0]],
+        avg_factor=4.0,
+        backend=backend,
+    )
     boxes = gfl_ops.integral(pred_reg, backend=backend)
     return qfl + 0.25 * dfl + boxes.mean()
 
 
-@pytest.mark.parametrize("backend,device", [("cpu", "cpu"), (None, "cpu")] + (
-    [("cuda", "cuda"), (None, "cuda")] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize(
+    "backend,device",
+    [("cpu", "cpu"), (None, "cpu")]
+    + ([("cuda", "cuda"), (None, "cuda")] if torch.cuda.is_available() else []),
+)
 def test_compile_fullgraph_forward_backward(backend, device):
     """All three ops, validation and automatic backend choice included, trace into one graph and
     give the eager results."""
@@ -113,8 +123,9 @@ def test_compile_fullgraph_inductor_cpu():
         return gfl_ops.quality_focal_loss(p, (labels, scores), backend="cpu")
 
     compiled = torch.compile(forward, fullgraph=True)
-    torch.testing.assert_close(torch.autograd.grad(compiled(pred), pred)[0],
-                               torch.autograd.grad(forward(pred), pred)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad(compiled(pred), pred)[0], torch.autograd.grad(forward(pred), pred)[0]
+    )
 
 
 def test_bitwise_deterministic_across_runs_and_threads(backend_device):
@@ -129,9 +140,11 @@ def test_bitwise_deterministic_across_runs_and_threads(backend_device):
     def run():
         p = pred.clone().requires_grad_()
         r = reg.clone().requires_grad_()
-        loss = (gfl_ops.quality_focal_loss(p, (labels, scores), backend=backend)
-                + gfl_ops.distribution_focal_loss(r, target, backend=backend)
-                + gfl_ops.integral(r, backend=backend).sum())
+        loss = (
+            gfl_ops.quality_focal_loss(p, (labels, scores), backend=backend)
+            + gfl_ops.distribution_focal_loss(r, target, backend=backend)
+            + gfl_ops.integral(r, backend=backend).sum()
+        )
         loss.backward()
         return loss.detach(), p.grad, r.grad
 
@@ -156,17 +169,27 @@ def test_non_contiguous_and_expanded_inputs(backend_device):
     dense = torch.rand(10, generator=gen).to(device).expand(12, 10)
     for target in ((labels, scores), dense):
         ours = gfl_ops.quality_focal_loss(pred, target, reduction="none", backend=backend)
-        ref = gfl_ops.quality_focal_loss(pred.contiguous(), target if isinstance(target, tuple)
-                                         else target.contiguous(), reduction="none",
-                                         backend="reference")
+        ref = gfl_ops.quality_focal_loss(
+            pred.contiguous(),
+            target if isinstance(target, tuple) else target.contiguous(),
+            reduction="none",
+            backend="reference",
+        )
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     reg = torch.randn(17, 8, generator=gen).to(device).t()  # (8, 17) transposed
-    torch.testing.assert_close(gfl_ops.integral(reg, backend=backend),
-                               gfl_ops.reference.integral(reg), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        gfl_ops.integral(reg, backend=backend),
+        gfl_ops.reference.integral(reg),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     dfl_t = torch.rand(16, generator=gen).to(device)[::2] * 16
     torch.testing.assert_close(
         gfl_ops.distribution_focal_loss(reg, dfl_t, reduction="none", backend=backend),
-        gfl_ops.reference.distribution_focal_loss(reg, dfl_t), rtol=1e-5, atol=1e-5)
+        gfl_ops.reference.distribution_focal_loss(reg, dfl_t),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_gradients_never_written_into_inputs(backend_device):
@@ -191,10 +214,18 @@ def test_retain_graph_backward_twice_gives_same_gradient(backend_device):
     target = (torch.rand(7, generator=gen) * 16).to(device)
     upstream = torch.randn(7, generator=gen).to(device)
     cases = [
-        (pred, gfl_ops.quality_focal_loss(pred, (labels, torch.rand(6, device=device)),
-                                          backend=backend), None),
-        (reg, gfl_ops.distribution_focal_loss(reg, target, weight=upstream.abs(),
-                                              backend=backend), None),
+        (
+            pred,
+            gfl_ops.quality_focal_loss(
+                pred, (labels, torch.rand(6, device=device)), backend=backend
+            ),
+            None,
+        ),
+        (
+            reg,
+            gfl_ops.distribution_focal_loss(reg, target, weight=upstream.abs(), backend=backend),
+            None,
+        ),
         (reg, gfl_ops.integral(reg, backend=backend), upstream),
     ]
     for leaf, out, grad_out in cases:
@@ -222,9 +253,12 @@ def test_cuda_kernels_compiled_when_build_had_cuda():
 
     if not gfl_ops.extension_loaded():
         pytest.fail(f"gfl_ops._C is not loaded: {gfl_ops.extension_error()}")
-    expect_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
-                   and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
-                   and os.environ.get("GFL_OPS_CPU_ONLY", "0") in ("", "0"))
+    expect_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+        and os.environ.get("GFL_OPS_CPU_ONLY", "0") in ("", "0")
+    )
     if not expect_cuda:
         pytest.skip("this build environment has no nvcc / CUDA torch: CUDA kernels not expected")
     assert _extension.cuda_compiled(), "nvcc and CUDA torch present but _C has no CUDA kernels"
@@ -236,8 +270,7 @@ def test_cuda_kernels_compiled_when_build_had_cuda():
 
 def _fresh_interpreter(code: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a new Python (nothing imported yet), capturing its output."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
 def test_import_without_compiled_extension_explains_and_falls_back():
@@ -267,6 +300,7 @@ def test_import_without_compiled_extension_explains_and_falls_back():
     assert "not built" in result.stdout and "pip install --no-build-isolation -e ." in result.stdout
     assert "'reference'" in result.stdout
     assert "ERR gfl_ops backend 'cpu' cannot run" in result.stdout
+
 
 @needs_ext
 def test_operators_complete_right_after_import():

@@ -38,12 +38,24 @@ else:
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # (rtol, atol) against the float64 reference on the same rounded inputs (tests/gfl_testing.py).
-LOSS_TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (2e-5, 2e-5),
-            torch.float16: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-5)}
-GRAD_TOL = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-5, 2e-6),
-            torch.float16: (2e-3, 2e-5), torch.bfloat16: (1.6e-2, 1e-4)}
-INTEGRAL_TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (2e-5, 2e-5),
-                torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+LOSS_TOL = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-5, 2e-5),
+    torch.bfloat16: (2e-5, 2e-5),
+}
+GRAD_TOL = {
+    torch.float64: (1e-9, 1e-11),
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (2e-3, 2e-5),
+    torch.bfloat16: (1.6e-2, 1e-4),
+}
+INTEGRAL_TOL = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
 
 
 @pytest.fixture(params=[False, True], ids=["recompute", "fused"])
@@ -66,8 +78,14 @@ def _gradient_mode(fused: bool):
 
 def _close(actual, expected, tol, what=""):
     rtol, atol = tol
-    torch.testing.assert_close(actual.detach().double().cpu(), expected.detach().double().cpu(),
-                               rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.detach().double().cpu(),
+        expected.detach().double().cpu(),
+        rtol=rtol,
+        atol=atol,
+        equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 def _value_and_grad(fn, leaf, upstream):
@@ -158,7 +176,12 @@ def test_bins_config_covers_detector_sizes(num_bins):
 
 def test_beta_specialisations():
     assert [qfl.beta_mode(b) for b in (0.0, 1.0, 2.0, 0.5, 2.5)] == [
-        qfl.BETA_ZERO, qfl.BETA_ONE, qfl.BETA_TWO, qfl.BETA_GENERAL, qfl.BETA_GENERAL]
+        qfl.BETA_ZERO,
+        qfl.BETA_ONE,
+        qfl.BETA_TWO,
+        qfl.BETA_GENERAL,
+        qfl.BETA_GENERAL,
+    ]
 
 
 @pytest.mark.parametrize("num_classes", sorted(QFL_SIZES))
@@ -176,15 +199,27 @@ def test_qfl_at_detector_sizes(num_classes, dense, fused):
         rows = torch.nonzero(labels.cpu() < num_classes).squeeze(1)
         target[rows, labels.cpu()[rows]] = scores.cpu()[rows]
         target = target.to(DEVICE)
-        _compare(lambda p: gfl_ops.quality_focal_loss(p, target, reduction="none",
-                                                      backend="triton"),
-                 lambda p: reference.quality_focal_loss_dense(p, target.double().cpu()),
-                 leaf, n, LOSS_TOL[dtype], GRAD_TOL[dtype], f"qfl dense C={num_classes}")
+        _compare(
+            lambda p: gfl_ops.quality_focal_loss(p, target, reduction="none", backend="triton"),
+            lambda p: reference.quality_focal_loss_dense(p, target.double().cpu()),
+            leaf,
+            n,
+            LOSS_TOL[dtype],
+            GRAD_TOL[dtype],
+            f"qfl dense C={num_classes}",
+        )
     else:
-        _compare(lambda p: gfl_ops.quality_focal_loss(p, (labels, scores), reduction="none",
-                                                      backend="triton"),
-                 lambda p: reference.quality_focal_loss(p, labels.cpu(), scores.double().cpu()),
-                 leaf, n, LOSS_TOL[dtype], GRAD_TOL[dtype], f"qfl C={num_classes}")
+        _compare(
+            lambda p: gfl_ops.quality_focal_loss(
+                p, (labels, scores), reduction="none", backend="triton"
+            ),
+            lambda p: reference.quality_focal_loss(p, labels.cpu(), scores.double().cpu()),
+            leaf,
+            n,
+            LOSS_TOL[dtype],
+            GRAD_TOL[dtype],
+            f"qfl C={num_classes}",
+        )
 
 
 @pytest.mark.parametrize("num_bins", sorted(BIN_SIZES))
@@ -196,12 +231,24 @@ def test_dfl_and_integral_at_detector_sizes(num_bins, dtype, fused):
     target = torch.rand(m, generator=gen) * (num_bins - 1)
     target[:3] = torch.tensor([0.0, num_bins - 1.0, 1.0])  # both ends and an integer
     target = target.to(DEVICE)
-    _compare(lambda p: gfl_ops.distribution_focal_loss(p, target, reduction="none",
-                                                       backend="triton"),
-             lambda p: reference.distribution_focal_loss(p, target.double().cpu()),
-             leaf, m, LOSS_TOL[dtype], GRAD_TOL[dtype], f"dfl n+1={num_bins}")
-    _compare(lambda p: gfl_ops.integral(p, backend="triton"), reference.integral,
-             leaf, m, INTEGRAL_TOL[dtype], GRAD_TOL[dtype], f"integral n+1={num_bins}")
+    _compare(
+        lambda p: gfl_ops.distribution_focal_loss(p, target, reduction="none", backend="triton"),
+        lambda p: reference.distribution_focal_loss(p, target.double().cpu()),
+        leaf,
+        m,
+        LOSS_TOL[dtype],
+        GRAD_TOL[dtype],
+        f"dfl n+1={num_bins}",
+    )
+    _compare(
+        lambda p: gfl_ops.integral(p, backend="triton"),
+        reference.integral,
+        leaf,
+        m,
+        INTEGRAL_TOL[dtype],
+        GRAD_TOL[dtype],
+        f"integral n+1={num_bins}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,8 +279,10 @@ def test_row_offsets_are_int64():
     assert torch.equal(out.cpu(), expected)
 
 
-@pytest.mark.parametrize("kernel", [qfl._qfl_kernel, dfl._dfl_kernel,
-                                    integral._integral_kernel, _common._scale_rows_kernel])
+@pytest.mark.parametrize(
+    "kernel",
+    [qfl._qfl_kernel, dfl._dfl_kernel, integral._integral_kernel, _common._scale_rows_kernel],
+)
 def test_every_kernel_uses_int64_rows(kernel):
     source = inspect.getsource(kernel.fn)
     assert "row_ids(tl.program_id(0)" in source
@@ -304,18 +353,41 @@ def test_qfl_matches_reference(case):
     kw = dict(beta=beta, activated=activated, reduction="none")
     if case["dense"]:
         target = torch.rand(n, c, generator=gen) * (torch.rand(n, c, generator=gen) < 0.3)
-        ours = lambda p: gfl_ops.quality_focal_loss(view(p), target.to(DEVICE), **kw,  # noqa: E731
-                                                    backend="triton")
-        ref = lambda p: reference.quality_focal_loss_dense(view(p), target.double(),  # noqa: E731
-                                                           beta, activated)
+        ours = lambda p: gfl_ops.quality_focal_loss(  # noqa: E731
+            view(p),
+            target.to(DEVICE),
+            **kw,
+            backend="triton",
+        )
+        ref = lambda p: reference.quality_focal_loss_dense(  # noqa: E731
+            view(p),
+            target.double(),
+            beta,
+            activated,
+        )
     else:
         ours = lambda p: gfl_ops.quality_focal_loss(  # noqa: E731
-            view(p), (labels.to(DEVICE), scores.to(DEVICE)), **kw, backend="triton")
-        ref = lambda p: reference.quality_focal_loss(view(p), labels.long(),  # noqa: E731
-                                                     scores.double(), beta, activated)
+            view(p), (labels.to(DEVICE), scores.to(DEVICE)), **kw, backend="triton"
+        )
+        ref = lambda p: reference.quality_focal_loss(  # noqa: E731
+            view(p),
+            labels.long(),
+            scores.double(),
+            beta,
+            activated,
+        )
     with _gradient_mode(case["fused"]):
-        out, _ = _compare(ours, ref, leaf, n, LOSS_TOL[dtype], GRAD_TOL[dtype], str(case),
-                          seed=case["seed"], subgradient=True)
+        out, _ = _compare(
+            ours,
+            ref,
+            leaf,
+            n,
+            LOSS_TOL[dtype],
+            GRAD_TOL[dtype],
+            str(case),
+            seed=case["seed"],
+            subgradient=True,
+        )
     assert out.shape == (n,) and out.dtype == _expected_loss_dtype(dtype)
 
 
@@ -346,10 +418,17 @@ def test_dfl_matches_reference(case):
     target = torch.where(torch.rand(m, generator=gen) < 0.3, exact, target).float()
     with _gradient_mode(case["fused"]):
         out, _ = _compare(
-            lambda p: gfl_ops.distribution_focal_loss(view(p), target.to(DEVICE),
-                                                      reduction="none", backend="triton"),
+            lambda p: gfl_ops.distribution_focal_loss(
+                view(p), target.to(DEVICE), reduction="none", backend="triton"
+            ),
             lambda p: reference.distribution_focal_loss(view(p), target.double()),
-            leaf, m, LOSS_TOL[dtype], GRAD_TOL[dtype], str(case), seed=case["seed"])
+            leaf,
+            m,
+            LOSS_TOL[dtype],
+            GRAD_TOL[dtype],
+            str(case),
+            seed=case["seed"],
+        )
     assert out.shape == (m,) and out.dtype == _expected_loss_dtype(dtype)
 
 
@@ -359,10 +438,16 @@ def test_integral_matches_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
     leaf, view = _make_pred(case["layout"], m, bins, gen, case["scale"], dtype)
     with _gradient_mode(case["fused"]):
-        out, _ = _compare(lambda p: gfl_ops.integral(view(p), backend="triton"),
-                          lambda p: reference.integral(view(p)),
-                          leaf, m, INTEGRAL_TOL[dtype], GRAD_TOL[dtype], str(case),
-                          seed=case["seed"])
+        out, _ = _compare(
+            lambda p: gfl_ops.integral(view(p), backend="triton"),
+            lambda p: reference.integral(view(p)),
+            leaf,
+            m,
+            INTEGRAL_TOL[dtype],
+            GRAD_TOL[dtype],
+            str(case),
+            seed=case["seed"],
+        )
     assert out.shape == (m,) and out.dtype == dtype
 
 
@@ -395,8 +480,7 @@ def test_empty_inputs(fused):
 def test_dfl_target_clamped_and_nan_rows(fused):
     """Out-of-range targets clamp to [0, n] in the kernel; a NaN target gives a NaN row."""
     pred = torch.randn(5, 9, device=DEVICE, dtype=torch.float64, requires_grad=True)
-    target = torch.tensor([-3.0, 0.0, 8.0, 11.0, float("nan")], device=DEVICE,
-                          dtype=torch.float64)
+    target = torch.tensor([-3.0, 0.0, 8.0, 11.0, float("nan")], device=DEVICE, dtype=torch.float64)
     loss = triton_backend.BACKEND.dfl(pred, target)
     (grad,) = torch.autograd.grad(loss.sum(), pred)
     clamped = torch.tensor([0.0, 0.0, 8.0, 8.0], dtype=torch.float64)
@@ -410,25 +494,38 @@ def test_dfl_target_clamped_and_nan_rows(fused):
     assert torch.isfinite(loss[:4]).all()
 
 
-@pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e4), (torch.float16, 60.0),
-                                             (torch.bfloat16, 1e4), (torch.float64, 1e4)])
+@pytest.mark.parametrize(
+    "dtype,magnitude",
+    [(torch.float32, 1e4), (torch.float16, 60.0), (torch.bfloat16, 1e4), (torch.float64, 1e4)],
+)
 def test_extreme_logits_are_finite_and_accurate(dtype, magnitude, fused):
     values = torch.tensor([-magnitude, -1.0, 0.0, 1.0, magnitude], dtype=torch.float64)
     pred = values.repeat(4, 1).to(DEVICE, dtype)
     labels = torch.tensor([0, 4, 2, 5], device=DEVICE)  # 5 = background
     scores = torch.tensor([0.0, 1.0, 0.5, 0.3], device=DEVICE)
     out, grad = _compare(
-        lambda p: gfl_ops.quality_focal_loss(p, (labels, scores), reduction="none",
-                                             backend="triton"),
+        lambda p: gfl_ops.quality_focal_loss(
+            p, (labels, scores), reduction="none", backend="triton"
+        ),
         lambda p: reference.quality_focal_loss(p, labels.cpu(), scores.double().cpu()),
-        pred, 4, LOSS_TOL[dtype], GRAD_TOL[dtype], f"qfl ±{magnitude}")
+        pred,
+        4,
+        LOSS_TOL[dtype],
+        GRAD_TOL[dtype],
+        f"qfl ±{magnitude}",
+    )
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     z = values.repeat(3, 2)[:, :9].to(DEVICE, dtype)
     target = torch.tensor([0.0, 4.5, 8.0], device=DEVICE)
     out, grad = _compare(
         lambda p: gfl_ops.distribution_focal_loss(p, target, reduction="none", backend="triton"),
         lambda p: reference.distribution_focal_loss(p, target.double().cpu()),
-        z, 3, LOSS_TOL[dtype], GRAD_TOL[dtype], f"dfl ±{magnitude}")
+        z,
+        3,
+        LOSS_TOL[dtype],
+        GRAD_TOL[dtype],
+        f"dfl ±{magnitude}",
+    )
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
 
 
@@ -441,8 +538,12 @@ def test_qfl_labels_outside_range_are_background(label_dtype):
     labels = torch.tensor([-1, 5, 127, -128, 2, 0]).to(DEVICE, label_dtype)
     scores = torch.rand(6, generator=gen, dtype=torch.float64).to(DEVICE)
     ours = lambda p: triton_backend.BACKEND.qfl(p, labels, scores, 2.0, False)  # noqa: E731
-    ref = lambda p: reference.quality_focal_loss(p, labels.long().cpu(),  # noqa: E731
-                                                 scores.cpu(), 2.0)
+    ref = lambda p: reference.quality_focal_loss(  # noqa: E731
+        p,
+        labels.long().cpu(),
+        scores.cpu(),
+        2.0,
+    )
     _compare(ours, ref, x, 6, LOSS_TOL[torch.float64], GRAD_TOL[torch.float64], "labels")
 
 
@@ -503,8 +604,9 @@ def test_unsupported_float_dtype_is_upcast():
     labels = torch.tensor([0, 5, 2], device=DEVICE)
     scores = torch.rand(3, device=DEVICE)
     loss = triton_backend.BACKEND.qfl(x, labels, scores, 2.0, False)
-    expected = reference.quality_focal_loss(x.detach().double().cpu(), labels.cpu(),
-                                            scores.double().cpu(), 2.0)
+    expected = reference.quality_focal_loss(
+        x.detach().double().cpu(), labels.cpu(), scores.double().cpu(), 2.0
+    )
     assert loss.dtype == torch.float32
     _close(loss, expected, LOSS_TOL[torch.float32], "float8 qfl")
     loss.sum().backward()

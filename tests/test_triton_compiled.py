@@ -113,8 +113,10 @@ def _variants() -> list[Variant]:
     out = []
     for dtype, modes in dtype_modes:
         for mode in modes:
-            out += [Variant("qfl", dtype, mode, c, dense, act, beta)
-                    for c, dense, act, beta in qfl_cases]
+            out += [
+                Variant("qfl", dtype, mode, c, dense, act, beta)
+                for c, dense, act, beta in qfl_cases
+            ]
             bins = (17, 16) if dtype == "fp32" else (17,)  # 16 = Ultralytics' reg_max
             out += [Variant(k, dtype, mode, nb) for nb in bins for k in ("dfl", "integral")]
         out.append(Variant("scale_rows", dtype, "grad", 80))
@@ -141,8 +143,12 @@ def _launch_args(v: Variant, aligned: bool):
 
     from gfl_ops.triton import _common, dfl, integral, qfl
 
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-              "fp64": torch.float64}
+    dtypes = {
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+        "fp32": torch.float32,
+        "fp64": torch.float64,
+    }
     dtype = dtypes[v.dtype]
     opmath = _common.opmath_dtype(dtype)
     cdt = _common.tl_opmath(dtype)
@@ -166,34 +172,86 @@ def _launch_args(v: Variant, aligned: bool):
         labels = dummy if v.dense else tensor(torch.int64)
         scores = dummy if v.dense else tensor(torch.float32)
         args = dict(
-            pred_ptr=pred, labels_ptr=labels, scores_ptr=scores, target_ptr=target,
-            grad_out_ptr=grad_out, loss_ptr=loss, grad_ptr=grad, N=ROWS, C=size,
-            stride_pn=size, stride_pc=1, stride_lab=0 if v.dense else 1,
-            stride_sc=0 if v.dense else 1, stride_tn=size if v.dense else 0,
-            stride_tc=1 if v.dense else 0, stride_go=0, beta_hi=hi, beta_lo=lo,
-            DENSE=v.dense, ACTIVATED=v.activated, BETA_MODE=qfl.beta_mode(v.beta), CDT=cdt,
-            WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, SCALE_GRAD=scale,
-            BLOCK_N=cfg.block_rows, BLOCK_C=cfg.block_cols)
+            pred_ptr=pred,
+            labels_ptr=labels,
+            scores_ptr=scores,
+            target_ptr=target,
+            grad_out_ptr=grad_out,
+            loss_ptr=loss,
+            grad_ptr=grad,
+            N=ROWS,
+            C=size,
+            stride_pn=size,
+            stride_pc=1,
+            stride_lab=0 if v.dense else 1,
+            stride_sc=0 if v.dense else 1,
+            stride_tn=size if v.dense else 0,
+            stride_tc=1 if v.dense else 0,
+            stride_go=0,
+            beta_hi=hi,
+            beta_lo=lo,
+            DENSE=v.dense,
+            ACTIVATED=v.activated,
+            BETA_MODE=qfl.beta_mode(v.beta),
+            CDT=cdt,
+            WRITE_LOSS=write_loss,
+            WRITE_GRAD=write_grad,
+            SCALE_GRAD=scale,
+            BLOCK_N=cfg.block_rows,
+            BLOCK_C=cfg.block_cols,
+        )
         return qfl._qfl_kernel, args, cfg.num_warps
     if v.kernel == "scale_rows":
         block_k = min(1 << (v.size - 1).bit_length(), 512)  # as _common.scale_rows
         cfg = _common.row_block(block_k, ROWS, dtype)
-        args = dict(grad_ptr=pred, scale_ptr=tensor(opmath), out_ptr=tensor(dtype), R=ROWS,
-                    K=size, stride_scale=0, CDT=cdt, BLOCK_R=cfg.block_rows,
-                    BLOCK_K=cfg.block_cols)
+        args = dict(
+            grad_ptr=pred,
+            scale_ptr=tensor(opmath),
+            out_ptr=tensor(dtype),
+            R=ROWS,
+            K=size,
+            stride_scale=0,
+            CDT=cdt,
+            BLOCK_R=cfg.block_rows,
+            BLOCK_K=cfg.block_cols,
+        )
         return _common._scale_rows_kernel, args, cfg.num_warps
     cfg = dfl.bins_config(ROWS, v.size, dtype)
-    common = dict(M=ROWS, NB=size, stride_pm=size, stride_pb=1, CDT=cdt, WRITE_GRAD=write_grad,
-                  SCALE_GRAD=scale, BLOCK_M=cfg.block_rows, BLOCK_B=cfg.block_cols)
+    common = dict(
+        M=ROWS,
+        NB=size,
+        stride_pm=size,
+        stride_pb=1,
+        CDT=cdt,
+        WRITE_GRAD=write_grad,
+        SCALE_GRAD=scale,
+        BLOCK_M=cfg.block_rows,
+        BLOCK_B=cfg.block_cols,
+    )
     if v.kernel == "dfl":
-        args = dict(pred_ptr=pred, target_ptr=tensor(torch.float32), grad_out_ptr=grad_out,
-                    loss_ptr=loss, grad_ptr=grad, stride_t=1, stride_go=0,
-                    WRITE_LOSS=write_loss, **common)
+        args = dict(
+            pred_ptr=pred,
+            target_ptr=tensor(torch.float32),
+            grad_out_ptr=grad_out,
+            loss_ptr=loss,
+            grad_ptr=grad,
+            stride_t=1,
+            stride_go=0,
+            WRITE_LOSS=write_loss,
+            **common,
+        )
         return dfl._dfl_kernel, args, cfg.num_warps
     out = tensor(dtype) if write_loss else dummy  # the integral is returned in pred's dtype
     grad_out = tensor(dtype) if scale else dummy
-    args = dict(pred_ptr=pred, grad_out_ptr=grad_out, out_ptr=out, grad_ptr=grad, stride_go=0,
-                WRITE_OUT=write_loss, **common)
+    args = dict(
+        pred_ptr=pred,
+        grad_out_ptr=grad_out,
+        out_ptr=out,
+        grad_ptr=grad,
+        stride_go=0,
+        WRITE_OUT=write_loss,
+        **common,
+    )
     return integral._integral_kernel, args, cfg.num_warps
 
 
@@ -220,8 +278,10 @@ def _specialise(fn, args: dict, backend, aligned: bool):
 
 _ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
 _LLIR_ASM_CALL = re.compile(r'asm sideeffect "([^"]*)", "[^"]*"\((.*)\)')
-_LLIR_PTR_DEF = re.compile(r"^\s*(%[\w.]+) = (?:getelementptr|phi ptr addrspace\(1\)|select)"
-                           r"(.*)$")
+_LLIR_PTR_DEF = re.compile(
+    r"^\s*(%[\w.]+) = (?:getelementptr|phi ptr addrspace\(1\)|select)"
+    r"(.*)$"
+)
 _PTR_OPERAND = re.compile(r"ptr addrspace\(1\) (%[\w.]+)|\[ (%[\w.]+), ")
 
 
@@ -235,7 +295,7 @@ def _accesses(llir: str, arg_names: list[str]) -> dict[str, list[str]]:
     while depth:  # the parameter list: up to the parenthesis matching the one after the name
         depth += {"(": 1, ")": -1}.get(define[end], 0)
         end += 1
-    params = define[start:end - 1].split(", ")
+    params = define[start : end - 1].split(", ")
     arg_of = {}  # LLVM value of each pointer argument -> name (trailing scratch pointers: None)
     for i, decl in enumerate(params):
         if decl.startswith("ptr addrspace(1)"):
@@ -272,8 +332,12 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage",
-                              f.name], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     assert usage, out
     return dict(zip(("regs", "stack", "shared", "local"), map(int, usage.groups())))
@@ -332,8 +396,10 @@ def _require_nvidia_backend() -> None:
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError as exc:
-        pytest.fail(f"triton is installed without its NVIDIA backend ({exc}); the ahead-of-time "
-                    "compile tests need it (it ships in the standard Linux x86-64 wheels)")
+        pytest.fail(
+            f"triton is installed without its NVIDIA backend ({exc}); the ahead-of-time "
+            "compile tests need it (it ships in the standard Linux x86-64 wheels)"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -349,10 +415,16 @@ def compiled(tmp_path_factory) -> dict[int, dict]:
     for arch in ARCHS:
         (tmp / f"cache{arch}").mkdir()
         log = open(tmp / f"sm{arch}.log", "w")  # closed below
-        procs[arch] = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), str(arch), str(tmp / f"sm{arch}.json")],
-            env={**env, "TRITON_CACHE_DIR": str(tmp / f"cache{arch}")}, stdout=log,
-            stderr=subprocess.STDOUT, cwd=root), log
+        procs[arch] = (
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), str(arch), str(tmp / f"sm{arch}.json")],
+                env={**env, "TRITON_CACHE_DIR": str(tmp / f"cache{arch}")},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=root,
+            ),
+            log,
+        )
     results = {}
     for arch, (proc, log) in procs.items():
         try:
@@ -402,8 +474,12 @@ def _elements_per_thread() -> int:
     return _common.ELEMENTS_PER_THREAD
 
 
-CASES = [pytest.param(arch, v, spec, id=f"sm{arch}-{v.id}-{spec}")
-         for arch in ARCHS for v in VARIANTS for spec in SPECS]
+CASES = [
+    pytest.param(arch, v, spec, id=f"sm{arch}-{v.id}-{spec}")
+    for arch in ARCHS
+    for v in VARIANTS
+    for spec in SPECS
+]
 
 
 @pytest.mark.parametrize(("arch", "variant", "spec"), CASES)
@@ -412,7 +488,8 @@ def test_compiles_without_spills(compiled, arch, variant, spec):
     assert r["target"] == ("sm_90a" if arch == 90 else f"sm_{arch}")
     assert r["stack"] == 0 and r["local"] == 0, (
         f"{r['regs']} registers and a {r['stack']}-byte stack frame ({r['local']} bytes of local "
-        "memory): ptxas spilled; see the register note in gfl_ops/triton/_common.py")
+        "memory): ptxas spilled; see the register note in gfl_ops/triton/_common.py"
+    )
 
 
 @pytest.mark.parametrize(("arch", "variant", "spec"), CASES)
@@ -421,7 +498,10 @@ def test_global_access_width(compiled, arch, variant, spec):
     accesses = r["accesses"]
     assert "?" not in accesses, f"global accesses not traced to an argument: {accesses}"
     assert sorted({op for ops in accesses.values() for op in ops}) == r["ptx_accesses"], (
-        "the LLVM IR's accesses differ from the PTX's", accesses, r["ptx_accesses"])
+        "the LLVM IR's accesses differ from the PTX's",
+        accesses,
+        r["ptx_accesses"],
+    )
     if spec == "unaligned":
         vector = {n: ops for n, ops in accesses.items() if any(_width(op)[0] > 1 for op in ops)}
         assert not vector, f"vector accesses without any alignment guarantee: {vector}"
@@ -434,7 +514,8 @@ def test_global_access_width(compiled, arch, variant, spec):
         assert ops, f"no {kind} of {name}: {accesses}"
         widths = {op: _width(op) for op in ops}
         assert all(vec > 1 and nbytes == want for vec, nbytes in widths.values()), (
-            f"{name} ({dtype}): expected only {want}-byte vector {kind}s, got {ops}")
+            f"{name} ({dtype}): expected only {want}-byte vector {kind}s, got {ops}"
+        )
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")

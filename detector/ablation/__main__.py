@@ -67,47 +67,87 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 2)[2] if __doc__ else None,
     )
-    p.add_argument("studies", nargs="+", metavar="STUDY", choices=[*STUDIES, "all"],
-                   help=f"one or more of {', '.join(STUDIES)}, or all")
+    p.add_argument(
+        "studies",
+        nargs="+",
+        metavar="STUDY",
+        choices=[*STUDIES, "all"],
+        help=f"one or more of {', '.join(STUDIES)}, or all",
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="embedded",
-                   help="'embedded' (the main job's shapes dataset, generated under "
-                   "--embedded-root if missing) or a COCO-format folder with "
-                   "annotations/instances_{train,val}*.json (default: %(default)s)")
-    g.add_argument("--embedded-root", default="data/shapes",
-                   help="where the embedded dataset lives (default: %(default)s)")
+    g.add_argument(
+        "--data",
+        default="embedded",
+        help="'embedded' (the main job's shapes dataset, generated under "
+        "--embedded-root if missing) or a COCO-format folder with "
+        "annotations/instances_{train,val}*.json (default: %(default)s)",
+    )
+    g.add_argument(
+        "--embedded-root",
+        default="data/shapes",
+        help="where the embedded dataset lives (default: %(default)s)",
+    )
     for name in ("train-ann", "train-images", "val-ann", "val-images"):
         g.add_argument(f"--{name}", help="name the dataset files directly (all four together)")
     g = p.add_argument_group("budget")
-    g.add_argument("--config", default="gfl_r18_synthetic_cpu", choices=sorted(CONFIGS),
-                   help="base experiment config (default: %(default)s)")
-    g.add_argument("--budget", default="default", choices=sorted(BUDGETS),
-                   help="training budget preset (default: %(default)s)")
+    g.add_argument(
+        "--config",
+        default="gfl_r18_synthetic_cpu",
+        choices=sorted(CONFIGS),
+        help="base experiment config (default: %(default)s)",
+    )
+    g.add_argument(
+        "--budget",
+        default="default",
+        choices=sorted(BUDGETS),
+        help="training budget preset (default: %(default)s)",
+    )
     g.add_argument("--epochs", type=int, help="epochs per run (lr steps scale along)")
     g.add_argument("--img-size", type=int, help="longer image side in pixels")
     g.add_argument("--max-train-images", type=int, help="train on the first N images only")
     g.add_argument("--max-val-images", type=int, help="evaluate on the first N images only")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="base config override, as in detector.train (repeatable)")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="base config override, as in detector.train (repeatable)",
+    )
     g = p.add_argument_group("sweep")
     g.add_argument("--seeds", type=int, default=3, help="seeds per setting (default: 3)")
     g.add_argument("--first-seed", type=int, default=0, help="first seed (default: 0)")
     g.add_argument("--settings", help="only these settings, comma-separated (e.g. qfl,l2)")
-    g.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at once (default: 1; on 2 CPU cores two 1-thread jobs "
-                   "are no faster than one 2-thread job)")
+    g.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once (default: 1; on 2 CPU cores two 1-thread jobs "
+        "are no faster than one 2-thread job)",
+    )
     g.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--output", default=DEFAULT_OUTPUT,
-                   help="CSV / markdown / PNG results (default: %(default)s)")
-    g.add_argument("--work-dir", default=DEFAULT_WORK,
-                   help="checkpoints and logs of the runs (default: %(default)s)")
-    g.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep each finished run's checkpoint (deleted by default)")
-    g.add_argument("--report-only", action="store_true",
-                   help="only rewrite the tables and plots from the CSVs")
-    g.add_argument("--dry-run", action="store_true",
-                   help="list the runs (finished or to train) and exit")
+    g.add_argument(
+        "--output",
+        default=DEFAULT_OUTPUT,
+        help="CSV / markdown / PNG results (default: %(default)s)",
+    )
+    g.add_argument(
+        "--work-dir",
+        default=DEFAULT_WORK,
+        help="checkpoints and logs of the runs (default: %(default)s)",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each finished run's checkpoint (deleted by default)",
+    )
+    g.add_argument(
+        "--report-only", action="store_true", help="only rewrite the tables and plots from the CSVs"
+    )
+    g.add_argument(
+        "--dry-run", action="store_true", help="list the runs (finished or to train) and exit"
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--stop-after-iters", type=int, help=argparse.SUPPRESS)
     return p
@@ -116,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _budget_label(name: str, args: argparse.Namespace, base) -> str:
     parts = [args.config, f"{base.train.epochs} epochs", f"{max(base.data.img_scale)} px"]
     if args.max_train_images or args.max_val_images:
-        parts.append(f"first {args.max_train_images or 'all'} train / "
-                     f"{args.max_val_images or 'all'} val images")
+        parts.append(
+            f"first {args.max_train_images or 'all'} train / "
+            f"{args.max_val_images or 'all'} val images"
+        )
     parts += args.overrides
     return f"{name} ({', '.join(str(p) for p in parts)})"
 
@@ -135,28 +177,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         wanted = set(args.settings.split(","))
         known = {s.name for st in studies for s in st.settings}
         if wanted - known:
-            print(f"error: unknown settings {sorted(wanted - known)}; these studies have "
-                  f"{sorted(known)}", file=sys.stderr)
+            print(
+                f"error: unknown settings {sorted(wanted - known)}; these studies have "
+                f"{sorted(known)}",
+                file=sys.stderr,
+            )
             return 2
-        studies = [replace(st, settings=tuple(s for s in st.settings if s.name in wanted))
-                   for st in studies]
+        studies = [
+            replace(st, settings=tuple(s for s in st.settings if s.name in wanted))
+            for st in studies
+        ]
         studies = [st for st in studies if st.settings]
     preset = BUDGETS[args.budget]
-    budget = replace(preset, max_train_images=args.max_train_images or preset.max_train_images,
-                     max_val_images=args.max_val_images or preset.max_val_images)
+    budget = replace(
+        preset,
+        max_train_images=args.max_train_images or preset.max_train_images,
+        max_val_images=args.max_val_images or preset.max_val_images,
+    )
     args.max_train_images, args.max_val_images = budget.max_train_images, budget.max_val_images
     out_dir, work_dir = Path(args.output), Path(args.work_dir)
     try:
-        files = {k: getattr(args, k) for k in ("train_ann", "train_images", "val_ann",
-                                               "val_images")}
-        dataset = resolve_dataset(args.data, args.embedded_root, files,
-                                  progress=not args.no_progress)
-        dataset = subset(dataset, budget.max_train_images, budget.max_val_images,
-                         work_dir / "data")
+        files = {
+            k: getattr(args, k) for k in ("train_ann", "train_images", "val_ann", "val_images")
+        }
+        dataset = resolve_dataset(
+            args.data, args.embedded_root, files, progress=not args.no_progress
+        )
+        dataset = subset(dataset, budget.max_train_images, budget.max_val_images, work_dir / "data")
         base = base_config(args.config, budget, args.overrides, args.epochs, args.img_size)
         bid = budget_id(base, dataset)
-        specs = plan_runs(studies, list(range(args.first_seed, args.first_seed + args.seeds)),
-                          base, dataset)
+        specs = plan_runs(
+            studies, list(range(args.first_seed, args.first_seed + args.seeds)), base, dataset
+        )
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -165,8 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         for s in specs:
             done = (work_dir / s.key / "result.json").is_file()
-            print(f"{s.study:>15} {s.setting:>12} seed {s.seed}  {s.key}"
-                  f"{'  (result in work dir)' if done else ''}")
+            print(
+                f"{s.study:>15} {s.setting:>12} seed {s.seed}  {s.key}"
+                f"{'  (result in work dir)' if done else ''}"
+            )
         print(f"{len(specs)} rows, {len({s.key for s in specs})} distinct runs")
         return 0
     if args.report_only:
@@ -182,19 +236,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 - a plot problem must not stop a sweep
                 print(f"warning: could not write the {name} report ({e})", file=sys.stderr)
 
-    opts = SweepOptions(out_dir=out_dir, work_dir=work_dir, dataset=dataset,
-                        budget=_budget_label(args.budget, args, base), budget_id=bid,
-                        jobs=args.jobs, threads=args.threads, device=args.device,
-                        progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
-                        stop_after_iters=args.stop_after_iters)
+    opts = SweepOptions(
+        out_dir=out_dir,
+        work_dir=work_dir,
+        dataset=dataset,
+        budget=_budget_label(args.budget, args, base),
+        budget_id=bid,
+        jobs=args.jobs,
+        threads=args.threads,
+        device=args.device,
+        progress=not args.no_progress,
+        keep_checkpoints=args.keep_checkpoints,
+        stop_after_iters=args.stop_after_iters,
+    )
     outcome = run_sweep(specs, opts, record)
     for st in full_studies:
         print(f"{st.name}: {write_report(st, out_dir, bid)}")
     if outcome.interrupted:
         return 130
     if outcome.failed:
-        print(f"{len(outcome.failed)} run(s) did not finish; run the same command again to "
-              "retry them", file=sys.stderr)
+        print(
+            f"{len(outcome.failed)} run(s) did not finish; run the same command again to "
+            "retry them",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

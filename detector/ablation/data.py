@@ -27,8 +27,10 @@ class DatasetSpec:
 
     def paths(self) -> dict[str, str]:
         """Absolute paths as strings (what a worker process reads)."""
-        return {k: str(Path(getattr(self, k)).resolve())
-                for k in ("train_ann", "train_images", "val_ann", "val_images")}
+        return {
+            k: str(Path(getattr(self, k)).resolve())
+            for k in ("train_ann", "train_images", "val_ann", "val_images")
+        }
 
 
 def embedded_dataset(root: str | os.PathLike, progress: bool = False) -> DatasetSpec:
@@ -37,8 +39,9 @@ def embedded_dataset(root: str | os.PathLike, progress: bool = False) -> Dataset
     cfg = SyntheticConfig()
     p = generate_dataset(root, cfg, progress=progress)
     ident = f"embedded:v{GENERATOR_VERSION}:seed{cfg.seed}:{cfg.num_train}/{cfg.num_val}"
-    return DatasetSpec("embedded", p["train_ann"], p["train_images"], p["val_ann"],
-                       p["val_images"], ident)
+    return DatasetSpec(
+        "embedded", p["train_ann"], p["train_images"], p["val_ann"], p["val_images"], ident
+    )
 
 
 def _find_split(folder: Path, split: str) -> tuple[Path, Path]:
@@ -47,9 +50,10 @@ def _find_split(folder: Path, split: str) -> tuple[Path, Path]:
         found = ", ".join(a.name for a in anns) or "none"
         raise FileNotFoundError(
             f"{folder}: expected exactly one annotations/instances_{split}*.json (found {found}); "
-            "pass the files explicitly with --train-ann/--train-images/--val-ann/--val-images")
+            "pass the files explicitly with --train-ann/--train-images/--val-ann/--val-images"
+        )
     ann = anns[0]
-    images = folder / ann.stem[len("instances_"):]      # instances_val2017.json -> val2017/
+    images = folder / ann.stem[len("instances_") :]  # instances_val2017.json -> val2017/
     if not images.is_dir():
         raise FileNotFoundError(f"{folder}: no image folder {images.name}/ beside {ann}")
     return ann, images
@@ -63,19 +67,30 @@ def coco_folder(folder: str | os.PathLike) -> DatasetSpec:
         raise FileNotFoundError(f"{folder}: dataset folder not found")
     train_ann, train_images = _find_split(folder, "train")
     val_ann, val_images = _find_split(folder, "val")
-    return DatasetSpec(folder.name, train_ann, train_images, val_ann, val_images,
-                       _ident(folder.name, train_ann, val_ann))
+    return DatasetSpec(
+        folder.name,
+        train_ann,
+        train_images,
+        val_ann,
+        val_images,
+        _ident(folder.name, train_ann, val_ann),
+    )
 
 
 def _ident(name: str, train_ann: Path, val_ann: Path) -> str:
     # file names and sizes, not absolute paths: a moved folder keeps its finished runs
-    return (f"coco:{name}:{train_ann.name}:{train_ann.stat().st_size}:"
-            f"{val_ann.name}:{val_ann.stat().st_size}")
+    return (
+        f"coco:{name}:{train_ann.name}:{train_ann.stat().st_size}:"
+        f"{val_ann.name}:{val_ann.stat().st_size}"
+    )
 
 
-def resolve_dataset(data: str, embedded_root: str | os.PathLike,
-                    files: dict[str, str | None] | None = None,
-                    progress: bool = False) -> DatasetSpec:
+def resolve_dataset(
+    data: str,
+    embedded_root: str | os.PathLike,
+    files: dict[str, str | None] | None = None,
+    progress: bool = False,
+) -> DatasetSpec:
     """``data`` is 'embedded' or a COCO-format folder; ``files`` (train_ann, train_images,
     val_ann, val_images), when all four are given, name the inputs directly."""
     if files and all(files.values()):
@@ -83,10 +98,14 @@ def resolve_dataset(data: str, embedded_root: str | os.PathLike,
         for k, v in paths.items():
             if not v.exists():
                 raise FileNotFoundError(f"{v}: {k} not found")
-        return DatasetSpec(paths["train_ann"].parent.name, paths["train_ann"],
-                           paths["train_images"], paths["val_ann"], paths["val_images"],
-                           _ident(paths["train_ann"].parent.name, paths["train_ann"],
-                                  paths["val_ann"]))
+        return DatasetSpec(
+            paths["train_ann"].parent.name,
+            paths["train_ann"],
+            paths["train_images"],
+            paths["val_ann"],
+            paths["val_images"],
+            _ident(paths["train_ann"].parent.name, paths["train_ann"], paths["val_ann"]),
+        )
     if files and any(files.values()):
         raise ValueError("--train-ann, --train-images, --val-ann and --val-images go together")
     if data == "embedded":
@@ -99,8 +118,11 @@ def _write_subset(src: Path, dst: Path, n: int) -> int:
     data = json.loads(src.read_text())
     images = data["images"][:n]
     keep = {im["id"] for im in images}
-    out = {**data, "images": images,
-           "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}
+    out = {
+        **data,
+        "images": images,
+        "annotations": [a for a in data["annotations"] if a["image_id"] in keep],
+    }
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     tmp.write_text(json.dumps(out))
@@ -108,8 +130,9 @@ def _write_subset(src: Path, dst: Path, n: int) -> int:
     return len(images)
 
 
-def subset(spec: DatasetSpec, max_train: int | None, max_val: int | None,
-           cache_dir: str | os.PathLike) -> DatasetSpec:
+def subset(
+    spec: DatasetSpec, max_train: int | None, max_val: int | None, cache_dir: str | os.PathLike
+) -> DatasetSpec:
     """``spec`` cut to its first ``max_train`` / ``max_val`` images (None: all); the cut
     annotation files are written once under ``cache_dir``."""
     if max_train is None and max_val is None:

@@ -48,14 +48,20 @@ BUDGETS: dict[str, Budget] = {
     # 600 embedded training images, batch 8) for 8 of its 9 epochs (608 iterations, lr / 10 for
     # the last): 7.2 min per run measured on this project's 2-core CPU, so table3 + beta with 3
     # seeds (24 distinct runs) take ~2.9 h; details in detector/ablation/__main__.py's docstring.
-    "default": Budget("default", epochs=8, img_size=224,
-                      note="main job config, 8 epochs (608 iterations), 224 px"),
+    "default": Budget(
+        "default", epochs=8, img_size=224, note="main job config, 8 epochs (608 iterations), 224 px"
+    ),
     # seconds per run: to test the machinery, never to read the numbers
-    "smoke": Budget("smoke", epochs=1, img_size=64, max_train_images=16, max_val_images=8,
-                    model=dict(fpn_channels=16, feat_channels=16, stacked_convs=1, gn_groups=4,
-                               nms_pre=100),
-                    data=dict(batch_size=8, eval_batch_size=8, num_workers=0),
-                    note="1 epoch of 16 images at 64 px, a slim head: tests the machinery only"),
+    "smoke": Budget(
+        "smoke",
+        epochs=1,
+        img_size=64,
+        max_train_images=16,
+        max_val_images=8,
+        model=dict(fpn_channels=16, feat_channels=16, stacked_convs=1, gn_groups=4, nms_pre=100),
+        data=dict(batch_size=8, eval_batch_size=8, num_workers=0),
+        note="1 epoch of 16 images at 64 px, a slim head: tests the machinery only",
+    ),
     # the base config exactly as named (e.g. --config gfl_r50_1x_coco on COCO: the paper's 1x)
     "full": Budget("full", note="the base config's own schedule and image size"),
 }
@@ -74,12 +80,18 @@ class RunSpec:
 
 def _scaled_steps(steps: tuple[int, ...], old: int, new: int) -> tuple[int, ...]:
     # keep the decays at the same fraction of the schedule, at least one epoch before its end
-    return tuple(sorted({min(max(1, round(s * new / old)), max(new - 1, 1)) for s in steps
-                         if s < old}))
+    return tuple(
+        sorted({min(max(1, round(s * new / old)), max(new - 1, 1)) for s in steps if s < old})
+    )
 
 
-def base_config(config_name: str, budget: Budget, overrides: list[str] | tuple[str, ...] = (),
-                epochs: int | None = None, img_size: int | None = None) -> ExperimentConfig:
+def base_config(
+    config_name: str,
+    budget: Budget,
+    overrides: list[str] | tuple[str, ...] = (),
+    epochs: int | None = None,
+    img_size: int | None = None,
+) -> ExperimentConfig:
     """The named config with the budget, then ``epochs`` / ``img_size`` and the ``--set``
     overrides applied; evaluation and periodic checkpoints are the runner's business."""
     cfg = get_config(config_name)
@@ -93,17 +105,24 @@ def base_config(config_name: str, budget: Budget, overrides: list[str] | tuple[s
     img_size = img_size if img_size is not None else budget.img_size
     if img_size is not None:
         cfg.data.img_scale = (img_size, img_size)
-    cfg.train.eval_interval = 0         # the worker evaluates once, timed apart from training
-    cfg.train.checkpoint_interval = 0   # latest.pth alone is enough to resume
+    cfg.train.eval_interval = 0  # the worker evaluates once, timed apart from training
+    cfg.train.checkpoint_interval = 0  # latest.pth alone is enough to resume
     apply_overrides(cfg, overrides)
     return cfg
 
 
 # fields that do not change what a run computes
-_IGNORED = {"data": {"num_workers", "eval_batch_size"},
-            "train": {"log_interval", "eval_interval", "checkpoint_interval",
-                      "checkpoint_interval_iters", "keep_checkpoints"},
-            "model": {"gfl_backend", "extra"}}
+_IGNORED = {
+    "data": {"num_workers", "eval_batch_size"},
+    "train": {
+        "log_interval",
+        "eval_interval",
+        "checkpoint_interval",
+        "checkpoint_interval_iters",
+        "keep_checkpoints",
+    },
+    "model": {"gfl_backend", "extra"},
+}
 
 
 def _identity(cfg: ExperimentConfig, dataset: DatasetSpec, with_seed: bool) -> dict[str, Any]:
@@ -135,8 +154,9 @@ def budget_id(base: ExperimentConfig, dataset: DatasetSpec) -> str:
     return _hash(_identity(base, dataset, with_seed=False), 8)
 
 
-def plan_runs(studies: list[Study], seeds: list[int], base: ExperimentConfig,
-              dataset: DatasetSpec) -> list[RunSpec]:
+def plan_runs(
+    studies: list[Study], seeds: list[int], base: ExperimentConfig, dataset: DatasetSpec
+) -> list[RunSpec]:
     """Every (study, setting, seed), seed-major: the first seed of every setting comes first,
     so a sweep stopped half-way has whole seeds to compare."""
     specs = []

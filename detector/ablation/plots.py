@@ -26,8 +26,12 @@ def _bars(study: Study, sums: Sequence[SettingSummary], fig) -> None:
     ours = [s.stats["AP"].mean for s in sums]
     err = [s.stats["AP"].std if _finite(s.stats["AP"].std) else 0.0 for s in sums]
     ax1.bar(x, [v if _finite(v) else 0.0 for v in ours], yerr=err, capsize=4, color="tab:blue")
-    ticks = [f"{s.setting.name}\n(paper {s.setting.paper['AP']:.1f})" if "AP" in s.setting.paper
-             else s.setting.name for s in sums]
+    ticks = [
+        f"{s.setting.name}\n(paper {s.setting.paper['AP']:.1f})"
+        if "AP" in s.setting.paper
+        else s.setting.name
+        for s in sums
+    ]
     ax1.set_xticks(x, ticks, fontsize=8)
     ax1.set_ylabel("AP (%), ours: mean ± std over seeds")
     ax1.set_title("ours")
@@ -39,14 +43,21 @@ def _bars(study: Study, sums: Sequence[SettingSummary], fig) -> None:
     for s in sums:
         st = s.stats["AP"]
         gains_ours.append(st.mean - b_ours.mean if st.n and b_ours.n else 0.0)
-        se = math.sqrt((st.std ** 2 / st.n if st.n > 1 else 0)
-                       + (b_ours.std ** 2 / b_ours.n if b_ours.n > 1 else 0)) if st.n else 0.0
+        se = (
+            math.sqrt(
+                (st.std**2 / st.n if st.n > 1 else 0)
+                + (b_ours.std**2 / b_ours.n if b_ours.n > 1 else 0)
+            )
+            if st.n
+            else 0.0
+        )
         gains_err.append(0.0 if s is base else se)
         p = s.setting.paper.get("AP")
         gains_paper.append(p - b_paper if p is not None and b_paper is not None else 0.0)
     ax2.bar(x - w / 2, gains_paper, w, label="paper (COCO, R-50 1x)", color="tab:gray")
-    ax2.bar(x + w / 2, gains_ours, w, yerr=gains_err, capsize=3, label="ours (± s.e.)",
-            color="tab:blue")
+    ax2.bar(
+        x + w / 2, gains_ours, w, yerr=gains_err, capsize=3, label="ours (± s.e.)", color="tab:blue"
+    )
     ax2.axhline(0, color="black", lw=0.8)
     ax2.set_xticks(x, names, fontsize=8)
     ax2.set_ylabel(f"AP gain over '{base.setting.name}' (points)")
@@ -62,8 +73,13 @@ def _curve(study: Study, sums: Sequence[SettingSummary], fig) -> None:
         m = [p[1].mean for p in pts]
         sd = [p[1].std if _finite(p[1].std) else 0.0 for p in pts]
         ax.plot(xs, m, "o-", color="tab:blue", label="ours (mean ± std)")
-        ax.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
-                        color="tab:blue", alpha=0.2)
+        ax.fill_between(
+            xs,
+            [a - b for a, b in zip(m, sd)],
+            [a + b for a, b in zip(m, sd)],
+            color="tab:blue",
+            alpha=0.2,
+        )
         best = max(range(len(m)), key=lambda i: m[i])
         ax.plot([xs[best]], [m[best]], "*", ms=14, color="tab:blue")
     ax.set_xlabel(study.x_label)
@@ -71,8 +87,13 @@ def _curve(study: Study, sums: Sequence[SettingSummary], fig) -> None:
     paper = [(s.setting.x, s.setting.paper["AP"]) for s in sums if "AP" in s.setting.paper]
     if paper:
         ax2 = ax.twinx()
-        ax2.plot([p[0] for p in paper], [p[1] for p in paper], "s--", color="tab:gray",
-                 label="paper (COCO, R-50 1x)")
+        ax2.plot(
+            [p[0] for p in paper],
+            [p[1] for p in paper],
+            "s--",
+            color="tab:gray",
+            label="paper (COCO, R-50 1x)",
+        )
         best = max(paper, key=lambda p: p[1])
         ax2.plot([best[0]], [best[1]], "*", ms=14, color="tab:gray")
         ax2.set_ylabel("AP (%), paper", color="tab:gray")

@@ -26,8 +26,9 @@ def write_report(study: Study, out_dir: str | Path, budget_id: str | None = None
     if mine:
         plot_study(study, summarize(study, mine), png)
     md = out_dir / f"{study.name}.md"
-    text = render_markdown(study, mine, png.name if mine else None, f"{study.name}.csv",
-                           ignored=len(rows) - len(mine))
+    text = render_markdown(
+        study, mine, png.name if mine else None, f"{study.name}.csv", ignored=len(rows) - len(mine)
+    )
     tmp = md.with_name(md.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(md)

@@ -16,8 +16,15 @@ from dataclasses import dataclass
 
 from .studies import METRICS, Setting, Study
 
-__all__ = ["Stat", "SettingSummary", "Ordering", "summarize", "orderings", "ranks",
-           "render_markdown"]
+__all__ = [
+    "Stat",
+    "SettingSummary",
+    "Ordering",
+    "summarize",
+    "orderings",
+    "ranks",
+    "render_markdown",
+]
 
 PERCENT = set(METRICS)  # shown x100; 'r' and seconds are not
 
@@ -92,18 +99,27 @@ def orderings(summaries: Sequence[SettingSummary], metric: str = "AP") -> list[O
     """Every pair of settings whose paper ``metric`` differs, with our gap (see module doc)."""
     out = []
     for i, a in enumerate(summaries):
-        for b in summaries[i + 1:]:
+        for b in summaries[i + 1 :]:
             pa, pb = a.setting.paper.get(metric), b.setting.paper.get(metric)
             if pa is None or pb is None or abs(pa - pb) < 1e-9:
                 continue
             hi, lo = (a, b) if pa > pb else (b, a)
             sh, sl = hi.stats[metric], lo.stats[metric]
             gap = sh.mean - sl.mean
-            se = math.sqrt(sh.std ** 2 / sh.n + sl.std ** 2 / sl.n) if sh.n and sl.n else math.nan
+            se = math.sqrt(sh.std**2 / sh.n + sl.std**2 / sl.n) if sh.n and sl.n else math.nan
             reproduced = None if not (sh.n and sl.n) else bool(gap > 0)
-            out.append(Ordering(metric, hi.setting.name, lo.setting.name, abs(pa - pb), gap, se,
-                                reproduced, bool(reproduced and math.isfinite(se)
-                                                 and gap > 2 * se)))
+            out.append(
+                Ordering(
+                    metric,
+                    hi.setting.name,
+                    lo.setting.name,
+                    abs(pa - pb),
+                    gap,
+                    se,
+                    reproduced,
+                    bool(reproduced and math.isfinite(se) and gap > 2 * se),
+                )
+            )
     return out
 
 
@@ -141,24 +157,33 @@ def _label(study: Study, name: str) -> str:
     return study.setting(name).label
 
 
-def _ordering_lines(study: Study, ords: Sequence[Ordering], what: str, unit: str,
-                    digits: int) -> list[str]:
+def _ordering_lines(
+    study: Study, ords: Sequence[Ordering], what: str, unit: str, digits: int
+) -> list[str]:
     if not ords:
         return []
     known = [o for o in ords if o.reproduced is not None]
     yes = sum(bool(o.reproduced) for o in known)
     clear = sum(o.clearly for o in known)
-    lines = [f"{what} orderings reproduced: **{yes} of {len(known)}** "
-             f"({clear} clearly, i.e. by more than twice the gap's standard error)"
-             + (f"; {len(ords) - len(known)} without runs yet" if len(known) < len(ords) else "")
-             + ".", "",
-             f"| paper: better | than | paper gap{unit} | our gap{unit} (± s.e.) | reproduced |",
-             "|---|---|---:|---:|---|"]
+    lines = [
+        f"{what} orderings reproduced: **{yes} of {len(known)}** "
+        f"({clear} clearly, i.e. by more than twice the gap's standard error)"
+        + (f"; {len(ords) - len(known)} without runs yet" if len(known) < len(ords) else "")
+        + ".",
+        "",
+        f"| paper: better | than | paper gap{unit} | our gap{unit} (± s.e.) | reproduced |",
+        "|---|---|---:|---:|---|",
+    ]
     for o in ords:
-        ours = "—" if o.reproduced is None else (
-            f"{o.gap:+.{digits}f}" + (f" ± {o.se:.{digits}f}" if math.isfinite(o.se) else ""))
-        lines.append(f"| {_label(study, o.better)} | {_label(study, o.worse)} | "
-                     f"+{o.paper_gap:.{digits}f} | {ours} | {_verdict(o)} |")
+        ours = (
+            "—"
+            if o.reproduced is None
+            else (f"{o.gap:+.{digits}f}" + (f" ± {o.se:.{digits}f}" if math.isfinite(o.se) else ""))
+        )
+        lines.append(
+            f"| {_label(study, o.better)} | {_label(study, o.worse)} | "
+            f"+{o.paper_gap:.{digits}f} | {ours} | {_verdict(o)} |"
+        )
     return lines + [""]
 
 
@@ -166,38 +191,62 @@ def _conditions(rows: Sequence[dict[str, str]]) -> list[str]:
     def values(k: str) -> str:
         return ", ".join(sorted({r.get(k, "") for r in rows if r.get(k)})) or "—"
 
-    return [f"- dataset: `{values('dataset')}`; budget: {values('budget')} "
-            f"(`{values('budget_id')}`): {values('epochs')} epochs, {values('iterations')} "
-            f"iterations, images ≤ {values('img_size')} px",
-            f"- commit {values('commit')}; torch {values('torch')}; device {values('device')}"]
+    return [
+        f"- dataset: `{values('dataset')}`; budget: {values('budget')} "
+        f"(`{values('budget_id')}`): {values('epochs')} epochs, {values('iterations')} "
+        f"iterations, images ≤ {values('img_size')} px",
+        f"- commit {values('commit')}; torch {values('torch')}; device {values('device')}",
+    ]
 
 
-def render_markdown(study: Study, rows: Sequence[dict[str, str]], plot_file: str | None = None,
-                    csv_file: str | None = None, ignored: int = 0) -> str:
+def render_markdown(
+    study: Study,
+    rows: Sequence[dict[str, str]],
+    plot_file: str | None = None,
+    csv_file: str | None = None,
+    ignored: int = 0,
+) -> str:
     """The study's markdown page from its CSV rows (those of one budget)."""
     sums = summarize(study, rows)
     ap_rank_paper = ranks({s.setting.name: s.setting.paper.get("AP", math.nan) for s in sums})
     ap_rank_ours = ranks({s.setting.name: s.stats["AP"].mean for s in sums})
     seeds = sorted({int(r["seed"]) for r in rows if r.get("seed", "").isdigit()})
-    lines = [f"# Ablation `{study.name}`: {study.title}", "",
-             f"Paper: {study.source} (COCO minival, ResNet-50, 1x; AP in %). "
-             f"Ours: COCO AP in % on the validation split, mean ± std over "
-             f"{len(seeds)} seed(s) {seeds}; r is the Pearson correlation between detection "
-             "score and IoU.", ""]
+    lines = [
+        f"# Ablation `{study.name}`: {study.title}",
+        "",
+        f"Paper: {study.source} (COCO minival, ResNet-50, 1x; AP in %). "
+        f"Ours: COCO AP in % on the validation split, mean ± std over "
+        f"{len(seeds)} seed(s) {seeds}; r is the Pearson correlation between detection "
+        "score and IoU.",
+        "",
+    ]
     lines += _conditions(rows) + [""]
-    head = ["setting", "AP paper", "AP ours", "AP50 paper", "AP50 ours", "AP75 paper",
-            "AP75 ours", "APs / APm / APl ours", "r paper", "r ours", "AP rank paper / ours",
-            "runs", "train s / run"]
+    head = [
+        "setting",
+        "AP paper",
+        "AP ours",
+        "AP50 paper",
+        "AP50 ours",
+        "AP75 paper",
+        "AP75 ours",
+        "APs / APm / APl ours",
+        "r paper",
+        "r ours",
+        "AP rank paper / ours",
+        "runs",
+        "train s / run",
+    ]
     lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for s in sums:
         st, name = s.stats, s.setting.name
         sml = " / ".join(_fmt(st[k]) for k in ("APs", "APm", "APl"))
-        rank = (f"{ap_rank_paper.get(name, '—')} / {ap_rank_ours.get(name, '—')}")
+        rank = f"{ap_rank_paper.get(name, '—')} / {ap_rank_ours.get(name, '—')}"
         lines.append(
             f"| {s.setting.label} | {_paper(s.setting, 'AP')} | {_fmt(st['AP'])} | "
             f"{_paper(s.setting, 'AP50')} | {_fmt(st['AP50'])} | {_paper(s.setting, 'AP75')} | "
             f"{_fmt(st['AP75'])} | {sml} | {_paper(s.setting, 'r', 2)} | {_fmt(st['r'], 3)} | "
-            f"{rank} | {s.seeds} | {_fmt(st['train_seconds'], 0)} |")
+            f"{rank} | {s.seeds} | {_fmt(st['train_seconds'], 0)} |"
+        )
     lines.append("")
     lines += _ordering_lines(study, orderings(sums, "AP"), "AP", " (AP)", 1)
     lines += _ordering_lines(study, orderings(sums, "r"), "score–IoU r", " (r)", 3)

@@ -22,9 +22,29 @@ from pathlib import Path
 __all__ = ["FIELDS", "read_rows", "write_rows", "upsert_rows", "find_row_by_key"]
 
 FIELDS: tuple[str, ...] = (
-    "study", "setting", "seed", "AP", "AP50", "AP75", "APs", "APm", "APl", "score_iou_r",
-    "train_seconds", "commit", "device", "torch", "eval_seconds", "epochs", "iterations",
-    "img_size", "dataset", "budget", "budget_id", "run_key", "finished_at",
+    "study",
+    "setting",
+    "seed",
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "score_iou_r",
+    "train_seconds",
+    "commit",
+    "device",
+    "torch",
+    "eval_seconds",
+    "epochs",
+    "iterations",
+    "img_size",
+    "dataset",
+    "budget",
+    "budget_id",
+    "run_key",
+    "finished_at",
 )
 
 

@@ -41,10 +41,10 @@ class SweepOptions:
     out_dir: Path
     work_dir: Path
     dataset: DatasetSpec
-    budget: str                      # readable budget description for the CSV
+    budget: str  # readable budget description for the CSV
     budget_id: str
     jobs: int = 1
-    threads: int | None = None       # torch threads per worker (None: cores // jobs)
+    threads: int | None = None  # torch threads per worker (None: cores // jobs)
     device: str | None = None
     progress: bool = True
     keep_checkpoints: bool = False
@@ -82,21 +82,37 @@ def make_row(spec: RunSpec, result: dict[str, Any], opts: SweepOptions) -> dict[
     for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "score_iou_r"):
         v = result.get(k)
         row[k] = "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(v)
-    for k in ("train_seconds", "commit", "device", "torch", "eval_seconds", "iterations",
-              "finished_at"):
+    for k in (
+        "train_seconds",
+        "commit",
+        "device",
+        "torch",
+        "eval_seconds",
+        "iterations",
+        "finished_at",
+    ):
         row[k] = result.get(k, "")
-    row.update(epochs=cfg.train.epochs, img_size=max(cfg.data.img_scale),
-               dataset=opts.dataset.ident, budget=opts.budget, budget_id=opts.budget_id,
-               run_key=spec.key)
+    row.update(
+        epochs=cfg.train.epochs,
+        img_size=max(cfg.data.img_scale),
+        dataset=opts.dataset.ident,
+        budget=opts.budget,
+        budget_id=opts.budget_id,
+        run_key=spec.key,
+    )
     return row
 
 
-def group_tasks(specs: Sequence[RunSpec], opts: SweepOptions,
-                record: Callable[[list[dict[str, Any]]], None]) -> tuple[int, list[Task]]:
+def group_tasks(
+    specs: Sequence[RunSpec], opts: SweepOptions, record: Callable[[list[dict[str, Any]]], None]
+) -> tuple[int, list[Task]]:
     """Record what is already finished; return (how many runs were, the tasks left to train)."""
-    recorded = {(r["study"], r.get("run_key")) for s in {sp.study for sp in specs}
-                for r in read_rows(opts.out_dir / f"{s}.csv")
-                if r.get("budget_id") == opts.budget_id}
+    recorded = {
+        (r["study"], r.get("run_key"))
+        for s in {sp.study for sp in specs}
+        for r in read_rows(opts.out_dir / f"{s}.csv")
+        if r.get("budget_id") == opts.budget_id
+    }
     tasks: dict[str, Task] = {}
     done_keys: set[str] = set()
     rows = []
@@ -134,19 +150,33 @@ def launch_worker(task: Task, opts: SweepOptions) -> subprocess.Popen:
     run_dir = opts.work_dir / task.key
     run_dir.mkdir(parents=True, exist_ok=True)
     threads = opts.threads or max(1, (os.cpu_count() or 1) // max(opts.jobs, 1))
-    write_json(run_dir / "run.json", {
-        "runs": [f"{s.study}/{s.setting}/seed{s.seed}" for s in task.specs],
-        "config": task.config.to_dict(), "paths": opts.dataset.paths(), "device": opts.device,
-        "threads": threads, "stop_after_iters": opts.stop_after_iters,
-        "keep_checkpoints": opts.keep_checkpoints})
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
-                                         if p)}
+    write_json(
+        run_dir / "run.json",
+        {
+            "runs": [f"{s.study}/{s.setting}/seed{s.seed}" for s in task.specs],
+            "config": task.config.to_dict(),
+            "paths": opts.dataset.paths(),
+            "device": opts.device,
+            "threads": threads,
+            "stop_after_iters": opts.stop_after_iters,
+            "keep_checkpoints": opts.keep_checkpoints,
+        },
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+    }
     with open(run_dir / "worker.log", "ab") as log:
         # own session: a Ctrl-C reaches the sweep only, which then stops each worker once
-        return subprocess.Popen([sys.executable, "-m", "detector.ablation.worker", str(run_dir)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+        return subprocess.Popen(
+            [sys.executable, "-m", "detector.ablation.worker", str(run_dir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
 
 
 def _fraction(run_dir: Path) -> float:
@@ -173,10 +203,13 @@ def _raise_stop(signum: int, frame: Any) -> None:  # noqa: ARG001
     raise _Stop
 
 
-def run_sweep(specs: Sequence[RunSpec], opts: SweepOptions,
-              record: Callable[[list[dict[str, Any]]], None] | None = None,
-              launcher: Callable[[Task, SweepOptions], Any] = launch_worker,
-              write: Callable[[str], None] = print) -> SweepOutcome:
+def run_sweep(
+    specs: Sequence[RunSpec],
+    opts: SweepOptions,
+    record: Callable[[list[dict[str, Any]]], None] | None = None,
+    launcher: Callable[[Task, SweepOptions], Any] = launch_worker,
+    write: Callable[[str], None] = print,
+) -> SweepOutcome:
     """Train every run of ``specs`` that is not finished; ``record(rows)`` is called with the
     CSV rows of each finished run (default: upsert into ``OUT/<study>.csv``)."""
     from tqdm import tqdm
@@ -185,13 +218,21 @@ def run_sweep(specs: Sequence[RunSpec], opts: SweepOptions,
     already, tasks = group_tasks(specs, opts, record)
     out = SweepOutcome(already=already)
     total = already + len(tasks)
-    write(f"{total} runs in this sweep: {already} already finished, {len(tasks)} to train "
-          f"({opts.jobs} at a time)")
+    write(
+        f"{total} runs in this sweep: {already} already finished, {len(tasks)} to train "
+        f"({opts.jobs} at a time)"
+    )
     if not tasks:
         return out
-    bar = tqdm(total=total, initial=already, unit="run", smoothing=0, dynamic_ncols=True,
-               disable=not opts.progress,
-               bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]{postfix}")
+    bar = tqdm(
+        total=total,
+        initial=already,
+        unit="run",
+        smoothing=0,
+        dynamic_ncols=True,
+        disable=not opts.progress,
+        bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]{postfix}",
+    )
     write = tqdm.write if opts.progress else write
     pending = list(tasks)
     running: dict[Any, Task] = {}
@@ -210,16 +251,22 @@ def run_sweep(specs: Sequence[RunSpec], opts: SweepOptions,
                     continue
                 del running[proc]
                 _finish(task, rc, opts, record, out, write)
-            bar.n = already + len(out.completed) + len(out.failed) + sum(
-                _fraction(opts.work_dir / t.key) for t in running.values())
+            bar.n = (
+                already
+                + len(out.completed)
+                + len(out.failed)
+                + sum(_fraction(opts.work_dir / t.key) for t in running.values())
+            )
             bar.set_postfix_str(", ".join(t.describe() for t in running.values()), refresh=False)
             bar.refresh()
     except (KeyboardInterrupt, _Stop):
         out.interrupted = True
         write("stopping: each running worker writes a checkpoint after its current iteration")
         _stop_workers(running)
-        write("stopped; run the same command again to continue (finished runs are kept, "
-              "interrupted ones resume from their checkpoints)")
+        write(
+            "stopped; run the same command again to continue (finished runs are kept, "
+            "interrupted ones resume from their checkpoints)"
+        )
     finally:
         bar.close()
         if old_handler is not None:
@@ -233,21 +280,31 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _finish(task: Task, rc: int, opts: SweepOptions, record: Callable, out: SweepOutcome,
-            write: Callable[[str], None]) -> None:
+def _finish(
+    task: Task,
+    rc: int,
+    opts: SweepOptions,
+    record: Callable,
+    out: SweepOutcome,
+    write: Callable[[str], None],
+) -> None:
     run_dir = opts.work_dir / task.key
     result = read_json(run_dir / "result.json")
     if rc == 0 and result is not None:
         record([make_row(s, result, opts) for s in task.specs])
         out.completed.append(task)
-        write(f"done {task.describe()}: AP {100 * result['AP']:.1f}  AP50 "
-              f"{100 * result['AP50']:.1f}  r {result['score_iou_r']:.3f}  "
-              f"({result['train_seconds']:.0f} s training, {result['eval_seconds']:.0f} s eval)")
+        write(
+            f"done {task.describe()}: AP {100 * result['AP']:.1f}  AP50 "
+            f"{100 * result['AP50']:.1f}  r {result['score_iou_r']:.3f}  "
+            f"({result['train_seconds']:.0f} s training, {result['eval_seconds']:.0f} s eval)"
+        )
     else:
         out.failed.append(task)
         what = "stopped (exit 3)" if rc == 3 else f"failed (exit {rc})"
-        write(f"{what}: {task.describe()}; log {run_dir / 'worker.log'}:\n"
-              f"{_log_tail(run_dir / 'worker.log')}")
+        write(
+            f"{what}: {task.describe()}; log {run_dir / 'worker.log'}:\n"
+            f"{_log_tail(run_dir / 'worker.log')}"
+        )
 
 
 def _stop_workers(running: dict[Any, Task], timeout: float = 120.0) -> None:

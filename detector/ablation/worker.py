@@ -51,11 +51,20 @@ def read_json(path: Path) -> dict[str, Any] | None:
 def git_commit(repo: Path = REPO) -> str:
     """Short commit hash of the code that runs, ``+dirty`` with uncommitted tracked changes."""
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=10, check=True)
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -99,8 +108,9 @@ class ProgressReporter(threading.Thread):
     """Writes the trainer's step and the training seconds so far to ``progress.json`` every
     ``interval`` seconds (also what a killed attempt leaves for the next one's time count)."""
 
-    def __init__(self, path: Path, trainer: Any, base_seconds: float,
-                 interval: float = 2.0) -> None:
+    def __init__(
+        self, path: Path, trainer: Any, base_seconds: float, interval: float = 2.0
+    ) -> None:
         super().__init__(daemon=True)
         self.path, self.trainer, self.base = path, trainer, base_seconds
         self.interval = interval
@@ -112,8 +122,15 @@ class ProgressReporter(threading.Thread):
         return self.base + time.perf_counter() - self.t0
 
     def write(self) -> None:
-        write_json(self.path, {"step": self.trainer.global_step, "total": self.trainer.total_iters,
-                               "phase": self.phase, "train_seconds": self.train_seconds()})
+        write_json(
+            self.path,
+            {
+                "step": self.trainer.global_step,
+                "total": self.trainer.total_iters,
+                "phase": self.phase,
+                "train_seconds": self.train_seconds(),
+            },
+        )
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
@@ -136,11 +153,22 @@ def run(run_dir: Path) -> int:
     cfg = ExperimentConfig.from_dict(spec["config"])
     paths = spec["paths"]
     before = read_json(run_dir / "progress.json") or {}
-    trainer = Trainer(cfg, paths["train_ann"], paths["train_images"], None, None, run_dir,
-                      resume="auto", device=spec.get("device"), progress=False,
-                      tensorboard=False, stop_after_iters=spec.get("stop_after_iters"))
-    reporter = ProgressReporter(run_dir / "progress.json", trainer,
-                                float(before.get("train_seconds", 0.0)))
+    trainer = Trainer(
+        cfg,
+        paths["train_ann"],
+        paths["train_images"],
+        None,
+        None,
+        run_dir,
+        resume="auto",
+        device=spec.get("device"),
+        progress=False,
+        tensorboard=False,
+        stop_after_iters=spec.get("stop_after_iters"),
+    )
+    reporter = ProgressReporter(
+        run_dir / "progress.json", trainer, float(before.get("train_seconds", 0.0))
+    )
     reporter.start()
     try:
         try:
@@ -158,8 +186,15 @@ def run(run_dir: Path) -> int:
         _, val = build_datasets(cfg, None, None, paths["val_ann"], paths["val_images"])
         assert val is not None
         t0 = time.perf_counter()
-        metrics, _ = evaluate(trainer.model, val, trainer.ctx, cfg.data.eval_batch_size,
-                              cfg.data.num_workers, cfg.train.amp, progress=False)
+        metrics, _ = evaluate(
+            trainer.model,
+            val,
+            trainer.ctx,
+            cfg.data.eval_batch_size,
+            cfg.data.num_workers,
+            cfg.train.amp,
+            progress=False,
+        )
         eval_seconds = time.perf_counter() - t0
     finally:
         trainer.close()

@@ -172,7 +172,8 @@ class CocoDetection(Dataset):
     ) -> None:
         if on_bad_image not in ("raise", "skip", "drop"):
             raise ValueError(
-                f"on_bad_image must be 'raise', 'skip' or 'drop', got {on_bad_image!r}")
+                f"on_bad_image must be 'raise', 'skip' or 'drop', got {on_bad_image!r}"
+            )
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.on_bad_image = on_bad_image
@@ -226,12 +227,17 @@ class CocoDetection(Dataset):
         if bad_boxes:
             logger.warning(
                 "%s: skipped %d boxes with zero or negative size (annotation ids %s)",
-                self.ann_file, len(bad_boxes), _fmt_ids(bad_boxes),
+                self.ann_file,
+                len(bad_boxes),
+                _fmt_ids(bad_boxes),
             )
         if missing:
             logger.warning(
                 "%s: skipped %d images missing from %s (%s)",
-                self.ann_file, len(missing), self.image_dir, _fmt_ids(missing),
+                self.ann_file,
+                len(missing),
+                self.image_dir,
+                _fmt_ids(missing),
             )
         if filter_empty and no_boxes:
             logger.info("%s: left out %d images without usable boxes", self.ann_file, no_boxes)
@@ -270,9 +276,7 @@ class CocoDetection(Dataset):
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
             raise DatasetError(f"{rec['file']}: cannot decode image ({e})") from e
 
-    def __getitem__(
-        self, key: int | tuple[int, int]
-    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | None, dict[str, Any]]:
         if isinstance(key, tuple):
             index, aug_seed = key
         else:
@@ -288,8 +292,11 @@ class CocoDetection(Dataset):
                     raise
                 if self.on_bad_image == "drop":
                     logger.error("leaving out undecodable image: %s", e)
-                    return None, {"image_id": rec["image_id"], "file_name": rec["file_name"],
-                                  "dropped": True}
+                    return None, {
+                        "image_id": rec["image_id"],
+                        "file_name": rec["file_name"],
+                        "dropped": True,
+                    }
                 if i not in self.bad_images:
                     self.bad_images.add(i)
                     logger.error("skipping undecodable image: %s", e)

@@ -159,8 +159,9 @@ class InferenceSampler(Sampler):
     """Sequential shard of ``range(dataset_len)`` for rank ``r``: ``r, r + world, ...``
     (no padding, so every image is evaluated exactly once across ranks)."""
 
-    def __init__(self, dataset_len: int, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+    def __init__(
+        self, dataset_len: int, rank: int | None = None, world_size: int | None = None
+    ) -> None:
         r, w = dist_info()
         self.rank = r if rank is None else rank
         self.world_size = w if world_size is None else world_size
@@ -194,8 +195,14 @@ def build_train_loader(
     epoch is full (the sampler pads by wrapping around). ``group_by_aspect``: batches hold only
     landscape or only portrait images.
     """
-    sampler = TrainSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
-                           groups=dataset.aspect_groups if group_by_aspect else None)
+    sampler = TrainSampler(
+        len(dataset),
+        batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        groups=dataset.aspect_groups if group_by_aspect else None,
+    )
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

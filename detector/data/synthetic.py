@@ -162,8 +162,20 @@ def _shape_polygon(name: str, rng: np.random.Generator, w: float, h: float) -> n
         a = rng.uniform(0.28, 0.4)  # arm thickness as a fraction of the extent
         bw, bh = w * a / 2, h * a / 2
         pts = np.array(
-            [[-bw, -h / 2], [bw, -h / 2], [bw, -bh], [w / 2, -bh], [w / 2, bh], [bw, bh],
-             [bw, h / 2], [-bw, h / 2], [-bw, bh], [-w / 2, bh], [-w / 2, -bh], [-bw, -bh]],
+            [
+                [-bw, -h / 2],
+                [bw, -h / 2],
+                [bw, -bh],
+                [w / 2, -bh],
+                [w / 2, bh],
+                [bw, bh],
+                [bw, h / 2],
+                [-bw, h / 2],
+                [-bw, bh],
+                [-w / 2, bh],
+                [-w / 2, -bh],
+                [-bw, -bh],
+            ],
             dtype=np.float64,
         )
     else:  # pragma: no cover - guarded by SyntheticConfig.validate
@@ -272,8 +284,7 @@ def generate_image(
         img = img * (1 - a) + fill * a
         for p in placed:
             p["visible"] = p["visible"] & ~hard
-        placed.append({"hard": hard, "visible": hard.copy(), "category": cat,
-                       "blurred": blurred})
+        placed.append({"hard": hard, "visible": hard.copy(), "category": cat, "blurred": blurred})
 
     img = img + rng.normal(0, 2.0, size=img.shape).astype(np.float32)  # sensor noise
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -321,8 +332,14 @@ def _write_split(
         image, objects = generate_image(cfg, split, i)
         fname = f"{i:06d}.png"
         Image.fromarray(image).save(img_dir / fname, optimize=False, compress_level=1)
-        images.append({"id": i + 1, "file_name": fname, "height": int(image.shape[0]),
-                       "width": int(image.shape[1])})
+        images.append(
+            {
+                "id": i + 1,
+                "file_name": fname,
+                "height": int(image.shape[0]),
+                "width": int(image.shape[1]),
+            }
+        )
         for o in objects:
             annotations.append(
                 {
@@ -338,8 +355,10 @@ def _write_split(
             )
             ann_id += 1
     return {
-        "info": {"description": f"gfl-ops synthetic shapes, {split} split",
-                 "version": GENERATOR_VERSION},
+        "info": {
+            "description": f"gfl-ops synthetic shapes, {split} split",
+            "version": GENERATOR_VERSION,
+        },
         "licenses": [],
         "images": images,
         "annotations": annotations,

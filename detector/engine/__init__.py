@@ -37,6 +37,18 @@ from .loop import Trainer, seed_everything
 from .optim import WarmupStepSchedule
 from .stopping import TrainingInterrupted
 
-__all__ = ["Trainer", "TrainingInterrupted", "WarmupStepSchedule", "evaluate", "build_datasets",
-           "DistContext", "init_distributed", "setup_logging", "seed_everything",
-           "autocast_context", "check_amp", "CSVLog", "read_csv"]
+__all__ = [
+    "Trainer",
+    "TrainingInterrupted",
+    "WarmupStepSchedule",
+    "evaluate",
+    "build_datasets",
+    "DistContext",
+    "init_distributed",
+    "setup_logging",
+    "seed_everything",
+    "autocast_context",
+    "check_amp",
+    "CSVLog",
+    "read_csv",
+]

@@ -24,16 +24,24 @@ def build_datasets(
     train = val = None
     if train_ann is not None:
         train = CocoDetection(
-            train_ann, train_images,
+            train_ann,
+            train_images,
             TransformConfig(tuple(d.img_scale), d.flip_prob, tuple(d.mean), tuple(d.std)),
-            filter_empty=d.filter_empty, on_bad_image="skip", seed=cfg.train.seed)
+            filter_empty=d.filter_empty,
+            on_bad_image="skip",
+            seed=cfg.train.seed,
+        )
     if val_ann is not None:
         val = CocoDetection(
-            val_ann, val_images,
+            val_ann,
+            val_images,
             TransformConfig(tuple(d.img_scale), 0.0, tuple(d.mean), tuple(d.std)),
-            filter_empty=False, on_bad_image="drop")
+            filter_empty=False,
+            on_bad_image="drop",
+        )
     if train is not None and val is not None and train.cat_ids != val.cat_ids:
         raise ValueError(
             f"{val_ann}: categories {val.cat_ids} differ from the training set's "
-            f"({train_ann}: {train.cat_ids})")
+            f"({train_ann}: {train.cat_ids})"
+        )
     return train, val

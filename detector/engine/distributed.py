@@ -15,8 +15,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "init_distributed", "wrap_ddp", "barrier", "mean_over_ranks",
-           "any_rank", "gather_objects", "broadcast_from_main"]
+__all__ = [
+    "DistContext",
+    "init_distributed",
+    "wrap_ddp",
+    "barrier",
+    "mean_over_ranks",
+    "any_rank",
+    "gather_objects",
+    "broadcast_from_main",
+]
 
 
 @dataclass
@@ -57,8 +65,9 @@ def init_distributed(device: str | None = None) -> DistContext:
         else:
             dev = torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if want_cuda else "gloo",
-                                    device_id=dev if want_cuda else None)
+            dist.init_process_group(
+                backend="nccl" if want_cuda else "gloo", device_id=dev if want_cuda else None
+            )
         return DistContext(rank, world, local_rank, dev)
     if want_cuda:
         dev = torch.device(device if device and ":" in device else "cuda")
@@ -72,7 +81,8 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     if not ctx.distributed:
         return model
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
+    )
 
 
 def barrier(ctx: DistContext) -> None:

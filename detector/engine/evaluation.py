@@ -44,12 +44,19 @@ def evaluate(
     subset: Any = dataset
     if max_images is not None and max_images < len(dataset):
         subset = torch.utils.data.Subset(dataset, range(max_images))
-    loader = build_eval_loader(subset, batch_size=batch_size, num_workers=num_workers,
-                               size_divisor=32, rank=ctx.rank, world_size=ctx.world_size)
+    loader = build_eval_loader(
+        subset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        size_divisor=32,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
     dets: list[dict[str, Any]] = []
     done_ids: list[int] = []
-    bar = tqdm(loader, desc="eval", leave=False, disable=not (progress and ctx.is_main),
-               dynamic_ncols=True)
+    bar = tqdm(
+        loader, desc="eval", leave=False, disable=not (progress and ctx.is_main), dynamic_ncols=True
+    )
     for images, targets in bar:
         if images is None:  # every image of the batch was undecodable
             continue
@@ -63,8 +70,9 @@ def evaluate(
                 with_distributions=with_distributions,
             )
         for t, r in zip(targets, results):
-            dets += detections_to_coco(t["image_id"], r["boxes"], r["scores"], r["labels"],
-                                       dataset.cat_ids)
+            dets += detections_to_coco(
+                t["image_id"], r["boxes"], r["scores"], r["labels"], dataset.cat_ids
+            )
             done_ids.append(t["image_id"])
     if ctx.distributed:
         gathered = gather_objects((dets, done_ids), ctx)

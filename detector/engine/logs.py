@@ -18,12 +18,22 @@ __all__ = ["setup_logging", "CSVLog", "read_csv", "format_eta", "RunLogs", "EVAL
 
 logger = logging.getLogger("detector")
 
-EVAL_LOG_FIELDS: tuple[str, ...] = ("epoch", "global_step", "AP", "AP50", "AP75", "APs", "APm",
-                                    "APl", "score_iou_pearson")
+EVAL_LOG_FIELDS: tuple[str, ...] = (
+    "epoch",
+    "global_step",
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "score_iou_pearson",
+)
 
 
-def setup_logging(output_dir: str | os.PathLike | None, rank: int = 0,
-                  filename: str = "train.log") -> None:
+def setup_logging(
+    output_dir: str | os.PathLike | None, rank: int = 0, filename: str = "train.log"
+) -> None:
     """INFO to stderr on rank 0 (WARNING elsewhere) and, on rank 0, to ``output_dir/filename``."""
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -92,27 +102,47 @@ class RunLogs:
     checkpoint a resumed run starts from (later rows and events are dropped), None for a new run.
     """
 
-    def __init__(self, output_dir: Path, loss_names: Sequence[str], resume_step: int | None,
-                 tensorboard: bool) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        loss_names: Sequence[str],
+        resume_step: int | None,
+        tensorboard: bool,
+    ) -> None:
         self.train_csv = CSVLog(
             output_dir / "train_log.csv",
             ["epoch", "iter", "global_step", "lr", *loss_names, "time_per_iter", "data_time"],
-            resume_step)
+            resume_step,
+        )
         self.eval_csv = CSVLog(output_dir / "eval_log.csv", EVAL_LOG_FIELDS, resume_step)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(
-                str(output_dir / "tb"),
-                purge_step=None if resume_step is None else resume_step + 1)
+                str(output_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1
+            )
 
-    def log_iter(self, epoch: int, iter_in_epoch: int, global_step: int,
-                 values: dict[str, float], lr: float, it_time: float, data_time: float) -> None:
+    def log_iter(
+        self,
+        epoch: int,
+        iter_in_epoch: int,
+        global_step: int,
+        values: dict[str, float],
+        lr: float,
+        it_time: float,
+        data_time: float,
+    ) -> None:
         """One training iteration: its losses, the lr it used and its times."""
-        row = {"epoch": epoch, "iter": iter_in_epoch, "global_step": global_step,
-               "lr": f"{lr:.6g}", **{k: repr(v) for k, v in values.items()},
-               "time_per_iter": f"{it_time:.4f}", "data_time": f"{data_time:.4f}"}
+        row = {
+            "epoch": epoch,
+            "iter": iter_in_epoch,
+            "global_step": global_step,
+            "lr": f"{lr:.6g}",
+            **{k: repr(v) for k, v in values.items()},
+            "time_per_iter": f"{it_time:.4f}",
+            "data_time": f"{data_time:.4f}",
+        }
         self.train_csv.write(row)
         if self.tb is not None:
             for k, v in values.items():

@@ -96,7 +96,8 @@ class Trainer:
         seed_everything(tc.seed, tc.deterministic)
 
         self.train_set, self.val_set = build_datasets(
-            cfg, train_ann, train_images, val_ann, val_images)
+            cfg, train_ann, train_images, val_ann, val_images
+        )
         assert self.train_set is not None
         cfg.model["num_classes"] = self.train_set.num_classes
         self.classes = {"cat_ids": self.train_set.cat_ids, "names": self.train_set.class_names}
@@ -105,11 +106,13 @@ class Trainer:
         self.resume_path = resume_path(resume, self.output_dir)
         ckpt = read_checkpoint(self.resume_path) if self.resume_path else None
         if ckpt is not None:
-            check_resume_compatible(ckpt, self.resume_path, cfg, self.classes["cat_ids"],
-                                    self.ctx.world_size)
+            check_resume_compatible(
+                ckpt, self.resume_path, cfg, self.classes["cat_ids"], self.ctx.world_size
+            )
 
         mcfg = ModelConfig.from_dict(
-            {**cfg.model, **({"pretrained": None} if ckpt is not None else {})})
+            {**cfg.model, **({"pretrained": None} if ckpt is not None else {})}
+        )
         if not self.ctx.is_main:
             barrier(self.ctx)  # let rank 0 fetch pretrained weights into the cache first
         model = build_detector(mcfg)
@@ -122,47 +125,76 @@ class Trainer:
         self.loss_names: list[str] = list(getattr(model, "loss_names", ["loss"]))
 
         self.loader, self.sampler = build_train_loader(
-            self.train_set, cfg.data.batch_size, num_workers=cfg.data.num_workers,
-            seed=tc.seed, size_divisor=cfg.data.size_divisor,
-            rank=self.ctx.rank, world_size=self.ctx.world_size,
-            group_by_aspect=cfg.data.group_by_aspect)
+            self.train_set,
+            cfg.data.batch_size,
+            num_workers=cfg.data.num_workers,
+            seed=tc.seed,
+            size_divisor=cfg.data.size_divisor,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            group_by_aspect=cfg.data.group_by_aspect,
+        )
         self.iters_per_epoch = self.sampler.iters_per_epoch
         self.total_iters = self.iters_per_epoch * tc.epochs
 
         self.lr = scaled_lr(tc, cfg.data.batch_size * self.ctx.world_size)
-        self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad],
-                                         tc, self.lr, self.ctx.device)
+        self.optimizer = build_optimizer(
+            [p for p in model.parameters() if p.requires_grad], tc, self.lr, self.ctx.device
+        )
         self.scheduler = build_scheduler(self.optimizer, tc, self.iters_per_epoch)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=tc.amp == "fp16")
-        self.checkpointer = TrainingCheckpointer(self.output_dir, self.ctx, cfg, self.classes,
-                                                 model, self.optimizer, self.scheduler,
-                                                 self.scaler)
+        self.checkpointer = TrainingCheckpointer(
+            self.output_dir,
+            self.ctx,
+            cfg,
+            self.classes,
+            model,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+        )
 
         self.epoch, self.iter_in_epoch, self.global_step = 0, 0, 0
         if ckpt is not None:
             self.epoch, self.iter_in_epoch, self.global_step = self.checkpointer.restore(
-                ckpt, self.resume_path, self.lr, self.iters_per_epoch)
+                ckpt, self.resume_path, self.lr, self.iters_per_epoch
+            )
 
         self.ddp = wrap_ddp(model, self.ctx)
 
         self.logs: RunLogs | None = None
         if self.ctx.is_main:
             (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            self.logs = RunLogs(self.output_dir, self.loss_names,
-                                self.global_step if ckpt is not None else None, tensorboard)
+            self.logs = RunLogs(
+                self.output_dir,
+                self.loss_names,
+                self.global_step if ckpt is not None else None,
+                tensorboard,
+            )
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(
             "config %s: %s, %d classes, %.2fM parameters; %d training images, %d iterations/"
             "epoch x %d epochs, batch %d x %d process(es), lr %.4g, device %s, amp %s",
-            cfg.name, f"ResNet-{mcfg.depth} {mcfg.variant}", mcfg.num_classes, n_params / 1e6,
-            len(self.train_set), self.iters_per_epoch, tc.epochs, cfg.data.batch_size,
-            self.ctx.world_size, self.lr, self.ctx.device, tc.amp)
+            cfg.name,
+            f"ResNet-{mcfg.depth} {mcfg.variant}",
+            mcfg.num_classes,
+            n_params / 1e6,
+            len(self.train_set),
+            self.iters_per_epoch,
+            tc.epochs,
+            cfg.data.batch_size,
+            self.ctx.world_size,
+            self.lr,
+            self.ctx.device,
+            tc.amp,
+        )
         self.stop_request = StopRequest(stop_after_iters)
 
     def save(self, name: str = "latest.pth") -> Path | None:
         """Write a checkpoint of the current state (collective under DDP: every rank calls)."""
-        return self.checkpointer.save(self.epoch, self.iter_in_epoch, self.global_step,
-                                      self.total_iters, name)
+        return self.checkpointer.save(
+            self.epoch, self.iter_in_epoch, self.global_step, self.total_iters, name
+        )
 
     # ------------------------------------------------------------------------------ step
     def _reduce_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -173,8 +205,14 @@ class Trainer:
         tc = self.cfg.train
         dev = self.ctx.device
         images = images.to(dev, non_blocking=True)
-        tgts = [{"boxes": t["boxes"].to(dev), "labels": t["labels"].to(dev),
-                 "image_size": t["img_shape"]} for t in targets]
+        tgts = [
+            {
+                "boxes": t["boxes"].to(dev),
+                "labels": t["labels"].to(dev),
+                "image_size": t["img_shape"],
+            }
+            for t in targets
+        ]
         ids = [t["image_id"] for t in targets]
         try:
             with autocast_context(dev, tc.amp):
@@ -188,8 +226,11 @@ class Trainer:
             # say whether the weights themselves went bad (an earlier step diverged) or only
             # this batch's loss did
             if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-                raise FloatingPointError(self._diverged(
-                    f"the model weights are not finite (non-finite loss {values}, images {ids})"))
+                raise FloatingPointError(
+                    self._diverged(
+                        f"the model weights are not finite (non-finite loss {values}, images {ids})"
+                    )
+                )
             raise FloatingPointError(self._diverged(f"non-finite loss {values}, images {ids}"))
         self.scaler.scale(losses["loss"]).backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -197,10 +238,10 @@ class Trainer:
             # (with fp16 the scaler skips steps with inf/NaN gradients by itself)
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(
-                params, tc.grad_clip if tc.grad_clip is not None else float("inf"))
+                params, tc.grad_clip if tc.grad_clip is not None else float("inf")
+            )
             if not self.scaler.is_enabled() and not math.isfinite(float(norm)):
-                raise FloatingPointError(
-                    self._diverged(f"non-finite gradient norm, images {ids}"))
+                raise FloatingPointError(self._diverged(f"non-finite gradient norm, images {ids}"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -208,10 +249,12 @@ class Trainer:
         return values
 
     def _diverged(self, what: str) -> str:
-        return (f"training diverged at epoch {self.epoch} iteration {self.iter_in_epoch} "
-                f"(global step {self.global_step}): {what}. The last checkpoint is "
-                f"{self.output_dir / 'latest.pth'}; lower the lr, set train.grad_clip, or use "
-                "--amp bf16 instead of fp16.")
+        return (
+            f"training diverged at epoch {self.epoch} iteration {self.iter_in_epoch} "
+            f"(global step {self.global_step}): {what}. The last checkpoint is "
+            f"{self.output_dir / 'latest.pth'}; lower the lr, set train.grad_clip, or use "
+            "--amp bf16 instead of fp16."
+        )
 
     # ------------------------------------------------------------------------------ loop
     def run_eval(self) -> dict[str, Any] | None:
@@ -219,9 +262,14 @@ class Trainer:
         if self.val_set is None:
             return None
         metrics, _ = evaluate(
-            self.model, self.val_set, self.ctx, batch_size=self.cfg.data.eval_batch_size,
-            num_workers=self.cfg.data.num_workers, amp=self.cfg.train.amp,
-            progress=self.progress)
+            self.model,
+            self.val_set,
+            self.ctx,
+            batch_size=self.cfg.data.eval_batch_size,
+            num_workers=self.cfg.data.num_workers,
+            amp=self.cfg.train.amp,
+            progress=self.progress,
+        )
         if self.ctx.is_main:
             assert self.logs is not None
             self.logs.log_eval(self.epoch, self.global_step, metrics)
@@ -242,9 +290,14 @@ class Trainer:
                 epoch = self.epoch
                 self.model.train()
                 self.sampler.set_epoch(epoch, self.iter_in_epoch)
-                bar = tqdm(total=self.iters_per_epoch, initial=self.iter_in_epoch,
-                           desc=f"epoch {epoch + 1}/{tc.epochs}", dynamic_ncols=True,
-                           disable=not (self.progress and self.ctx.is_main), leave=True)
+                bar = tqdm(
+                    total=self.iters_per_epoch,
+                    initial=self.iter_in_epoch,
+                    desc=f"epoch {epoch + 1}/{tc.epochs}",
+                    dynamic_ncols=True,
+                    disable=not (self.progress and self.ctx.is_main),
+                    leave=True,
+                )
                 t_data = time.perf_counter()
                 for images, targets in self.loader:
                     if self.stop_request.should_stop(self.global_step, self.ctx):
@@ -261,17 +314,27 @@ class Trainer:
                     eta = avg * (self.total_iters - self.global_step)
                     if self.ctx.is_main:
                         short = {k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()}
-                        bar.set_postfix(**short, lr=f"{lr:.2e}", eta=format_eta(eta),
-                                        refresh=False)
+                        bar.set_postfix(**short, lr=f"{lr:.2e}", eta=format_eta(eta), refresh=False)
                         bar.update(1)
-                        if (self.global_step % tc.log_interval == 0
-                                or self.iter_in_epoch == self.iters_per_epoch):
+                        if (
+                            self.global_step % tc.log_interval == 0
+                            or self.iter_in_epoch == self.iters_per_epoch
+                        ):
                             assert self.logs is not None
-                            self.logs.log_iter(self.epoch, self.iter_in_epoch, self.global_step,
-                                               values, lr, it_time, data_time)
-                    if (tc.checkpoint_interval_iters
-                            and self.global_step % tc.checkpoint_interval_iters == 0
-                            and self.iter_in_epoch < self.iters_per_epoch):
+                            self.logs.log_iter(
+                                self.epoch,
+                                self.iter_in_epoch,
+                                self.global_step,
+                                values,
+                                lr,
+                                it_time,
+                                data_time,
+                            )
+                    if (
+                        tc.checkpoint_interval_iters
+                        and self.global_step % tc.checkpoint_interval_iters == 0
+                        and self.iter_in_epoch < self.iters_per_epoch
+                    ):
                         self.save("latest.pth")
                     t_data = time.perf_counter()
                 bar.close()
@@ -281,8 +344,7 @@ class Trainer:
                 if (tc.eval_interval and self.epoch % tc.eval_interval == 0) or final:
                     last_metrics = self.run_eval()
                 self.save("latest.pth")
-                if tc.checkpoint_interval and (self.epoch % tc.checkpoint_interval == 0
-                                               or final):
+                if tc.checkpoint_interval and (self.epoch % tc.checkpoint_interval == 0 or final):
                     self.checkpointer.keep_epoch_copy(self.epoch)
             if last_metrics is None and self.val_set is not None:
                 last_metrics = self.run_eval()  # e.g. resumed a finished run
@@ -292,9 +354,15 @@ class Trainer:
         except TrainingInterrupted:
             path = self.save("latest.pth")
             if self.ctx.is_main:
-                logger.warning("stopped at epoch %d iteration %d (global step %d); checkpoint "
-                               "%s; continue with --resume %s", self.epoch, self.iter_in_epoch,
-                               self.global_step, path, path)
+                logger.warning(
+                    "stopped at epoch %d iteration %d (global step %d); checkpoint "
+                    "%s; continue with --resume %s",
+                    self.epoch,
+                    self.iter_in_epoch,
+                    self.global_step,
+                    path,
+                    path,
+                )
             raise
         finally:
             self.stop_request.uninstall()

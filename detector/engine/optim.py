@@ -18,8 +18,14 @@ class WarmupStepSchedule:
     ``warmup_ratio`` over ``warmup_iters`` iterations, times ``gamma ** (number of lr_steps
     <= current epoch)``. A callable object (not a lambda) so ``LambdaLR.state_dict`` keeps it."""
 
-    def __init__(self, iters_per_epoch: int, warmup_iters: int, warmup_ratio: float,
-                 lr_steps: Sequence[int], gamma: float) -> None:
+    def __init__(
+        self,
+        iters_per_epoch: int,
+        warmup_iters: int,
+        warmup_ratio: float,
+        lr_steps: Sequence[int],
+        gamma: float,
+    ) -> None:
         self.iters_per_epoch = iters_per_epoch
         self.warmup_iters = warmup_iters
         self.warmup_ratio = warmup_ratio
@@ -48,23 +54,27 @@ def scaled_lr(tc: TrainConfig, total_batch: int) -> float:
     return tc.lr
 
 
-def build_optimizer(params: Iterable[nn.Parameter], tc: TrainConfig, lr: float,
-                    device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Iterable[nn.Parameter], tc: TrainConfig, lr: float, device: torch.device
+) -> torch.optim.Optimizer:
     """``tc.optimizer`` ('sgd' or 'adamw') over ``params`` at learning rate ``lr``."""
     # fused kernels: one pass over the parameters (4x faster than the default per-tensor
     # loop on CPU, where foreach is not used), same results up to rounding
     fused = device.type in ("cpu", "cuda")
     if tc.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay, fused=fused)
+            params, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay, fused=fused
+        )
     if tc.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay, fused=fused)
     raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {tc.optimizer!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig,
-                    iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, tc: TrainConfig, iters_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-iteration ``LambdaLR`` following :class:`WarmupStepSchedule` (``scheduler.step()``
     after every optimiser step)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupStepSchedule.from_config(tc, iters_per_epoch))
+        optimizer, WarmupStepSchedule.from_config(tc, iters_per_epoch)
+    )

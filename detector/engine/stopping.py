@@ -49,12 +49,16 @@ class StopRequest:
         if self.signal is not None:  # second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum
-        logger.warning("received signal %d: saving a checkpoint after this iteration "
-                       "(send again to abort without saving)", signum)
+        logger.warning(
+            "received signal %d: saving a checkpoint after this iteration "
+            "(send again to abort without saving)",
+            signum,
+        )
 
     def should_stop(self, global_step: int, ctx: DistContext) -> bool:
         """True when any rank was asked to stop (collective under DDP: every rank calls)."""
         stop = self.signal is not None or (
-            self.stop_after_iters is not None and global_step >= self.stop_after_iters)
+            self.stop_after_iters is not None and global_step >= self.stop_after_iters
+        )
         # every rank must leave at the same iteration
         return any_rank(stop, ctx)

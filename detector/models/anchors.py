@@ -21,9 +21,9 @@ __all__ = ["AnchorGenerator", "Anchors"]
 class Anchors(NamedTuple):
     """All anchors of one padded input size, concatenated over levels (P3 first)."""
 
-    boxes: Tensor                      # (A, 4) xyxy, pixels
-    strides: Tensor                    # (A,) the stride of each anchor's level
-    num_level_anchors: list[int]       # per-level counts, summing to A
+    boxes: Tensor  # (A, 4) xyxy, pixels
+    strides: Tensor  # (A,) the stride of each anchor's level
+    num_level_anchors: list[int]  # per-level counts, summing to A
     feat_sizes: list[tuple[int, int]]  # (H_l, W_l) per level
 
     @property
@@ -34,8 +34,11 @@ class Anchors(NamedTuple):
 
 def _tracing() -> bool:
     """True inside torch.compile, torch.export or an ONNX export."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.onnx.is_in_onnx_export())
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.onnx.is_in_onnx_export()
+    )
 
 
 class AnchorGenerator:
@@ -47,15 +50,23 @@ class AnchorGenerator:
         center_offset: anchor centre offset in strides (0 as in mmdetection's GFL config).
     """
 
-    def __init__(self, strides: Sequence[int] = (8, 16, 32, 64, 128),
-                 octave_base_scale: float = 8.0, center_offset: float = 0.0) -> None:
+    def __init__(
+        self,
+        strides: Sequence[int] = (8, 16, 32, 64, 128),
+        octave_base_scale: float = 8.0,
+        center_offset: float = 0.0,
+    ) -> None:
         self.strides = tuple(int(s) for s in strides)
         self.octave_base_scale = float(octave_base_scale)
         self.center_offset = float(center_offset)
         self._cache: dict[tuple, Anchors] = {}
 
-    def __call__(self, feat_sizes: Sequence[tuple[int, int]], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> Anchors:
+    def __call__(
+        self,
+        feat_sizes: Sequence[tuple[int, int]],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Anchors:
         feat_sizes = [(int(h), int(w)) for h, w in feat_sizes]
         if len(feat_sizes) != len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature sizes, got {len(feat_sizes)}")
@@ -68,8 +79,9 @@ class AnchorGenerator:
             self._cache[key] = self._make(feat_sizes, torch.device(device), dtype)
         return self._cache[key]
 
-    def _make(self, feat_sizes: list[tuple[int, int]], device: torch.device,
-              dtype: torch.dtype) -> Anchors:
+    def _make(
+        self, feat_sizes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype
+    ) -> Anchors:
         boxes, strides = [], []
         for (h, w), s in zip(feat_sizes, self.strides):
             ys = (torch.arange(h, device=device, dtype=dtype) + self.center_offset) * s
@@ -79,8 +91,9 @@ class AnchorGenerator:
             half = 0.5 * self.octave_base_scale * s
             boxes.append(torch.cat([ctr - half, ctr + half], dim=-1))
             strides.append(torch.full((h * w,), float(s), device=device, dtype=dtype))
-        return Anchors(torch.cat(boxes), torch.cat(strides), [h * w for h, w in feat_sizes],
-                       feat_sizes)
+        return Anchors(
+            torch.cat(boxes), torch.cat(strides), [h * w for h, w in feat_sizes], feat_sizes
+        )
 
     def valid_flags(self, anchors: Anchors, image_sizes: Tensor) -> Tensor:
         """Which anchors lie on each image's own content rather than on batch padding.

@@ -53,8 +53,9 @@ def _smallest_k(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals.gather(-1, order), idx.gather(-1, order)
 
 
-def atss_assign(anchors: Tensor, num_level_anchors: Sequence[int], gt_boxes: Tensor,
-                topk: int = 9) -> Tensor:
+def atss_assign(
+    anchors: Tensor, num_level_anchors: Sequence[int], gt_boxes: Tensor, topk: int = 9
+) -> Tensor:
     """ATSS assignment for one image.
 
     Args:
@@ -72,9 +73,14 @@ def atss_assign(anchors: Tensor, num_level_anchors: Sequence[int], gt_boxes: Ten
 
 
 @torch.no_grad()
-def atss_assign_batched(anchors: Tensor, num_level_anchors: Sequence[int], gt_boxes: Tensor,
-                        gt_valid: Tensor | None = None, topk: int = 9,
-                        anchor_valid: Tensor | None = None) -> Tensor:
+def atss_assign_batched(
+    anchors: Tensor,
+    num_level_anchors: Sequence[int],
+    gt_boxes: Tensor,
+    gt_valid: Tensor | None = None,
+    topk: int = 9,
+    anchor_valid: Tensor | None = None,
+) -> Tensor:
     """ATSS assignment for a batch of images sharing one anchor set.
 
     Args:
@@ -95,16 +101,18 @@ def atss_assign_batched(anchors: Tensor, num_level_anchors: Sequence[int], gt_bo
         raise ValueError(f"gt_boxes must have shape (B, G, 4), got {tuple(gt_boxes.shape)}")
     num_anchors = anchors.size(0)
     if sum(num_level_anchors) != num_anchors:
-        raise ValueError(f"num_level_anchors {list(num_level_anchors)} must sum to the number of "
-                         f"anchors {num_anchors}")
+        raise ValueError(
+            f"num_level_anchors {list(num_level_anchors)} must sum to the number of "
+            f"anchors {num_anchors}"
+        )
     batch, num_gt = gt_boxes.shape[:2]
     device = anchors.device
     if num_gt == 0 or num_anchors == 0:
         return torch.full((batch, num_anchors), -1, dtype=torch.long, device=device)
 
     gt_boxes = gt_boxes.to(anchors.dtype)
-    anchor_ctr = box_centers(anchors)                # (A, 2)
-    gt_ctr = box_centers(gt_boxes)                   # (B, G, 2)
+    anchor_ctr = box_centers(anchors)  # (A, 2)
+    gt_ctr = box_centers(gt_boxes)  # (B, G, 2)
 
     # 1. candidates: per level, the k nearest anchor centres (squared distance orders the same).
     # Layout (B, G, anchors) keeps the reductions over anchors contiguous.
@@ -113,31 +121,38 @@ def atss_assign_batched(anchors: Tensor, num_level_anchors: Sequence[int], gt_bo
     for n in num_level_anchors:
         if n == 0:
             continue
-        dx = anchor_ctr[None, None, start:start + n, 0] - gt_ctr[:, :, None, 0]
-        dy = anchor_ctr[None, None, start:start + n, 1] - gt_ctr[:, :, None, 1]
-        d2 = dx * dx + dy * dy                                        # (B, G, n)
+        dx = anchor_ctr[None, None, start : start + n, 0] - gt_ctr[:, :, None, 0]
+        dy = anchor_ctr[None, None, start : start + n, 1] - gt_ctr[:, :, None, 1]
+        d2 = dx * dx + dy * dy  # (B, G, n)
         if anchor_valid is not None:
-            d2 = d2.masked_fill(~anchor_valid[:, None, start:start + n], float("inf"))
+            d2 = d2.masked_fill(~anchor_valid[:, None, start : start + n], float("inf"))
         d2_k, idx_k = _smallest_k(d2, min(topk, n))
         cand_idx.append(idx_k + start)
-        cand_ok.append(torch.isfinite(d2_k))                         # false: invalid anchor
+        cand_ok.append(torch.isfinite(d2_k))  # false: invalid anchor
         start += n
-    idx = torch.cat(cand_idx, dim=-1)                                # (B, G, K)
-    ok = torch.cat(cand_ok, dim=-1)                                  # (B, G, K)
+    idx = torch.cat(cand_idx, dim=-1)  # (B, G, K)
+    ok = torch.cat(cand_ok, dim=-1)  # (B, G, K)
 
     # 2. adaptive IoU threshold from the candidates' IoU statistics (per image and GT)
-    gt = gt_boxes[:, :, None, :]                                     # (B, G, 1, 4)
-    iou = aligned_iou(anchors[idx], gt)                              # (B, G, K)
+    gt = gt_boxes[:, :, None, :]  # (B, G, 1, 4)
+    iou = aligned_iou(anchors[idx], gt)  # (B, G, K)
     okf = ok.to(iou.dtype)
-    count = okf.sum(dim=-1, keepdim=True)                            # (B, G, 1)
+    count = okf.sum(dim=-1, keepdim=True)  # (B, G, 1)
     mean = (iou * okf).sum(dim=-1, keepdim=True) / count
     var = ((iou - mean).pow(2) * okf).sum(dim=-1, keepdim=True) / (count - 1)  # NaN if count 1
     thr = mean + var.sqrt()
 
     # 3. centre strictly inside the ground truth
-    ctr = anchor_ctr[idx]                                            # (B, G, K, 2)
-    side = torch.stack([ctr[..., 0] - gt[..., 0], ctr[..., 1] - gt[..., 1],
-                        gt[..., 2] - ctr[..., 0], gt[..., 3] - ctr[..., 1]], dim=-1)
+    ctr = anchor_ctr[idx]  # (B, G, K, 2)
+    side = torch.stack(
+        [
+            ctr[..., 0] - gt[..., 0],
+            ctr[..., 1] - gt[..., 1],
+            gt[..., 2] - ctr[..., 0],
+            gt[..., 3] - ctr[..., 1],
+        ],
+        dim=-1,
+    )
     is_pos = ok & (iou >= thr) & (side.amin(dim=-1) > _INSIDE_EPS)
     if gt_valid is not None:
         is_pos &= gt_valid[:, :, None]

@@ -16,10 +16,18 @@ from torch import Tensor, nn
 
 __all__ = ["ResNetBackbone", "load_pretrained_resnet"]
 
-_OUT_CHANNELS = {18: (128, 256, 512), 34: (128, 256, 512), 50: (512, 1024, 2048),
-                 101: (512, 1024, 2048)}
-_WEIGHTS_ENUM = {18: "ResNet18_Weights", 34: "ResNet34_Weights", 50: "ResNet50_Weights",
-                 101: "ResNet101_Weights"}
+_OUT_CHANNELS = {
+    18: (128, 256, 512),
+    34: (128, 256, 512),
+    50: (512, 1024, 2048),
+    101: (512, 1024, 2048),
+}
+_WEIGHTS_ENUM = {
+    18: "ResNet18_Weights",
+    34: "ResNet34_Weights",
+    50: "ResNet50_Weights",
+    101: "ResNet101_Weights",
+}
 
 
 class ResNetBackbone(nn.Module):
@@ -35,19 +43,29 @@ class ResNetBackbone(nn.Module):
         pretrained: see :func:`load_pretrained_resnet`; ``None`` keeps the random init.
     """
 
-    def __init__(self, depth: int = 50, frozen_stages: int = 1, norm_eval: bool = True,
-                 pretrained: Any = None) -> None:
+    def __init__(
+        self,
+        depth: int = 50,
+        frozen_stages: int = 1,
+        norm_eval: bool = True,
+        pretrained: Any = None,
+    ) -> None:
         super().__init__()
         if depth not in _OUT_CHANNELS:
             raise ValueError(f"depth must be one of {sorted(_OUT_CHANNELS)}, got {depth}")
         # mmdetection initialises the last BN of each residual block to zero when training from
         # scratch; with frozen (eval-mode) BN this also keeps random-init activations bounded.
         net = getattr(torchvision.models, f"resnet{depth}")(
-            weights=None, zero_init_residual=pretrained is None)
+            weights=None, zero_init_residual=pretrained is None
+        )
         self.depth = depth
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = (
-            net.layer1, net.layer2, net.layer3, net.layer4)
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
+        )
         self.out_channels: tuple[int, int, int] = _OUT_CHANNELS[depth]
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
@@ -102,8 +120,10 @@ def _fetch_torchvision_weights(spec: Any, depth: int) -> dict[str, Tensor]:
         try:
             weights = get_weight(name)
         except (ValueError, KeyError, AttributeError) as exc:
-            raise ValueError(f"unknown torchvision weights {spec!r} for ResNet-{depth}; use e.g. "
-                             f"'{enum_name}.IMAGENET1K_V1' or a local checkpoint path") from exc
+            raise ValueError(
+                f"unknown torchvision weights {spec!r} for ResNet-{depth}; use e.g. "
+                f"'{enum_name}.IMAGENET1K_V1' or a local checkpoint path"
+            ) from exc
     else:
         weights = spec
     try:
@@ -114,7 +134,8 @@ def _fetch_torchvision_weights(spec: Any, depth: int) -> dict[str, Tensor]:
             f"could not obtain torchvision weights {weights} ({url}): {type(exc).__name__}: "
             f"{exc}. Without network access, download that file elsewhere and pass its local path "
             "as the model's `pretrained` option (e.g. --pretrained /path/resnet50.pth), or set "
-            "pretrained=None to train from random initialisation.") from exc
+            "pretrained=None to train from random initialisation."
+        ) from exc
 
 
 def load_pretrained_resnet(backbone: ResNetBackbone, spec: Any, depth: int) -> None:
@@ -130,7 +151,8 @@ def load_pretrained_resnet(backbone: ResNetBackbone, spec: Any, depth: int) -> N
         downloaded, or the checkpoint does not fit a ResNet-``depth``.
     """
     is_path = isinstance(spec, (str, os.PathLike)) and (
-        os.sep in str(spec) or str(spec).endswith((".pth", ".pt", ".bin")) or os.path.exists(spec))
+        os.sep in str(spec) or str(spec).endswith((".pth", ".pt", ".bin")) or os.path.exists(spec)
+    )
     if is_path:
         path = os.fspath(spec)
         if not os.path.isfile(path):
@@ -138,7 +160,8 @@ def load_pretrained_resnet(backbone: ResNetBackbone, spec: Any, depth: int) -> N
                 f"pretrained backbone checkpoint not found: {path!r}. Pass the path of a local "
                 f"ImageNet ResNet-{depth} checkpoint (e.g. torchvision's "
                 f"{_WEIGHTS_ENUM[depth]}.IMAGENET1K_V1 file), or pretrained=None for random "
-                "initialisation.")
+                "initialisation."
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -151,11 +174,13 @@ def load_pretrained_resnet(backbone: ResNetBackbone, spec: Any, depth: int) -> N
     try:
         result = backbone.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches, e.g. a ResNet-18 file for a ResNet-50
-        raise RuntimeError(f"checkpoint {path!r} does not fit a ResNet-{depth} backbone: "
-                           f"{exc}") from exc
+        raise RuntimeError(
+            f"checkpoint {path!r} does not fit a ResNet-{depth} backbone: {exc}"
+        ) from exc
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(
             f"checkpoint {path!r} does not fit a ResNet-{depth} backbone: missing keys "
             f"{result.missing_keys[:5]}{'…' if len(result.missing_keys) > 5 else ''}, "
             f"unexpected keys {result.unexpected_keys[:5]}"
-            f"{'…' if len(result.unexpected_keys) > 5 else ''}")
+            f"{'…' if len(result.unexpected_keys) > 5 else ''}"
+        )

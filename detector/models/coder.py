@@ -34,8 +34,13 @@ class BoxCoder:
             ``use_dfl`` else 'dirac'. ``use_dfl`` is True exactly for 'general'.
     """
 
-    def __init__(self, use_dfl: bool, reg_max: int = 16, backend: str | None = None,
-                 box_repr: str | None = None) -> None:
+    def __init__(
+        self,
+        use_dfl: bool,
+        reg_max: int = 16,
+        backend: str | None = None,
+        box_repr: str | None = None,
+    ) -> None:
         self.box_repr = box_repr or ("general" if use_dfl else "dirac")
         self.use_dfl = self.box_repr == "general"
         self.reg_max = reg_max
@@ -55,8 +60,13 @@ class BoxCoder:
             return gfl_ops.reference.integral(logits)
         return gfl_ops.integral(logits, backend=self.backend)
 
-    def decode(self, anchors: Tensor, strides: Tensor, reg: Tensor,
-               max_shape: tuple[int, int] | Tensor | None = None) -> Tensor:
+    def decode(
+        self,
+        anchors: Tensor,
+        strides: Tensor,
+        reg: Tensor,
+        max_shape: tuple[int, int] | Tensor | None = None,
+    ) -> Tensor:
         """Boxes (K, 4) xyxy in pixels.
 
         Args:

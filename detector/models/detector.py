@@ -67,19 +67,31 @@ class GFLDetector(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = ResNetBackbone(cfg.depth, cfg.frozen_stages, cfg.norm_eval,
-                                       cfg.pretrained)
+        self.backbone = ResNetBackbone(cfg.depth, cfg.frozen_stages, cfg.norm_eval, cfg.pretrained)
         self.neck = FPN(self.backbone.out_channels, cfg.fpn_channels, num_extra=2)
-        self.head = GFLHead(cfg.num_classes, cfg.fpn_channels, cfg.feat_channels,
-                            cfg.stacked_convs, len(cfg.strides), cfg.reg_max,
-                            with_centerness=cfg.with_centerness, gn_groups=cfg.gn_groups,
-                            prior_prob=cfg.prior_prob, box_repr=cfg.box_representation)
+        self.head = GFLHead(
+            cfg.num_classes,
+            cfg.fpn_channels,
+            cfg.feat_channels,
+            cfg.stacked_convs,
+            len(cfg.strides),
+            cfg.reg_max,
+            with_centerness=cfg.with_centerness,
+            gn_groups=cfg.gn_groups,
+            prior_prob=cfg.prior_prob,
+            box_repr=cfg.box_representation,
+        )
         self.anchor_generator = AnchorGenerator(cfg.strides, cfg.octave_base_scale)
         self.criterion = DetectionLoss(cfg)
-        self.coder = BoxCoder(cfg.box_representation == "general", cfg.reg_max, cfg.gfl_backend,
-                              box_repr=cfg.box_representation)
-        self.test_cfg = PostProcessConfig(cfg.score_thr, cfg.nms_pre, cfg.nms_iou,
-                                          cfg.max_per_img, cfg.min_bbox_size)
+        self.coder = BoxCoder(
+            cfg.box_representation == "general",
+            cfg.reg_max,
+            cfg.gfl_backend,
+            box_repr=cfg.box_representation,
+        )
+        self.test_cfg = PostProcessConfig(
+            cfg.score_thr, cfg.nms_pre, cfg.nms_iou, cfg.max_per_img, cfg.min_bbox_size
+        )
 
     @property
     def loss_names(self) -> list[str]:
@@ -119,22 +131,37 @@ class GFLDetector(nn.Module):
         return self.criterion(cls, reg, ctr, anchors, targets, anchor_valid)
 
     @torch.no_grad()
-    def predict(self, images: Tensor, image_sizes: Sequence[tuple[int, int]] | None = None,
-                scale_factors: Sequence | Tensor | None = None,
-                original_sizes: Sequence[tuple[int, int]] | None = None,
-                with_distributions: bool = False) -> list[dict[str, Tensor]]:
+    def predict(
+        self,
+        images: Tensor,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+        scale_factors: Sequence | Tensor | None = None,
+        original_sizes: Sequence[tuple[int, int]] | None = None,
+        with_distributions: bool = False,
+    ) -> list[dict[str, Tensor]]:
         """Detections per image; see the module docstring."""
         outs = self.forward_head(images)
         cls, reg, ctr, anchors = self._flatten(outs)
         if image_sizes is None:
             image_sizes = [tuple(images.shape[-2:])] * images.size(0)
         image_sizes = [(int(h), int(w)) for h, w in image_sizes]
-        return postprocess(cls, reg, ctr, anchors, self.coder, self.test_cfg, image_sizes,
-                           scale_factors, original_sizes, with_distributions)
+        return postprocess(
+            cls,
+            reg,
+            ctr,
+            anchors,
+            self.coder,
+            self.test_cfg,
+            image_sizes,
+            scale_factors,
+            original_sizes,
+            with_distributions,
+        )
 
 
-def build_detector(cfg: ModelConfig | Mapping[str, Any] | None = None,
-                   **overrides: Any) -> GFLDetector:
+def build_detector(
+    cfg: ModelConfig | Mapping[str, Any] | None = None, **overrides: Any
+) -> GFLDetector:
     """Build a :class:`GFLDetector` from a :class:`ModelConfig`, a dict of its fields, or the
     defaults (GFL R50, 80 classes), with keyword overrides.
 

@@ -24,15 +24,17 @@ class FPN(nn.Module):
         num_extra: stride-2 levels added on top of P5 (2 gives P6 and P7).
     """
 
-    def __init__(self, in_channels: Sequence[int], out_channels: int = 256,
-                 num_extra: int = 2) -> None:
+    def __init__(
+        self, in_channels: Sequence[int], out_channels: int = 256, num_extra: int = 2
+    ) -> None:
         super().__init__()
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
         self.fpn_convs = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+            nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels
+        )
         self.extra_convs = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
-            for _ in range(num_extra))
+            nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) for _ in range(num_extra)
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
@@ -43,7 +45,8 @@ class FPN(nn.Module):
         for i in range(len(laterals) - 1, 0, -1):
             # size= rather than scale_factor=2 so odd feature sizes line up
             laterals[i - 1] = laterals[i - 1] + F.interpolate(
-                laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+                laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
+            )
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)]
         for conv in self.extra_convs:
             outs.append(conv(outs[-1]))

@@ -35,9 +35,9 @@ def reg_channels(box_repr: str, reg_max: int) -> int:
 class HeadOutputs(NamedTuple):
     """Raw head outputs, one (B, K, H_l, W_l) tensor per level."""
 
-    cls: list[Tensor]                      # K = num_classes
-    reg: list[Tensor]                      # K = reg_channels(box_repr, reg_max)
-    centerness: Optional[list[Tensor]]     # K = 1; None for the QFL variants
+    cls: list[Tensor]  # K = num_classes
+    reg: list[Tensor]  # K = reg_channels(box_repr, reg_max)
+    centerness: Optional[list[Tensor]]  # K = 1; None for the QFL variants
 
 
 class Scale(nn.Module):
@@ -55,8 +55,9 @@ def _tower(in_channels: int, feat_channels: int, num_convs: int, gn_groups: int)
     layers: list[nn.Module] = []
     for i in range(num_convs):
         layers += [
-            nn.Conv2d(in_channels if i == 0 else feat_channels, feat_channels, 3, padding=1,
-                      bias=False),  # GroupNorm follows, a bias would be redundant
+            nn.Conv2d(
+                in_channels if i == 0 else feat_channels, feat_channels, 3, padding=1, bias=False
+            ),  # GroupNorm follows, a bias would be redundant
             nn.GroupNorm(gn_groups, feat_channels),
             nn.ReLU(inplace=True),
         ]
@@ -79,10 +80,20 @@ class GFLHead(nn.Module):
             if ``use_dfl`` else 'dirac'.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 256, feat_channels: int = 256,
-                 stacked_convs: int = 4, num_levels: int = 5, reg_max: int = 16,
-                 use_dfl: bool = True, with_centerness: bool = False, gn_groups: int = 32,
-                 prior_prob: float = 0.01, box_repr: str | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 256,
+        feat_channels: int = 256,
+        stacked_convs: int = 4,
+        num_levels: int = 5,
+        reg_max: int = 16,
+        use_dfl: bool = True,
+        with_centerness: bool = False,
+        gn_groups: int = 32,
+        prior_prob: float = 0.01,
+        box_repr: str | None = None,
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.reg_max = reg_max
@@ -93,8 +104,7 @@ class GFLHead(nn.Module):
         self.reg_convs = _tower(in_channels, feat_channels, stacked_convs, gn_groups)
         self.cls_out = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
         self.reg_out = nn.Conv2d(feat_channels, self.reg_channels, 3, padding=1)
-        self.centerness_out = (nn.Conv2d(feat_channels, 1, 3, padding=1)
-                               if with_centerness else None)
+        self.centerness_out = nn.Conv2d(feat_channels, 1, 3, padding=1) if with_centerness else None
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
         self._init_weights(prior_prob)
 
@@ -124,5 +134,4 @@ class GFLHead(nn.Module):
 def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
     """[(B, K, H_l, W_l)] -> (B, sum_l H_l*W_l, K), locations in row-major (y, x) order per level
     (the anchor order of :class:`detector.models.anchors.AnchorGenerator`)."""
-    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.size(0), -1, m.size(1)) for m in maps],
-                     dim=1)
+    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.size(0), -1, m.size(1)) for m in maps], dim=1)

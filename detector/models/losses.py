@@ -48,8 +48,15 @@ from detector.models.assigners import atss_assign_batched
 from detector.models.coder import BoxCoder
 from detector.ops.boxes import aligned_iou, bbox2distance, box_centers, centerness_target, giou_loss
 
-__all__ = ["DetectionLoss", "reduce_mean", "pad_targets", "giou_loss", "gaussian_nll",
-           "l2_joint_score_loss", "LOG_SIGMA_RANGE"]
+__all__ = [
+    "DetectionLoss",
+    "reduce_mean",
+    "pad_targets",
+    "giou_loss",
+    "gaussian_nll",
+    "l2_joint_score_loss",
+    "LOG_SIGMA_RANGE",
+]
 
 # log-sigma (in strides) is clamped here in the NLL: as sigma -> 0 the NLL's weight on the
 # mean, 1 / sigma^2, would grow without bound once a side is fitted (sigma >= 0.05 strides)
@@ -64,8 +71,9 @@ def gaussian_nll(mean: Tensor, log_sigma: Tensor, target: Tensor) -> Tensor:
     return 0.5 * (target - mean).pow(2) * torch.exp(-2.0 * s) + s
 
 
-def l2_joint_score_loss(logits: Tensor, labels: Tensor, scores: Tensor,
-                        weight: Tensor | None = None) -> Tensor:
+def l2_joint_score_loss(
+    logits: Tensor, labels: Tensor, scores: Tensor, weight: Tensor | None = None
+) -> Tensor:
     """Sum over anchors and classes of ``(sigmoid(logit) - y)^2``, ``y`` the joint target (the IoU
     ``scores[i]`` at class ``labels[i]``, 0 elsewhere; a label outside ``[0, C)`` is background).
 
@@ -101,8 +109,9 @@ def reduce_mean(t: Tensor) -> Tensor:
     return t / world
 
 
-def pad_targets(targets: Sequence[Mapping[str, Tensor]], num_classes: int,
-                device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def pad_targets(
+    targets: Sequence[Mapping[str, Tensor]], num_classes: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
     """Stack per-image targets, padded to the largest number of boxes.
 
     Args:
@@ -115,15 +124,22 @@ def pad_targets(targets: Sequence[Mapping[str, Tensor]], num_classes: int,
     for i, t in enumerate(targets):
         boxes, labels = t["boxes"], t["labels"]
         if boxes.dim() != 2 or boxes.size(-1) != 4 or labels.shape != boxes.shape[:1]:
-            raise ValueError(f"targets[{i}]: boxes must be (G, 4) and labels (G,), got "
-                             f"{tuple(boxes.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"targets[{i}]: boxes must be (G, 4) and labels (G,), got "
+                f"{tuple(boxes.shape)} and {tuple(labels.shape)}"
+            )
         if labels.dtype.is_floating_point:
             raise TypeError(f"targets[{i}]['labels'] must be integer class ids, got {labels.dtype}")
         # value check only where it costs no device sync
-        if labels.device.type == "cpu" and labels.numel() and (
-                bool((labels < 0).any()) or bool((labels >= num_classes).any())):
-            raise ValueError(f"targets[{i}]['labels'] must lie in [0, {num_classes}), got "
-                             f"min {int(labels.min())}, max {int(labels.max())}")
+        if (
+            labels.device.type == "cpu"
+            and labels.numel()
+            and (bool((labels < 0).any()) or bool((labels >= num_classes).any()))
+        ):
+            raise ValueError(
+                f"targets[{i}]['labels'] must lie in [0, {num_classes}), got "
+                f"min {int(labels.min())}, max {int(labels.max())}"
+            )
         num_gt.append(boxes.size(0))
     batch, g = len(targets), max(num_gt, default=0)
     boxes = torch.zeros(batch, g, 4, device=device)
@@ -148,31 +164,47 @@ class DetectionLoss(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.coder = BoxCoder(cfg.box_representation == "general", cfg.reg_max,
-                              cfg.gfl_backend, box_repr=cfg.box_representation)
+        self.coder = BoxCoder(
+            cfg.box_representation == "general",
+            cfg.reg_max,
+            cfg.gfl_backend,
+            box_repr=cfg.box_representation,
+        )
 
-    def forward(self, cls: Tensor, reg: Tensor, centerness: Tensor | None, anchors: Anchors,
-                targets: Sequence[Mapping[str, Tensor]],
-                anchor_valid: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self,
+        cls: Tensor,
+        reg: Tensor,
+        centerness: Tensor | None,
+        anchors: Anchors,
+        targets: Sequence[Mapping[str, Tensor]],
+        anchor_valid: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         cfg = self.cfg
         batch, num_anchors, num_classes = cls.shape
         if len(targets) != batch:
             raise ValueError(f"got {len(targets)} targets for a batch of {batch} images")
         device = cls.device
         gt_boxes, gt_labels, gt_valid = pad_targets(targets, num_classes, device)
-        assigned = atss_assign_batched(anchors.boxes, anchors.num_level_anchors, gt_boxes,
-                                       gt_valid, cfg.atss_topk, anchor_valid)       # (B, A)
-        pos_b, pos_a = (assigned >= 0).nonzero(as_tuple=True)   # the one host sync per step
+        assigned = atss_assign_batched(
+            anchors.boxes,
+            anchors.num_level_anchors,
+            gt_boxes,
+            gt_valid,
+            cfg.atss_topk,
+            anchor_valid,
+        )  # (B, A)
+        pos_b, pos_a = (assigned >= 0).nonzero(as_tuple=True)  # the one host sync per step
         pos_g = assigned[pos_b, pos_a]
-        pos_gt = gt_boxes[pos_b, pos_g]                          # (P, 4)
-        pos_labels = gt_labels[pos_b, pos_g]                     # (P,)
+        pos_gt = gt_boxes[pos_b, pos_g]  # (P, 4)
+        pos_labels = gt_labels[pos_b, pos_g]  # (P,)
         pos_anchors = anchors.boxes[pos_a]
         pos_strides = anchors.strides[pos_a]
 
         # losses in fp32 whatever the autocast dtype of the head (NaN under AMP, GFocalV2#4)
         cls_flat = cls.float().reshape(batch * num_anchors, num_classes)
         pos_flat = pos_b * num_anchors + pos_a
-        pos_reg = reg[pos_b, pos_a].float()                      # (P, R)
+        pos_reg = reg[pos_b, pos_a].float()  # (P, R)
         pos_box = self.coder.decode(pos_anchors, pos_strides, pos_reg)
         if cfg.joint_score:
             weight = cls_flat[pos_flat].detach().sigmoid().amax(dim=1)
@@ -185,13 +217,13 @@ class DetectionLoss(nn.Module):
         stats = reduce_mean(torch.stack([num_pos, weight.sum().float()]))
         num_pos_avg = stats[0].clamp(min=1.0)
         weight_avg = stats[1].clamp(min=1.0)
-        valid_w = (anchor_valid.reshape(-1).to(cls_flat.dtype)
-                   if anchor_valid is not None else None)
+        valid_w = anchor_valid.reshape(-1).to(cls_flat.dtype) if anchor_valid is not None else None
 
         losses: dict[str, Tensor] = {}
         if cfg.joint_score:
-            labels = torch.full((batch * num_anchors,), num_classes, dtype=torch.long,
-                                device=device)
+            labels = torch.full(
+                (batch * num_anchors,), num_classes, dtype=torch.long, device=device
+            )
             labels[pos_flat] = pos_labels
             scores = torch.zeros(batch * num_anchors, dtype=cls_flat.dtype, device=device)
             scores[pos_flat] = aligned_iou(pos_box.detach(), pos_gt)
@@ -201,14 +233,21 @@ class DetectionLoss(nn.Module):
                 # the scores are IoUs, in [0, 1] by construction: no value check, so no host
                 # sync per step on a GPU
                 loss_cls = gfl_ops.quality_focal_loss(
-                    cls_flat, (labels, scores), valid_w, reduction="mean",
-                    avg_factor=num_pos_avg, beta=cfg.qfl_beta, backend=cfg.gfl_backend,
-                    check_values=False)
+                    cls_flat,
+                    (labels, scores),
+                    valid_w,
+                    reduction="mean",
+                    avg_factor=num_pos_avg,
+                    beta=cfg.qfl_beta,
+                    backend=cfg.gfl_backend,
+                    check_values=False,
+                )
         else:
             onehot = torch.zeros_like(cls_flat)
             onehot[pos_flat, pos_labels] = 1.0
-            per_anchor = sigmoid_focal_loss(cls_flat, onehot, alpha=cfg.focal_alpha,
-                                            gamma=cfg.focal_gamma, reduction="none").sum(dim=1)
+            per_anchor = sigmoid_focal_loss(
+                cls_flat, onehot, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, reduction="none"
+            ).sum(dim=1)
             if valid_w is not None:
                 per_anchor = per_anchor * valid_w
             loss_cls = per_anchor.sum() / num_pos_avg
@@ -220,19 +259,25 @@ class DetectionLoss(nn.Module):
         if cfg.use_dfl:
             bins = cfg.reg_max + 1
             stride = pos_strides[:, None]
-            dfl_target = bbox2distance(box_centers(pos_anchors) / stride, pos_gt / stride,
-                                       max_dis=cfg.reg_max)                     # (P, 4)
+            dfl_target = bbox2distance(
+                box_centers(pos_anchors) / stride, pos_gt / stride, max_dis=cfg.reg_max
+            )  # (P, 4)
             loss_dfl = gfl_ops.distribution_focal_loss(
-                pos_reg.reshape(-1, bins), dfl_target.reshape(-1),
-                weight[:, None].expand(-1, 4).reshape(-1), reduction="mean", avg_factor=4.0,
-                backend=cfg.gfl_backend, check_values=False)  # clamped by bbox2distance
+                pos_reg.reshape(-1, bins),
+                dfl_target.reshape(-1),
+                weight[:, None].expand(-1, 4).reshape(-1),
+                reduction="mean",
+                avg_factor=4.0,
+                backend=cfg.gfl_backend,
+                check_values=False,
+            )  # clamped by bbox2distance
             losses["loss_dfl"] = cfg.loss_dfl_weight * loss_dfl / weight_avg
 
         if cfg.box_representation == "gaussian":
             stride = pos_strides[:, None]
             mean, log_sigma = self.coder.gaussian_params(pos_reg)
             nll_target = bbox2distance(box_centers(pos_anchors) / stride, pos_gt / stride)
-            nll = gaussian_nll(mean, log_sigma, nll_target).mean(dim=1)            # (P,)
+            nll = gaussian_nll(mean, log_sigma, nll_target).mean(dim=1)  # (P,)
             losses["loss_nll"] = cfg.loss_nll_weight * (nll * weight).sum() / weight_avg
 
         if centerness is not None:

@@ -32,11 +32,11 @@ class PostProcessConfig:
     min_bbox_size: float = 0.0
 
 
-def scale_factors_from_sizes(image_sizes: Sequence[tuple[int, int]],
-                             original_sizes: Sequence[tuple[int, int]]) -> Tensor:
+def scale_factors_from_sizes(
+    image_sizes: Sequence[tuple[int, int]], original_sizes: Sequence[tuple[int, int]]
+) -> Tensor:
     """(B, 4) ``(sx, sy, sx, sy)`` = resized / original size, per image."""
-    f = [(w / ow, h / oh, w / ow, h / oh)
-         for (h, w), (oh, ow) in zip(image_sizes, original_sizes)]
+    f = [(w / ow, h / oh, w / ow, h / oh) for (h, w), (oh, ow) in zip(image_sizes, original_sizes)]
     return torch.tensor(f, dtype=torch.float32)
 
 
@@ -49,8 +49,10 @@ def _as_scale_tensor(scale_factors, batch: int) -> Tensor:
         elif s.numel() == 2:
             s = s.repeat(2)
         elif s.numel() != 4:
-            raise ValueError("a scale factor must be a number, (sx, sy) or (sx, sy, sx, sy), got "
-                             f"{s.numel()} values")
+            raise ValueError(
+                "a scale factor must be a number, (sx, sy) or (sx, sy, sx, sy), got "
+                f"{s.numel()} values"
+            )
         rows.append(s)
     if len(rows) != batch:
         raise ValueError(f"got {len(rows)} scale factors for {batch} images")
@@ -58,12 +60,18 @@ def _as_scale_tensor(scale_factors, batch: int) -> Tensor:
 
 
 @torch.no_grad()
-def postprocess(cls: Tensor, reg: Tensor, centerness: Tensor | None, anchors: Anchors,
-                coder: BoxCoder, cfg: PostProcessConfig,
-                image_sizes: Sequence[tuple[int, int]],
-                scale_factors: Sequence | Tensor | None = None,
-                original_sizes: Sequence[tuple[int, int]] | None = None,
-                with_distributions: bool = False) -> list[dict[str, Tensor]]:
+def postprocess(
+    cls: Tensor,
+    reg: Tensor,
+    centerness: Tensor | None,
+    anchors: Anchors,
+    coder: BoxCoder,
+    cfg: PostProcessConfig,
+    image_sizes: Sequence[tuple[int, int]],
+    scale_factors: Sequence | Tensor | None = None,
+    original_sizes: Sequence[tuple[int, int]] | None = None,
+    with_distributions: bool = False,
+) -> list[dict[str, Tensor]]:
     """Detections of a batch.
 
     Args:
@@ -95,9 +103,9 @@ def postprocess(cls: Tensor, reg: Tensor, centerness: Tensor | None, anchors: An
     all_b, all_a, all_score, all_label = [], [], [], []
     start = 0
     for n in anchors.num_level_anchors:
-        scores = cls[:, start:start + n].float().sigmoid().reshape(batch, -1)    # (B, n*C)
+        scores = cls[:, start : start + n].float().sigmoid().reshape(batch, -1)  # (B, n*C)
         k = min(cfg.nms_pre, scores.size(1))
-        top_s, top_i = scores.topk(k, dim=1)        # top-k then threshold == threshold then top-k
+        top_s, top_i = scores.topk(k, dim=1)  # top-k then threshold == threshold then top-k
         all_b.append(torch.arange(batch, device=device)[:, None].expand(-1, k))
         all_a.append(top_i // num_classes + start)
         all_label.append(top_i % num_classes)
@@ -111,8 +119,9 @@ def postprocess(cls: Tensor, reg: Tensor, centerness: Tensor | None, anchors: An
     img, anchor, label, score = img[keep], anchor[keep], label[keep], score[keep]
 
     pred_reg = reg[img, anchor].float()
-    boxes = coder.decode(anchors.boxes[anchor], anchors.strides[anchor], pred_reg,
-                         max_shape=sizes[img])
+    boxes = coder.decode(
+        anchors.boxes[anchor], anchors.strides[anchor], pred_reg, max_shape=sizes[img]
+    )
     if centerness is not None:
         score = score * centerness[img, anchor].float().sigmoid()
     if scale_factors is None and original_sizes is not None:
@@ -128,14 +137,20 @@ def postprocess(cls: Tensor, reg: Tensor, centerness: Tensor | None, anchors: An
     wh = boxes[:, 2:] - boxes[:, :2]
     ok = (wh > cfg.min_bbox_size).all(dim=1)
     img, anchor, label, score, boxes, pred_reg = (
-        img[ok], anchor[ok], label[ok], score[ok], boxes[ok], pred_reg[ok])
+        img[ok],
+        anchor[ok],
+        label[ok],
+        score[ok],
+        boxes[ok],
+        pred_reg[ok],
+    )
 
     # one NMS for the batch: offsetting the class id by image keeps images apart
-    keep = batched_nms(boxes, score, img * num_classes + label, cfg.nms_iou)   # by score, desc
+    keep = batched_nms(boxes, score, img * num_classes + label, cfg.nms_iou)  # by score, desc
     results = []
     kept_img = img[keep]
     for i in range(batch):
-        sel = keep[kept_img == i][:cfg.max_per_img]
+        sel = keep[kept_img == i][: cfg.max_per_img]
         det = {"boxes": boxes[sel], "scores": score[sel], "labels": label[sel]}
         if with_distributions:
             det["distributions"] = pred_reg[sel].reshape(-1, 4, coder.reg_max + 1).softmax(-1)

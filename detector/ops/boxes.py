@@ -60,8 +60,9 @@ def aligned_giou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
     """Generalised IoU of corresponding boxes: (..., 4), (..., 4) -> (...), in [-1, 1]."""
     overlap, union = _aligned_overlap(a, b, eps)
     iou = overlap / union
-    enclose_wh = (torch.maximum(a[..., 2:], b[..., 2:])
-                  - torch.minimum(a[..., :2], b[..., :2])).clamp(min=0)
+    enclose_wh = (
+        torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])
+    ).clamp(min=0)
     enclose = (enclose_wh[..., 0] * enclose_wh[..., 1]).clamp(min=eps)
     return iou - (enclose - union) / enclose
 
@@ -84,8 +85,9 @@ def _clip(boxes: Tensor, max_shape: tuple[int, int] | Tensor | None) -> Tensor:
     return torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], dim=-1)
 
 
-def distance2bbox(points: Tensor, distance: Tensor,
-                  max_shape: tuple[int, int] | Tensor | None = None) -> Tensor:
+def distance2bbox(
+    points: Tensor, distance: Tensor, max_shape: tuple[int, int] | Tensor | None = None
+) -> Tensor:
     """Decode (left, top, right, bottom) distances from points into boxes.
 
     Args:
@@ -100,8 +102,9 @@ def distance2bbox(points: Tensor, distance: Tensor,
     return _clip(boxes, max_shape)
 
 
-def bbox2distance(points: Tensor, boxes: Tensor, max_dis: float | None = None,
-                  eps: float = 0.1) -> Tensor:
+def bbox2distance(
+    points: Tensor, boxes: Tensor, max_dis: float | None = None, eps: float = 0.1
+) -> Tensor:
     """Distances (left, top, right, bottom) from points to the sides of boxes.
 
     Args:
@@ -118,8 +121,12 @@ def bbox2distance(points: Tensor, boxes: Tensor, max_dis: float | None = None,
     return d
 
 
-def delta2bbox(anchors: Tensor, deltas: Tensor, stds: tuple[float, ...] = DELTA_STDS,
-               max_shape: tuple[int, int] | Tensor | None = None) -> Tensor:
+def delta2bbox(
+    anchors: Tensor,
+    deltas: Tensor,
+    stds: tuple[float, ...] = DELTA_STDS,
+    max_shape: tuple[int, int] | Tensor | None = None,
+) -> Tensor:
     """Decode ``(dx, dy, dw, dh)`` deltas relative to anchor boxes (mmdetection's delta coder).
 
     Used by the Dirac-delta (ATSS baseline) variants.  ``dw``/``dh`` are clamped so that

@@ -77,10 +77,11 @@ except ModuleNotFoundError as err:  # pragma: no cover - depends on the environm
     if err.name == "mmcv._ext":
         raise ImportError(
             "gfl_ops.integrations.mmdet needs mmdet's models, which need mmcv's compiled ops "
-            "(mmcv._ext): install full mmcv (not mmcv-lite), e.g. `mim install mmcv`") from err
+            "(mmcv._ext): install full mmcv (not mmcv-lite), e.g. `mim install mmcv`"
+        ) from err
     raise ImportError(
-        "gfl_ops.integrations.mmdet needs mmdetection 3.x (mmdet, mmengine, mmcv): "
-        f"{err}") from err
+        f"gfl_ops.integrations.mmdet needs mmdetection 3.x (mmdet, mmengine, mmcv): {err}"
+    ) from err
 
 __all__ = [
     "FusedQualityFocalLoss",
@@ -99,13 +100,15 @@ def _reduction(default: str, override: object) -> str:
     # mmdet: ``assert reduction_override in (None, 'none', 'mean', 'sum')``; raised explicitly so
     # that it also holds under ``python -O``
     if override not in _REDUCTION_OVERRIDES:
-        raise AssertionError("reduction_override must be None, 'none', 'mean' or 'sum', got "
-                             f"{override!r}")
+        raise AssertionError(
+            f"reduction_override must be None, 'none', 'mean' or 'sum', got {override!r}"
+        )
     return override if override else default  # type: ignore[return-value]
 
 
-def _weight_reduce_loss(loss: torch.Tensor, weight: torch.Tensor | None, reduction: str,
-                        avg_factor: AvgFactor) -> torch.Tensor:
+def _weight_reduce_loss(
+    loss: torch.Tensor, weight: torch.Tensor | None, reduction: str, avg_factor: AvgFactor
+) -> torch.Tensor:
     """mmdet's ``weight_reduce_loss``, except that the plain mean of an empty loss is 0."""
     if weight is not None:
         loss = loss * weight  # mmdet's broadcasting, whatever the weight's shape
@@ -129,16 +132,32 @@ class FusedQualityFocalLoss(_MMDetQFL):
 
     backend: str | None = None  # class default: also set on modules converted by :func:`fuse`
 
-    def __init__(self, use_sigmoid: bool = True, beta: float = 2.0, reduction: str = "mean",
-                 loss_weight: float = 1.0, activated: bool = False,
-                 backend: str | None = None) -> None:
-        super().__init__(use_sigmoid=use_sigmoid, beta=beta, reduction=reduction,
-                         loss_weight=loss_weight, activated=activated)
+    def __init__(
+        self,
+        use_sigmoid: bool = True,
+        beta: float = 2.0,
+        reduction: str = "mean",
+        loss_weight: float = 1.0,
+        activated: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            use_sigmoid=use_sigmoid,
+            beta=beta,
+            reduction=reduction,
+            loss_weight=loss_weight,
+            activated=activated,
+        )
         self.backend = backend
 
-    def forward(self, pred: torch.Tensor, target: QFLTarget,
-                weight: torch.Tensor | None = None, avg_factor: AvgFactor = None,
-                reduction_override: str | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target: QFLTarget,
+        weight: torch.Tensor | None = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: str | None = None,
+    ) -> torch.Tensor:
         """Quality Focal Loss, summed over classes.
 
         Args:
@@ -163,35 +182,49 @@ class FusedQualityFocalLoss(_MMDetQFL):
             loss = self._dense_loss(pred, target)
         else:
             if len(target) != 2:  # mmdet asserts this
-                raise AssertionError("target for QFL must be a tuple of two elements: the "
-                                     f"labels and the quality scores; got {len(target)}")
+                raise AssertionError(
+                    "target for QFL must be a tuple of two elements: the "
+                    f"labels and the quality scores; got {len(target)}"
+                )
             loss = functional.quality_focal_loss(
-                pred, tuple(target), reduction="none", beta=self.beta,
-                activated=self.activated, backend=self.backend)
+                pred,
+                tuple(target),
+                reduction="none",
+                beta=self.beta,
+                activated=self.activated,
+                backend=self.backend,
+            )
         return self.loss_weight * _weight_reduce_loss(loss, weight, reduction, avg_factor)
 
     def _dense_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.size() != target.size():  # mmdet asserts this
-            raise AssertionError("a dense QFL target must have the shape of pred "
-                                 f"{tuple(pred.shape)}, got {tuple(target.shape)}")
+            raise AssertionError(
+                "a dense QFL target must have the shape of pred "
+                f"{tuple(pred.shape)}, got {tuple(target.shape)}"
+            )
         if not target.is_floating_point():  # integer / bool one-hot: mmdet's type_as(pred)
             target = target.to(pred.dtype)
         # a floating target is used as given: gfl_ops computes in float32 (float64), so there is
         # no need for mmdet's rounding of a float32 target to a 16-bit pred's dtype
-        kwargs = dict(reduction="none", beta=self.beta, activated=self.activated,
-                      backend=self.backend)
+        kwargs = dict(
+            reduction="none", beta=self.beta, activated=self.activated, backend=self.backend
+        )
         if pred.dim() <= 2:
             return functional.quality_focal_loss(pred, target, **kwargs)
         # (N, C, ...): classes to the last dimension, one row per (n, ...) position
         num_classes = pred.size(1)
-        rows = functional.quality_focal_loss(pred.movedim(1, -1).reshape(-1, num_classes),
-                                             target.movedim(1, -1).reshape(-1, num_classes),
-                                             **kwargs)
+        rows = functional.quality_focal_loss(
+            pred.movedim(1, -1).reshape(-1, num_classes),
+            target.movedim(1, -1).reshape(-1, num_classes),
+            **kwargs,
+        )
         return rows.reshape(pred.shape[:1] + pred.shape[2:])
 
     def extra_repr(self) -> str:
-        return (f"beta={self.beta}, reduction={self.reduction!r}, loss_weight={self.loss_weight}, "
-                f"activated={self.activated}, backend={self.backend!r}")
+        return (
+            f"beta={self.beta}, reduction={self.reduction!r}, loss_weight={self.loss_weight}, "
+            f"activated={self.activated}, backend={self.backend!r}"
+        )
 
 
 @MODELS.register_module()
@@ -206,14 +239,20 @@ class FusedDistributionFocalLoss(_MMDetDFL):
 
     backend: str | None = None
 
-    def __init__(self, reduction: str = "mean", loss_weight: float = 1.0,
-                 backend: str | None = None) -> None:
+    def __init__(
+        self, reduction: str = "mean", loss_weight: float = 1.0, backend: str | None = None
+    ) -> None:
         super().__init__(reduction=reduction, loss_weight=loss_weight)
         self.backend = backend
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor,
-                weight: torch.Tensor | None = None, avg_factor: AvgFactor = None,
-                reduction_override: str | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: str | None = None,
+    ) -> torch.Tensor:
         """Distribution Focal Loss per row.
 
         Args:
@@ -228,13 +267,16 @@ class FusedDistributionFocalLoss(_MMDetDFL):
         reduction = _reduction(self.reduction, reduction_override)
         if isinstance(target, torch.Tensor) and not target.is_floating_point():
             target = target.float()  # mmdet's arithmetic promotes integer targets to float32
-        loss = functional.distribution_focal_loss(pred, target, reduction="none",
-                                                  backend=self.backend)
+        loss = functional.distribution_focal_loss(
+            pred, target, reduction="none", backend=self.backend
+        )
         return self.loss_weight * _weight_reduce_loss(loss, weight, reduction, avg_factor)
 
     def extra_repr(self) -> str:
-        return (f"reduction={self.reduction!r}, loss_weight={self.loss_weight}, "
-                f"backend={self.backend!r}")
+        return (
+            f"reduction={self.reduction!r}, loss_weight={self.loss_weight}, "
+            f"backend={self.backend!r}"
+        )
 
 
 @MODELS.register_module()
@@ -306,8 +348,11 @@ def fuse(model: nn.Module, *, backend: str | None = None) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    found = [(name, module) for name, module in model.named_modules()
-             if type(module) in _FUSED_TYPES or isinstance(module, tuple(_FUSED_TYPES.values()))]
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) in _FUSED_TYPES or isinstance(module, tuple(_FUSED_TYPES.values()))
+    ]
     for name, module in found:  # all checks before any change
         if isinstance(module, _MMDetIntegral):
             problem = project_problem(module.project, module.reg_max)

@@ -83,11 +83,15 @@ class TritonBackend:
             return None
         if device_type == "cpu":
             if not env_interpret_requested():
-                return ("Triton runs on CPU tensors only under its interpreter: set "
-                        "TRITON_INTERPRET=1 before triton is imported")
+                return (
+                    "Triton runs on CPU tensors only under its interpreter: set "
+                    "TRITON_INTERPRET=1 before triton is imported"
+                )
             if not _common.is_interpreted():
-                return ("TRITON_INTERPRET=1 was set after gfl_ops.triton was imported, so its "
-                        "kernels are compiled for the GPU; set it before importing triton")
+                return (
+                    "TRITON_INTERPRET=1 was set after gfl_ops.triton was imported, so its "
+                    "kernels are compiled for the GPU; set it before importing triton"
+                )
             return None
         return f"Triton kernels do not run on {device_type} tensors"
 

@@ -105,8 +105,10 @@ def check_launchable(t: torch.Tensor, op: str) -> None:
             f"gfl_ops triton {op}: CPU tensors run only under Triton's interpreter; set "
             "TRITON_INTERPRET=1 before triton / gfl_ops.triton is imported, or use a CUDA tensor"
         )
-    raise RuntimeError(f"gfl_ops triton {op}: tensors on {t.device.type} are not supported "
-                       "(cuda, or cpu under TRITON_INTERPRET=1)")
+    raise RuntimeError(
+        f"gfl_ops triton {op}: tensors on {t.device.type} are not supported "
+        "(cuda, or cpu under TRITON_INTERPRET=1)"
+    )
 
 
 def launch_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -160,9 +162,15 @@ def row_block(cols_per_step: int, rows: int, dtype: torch.dtype) -> RowConfig:
 
 @triton.jit
 def _scale_rows_kernel(
-    grad_ptr, scale_ptr, out_ptr,
-    R, K, stride_scale,
-    CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    grad_ptr,
+    scale_ptr,
+    out_ptr,
+    R,
+    K,
+    stride_scale,
+    CDT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     rows = row_ids(tl.program_id(0), BLOCK_R)
     row_mask = rows < R
@@ -197,8 +205,15 @@ def scale_rows(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     cfg = row_block(block_k, rows, grad.dtype)
     with launch_guard(grad):
         _scale_rows_kernel[cfg.grid(rows)](
-            grad, scale, out, rows, cols, scale.stride(0),
-            CDT=tl_opmath(grad.dtype), BLOCK_R=cfg.block_rows, BLOCK_K=cfg.block_cols,
+            grad,
+            scale,
+            out,
+            rows,
+            cols,
+            scale.stride(0),
+            CDT=tl_opmath(grad.dtype),
+            BLOCK_R=cfg.block_rows,
+            BLOCK_K=cfg.block_cols,
             num_warps=cfg.num_warps,
         )
     return out

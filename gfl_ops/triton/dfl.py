@@ -39,19 +39,34 @@ def bins_config(num_rows: int, num_bins: int, dtype: torch.dtype) -> RowConfig:
 
 @triton.jit
 def _dfl_kernel(
-    pred_ptr, target_ptr, grad_out_ptr, loss_ptr, grad_ptr,
-    M, NB,
-    stride_pm, stride_pb, stride_t, stride_go,
-    CDT: tl.constexpr, WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    SCALE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    pred_ptr,
+    target_ptr,
+    grad_out_ptr,
+    loss_ptr,
+    grad_ptr,
+    M,
+    NB,
+    stride_pm,
+    stride_pb,
+    stride_t,
+    stride_go,
+    CDT: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     rows = row_ids(tl.program_id(0), BLOCK_M)
     row_mask = rows < M
     cols = tl.arange(0, BLOCK_B)
     col_in = cols < NB
     mask = row_mask[:, None] & col_in[None, :]
-    z = tl.load(pred_ptr + rows[:, None] * stride_pm + cols.to(tl.int64)[None, :] * stride_pb,
-                mask=mask, other=0.0).to(CDT)
+    z = tl.load(
+        pred_ptr + rows[:, None] * stride_pm + cols.to(tl.int64)[None, :] * stride_pb,
+        mask=mask,
+        other=0.0,
+    ).to(CDT)
     # padding columns are -inf (weight 0 in the softmax); padding rows stay finite (zeros)
     z = tl.where(col_in[None, :], z, -float("inf"))
     zs = z - tl.max(z, axis=1)[:, None]
@@ -84,8 +99,11 @@ def _dfl_kernel(
             go = tl.load(grad_out_ptr + rows * stride_go, mask=row_mask, other=0.0).to(CDT)
             g = g * go[:, None]
         g = tl.where(is_nan[:, None], float("nan"), g)
-        tl.store(grad_ptr + rows[:, None] * NB + cols[None, :], g.to(grad_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(
+            grad_ptr + rows[:, None] * NB + cols[None, :],
+            g.to(grad_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
 
 def _launch(pred, target, grad_out, write_loss, write_grad):
@@ -99,12 +117,23 @@ def _launch(pred, target, grad_out, write_loss, write_grad):
     dummy = pred
     with launch_guard(pred):
         _dfl_kernel[cfg.grid(m)](
-            pred, target, grad_out if grad_out is not None else dummy,
-            loss if loss is not None else dummy, grad if grad is not None else dummy,
-            m, nb, pred.stride(0), pred.stride(1), target.stride(0),
+            pred,
+            target,
+            grad_out if grad_out is not None else dummy,
+            loss if loss is not None else dummy,
+            grad if grad is not None else dummy,
+            m,
+            nb,
+            pred.stride(0),
+            pred.stride(1),
+            target.stride(0),
             grad_out.stride(0) if grad_out is not None else 0,
-            CDT=tl_opmath(pred.dtype), WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
-            SCALE_GRAD=grad_out is not None, BLOCK_M=cfg.block_rows, BLOCK_B=cfg.block_cols,
+            CDT=tl_opmath(pred.dtype),
+            WRITE_LOSS=write_loss,
+            WRITE_GRAD=write_grad,
+            SCALE_GRAD=grad_out is not None,
+            BLOCK_M=cfg.block_rows,
+            BLOCK_B=cfg.block_cols,
             num_warps=cfg.num_warps,
         )
     return loss, grad

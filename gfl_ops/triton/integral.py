@@ -18,19 +18,32 @@ from gfl_ops.triton.dfl import bins_config
 
 @triton.jit
 def _integral_kernel(
-    pred_ptr, grad_out_ptr, out_ptr, grad_ptr,
-    M, NB,
-    stride_pm, stride_pb, stride_go,
-    CDT: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    SCALE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    pred_ptr,
+    grad_out_ptr,
+    out_ptr,
+    grad_ptr,
+    M,
+    NB,
+    stride_pm,
+    stride_pb,
+    stride_go,
+    CDT: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     rows = row_ids(tl.program_id(0), BLOCK_M)
     row_mask = rows < M
     cols = tl.arange(0, BLOCK_B)
     col_in = cols < NB
     mask = row_mask[:, None] & col_in[None, :]
-    z = tl.load(pred_ptr + rows[:, None] * stride_pm + cols.to(tl.int64)[None, :] * stride_pb,
-                mask=mask, other=0.0).to(CDT)
+    z = tl.load(
+        pred_ptr + rows[:, None] * stride_pm + cols.to(tl.int64)[None, :] * stride_pb,
+        mask=mask,
+        other=0.0,
+    ).to(CDT)
     z = tl.where(col_in[None, :], z, -float("inf"))
     e = tl.exp(z - tl.max(z, axis=1)[:, None])
     inv_s = 1.0 / tl.sum(e, axis=1)
@@ -48,8 +61,11 @@ def _integral_kernel(
         if SCALE_GRAD:
             go = tl.load(grad_out_ptr + rows * stride_go, mask=row_mask, other=0.0).to(CDT)
             g = g * go[:, None]
-        tl.store(grad_ptr + rows[:, None] * NB + cols[None, :], g.to(grad_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(
+            grad_ptr + rows[:, None] * NB + cols[None, :],
+            g.to(grad_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
 
 def _launch(pred, grad_out, write_out, write_grad):
@@ -63,12 +79,21 @@ def _launch(pred, grad_out, write_out, write_grad):
     dummy = pred
     with launch_guard(pred):
         _integral_kernel[cfg.grid(m)](
-            pred, grad_out if grad_out is not None else dummy,
-            out if out is not None else dummy, grad if grad is not None else dummy,
-            m, nb, pred.stride(0), pred.stride(1),
+            pred,
+            grad_out if grad_out is not None else dummy,
+            out if out is not None else dummy,
+            grad if grad is not None else dummy,
+            m,
+            nb,
+            pred.stride(0),
+            pred.stride(1),
             grad_out.stride(0) if grad_out is not None else 0,
-            CDT=tl_opmath(pred.dtype), WRITE_OUT=write_out, WRITE_GRAD=write_grad,
-            SCALE_GRAD=grad_out is not None, BLOCK_M=cfg.block_rows, BLOCK_B=cfg.block_cols,
+            CDT=tl_opmath(pred.dtype),
+            WRITE_OUT=write_out,
+            WRITE_GRAD=write_grad,
+            SCALE_GRAD=grad_out is not None,
+            BLOCK_M=cfg.block_rows,
+            BLOCK_B=cfg.block_cols,
             num_warps=cfg.num_warps,
         )
     return out, grad
@@ -99,8 +124,9 @@ def _(pred):
 
 @integral_fwd_fused.register_fake
 def _(pred):
-    return pred.new_empty(pred.shape[0]), torch.empty_like(pred,
-                                                           memory_format=torch.contiguous_format)
+    return pred.new_empty(pred.shape[0]), torch.empty_like(
+        pred, memory_format=torch.contiguous_format
+    )
 
 
 @integral_bwd.register_fake

@@ -124,13 +124,33 @@ def _qfl_terms(x, y, beta, BETA_MODE: tl.constexpr, ACTIVATED: tl.constexpr):
 
 @triton.jit
 def _qfl_kernel(
-    pred_ptr, labels_ptr, scores_ptr, target_ptr, grad_out_ptr, loss_ptr, grad_ptr,
-    N, C,
-    stride_pn, stride_pc, stride_lab, stride_sc, stride_tn, stride_tc, stride_go,
-    beta_hi, beta_lo,
-    DENSE: tl.constexpr, ACTIVATED: tl.constexpr, BETA_MODE: tl.constexpr, CDT: tl.constexpr,
-    WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    pred_ptr,
+    labels_ptr,
+    scores_ptr,
+    target_ptr,
+    grad_out_ptr,
+    loss_ptr,
+    grad_ptr,
+    N,
+    C,
+    stride_pn,
+    stride_pc,
+    stride_lab,
+    stride_sc,
+    stride_tn,
+    stride_tc,
+    stride_go,
+    beta_hi,
+    beta_lo,
+    DENSE: tl.constexpr,
+    ACTIVATED: tl.constexpr,
+    BETA_MODE: tl.constexpr,
+    CDT: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rows = row_ids(tl.program_id(0), BLOCK_N)
     row_mask = rows < N
@@ -149,8 +169,11 @@ def _qfl_kernel(
         mask = row_mask[:, None] & (cols < C)[None, :]
         x = tl.load(pred_rows + cols64[None, :] * stride_pc, mask=mask, other=0.0).to(CDT)
         if DENSE:
-            y = tl.load(target_ptr + rows[:, None] * stride_tn + cols64[None, :] * stride_tc,
-                        mask=mask, other=0.0).to(CDT)
+            y = tl.load(
+                target_ptr + rows[:, None] * stride_tn + cols64[None, :] * stride_tc,
+                mask=mask,
+                other=0.0,
+            ).to(CDT)
         else:
             # labels outside [0, C) never match a column: background
             y = tl.where(cols[None, :] == labels[:, None], scores[:, None], 0.0)
@@ -160,8 +183,11 @@ def _qfl_kernel(
         if WRITE_GRAD:
             if SCALE_GRAD:
                 grad = grad * go[:, None]
-            tl.store(grad_ptr + rows[:, None] * C + cols64[None, :],
-                     grad.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                grad_ptr + rows[:, None] * C + cols64[None, :],
+                grad.to(grad_ptr.dtype.element_ty),
+                mask=mask,
+            )
     if WRITE_LOSS:
         tl.store(loss_ptr + rows, acc.to(loss_ptr.dtype.element_ty), mask=row_mask)
 
@@ -182,18 +208,33 @@ def _launch(pred, labels, scores, target, grad_out, beta, activated, write_loss,
     dummy = pred  # pointer for arguments a constexpr branch never reads
     with launch_guard(pred):
         _qfl_kernel[cfg.grid(n)](
-            pred, labels if not dense else dummy, scores if not dense else dummy,
-            target if dense else dummy, grad_out if grad_out is not None else dummy,
-            loss if loss is not None else dummy, grad if grad is not None else dummy,
-            n, c,
-            pred.stride(0), pred.stride(1),
-            0 if dense else labels.stride(0), 0 if dense else scores.stride(0),
-            target.stride(0) if dense else 0, target.stride(1) if dense else 0,
+            pred,
+            labels if not dense else dummy,
+            scores if not dense else dummy,
+            target if dense else dummy,
+            grad_out if grad_out is not None else dummy,
+            loss if loss is not None else dummy,
+            grad if grad is not None else dummy,
+            n,
+            c,
+            pred.stride(0),
+            pred.stride(1),
+            0 if dense else labels.stride(0),
+            0 if dense else scores.stride(0),
+            target.stride(0) if dense else 0,
+            target.stride(1) if dense else 0,
             grad_out.stride(0) if grad_out is not None else 0,
-            beta_hi, beta_lo,
-            DENSE=dense, ACTIVATED=bool(activated), BETA_MODE=beta_mode(beta),
-            CDT=tl_opmath(pred.dtype), WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
-            SCALE_GRAD=grad_out is not None, BLOCK_N=cfg.block_rows, BLOCK_C=cfg.block_cols,
+            beta_hi,
+            beta_lo,
+            DENSE=dense,
+            ACTIVATED=bool(activated),
+            BETA_MODE=beta_mode(beta),
+            CDT=tl_opmath(pred.dtype),
+            WRITE_LOSS=write_loss,
+            WRITE_GRAD=write_grad,
+            SCALE_GRAD=grad_out is not None,
+            BLOCK_N=cfg.block_rows,
+            BLOCK_C=cfg.block_cols,
             num_warps=cfg.num_warps,
         )
     return loss, grad
@@ -211,43 +252,54 @@ def _loss_like(pred: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("gfl_ops::triton_qfl_fwd", mutates_args=())
-def qfl_fwd(pred: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, beta: float,
-            activated: bool) -> torch.Tensor:
+def qfl_fwd(
+    pred: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, beta: float, activated: bool
+) -> torch.Tensor:
     """(N,) QFL per anchor from (N, C) ``pred``, (N,) integer ``labels``, (N,) float ``scores``."""
     return _launch(pred, labels, scores, None, None, beta, activated, True, False)[0]
 
 
 @torch.library.custom_op("gfl_ops::triton_qfl_fwd_fused", mutates_args=())
-def qfl_fwd_fused(pred: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, beta: float,
-                  activated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def qfl_fwd_fused(
+    pred: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, beta: float, activated: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss (N,), dloss/dpred (N, C) in pred's dtype) in one pass over ``pred``."""
     return _launch(pred, labels, scores, None, None, beta, activated, True, True)
 
 
 @torch.library.custom_op("gfl_ops::triton_qfl_bwd", mutates_args=())
-def qfl_bwd(grad_loss: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor,
-            scores: torch.Tensor, beta: float, activated: bool) -> torch.Tensor:
+def qfl_bwd(
+    grad_loss: torch.Tensor,
+    pred: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    beta: float,
+    activated: bool,
+) -> torch.Tensor:
     """(N, C) ``grad_loss[:, None] * dloss/dpred``, recomputed, in pred's dtype."""
     return _launch(pred, labels, scores, None, grad_loss, beta, activated, False, True)[1]
 
 
 @torch.library.custom_op("gfl_ops::triton_qfl_dense_fwd", mutates_args=())
-def qfl_dense_fwd(pred: torch.Tensor, target: torch.Tensor, beta: float,
-                  activated: bool) -> torch.Tensor:
+def qfl_dense_fwd(
+    pred: torch.Tensor, target: torch.Tensor, beta: float, activated: bool
+) -> torch.Tensor:
     """(N,) QFL per anchor from (N, C) ``pred`` and a dense (N, C) float ``target``."""
     return _launch(pred, None, None, target, None, beta, activated, True, False)[0]
 
 
 @torch.library.custom_op("gfl_ops::triton_qfl_dense_fwd_fused", mutates_args=())
-def qfl_dense_fwd_fused(pred: torch.Tensor, target: torch.Tensor, beta: float,
-                        activated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def qfl_dense_fwd_fused(
+    pred: torch.Tensor, target: torch.Tensor, beta: float, activated: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss (N,), dloss/dpred (N, C)) for a dense target, in one pass."""
     return _launch(pred, None, None, target, None, beta, activated, True, True)
 
 
 @torch.library.custom_op("gfl_ops::triton_qfl_dense_bwd", mutates_args=())
-def qfl_dense_bwd(grad_loss: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
-                  beta: float, activated: bool) -> torch.Tensor:
+def qfl_dense_bwd(
+    grad_loss: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, beta: float, activated: bool
+) -> torch.Tensor:
     """(N, C) ``grad_loss[:, None] * dloss/dpred`` for a dense target, recomputed."""
     return _launch(pred, None, None, target, grad_loss, beta, activated, False, True)[1]
 

@@ -37,8 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 def tiny_data(tmp_path_factory):
     """16 training images (2 iterations of the smoke budget's batch 8) and 4 validation ones."""
     root = tmp_path_factory.mktemp("shapes")
-    generate_dataset(root, SyntheticConfig(num_train=16, num_val=4, seed=5,
-                                           image_size_range=(96, 128)))
+    generate_dataset(
+        root, SyntheticConfig(num_train=16, num_val=4, seed=5, image_size_range=(96, 128))
+    )
     return root
 
 
@@ -60,8 +61,8 @@ def test_gaussian_nll_hand_case():
 
 
 def test_l2_joint_score_loss_hand_case():
-    logits = torch.zeros(2, 3, requires_grad=True)        # every probability 0.5
-    labels = torch.tensor([1, 3])                          # 3 = background
+    logits = torch.zeros(2, 3, requires_grad=True)  # every probability 0.5
+    labels = torch.tensor([1, 3])  # 3 = background
     scores = torch.tensor([0.8, 0.0])
     loss = l2_joint_score_loss(logits, labels, scores)
     assert loss.item() == pytest.approx(0.25 + 0.09 + 0.25 + 3 * 0.25)
@@ -77,8 +78,9 @@ def test_l2_joint_score_loss_hand_case():
 def test_l2_score_variant_loss_without_positives():
     """No ground truth: the L2 classification loss is sum(p^2) / (images counted as 1 each)."""
     cfg = ModelConfig(depth=18, num_classes=3, variant="qfl", cls_loss="l2")
-    anchors = AnchorGenerator((8, 16, 32, 64, 128))([(-(-64 // s), -(-64 // s))
-                                                     for s in (8, 16, 32, 64, 128)])
+    anchors = AnchorGenerator((8, 16, 32, 64, 128))(
+        [(-(-64 // s), -(-64 // s)) for s in (8, 16, 32, 64, 128)]
+    )
     n = anchors.boxes.size(0)
     cls = torch.randn(2, n, 3, requires_grad=True)
     reg = torch.randn(2, n, 4, requires_grad=True)
@@ -91,14 +93,25 @@ def test_l2_score_variant_loss_without_positives():
 
 def _batch():
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 90.0, 90.0]]),
-                "labels": torch.tensor([0, 2])},
-               {"boxes": torch.tensor([[20.0, 20.0, 44.0, 40.0]]), "labels": torch.tensor([1])}]
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 90.0, 90.0]]),
+            "labels": torch.tensor([0, 2]),
+        },
+        {"boxes": torch.tensor([[20.0, 20.0, 44.0, 40.0]]), "labels": torch.tensor([1])},
+    ]
     return images, targets
 
 
-TINY = dict(depth=18, num_classes=3, fpn_channels=16, feat_channels=16, stacked_convs=1,
-            gn_groups=4, reg_max=4)
+TINY = dict(
+    depth=18,
+    num_classes=3,
+    fpn_channels=16,
+    feat_channels=16,
+    stacked_convs=1,
+    gn_groups=4,
+    reg_max=4,
+)
 
 
 def test_gaussian_boxes_train_means_and_sigmas():
@@ -109,7 +122,7 @@ def test_gaussian_boxes_train_means_and_sigmas():
     out = model(*_batch())
     assert list(out) == model.loss_names and all(torch.isfinite(v) for v in out.values())
     out["loss_nll"].backward()
-    g = model.head.reg_out.weight.grad                     # (8, C, 3, 3): 4 means, 4 log-sigmas
+    g = model.head.reg_out.weight.grad  # (8, C, 3, 3): 4 means, 4 log-sigmas
     assert g[:4].abs().sum() > 0 and g[4:].abs().sum() > 0
     model.eval()
     dets = model.predict(_batch()[0])
@@ -124,7 +137,7 @@ def test_general_without_dfl_has_no_dfl_term():
     out = model(*_batch())
     assert "loss_dfl" not in out and "loss_centerness" in out
     out["loss"].backward()
-    assert model.head.reg_out.weight.grad.abs().sum() > 0     # GIoU alone trains the bins
+    assert model.head.reg_out.weight.grad.abs().sum() > 0  # GIoU alone trains the bins
 
 
 def test_option_defaults_keep_every_variant_and_config():
@@ -134,7 +147,7 @@ def test_option_defaults_keep_every_variant_and_config():
         assert c.box_representation == ("general" if dfl else "dirac")
         assert c.classification_loss == ("qfl" if qfl else "focal")
     new = {"box_repr", "dfl_loss", "cls_loss", "loss_nll_weight"}
-    for name in CONFIGS:   # stored model dicts (and so checkpoints) never name the new options
+    for name in CONFIGS:  # stored model dicts (and so checkpoints) never name the new options
         assert not new & set(get_config(name).model)
     with pytest.raises(ValueError, match="dfl_loss needs"):
         ModelConfig(variant="atss", dfl_loss=True)
@@ -181,7 +194,7 @@ def test_every_setting_builds_and_trains_one_step(fake_dataset):
         out["loss"].backward()
         opt.step()
         assert not torch.equal(before, model.head.reg_out.weight), (spec.study, spec.setting)
-    assert len(seen) == 16   # 22 settings, 6 of which repeat another study's experiment
+    assert len(seen) == 16  # 22 settings, 6 of which repeat another study's experiment
 
 
 def test_shared_settings_share_runs_and_keys_follow_the_budget(fake_dataset):
@@ -191,7 +204,7 @@ def test_shared_settings_share_runs_and_keys_follow_the_budget(fake_dataset):
     assert key["table3", "qfl", 0] == key["beta", "beta=2", 0] == key["l2_score", "qfl", 0]
     assert key["table3", "atss", 0] == key["representation", "dirac", 0]
     assert key["table3", "dfl", 0] == key["representation", "general+dfl", 0]
-    assert key["table3", "gfl", 0] == key["bins", "n=8", 0]     # the base config's reg_max
+    assert key["table3", "gfl", 0] == key["bins", "n=8", 0]  # the base config's reg_max
     assert key["table3", "qfl", 0] != key["table3", "qfl", 1]
     assert len({k for (st, _, sd), k in key.items() if sd == 0 and st in ("table3", "beta")}) == 8
     # bookkeeping does not change a run; the schedule and the data do
@@ -208,13 +221,16 @@ def test_shared_settings_share_runs_and_keys_follow_the_budget(fake_dataset):
 def test_tasks_group_shared_runs(tmp_path, fake_dataset):
     base = _smoke_base()
     specs = plan_runs([STUDIES["table3"], STUDIES["beta"]], [0], base, fake_dataset)
-    opts = SweepOptions(tmp_path / "out", tmp_path / "work", fake_dataset, "smoke",
-                        budget_id(base, fake_dataset))
+    opts = SweepOptions(
+        tmp_path / "out", tmp_path / "work", fake_dataset, "smoke", budget_id(base, fake_dataset)
+    )
     already, tasks = group_tasks(specs, opts, record=lambda rows: None)
     assert already == 0 and len(tasks) == 8
     shared = [t for t in tasks if len(t.specs) == 2]
-    assert [(s.study, s.setting) for s in shared[0].specs] == [("table3", "qfl"),
-                                                               ("beta", "beta=2")]
+    assert [(s.study, s.setting) for s in shared[0].specs] == [
+        ("table3", "qfl"),
+        ("beta", "beta=2"),
+    ]
 
 
 def test_budget_scales_the_lr_steps():
@@ -229,17 +245,37 @@ def test_budget_scales_the_lr_steps():
 
 
 def _row(setting, seed, ap, r=0.5, budget="b1", study="table3"):
-    return {"study": study, "setting": setting, "seed": str(seed), "AP": repr(ap),
-            "AP50": repr(ap + 0.2), "AP75": repr(ap), "APs": "-1.0", "APm": repr(ap),
-            "APl": repr(ap), "score_iou_r": repr(r), "train_seconds": "100", "budget_id": budget,
-            "budget": "test", "dataset": "d", "epochs": "1", "iterations": "2", "img_size": "64",
-            "commit": "abc", "device": "cpu", "torch": "2", "run_key": f"{setting}{seed}"}
+    return {
+        "study": study,
+        "setting": setting,
+        "seed": str(seed),
+        "AP": repr(ap),
+        "AP50": repr(ap + 0.2),
+        "AP75": repr(ap),
+        "APs": "-1.0",
+        "APm": repr(ap),
+        "APl": repr(ap),
+        "score_iou_r": repr(r),
+        "train_seconds": "100",
+        "budget_id": budget,
+        "budget": "test",
+        "dataset": "d",
+        "epochs": "1",
+        "iterations": "2",
+        "img_size": "64",
+        "commit": "abc",
+        "device": "cpu",
+        "torch": "2",
+        "run_key": f"{setting}{seed}",
+    }
 
 
-TABLE3_ROWS = ([_row("atss", s, ap, r=0.6) for s, ap in enumerate((0.30, 0.32, 0.34))]
-               + [_row("qfl", s, ap) for s, ap in enumerate((0.40, 0.41, 0.42))]
-               + [_row("dfl", s, 0.31) for s in (0, 1)]
-               + [_row("gfl", 0, 0.29, r=0.7)])
+TABLE3_ROWS = (
+    [_row("atss", s, ap, r=0.6) for s, ap in enumerate((0.30, 0.32, 0.34))]
+    + [_row("qfl", s, ap) for s, ap in enumerate((0.40, 0.41, 0.42))]
+    + [_row("dfl", s, 0.31) for s in (0, 1)]
+    + [_row("gfl", 0, 0.29, r=0.7)]
+)
 
 
 def test_summary_statistics_from_rows():
@@ -249,7 +285,7 @@ def test_summary_statistics_from_rows():
     assert sums["qfl"].stats["AP"].std == pytest.approx(1.0)
     assert sums["dfl"].stats["AP"].std == pytest.approx(0.0)
     assert sums["gfl"].seeds == 1 and math.isnan(sums["gfl"].stats["AP"].std)
-    assert sums["atss"].stats["APs"].n == 0                     # COCOeval's -1 is "no value"
+    assert sums["atss"].stats["APs"].n == 0  # COCOeval's -1 is "no value"
     assert sums["atss"].stats["r"].mean == pytest.approx(0.6)
     assert ranks({"a": 1.0, "b": 2.0, "c": 2.0, "d": math.nan}) == {"a": 3, "b": 1, "c": 1}
 
@@ -258,12 +294,18 @@ def test_orderings_from_rows():
     sums = summarize(STUDIES["table3"], TABLE3_ROWS)
     by_pair = {(o.better, o.worse): o for o in orderings(sums, "AP")}
     # paper: gfl 40.2 > qfl 39.9 > dfl 39.5 > atss 39.2: all six pairs are claims
-    assert set(by_pair) == {("qfl", "atss"), ("dfl", "atss"), ("gfl", "atss"), ("qfl", "dfl"),
-                            ("gfl", "qfl"), ("gfl", "dfl")}
+    assert set(by_pair) == {
+        ("qfl", "atss"),
+        ("dfl", "atss"),
+        ("gfl", "atss"),
+        ("qfl", "dfl"),
+        ("gfl", "qfl"),
+        ("gfl", "dfl"),
+    }
     o = by_pair["qfl", "atss"]
     assert o.paper_gap == pytest.approx(0.7) and o.gap == pytest.approx(9.0)
     assert o.se == pytest.approx(math.sqrt(4 / 3 + 1 / 3)) and o.reproduced and o.clearly
-    assert by_pair["dfl", "atss"].reproduced is False                    # 31 < 32
+    assert by_pair["dfl", "atss"].reproduced is False  # 31 < 32
     assert by_pair["qfl", "dfl"].reproduced and by_pair["qfl", "dfl"].clearly
     assert by_pair["gfl", "qfl"].reproduced is False
     assert math.isnan(by_pair["gfl", "dfl"].se) and not by_pair["gfl", "dfl"].clearly
@@ -283,10 +325,13 @@ def test_markdown_and_plots_from_a_csv(tmp_path):
     assert "AP orderings reproduced: **2 of 6** (2 clearly" in md
     assert "score–IoU r orderings reproduced: **1 of 1**" in md
     assert "1 row(s) of other budgets" in md and (tmp_path / "table3.png").stat().st_size > 0
-    beta = [_row(f"beta={b:g}", s, 0.3 + 0.01 * b + 0.005 * s, study="beta")
-            for b in (0, 1, 2, 2.5, 4) for s in (0, 1)]
+    beta = [
+        _row(f"beta={b:g}", s, 0.3 + 0.01 * b + 0.005 * s, study="beta")
+        for b in (0, 1, 2, 2.5, 4)
+        for s in (0, 1)
+    ]
     write_rows(tmp_path / "beta.csv", beta)
-    md = write_report(STUDIES["beta"], tmp_path).read_text()   # budget of the last row
+    md = write_report(STUDIES["beta"], tmp_path).read_text()  # budget of the last row
     assert "| β = 4 | 38.2 | 34.2 ± 0.4 |" in md and (tmp_path / "beta.png").is_file()
     assert render_markdown(STUDIES["bins"], []).count("| — |") >= 6
 
@@ -308,15 +353,33 @@ def _wait_for(cond, proc, timeout=180.0):
 
 def test_killed_sweep_continues_and_finished_runs_are_skipped(tmp_path, tiny_data, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
-    args = ["l2_score", "--settings", "atss,l2", "--seeds", "1", "--budget", "smoke",
-            "--max-train-images", "8", "--data", str(tiny_data), "--output", str(out),
-            "--work-dir", str(work), "--threads", "1", "--no-progress"]
+    args = [
+        "l2_score",
+        "--settings",
+        "atss,l2",
+        "--seeds",
+        "1",
+        "--budget",
+        "smoke",
+        "--max-train-images",
+        "8",
+        "--data",
+        str(tiny_data),
+        "--output",
+        str(out),
+        "--work-dir",
+        str(work),
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "detector.ablation", *args]
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     _wait_for(lambda: len(read_rows(out / "l2_score.csv")) == 1, p)
-    p.kill()                      # no warning: its worker gets SIGTERM from the kernel
+    p.kill()  # no warning: its worker gets SIGTERM from the kernel
     p.communicate()
     (first,) = read_rows(out / "l2_score.csv")
     assert first["setting"] == "atss" and first["budget"].startswith("smoke")
@@ -328,7 +391,7 @@ def test_killed_sweep_continues_and_finished_runs_are_skipped(tmp_path, tiny_dat
     for x in rows:
         assert 0.0 <= float(x["AP"]) <= 1.0 and float(x["train_seconds"]) > 0
         assert x["torch"] == torch.__version__ and x["commit"] and x["device"]
-    assert not list(work.glob("*/*.pth"))                       # checkpoints of finished runs
+    assert not list(work.glob("*/*.pth"))  # checkpoints of finished runs
     md = (out / "l2_score.md").read_text()
     assert "joint score + L2" in md and (out / "l2_score.png").is_file()
     # again: nothing to train; and another study's identical setting copies the finished row
@@ -346,11 +409,16 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_data, caplog
     there, adds its training time to the first one's and finishes with a result."""
     dataset = coco_folder(tiny_data)
     base = _smoke_base()
-    (spec,) = plan_runs([STUDIES["table3"]], [0], base, dataset)[3:]   # gfl
+    (spec,) = plan_runs([STUDIES["table3"]], [0], base, dataset)[3:]  # gfl
     run_dir = tmp_path / spec.key
     run_dir.mkdir()
-    job = {"config": spec.config.to_dict(), "paths": dataset.paths(), "device": "cpu",
-           "threads": 1, "stop_after_iters": 1}
+    job = {
+        "config": spec.config.to_dict(),
+        "paths": dataset.paths(),
+        "device": "cpu",
+        "threads": 1,
+        "stop_after_iters": 1,
+    }
     worker.write_json(run_dir / "run.json", job)
     assert worker.run(run_dir) == 3
     from detector.checkpoint import read_checkpoint

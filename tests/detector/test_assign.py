@@ -20,12 +20,14 @@ def make_anchors(h: int, w: int, dtype=torch.float64):
     return AnchorGenerator(STRIDES, 8.0)(sizes, "cpu", dtype)
 
 
-def loop_atss(anchors: list[list[float]], num_level_anchors: list[int],
-              gts: list[list[float]], topk: int) -> list[int]:
+def loop_atss(
+    anchors: list[list[float]], num_level_anchors: list[int], gts: list[list[float]], topk: int
+) -> list[int]:
     """ATSS written the obvious way, in Python floats: one GT, one level, one anchor at a time.
 
     Ties: equal centre distances go to the lower anchor index, equal IoUs to the lower GT index.
     """
+
     def centre(b):
         return (b[0] + b[2]) * 0.5, (b[1] + b[3]) * 0.5
 
@@ -71,8 +73,9 @@ def random_gts(h: int, w: int, n: int, seed: int, snap: bool) -> list[list[float
     g = torch.Generator().manual_seed(seed)
     ctr = torch.rand(n, 2, generator=g, dtype=torch.float64) * torch.tensor([w + 16.0, h + 16.0])
     ctr -= 8.0
-    side = torch.exp(torch.rand(n, 2, generator=g, dtype=torch.float64)
-                     * math.log(1.5 * max(h, w, 2)))
+    side = torch.exp(
+        torch.rand(n, 2, generator=g, dtype=torch.float64) * math.log(1.5 * max(h, w, 2))
+    )
     boxes = torch.cat([ctr - side / 2, ctr + side / 2], dim=1)
     if snap:
         boxes = (boxes / 4).round() * 4
@@ -83,8 +86,14 @@ sizes = st.integers(1, 256)
 
 
 @settings(max_examples=150, deadline=None)
-@given(h=sizes, w=sizes, n=st.integers(0, 8), seed=st.integers(0, 2**31 - 1),
-       snap=st.booleans(), topk=st.sampled_from([1, 3, 9]))
+@given(
+    h=sizes,
+    w=sizes,
+    n=st.integers(0, 8),
+    seed=st.integers(0, 2**31 - 1),
+    snap=st.booleans(),
+    topk=st.sampled_from([1, 3, 9]),
+)
 def test_matches_loop(h, w, n, seed, snap, topk):
     anchors = make_anchors(h, w)
     gts = random_gts(h, w, n, seed, snap)
@@ -96,11 +105,14 @@ def test_matches_loop(h, w, n, seed, snap, topk):
 
 
 @settings(max_examples=50, deadline=None)
-@given(h=st.integers(8, 200), w=st.integers(8, 200),
-       counts=st.lists(st.integers(0, 5), min_size=1, max_size=3),
-       seed=st.integers(0, 2**31 - 1), snap=st.booleans(),
-       valid_hw=st.lists(st.tuples(st.integers(1, 200), st.integers(1, 200)), min_size=3,
-                         max_size=3))
+@given(
+    h=st.integers(8, 200),
+    w=st.integers(8, 200),
+    counts=st.lists(st.integers(0, 5), min_size=1, max_size=3),
+    seed=st.integers(0, 2**31 - 1),
+    snap=st.booleans(),
+    valid_hw=st.lists(st.tuples(st.integers(1, 200), st.integers(1, 200)), min_size=3, max_size=3),
+)
 def test_batched_with_padding_and_invalid_anchors(h, w, counts, seed, snap, valid_hw):
     """Each image of a batch equals the loop run on that image's valid anchors only."""
     anchors = make_anchors(h, w)
@@ -114,11 +126,12 @@ def test_batched_with_padding_and_invalid_anchors(h, w, counts, seed, snap, vali
     gt_valid = torch.zeros(batch, g, dtype=torch.bool)
     for i, x in enumerate(gts):
         if x:
-            boxes[i, :len(x)] = torch.tensor(x, dtype=torch.float64)
-            gt_valid[i, :len(x)] = True
-        boxes[i, len(x):] = torch.tensor([0.0, 0.0, 300.0, 300.0])  # padding must be ignored
-    got = atss_assign_batched(anchors.boxes, anchors.num_level_anchors, boxes, gt_valid,
-                              topk=9, anchor_valid=valid)
+            boxes[i, : len(x)] = torch.tensor(x, dtype=torch.float64)
+            gt_valid[i, : len(x)] = True
+        boxes[i, len(x) :] = torch.tensor([0.0, 0.0, 300.0, 300.0])  # padding must be ignored
+    got = atss_assign_batched(
+        anchors.boxes, anchors.num_level_anchors, boxes, gt_valid, topk=9, anchor_valid=valid
+    )
     for i in range(batch):
         keep = valid[i].nonzero().flatten()
         per_level = [int(v.sum()) for v in valid[i].split(anchors.num_level_anchors)]
@@ -151,7 +164,7 @@ def test_gt_equal_to_an_anchor_is_positive_there():
     anchors = make_anchors(128, 128, torch.float32)
     # the P3 anchor at location (x=6, y=5): centre (48, 40), side 64
     idx = 5 * 16 + 6
-    gt = anchors.boxes[idx:idx + 1].clone()
+    gt = anchors.boxes[idx : idx + 1].clone()
     out = atss_assign(anchors.boxes, anchors.num_level_anchors, gt)
     assert out[idx] == 0
 
@@ -164,8 +177,9 @@ def test_highest_iou_wins_and_ties_go_to_lower_index():
     gts = torch.stack([small, a.clone(), a.clone()])  # GT 1 and 2 identical, both beat GT 0
     out = atss_assign(anchors.boxes, anchors.num_level_anchors, gts)
     assert out[idx] == 1
-    assert out.tolist() == loop_atss(anchors.boxes.tolist(), anchors.num_level_anchors,
-                                     gts.tolist(), 9)
+    assert out.tolist() == loop_atss(
+        anchors.boxes.tolist(), anchors.num_level_anchors, gts.tolist(), 9
+    )
 
 
 def test_bad_shapes():

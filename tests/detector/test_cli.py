@@ -22,17 +22,39 @@ REPO = Path(__file__).resolve().parents[2]
 METRIC_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "score_iou_pearson"}
 
 
-@pytest.mark.parametrize("module, flags", [
-    ("detector.train", ["--train-ann", "--train-images", "--val-ann", "--val-images", "--output",
-                        "--config", "--epochs", "--resume", "--seed", "--amp"]),
-    ("detector.eval", ["--checkpoint", "--ann", "--images", "--output"]),
-    ("detector.infer", ["--checkpoint", "--input", "--output", "--score-thr"]),
-    ("detector.main_job", ["--data", "--output", "--seed"]),
-    ("detector.data.synthetic", ["--num-train", "--seed"]),
-])
+@pytest.mark.parametrize(
+    "module, flags",
+    [
+        (
+            "detector.train",
+            [
+                "--train-ann",
+                "--train-images",
+                "--val-ann",
+                "--val-images",
+                "--output",
+                "--config",
+                "--epochs",
+                "--resume",
+                "--seed",
+                "--amp",
+            ],
+        ),
+        ("detector.eval", ["--checkpoint", "--ann", "--images", "--output"]),
+        ("detector.infer", ["--checkpoint", "--input", "--output", "--score-thr"]),
+        ("detector.main_job", ["--data", "--output", "--seed"]),
+        ("detector.data.synthetic", ["--num-train", "--seed"]),
+    ],
+)
 def test_help(module, flags):
-    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     for f in flags:
         assert f in r.stdout, f
@@ -41,15 +63,34 @@ def test_help(module, flags):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    return generate_dataset(root, SyntheticConfig(num_train=6, num_val=3, seed=8,
-                                                  image_size_range=(96, 128)))
+    return generate_dataset(
+        root, SyntheticConfig(num_train=6, num_val=3, seed=8, image_size_range=(96, 128))
+    )
 
 
 def _train_args(data, out, *extra):
-    return ["--config", "gfl_tiny_test", "--train-ann", str(data["train_ann"]),
-            "--train-images", str(data["train_images"]), "--val-ann", str(data["val_ann"]),
-            "--val-images", str(data["val_images"]), "--output", str(out), "--no-progress",
-            "--device", "cpu", "--epochs", "1", "--set", "data.img_scale=(128,128)", *extra]
+    return [
+        "--config",
+        "gfl_tiny_test",
+        "--train-ann",
+        str(data["train_ann"]),
+        "--train-images",
+        str(data["train_images"]),
+        "--val-ann",
+        str(data["val_ann"]),
+        "--val-images",
+        str(data["val_images"]),
+        "--output",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--set",
+        "data.img_scale=(128,128)",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +101,15 @@ def trained(data, tmp_path_factory):
 
 
 def test_train_outputs(trained):
-    for f in ("latest.pth", "epoch_1.pth", "config.json", "train_log.csv", "eval_log.csv",
-              "metrics.json", "train.log"):
+    for f in (
+        "latest.pth",
+        "epoch_1.pth",
+        "config.json",
+        "train_log.csv",
+        "eval_log.csv",
+        "metrics.json",
+        "train.log",
+    ):
         assert (trained / f).is_file(), f
     assert list((trained / "tb").glob("events.out.tfevents.*"))
     assert METRIC_KEYS <= set(json.loads((trained / "metrics.json").read_text()))
@@ -72,9 +120,23 @@ def test_train_outputs(trained):
 
 def test_eval_cli(data, trained, tmp_path, capsys):
     out = tmp_path / "eval"
-    rc = eval_cli.main(["--checkpoint", str(trained / "latest.pth"), "--ann",
-                        str(data["val_ann"]), "--images", str(data["val_images"]), "--output",
-                        str(out), "--device", "cpu", "--no-progress", "--score-thr", "0.0"])
+    rc = eval_cli.main(
+        [
+            "--checkpoint",
+            str(trained / "latest.pth"),
+            "--ann",
+            str(data["val_ann"]),
+            "--images",
+            str(data["val_images"]),
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--score-thr",
+            "0.0",
+        ]
+    )
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics) and metrics["num_images"] == 3
@@ -90,9 +152,21 @@ def test_eval_cli_drops_undecodable_image(data, trained, tmp_path, capsys):
     imgs = tmp_path / "imgs"
     shutil.copytree(data["val_images"], imgs)
     next(iter(sorted(imgs.iterdir()))).write_bytes(b"\x89PNG broken")
-    rc = eval_cli.main(["--checkpoint", str(trained / "latest.pth"), "--ann",
-                        str(data["val_ann"]), "--images", str(imgs), "--output",
-                        str(tmp_path / "e"), "--device", "cpu", "--no-progress"])
+    rc = eval_cli.main(
+        [
+            "--checkpoint",
+            str(trained / "latest.pth"),
+            "--ann",
+            str(data["val_ann"]),
+            "--images",
+            str(imgs),
+            "--output",
+            str(tmp_path / "e"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["num_images"] == 2 and m["skipped_images"] == 1
@@ -101,9 +175,22 @@ def test_eval_cli_drops_undecodable_image(data, trained, tmp_path, capsys):
 
 def test_infer_cli(data, trained, tmp_path):
     out = tmp_path / "vis"
-    rc = infer_cli.main(["--checkpoint", str(trained / "latest.pth"), "--input",
-                         str(data["val_images"]), "--output", str(out), "--score-thr", "0.0",
-                         "--device", "cpu", "--limit", "2"])
+    rc = infer_cli.main(
+        [
+            "--checkpoint",
+            str(trained / "latest.pth"),
+            "--input",
+            str(data["val_images"]),
+            "--output",
+            str(out),
+            "--score-thr",
+            "0.0",
+            "--device",
+            "cpu",
+            "--limit",
+            "2",
+        ]
+    )
     assert rc == 0
     for stem in ("000000", "000001"):
         for suffix in ("_det.png", "_dist.png"):
@@ -122,13 +209,39 @@ def test_infer_single_image_and_bad_file(data, trained, tmp_path, caplog):
     (folder / "ok.png").write_bytes(img.read_bytes())
     (folder / "bad.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "o"
-    assert infer_cli.main(["--checkpoint", str(trained / "latest.pth"), "--input", str(folder),
-                           "--output", str(out), "--device", "cpu", "--no-distributions"]) == 0
+    assert (
+        infer_cli.main(
+            [
+                "--checkpoint",
+                str(trained / "latest.pth"),
+                "--input",
+                str(folder),
+                "--output",
+                str(out),
+                "--device",
+                "cpu",
+                "--no-distributions",
+            ]
+        )
+        == 0
+    )
     assert (out / "ok_det.png").is_file() and not (out / "bad_det.png").exists()
     assert "bad.jpg" in caplog.text and "cannot decode" in caplog.text
-    assert infer_cli.main(["--checkpoint", str(trained / "latest.pth"), "--input",
-                           str(folder / "ok.png"), "--output", str(tmp_path / "o2"),
-                           "--device", "cpu"]) == 0
+    assert (
+        infer_cli.main(
+            [
+                "--checkpoint",
+                str(trained / "latest.pth"),
+                "--input",
+                str(folder / "ok.png"),
+                "--output",
+                str(tmp_path / "o2"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -150,13 +263,28 @@ def test_train_bad_override_and_config(data, tmp_path, capsys):
 
 
 def test_eval_checkpoint_for_another_config(data, trained, tmp_path, capsys):
-    rc = eval_cli.main(["--checkpoint", str(trained / "latest.pth"), "--ann",
-                        str(data["val_ann"]), "--images", str(data["val_images"]), "--output",
-                        str(tmp_path), "--config", "gfl_r18_synthetic_cpu", "--device", "cpu"])
+    rc = eval_cli.main(
+        [
+            "--checkpoint",
+            str(trained / "latest.pth"),
+            "--ann",
+            str(data["val_ann"]),
+            "--images",
+            str(data["val_images"]),
+            "--output",
+            str(tmp_path),
+            "--config",
+            "gfl_r18_synthetic_cpu",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
-    assert "latest.pth: checkpoint was trained with config 'gfl_tiny_test', not " \
-           "'gfl_r18_synthetic_cpu'" in err
+    assert (
+        "latest.pth: checkpoint was trained with config 'gfl_tiny_test', not "
+        "'gfl_r18_synthetic_cpu'" in err
+    )
     assert "reg_max" in err
 
 
@@ -164,21 +292,44 @@ def test_eval_checkpoint_with_wrong_weights_or_classes(data, trained, tmp_path, 
     ck = torch.load(trained / "latest.pth", map_location="cpu", weights_only=False)
     ck["config"]["model"]["reg_max"] = 8  # the weights no longer fit the model
     torch.save(ck, tmp_path / "mismatch.pth")
-    rc = eval_cli.main(["--checkpoint", str(tmp_path / "mismatch.pth"), "--ann",
-                        str(data["val_ann"]), "--images", str(data["val_images"]),
-                        "--output", str(tmp_path), "--device", "cpu"])
+    rc = eval_cli.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "mismatch.pth"),
+            "--ann",
+            str(data["val_ann"]),
+            "--images",
+            str(data["val_images"]),
+            "--output",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "mismatch.pth: weights do not fit this model" in err and "shape mismatch" in err
 
     ann = json.loads(Path(data["val_ann"]).read_text())
     ann["categories"] = ann["categories"][:3]
-    ann["annotations"] = [a for a in ann["annotations"]
-                          if a["category_id"] in {c["id"] for c in ann["categories"]}]
+    ann["annotations"] = [
+        a for a in ann["annotations"] if a["category_id"] in {c["id"] for c in ann["categories"]}
+    ]
     (tmp_path / "three.json").write_text(json.dumps(ann))
-    rc = eval_cli.main(["--checkpoint", str(trained / "latest.pth"), "--ann",
-                        str(tmp_path / "three.json"), "--images", str(data["val_images"]),
-                        "--output", str(tmp_path), "--device", "cpu"])
+    rc = eval_cli.main(
+        [
+            "--checkpoint",
+            str(trained / "latest.pth"),
+            "--ann",
+            str(tmp_path / "three.json"),
+            "--images",
+            str(data["val_images"]),
+            "--output",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 2
     assert "checkpoint was trained on categories [1, 2, 4, 7]" in capsys.readouterr().err
 
@@ -186,31 +337,95 @@ def test_eval_checkpoint_with_wrong_weights_or_classes(data, trained, tmp_path, 
 def test_corrupt_checkpoint(data, tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00" * 64)
-    rc = eval_cli.main(["--checkpoint", str(bad), "--ann", str(data["val_ann"]), "--images",
-                        str(data["val_images"]), "--output", str(tmp_path), "--device", "cpu"])
+    rc = eval_cli.main(
+        [
+            "--checkpoint",
+            str(bad),
+            "--ann",
+            str(data["val_ann"]),
+            "--images",
+            str(data["val_images"]),
+            "--output",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 2 and "bad.pth: cannot read checkpoint" in capsys.readouterr().err
-    rc = infer_cli.main(["--checkpoint", str(bad), "--input", str(data["val_images"]),
-                         "--output", str(tmp_path / "v")])
+    rc = infer_cli.main(
+        [
+            "--checkpoint",
+            str(bad),
+            "--input",
+            str(data["val_images"]),
+            "--output",
+            str(tmp_path / "v"),
+        ]
+    )
     assert rc == 2
 
 
 @pytest.mark.slow
 def test_main_job_smoke(tmp_path, capsys):
     """The main job's whole pipeline on a very small dataset (the real run is in the README)."""
-    rc = main_job.main(["--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
-                        "--num-train", "8", "--num-val", "3", "--epochs", "1", "--no-progress",
-                        "--set", "data.img_scale=(128,128)", "--set", "model.fpn_channels=16",
-                        "--set", "model.feat_channels=16", "--set", "model.stacked_convs=1",
-                        "--set", "model.gn_groups=4", "--vis-images", "1"])
+    rc = main_job.main(
+        [
+            "--data",
+            str(tmp_path / "data"),
+            "--output",
+            str(tmp_path / "out"),
+            "--num-train",
+            "8",
+            "--num-val",
+            "3",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--set",
+            "data.img_scale=(128,128)",
+            "--set",
+            "model.fpn_channels=16",
+            "--set",
+            "model.feat_channels=16",
+            "--set",
+            "model.stacked_convs=1",
+            "--set",
+            "model.gn_groups=4",
+            "--vis-images",
+            "1",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "AP50" in out and "wall time" in out
     assert (tmp_path / "out" / "metrics.json").is_file()
     assert (tmp_path / "out" / "vis" / "000000_det.png").is_file()
     # running it again continues from the finished checkpoint instead of retraining
-    rc = main_job.main(["--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
-                        "--num-train", "8", "--num-val", "3", "--epochs", "1", "--no-progress",
-                        "--set", "data.img_scale=(128,128)", "--set", "model.fpn_channels=16",
-                        "--set", "model.feat_channels=16", "--set", "model.stacked_convs=1",
-                        "--set", "model.gn_groups=4", "--vis-images", "1"])
+    rc = main_job.main(
+        [
+            "--data",
+            str(tmp_path / "data"),
+            "--output",
+            str(tmp_path / "out"),
+            "--num-train",
+            "8",
+            "--num-val",
+            "3",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--set",
+            "data.img_scale=(128,128)",
+            "--set",
+            "model.fpn_channels=16",
+            "--set",
+            "model.feat_channels=16",
+            "--set",
+            "model.stacked_convs=1",
+            "--set",
+            "model.gn_groups=4",
+            "--vis-images",
+            "1",
+        ]
+    )
     assert rc == 0

@@ -40,8 +40,9 @@ def _write_dataset(tmp_path, images, annotations, categories, sizes=None):
         Image.fromarray(arr).save(img_dir / name)
         ims.append({"id": iid, "file_name": name, "width": w, "height": h})
     ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps({"images": ims, "annotations": annotations,
-                               "categories": categories}))
+    ann.write_text(
+        json.dumps({"images": ims, "annotations": annotations, "categories": categories})
+    )
     return ann, img_dir
 
 
@@ -61,8 +62,11 @@ def test_rescale_size_matches_mmdetection():
 
 
 def test_load_generated_dataset(shapes):
-    ds = CocoDetection(shapes["train_ann"], shapes["train_images"],
-                       TransformConfig(img_scale=(320, 256), flip_prob=0.0))
+    ds = CocoDetection(
+        shapes["train_ann"],
+        shapes["train_images"],
+        TransformConfig(img_scale=(320, 256), flip_prob=0.0),
+    )
     assert len(ds) == 10 and ds.num_classes == 4
     assert ds.class_names == ["ellipse", "rectangle", "triangle", "cross"]
     raw = json.loads(shapes["train_ann"].read_text())
@@ -79,9 +83,17 @@ def test_load_generated_dataset(shapes):
         # boxes are the JSON boxes times the scale factor
         gt = [a for a in raw["annotations"] if a["image_id"] == t["image_id"]]
         sx, sy = t["scale_factor"][:2]
-        exp = torch.tensor([[a["bbox"][0] * sx, a["bbox"][1] * sy,
-                             (a["bbox"][0] + a["bbox"][2]) * sx,
-                             (a["bbox"][1] + a["bbox"][3]) * sy] for a in gt])
+        exp = torch.tensor(
+            [
+                [
+                    a["bbox"][0] * sx,
+                    a["bbox"][1] * sy,
+                    (a["bbox"][0] + a["bbox"][2]) * sx,
+                    (a["bbox"][1] + a["bbox"][3]) * sy,
+                ]
+                for a in gt
+            ]
+        )
         torch.testing.assert_close(t["boxes"], exp, rtol=1e-5, atol=1e-3)
 
 
@@ -92,10 +104,15 @@ def test_normalisation_and_flip(tmp_path):
     (tmp_path / "imgs").mkdir()
     Image.fromarray(arr).save(tmp_path / "imgs" / "a.png")
     ann = tmp_path / "a.json"
-    ann.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.png", "width": 80, "height": 40}],
-        "annotations": [_ann(1, 1, 5, [5, 10, 20, 10])],
-        "categories": CATS[:1]}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.png", "width": 80, "height": 40}],
+                "annotations": [_ann(1, 1, 5, [5, 10, 20, 10])],
+                "categories": CATS[:1],
+            }
+        )
+    )
     ds = CocoDetection(ann, tmp_path / "imgs", TransformConfig(img_scale=(80, 40), flip_prob=1.0))
     img, t = ds[0]
     assert t["flip"] is True
@@ -110,8 +127,11 @@ def test_normalisation_and_flip(tmp_path):
 
 
 def test_flip_is_a_function_of_the_seed(shapes):
-    ds = CocoDetection(shapes["train_ann"], shapes["train_images"],
-                       TransformConfig(img_scale=(160, 160), flip_prob=0.5))
+    ds = CocoDetection(
+        shapes["train_ann"],
+        shapes["train_images"],
+        TransformConfig(img_scale=(160, 160), flip_prob=0.5),
+    )
     flips = [ds[(0, s)][1]["flip"] for s in range(40)]
     assert 5 < sum(flips) < 35
     assert [ds[(0, s)][1]["flip"] for s in range(40)] == flips
@@ -158,7 +178,7 @@ def test_train_sampler_groups_by_aspect():
     order = [i for i, _ in s]
     assert set(order) == set(range(11))
     for k in range(0, len(order), 2):
-        assert len({groups[i] for i in order[k:k + 2]}) == 1
+        assert len({groups[i] for i in order[k : k + 2]}) == 1
     r = [TrainSampler(11, 1, seed=1, rank=q, world_size=2, groups=groups) for q in (0, 1)]
     for x in r:
         x.set_epoch(2)
@@ -171,8 +191,11 @@ def test_inference_sampler_covers_each_index_once():
 
 
 def test_loader_independent_of_workers(shapes):
-    ds = CocoDetection(shapes["train_ann"], shapes["train_images"],
-                       TransformConfig(img_scale=(128, 128), flip_prob=0.5))
+    ds = CocoDetection(
+        shapes["train_ann"],
+        shapes["train_images"],
+        TransformConfig(img_scale=(128, 128), flip_prob=0.5),
+    )
     outs = []
     for workers in (0, 2):
         loader, sampler = build_train_loader(ds, batch_size=3, num_workers=workers, seed=1)
@@ -187,8 +210,12 @@ def test_loader_independent_of_workers(shapes):
 
 
 def test_eval_loader_in_order(shapes):
-    ds = CocoDetection(shapes["val_ann"], shapes["val_images"],
-                       TransformConfig(img_scale=(128, 128)), filter_empty=False)
+    ds = CocoDetection(
+        shapes["val_ann"],
+        shapes["val_images"],
+        TransformConfig(img_scale=(128, 128)),
+        filter_empty=False,
+    )
     loader = build_eval_loader(ds, batch_size=3, num_workers=0)
     ids = [t["image_id"] for _, ts in loader for t in ts]
     assert ids == ds.image_ids
@@ -197,10 +224,16 @@ def test_eval_loader_in_order(shapes):
 # ----------------------------------------------------------------------------- bad input
 def test_category_mapping_and_crowd(tmp_path):
     ann, img_dir = _write_dataset(
-        tmp_path, [(1, "a.png"), (2, "b.png")],
-        [_ann(1, 1, 90, [1, 1, 10, 10]), _ann(2, 1, 5, [5, 5, 20, 20]),
-         _ann(3, 2, 17, [0, 0, 30, 30], iscrowd=1), _ann(4, 2, 17, [2, 2, 8, 9])],
-        CATS)
+        tmp_path,
+        [(1, "a.png"), (2, "b.png")],
+        [
+            _ann(1, 1, 90, [1, 1, 10, 10]),
+            _ann(2, 1, 5, [5, 5, 20, 20]),
+            _ann(3, 2, 17, [0, 0, 30, 30], iscrowd=1),
+            _ann(4, 2, 17, [2, 2, 8, 9]),
+        ],
+        CATS,
+    )
     ds = CocoDetection(ann, img_dir, TransformConfig(img_scale=(64, 48)))
     assert ds.cat_ids == [5, 17, 90] and ds.class_names == ["cat", "dog", "bird"]
     _, t0 = ds[0]
@@ -217,17 +250,40 @@ def test_category_mapping_and_crowd(tmp_path):
         ("[1, 2]", "JSON object at top level"),
         (json.dumps({"images": [], "annotations": []}), "missing top-level key 'categories'"),
         (json.dumps({"images": {}, "annotations": [], "categories": CATS}), "must be a list"),
-        (json.dumps({"images": [{"id": 1}], "annotations": [], "categories": CATS}),
-         r"images\[0\] has no 'file_name'"),
-        (json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
-                     "annotations": [_ann(7, 1, 5, [0, 0, "x", 3])], "categories": CATS}),
-         "annotation 7 has a malformed bbox"),
-        (json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
-                     "annotations": [_ann(7, 1, 6, [0, 0, 3, 3])], "categories": CATS}),
-         "category ids not listed in 'categories': category_id 6 \\(annotations 7\\)"),
-        (json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
-                     "annotations": [_ann(7, 2, 5, [0, 0, 3, 3])], "categories": CATS}),
-         "refer to image ids not in 'images'"),
+        (
+            json.dumps({"images": [{"id": 1}], "annotations": [], "categories": CATS}),
+            r"images\[0\] has no 'file_name'",
+        ),
+        (
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "a.png"}],
+                    "annotations": [_ann(7, 1, 5, [0, 0, "x", 3])],
+                    "categories": CATS,
+                }
+            ),
+            "annotation 7 has a malformed bbox",
+        ),
+        (
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "a.png"}],
+                    "annotations": [_ann(7, 1, 6, [0, 0, 3, 3])],
+                    "categories": CATS,
+                }
+            ),
+            "category ids not listed in 'categories': category_id 6 \\(annotations 7\\)",
+        ),
+        (
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "a.png"}],
+                    "annotations": [_ann(7, 2, 5, [0, 0, 3, 3])],
+                    "categories": CATS,
+                }
+            ),
+            "refer to image ids not in 'images'",
+        ),
         (json.dumps({"images": [], "annotations": [], "categories": []}), "'categories' is empty"),
     ],
 )
@@ -250,11 +306,16 @@ def test_missing_annotation_file_and_image_dir(tmp_path):
 
 def test_degenerate_boxes_skipped_with_log(tmp_path, caplog):
     ann, img_dir = _write_dataset(
-        tmp_path, [(1, "a.png")],
-        [_ann(1, 1, 5, [3, 3, 0, 10]), _ann(2, 1, 5, [3, 3, 10, -2]),
-         _ann(3, 1, 5, [70, 3, 5, 5]),  # entirely right of the 64-px image
-         _ann(4, 1, 5, [60, 40, 10, 10])],  # overshoots: clipped to the image
-        CATS)
+        tmp_path,
+        [(1, "a.png")],
+        [
+            _ann(1, 1, 5, [3, 3, 0, 10]),
+            _ann(2, 1, 5, [3, 3, 10, -2]),
+            _ann(3, 1, 5, [70, 3, 5, 5]),  # entirely right of the 64-px image
+            _ann(4, 1, 5, [60, 40, 10, 10]),
+        ],  # overshoots: clipped to the image
+        CATS,
+    )
     with caplog.at_level(logging.WARNING):
         ds = CocoDetection(ann, img_dir, TransformConfig(img_scale=(64, 48)))
     assert "skipped 3 boxes with zero or negative size" in caplog.text
@@ -264,8 +325,11 @@ def test_degenerate_boxes_skipped_with_log(tmp_path, caplog):
 
 def test_missing_images_skipped_and_empty_dataset(tmp_path, caplog):
     ann, img_dir = _write_dataset(
-        tmp_path, [(1, "a.png"), (2, "b.png")],
-        [_ann(1, 1, 5, [0, 0, 5, 5]), _ann(2, 2, 5, [0, 0, 5, 5])], CATS)
+        tmp_path,
+        [(1, "a.png"), (2, "b.png")],
+        [_ann(1, 1, 5, [0, 0, 5, 5]), _ann(2, 2, 5, [0, 0, 5, 5])],
+        CATS,
+    )
     (img_dir / "b.png").unlink()
     with caplog.at_level(logging.WARNING):
         ds = CocoDetection(ann, img_dir)
@@ -281,8 +345,9 @@ def test_missing_images_skipped_and_empty_dataset(tmp_path, caplog):
 
 
 def test_images_without_boxes_filtered_only_for_training(tmp_path):
-    ann, img_dir = _write_dataset(tmp_path, [(1, "a.png"), (2, "b.png")],
-                                  [_ann(1, 1, 5, [0, 0, 5, 5])], CATS)
+    ann, img_dir = _write_dataset(
+        tmp_path, [(1, "a.png"), (2, "b.png")], [_ann(1, 1, 5, [0, 0, 5, 5])], CATS
+    )
     assert len(CocoDetection(ann, img_dir, filter_empty=True)) == 1
     ds = CocoDetection(ann, img_dir, filter_empty=False)
     assert len(ds) == 2 and ds[1][1]["boxes"].shape == (0, 4)
@@ -290,8 +355,11 @@ def test_images_without_boxes_filtered_only_for_training(tmp_path):
 
 def test_undecodable_image_raise_or_skip(tmp_path, caplog):
     ann, img_dir = _write_dataset(
-        tmp_path, [(1, "a.png"), (2, "b.png")],
-        [_ann(1, 1, 5, [0, 0, 5, 5]), _ann(2, 2, 17, [1, 1, 5, 5])], CATS)
+        tmp_path,
+        [(1, "a.png"), (2, "b.png")],
+        [_ann(1, 1, 5, [0, 0, 5, 5]), _ann(2, 2, 17, [1, 1, 5, 5])],
+        CATS,
+    )
     (img_dir / "a.png").write_bytes(b"this is not a png")
     ds = CocoDetection(ann, img_dir, on_bad_image="raise")
     with pytest.raises(DatasetError, match="cannot decode image") as e:
@@ -304,5 +372,5 @@ def test_undecodable_image_raise_or_skip(tmp_path, caplog):
     # ... also inside a DataLoader with worker processes: the training loop never sees it
     loader, sampler = build_train_loader(ds, batch_size=2, num_workers=1)
     sampler.set_epoch(0)
-    (images, targets), = list(loader)
+    ((images, targets),) = list(loader)
     assert [t["image_id"] for t in targets] == [2, 2]

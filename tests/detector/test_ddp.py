@@ -47,11 +47,27 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, paths: dict, out: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
-    t = Trainer(_cfg(batch_size=1), paths["train_ann"], paths["train_images"], paths["val_ann"],
-                paths["val_images"], out, device="cpu", progress=False, tensorboard=False)
+    t = Trainer(
+        _cfg(batch_size=1),
+        paths["train_ann"],
+        paths["train_images"],
+        paths["val_ann"],
+        paths["val_images"],
+        out,
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+    )
     assert t.ctx.world_size == world and t.ctx.rank == rank
     t.train()
     t.close()
@@ -60,24 +76,37 @@ def _worker(rank: int, world: int, port: int, paths: dict, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path):
-    paths = generate_dataset(tmp_path / "data", SyntheticConfig(
-        num_train=6, num_val=3, seed=21, image_size_range=(128, 128)))
+    paths = generate_dataset(
+        tmp_path / "data",
+        SyntheticConfig(num_train=6, num_val=3, seed=21, image_size_range=(128, 128)),
+    )
     paths = {k: str(v) for k, v in paths.items()}
 
     single = tmp_path / "single"
-    t = Trainer(_cfg(batch_size=2), paths["train_ann"], paths["train_images"], paths["val_ann"],
-                paths["val_images"], single, device="cpu", progress=False, tensorboard=False)
+    t = Trainer(
+        _cfg(batch_size=2),
+        paths["train_ann"],
+        paths["train_images"],
+        paths["val_ann"],
+        paths["val_images"],
+        single,
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+    )
     assert t.iters_per_epoch == 3
     t.train()
     t.close()
 
     ddp = tmp_path / "ddp"
-    mp.start_processes(_worker, args=(2, _free_port(), paths, str(ddp)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, _free_port(), paths, str(ddp)), nprocs=2, join=True, start_method="spawn"
+    )
 
     rows_s, rows_d = read_csv(single / "train_log.csv"), read_csv(ddp / "train_log.csv")
-    assert [r["global_step"] for r in rows_d] == [r["global_step"] for r in rows_s] == \
-        ["1", "2", "3"]
+    assert (
+        [r["global_step"] for r in rows_d] == [r["global_step"] for r in rows_s] == ["1", "2", "3"]
+    )
     for rs, rd in zip(rows_s, rows_d):
         for k in LOSS_KEYS:
             assert float(rd[k]) == pytest.approx(float(rs[k]), rel=1e-4, abs=1e-6), k
@@ -88,10 +117,22 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     for k in sd_s:
         torch.testing.assert_close(sd_d[k], sd_s[k], rtol=1e-4, atol=1e-5, msg=k)
     # the weights did move, so the comparison means something
-    init = Trainer(_cfg(batch_size=2), paths["train_ann"], paths["train_images"], None, None,
-                   tmp_path / "init", device="cpu", progress=False, tensorboard=False)
-    moved = [k for k, v in init.model.state_dict().items()
-             if v.is_floating_point() and not torch.allclose(v, sd_s[k])]
+    init = Trainer(
+        _cfg(batch_size=2),
+        paths["train_ann"],
+        paths["train_images"],
+        None,
+        None,
+        tmp_path / "init",
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+    )
+    moved = [
+        k
+        for k, v in init.model.state_dict().items()
+        if v.is_floating_point() and not torch.allclose(v, sd_s[k])
+    ]
     assert len(moved) > 10
 
     ev_s, ev_d = read_csv(single / "eval_log.csv"), read_csv(ddp / "eval_log.csv")

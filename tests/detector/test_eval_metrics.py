@@ -30,9 +30,14 @@ def gt(tmp_path_factory):
 
 def _gt_as_detections(coco, score_fn=lambda a: 1.0):
     return [
-        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]),
-         "score": score_fn(a)}
-        for a in coco.dataset["annotations"] if not a.get("iscrowd", 0)
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": list(a["bbox"]),
+            "score": score_fn(a),
+        }
+        for a in coco.dataset["annotations"]
+        if not a.get("iscrowd", 0)
     ]
 
 
@@ -41,9 +46,11 @@ def test_ground_truth_scores_ap_one(gt):
     areas = np.array([a["area"] for a in gt.dataset["annotations"]])
     for k in ("AP", "AP50", "AP75"):
         assert m[k] == pytest.approx(1.0)
-    for k, present in (("APs", (areas < 32**2).any()),
-                       ("APm", ((areas >= 32**2) & (areas < 96**2)).any()),
-                       ("APl", (areas >= 96**2).any())):
+    for k, present in (
+        ("APs", (areas < 32**2).any()),
+        ("APm", ((areas >= 32**2) & (areas < 96**2)).any()),
+        ("APl", (areas >= 96**2).any()),
+    ):
         assert m[k] == pytest.approx(1.0 if present else -1.0)
     assert m["num_images"] == 12 and m["num_detections"] == len(gt.dataset["annotations"])
     # every IoU is 1: the correlation is undefined, reported as NaN (null in metrics.json)
@@ -57,8 +64,14 @@ def test_pearson_of_shrunk_boxes(gt):
     for a in gt.dataset["annotations"]:
         f = float(rng.uniform(0.3, 1.0))
         x, y, w, h = a["bbox"]
-        dets.append({"image_id": a["image_id"], "category_id": a["category_id"],
-                     "bbox": [x, y, w * f, h * f], "score": f * f})
+        dets.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": a["category_id"],
+                "bbox": [x, y, w * f, h * f],
+                "score": f * f,
+            }
+        )
         ious.append(f * f)
     # add a detection of a class absent from its image: IoU 0
     img = gt.dataset["images"][0]["id"]
@@ -87,8 +100,9 @@ def test_no_detections(gt):
 
 def test_stray_image_ids_rejected(gt):
     with pytest.raises(ValueError, match="not being evaluated"):
-        evaluate_detections(gt, [{"image_id": 99999, "category_id": 1, "bbox": [0, 0, 1, 1],
-                                  "score": 1.0}])
+        evaluate_detections(
+            gt, [{"image_id": 99999, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1.0}]
+        )
 
 
 def test_subset_of_images(gt):
@@ -101,10 +115,21 @@ def test_subset_of_images(gt):
 def test_detections_to_coco_and_outputs(tmp_path):
     import torch
 
-    res = detections_to_coco(5, torch.tensor([[10.0, 20.0, 30.0, 60.0]]), torch.tensor([0.9]),
-                             torch.tensor([2]), [1, 2, 4, 7])
-    assert res == [{"image_id": 5, "category_id": 4, "bbox": [10.0, 20.0, 20.0, 40.0],
-                    "score": pytest.approx(0.9)}]
+    res = detections_to_coco(
+        5,
+        torch.tensor([[10.0, 20.0, 30.0, 60.0]]),
+        torch.tensor([0.9]),
+        torch.tensor([2]),
+        [1, 2, 4, 7],
+    )
+    assert res == [
+        {
+            "image_id": 5,
+            "category_id": 4,
+            "bbox": [10.0, 20.0, 20.0, 40.0],
+            "score": pytest.approx(0.9),
+        }
+    ]
     metrics = {k: 0.5 for k in METRIC_KEYS} | {"score_iou_pearson": float("nan")}
     write_metrics(metrics, tmp_path / "m" / "metrics.json")
     loaded = json.loads((tmp_path / "m" / "metrics.json").read_text())

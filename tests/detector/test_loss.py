@@ -30,15 +30,19 @@ def anchors_for(h: int = H, w: int = W):
 
 def some_targets():
     return [
-        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 120.0, 90.0]]),
-         "labels": torch.tensor([0, 2])},
+        {
+            "boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 120.0, 90.0]]),
+            "labels": torch.tensor([0, 2]),
+        },
         {"boxes": torch.tensor([[20.0, 20.0, 44.0, 40.0]]), "labels": torch.tensor([1])},
     ]
 
 
 def no_targets(batch: int = 2):
-    return [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
-            for _ in range(batch)]
+    return [
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+        for _ in range(batch)
+    ]
 
 
 def random_outputs(cfg: ModelConfig, num_anchors: int, batch: int = 2, seed: int = 0):
@@ -46,8 +50,11 @@ def random_outputs(cfg: ModelConfig, num_anchors: int, batch: int = 2, seed: int
     reg_ch = 4 * (cfg.reg_max + 1) if cfg.use_dfl else 4
     cls = (torch.randn(batch, num_anchors, cfg.num_classes, generator=g) - 2).requires_grad_()
     reg = torch.randn(batch, num_anchors, reg_ch, generator=g).requires_grad_()
-    ctr = (torch.randn(batch, num_anchors, generator=g).requires_grad_()
-           if cfg.with_centerness else None)
+    ctr = (
+        torch.randn(batch, num_anchors, generator=g).requires_grad_()
+        if cfg.with_centerness
+        else None
+    )
     return cls, reg, ctr
 
 
@@ -83,8 +90,10 @@ def test_zero_positives_from_degenerate_gt():
     cfg = ModelConfig(depth=18, num_classes=3)
     anchors = anchors_for()
     cls, reg, ctr = random_outputs(cfg, anchors.boxes.size(0))
-    targets = [{"boxes": torch.tensor([[30.0, 30.0, 30.0, 50.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[500.0, 500.0, 600.0, 600.0]]), "labels": torch.tensor([0])}]
+    targets = [
+        {"boxes": torch.tensor([[30.0, 30.0, 30.0, 50.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[500.0, 500.0, 600.0, 600.0]]), "labels": torch.tensor([0])},
+    ]
     out = DetectionLoss(cfg)(cls, reg, ctr, anchors, targets)
     assert all(torch.isfinite(v) for v in out.values())
 
@@ -111,7 +120,7 @@ def test_gfl_loss_equals_eq8_on_crafted_outputs(backend):
     assert b.numel() > 0
     n_bins = cfg.reg_max + 1
     stride = anchors.strides[a][:, None]
-    dist = bbox2distance(box_centers(anchors.boxes[a]) / stride, gt / stride)   # (P, 4)
+    dist = bbox2distance(box_centers(anchors.boxes[a]) / stride, gt / stride)  # (P, 4)
     assert float(dist.max()) < cfg.reg_max - 0.1 and float(dist.min()) > 0
     left = dist.floor().long()
     w_right = dist - left
@@ -123,7 +132,7 @@ def test_gfl_loss_equals_eq8_on_crafted_outputs(backend):
     reg[b, a] = probs.clamp(min=1e-12).log().reshape(-1, 4 * n_bins)
     cls = torch.full((2, num_anchors, 3), -4.0)
     g = torch.Generator().manual_seed(1)
-    cls[b, a] = torch.randn(b.numel(), 3, generator=g)   # the max class need not be the GT class
+    cls[b, a] = torch.randn(b.numel(), 3, generator=g)  # the max class need not be the GT class
 
     out = DetectionLoss(cfg)(cls, reg, None, anchors, targets)
 
@@ -135,13 +144,14 @@ def test_gfl_loss_equals_eq8_on_crafted_outputs(backend):
     y[b, a, lab] = 1.0  # the decoded box is exact, so the IoU target is 1
     bce = F.binary_cross_entropy_with_logits(cls, y, reduction="none")
     qfl = ((y - sig).abs().pow(2) * bce).sum() / n_pos
-    ent = -(probs * probs.clamp(min=1e-12).log()).sum(-1)                      # (P, 4)
+    ent = -(probs * probs.clamp(min=1e-12).log()).sum(-1)  # (P, 4)
     dfl = 0.25 * (ent.mean(dim=1) * weight).sum() / w_norm
     assert out["loss_cls"].item() == pytest.approx(qfl.item(), rel=1e-4)
     assert out["loss_bbox"].item() == pytest.approx(0.0, abs=1e-5)
     assert out["loss_dfl"].item() == pytest.approx(dfl.item(), rel=1e-4, abs=1e-7)
     assert out["loss"].item() == pytest.approx(
-        out["loss_cls"].item() + out["loss_bbox"].item() + out["loss_dfl"].item(), rel=1e-6)
+        out["loss_cls"].item() + out["loss_bbox"].item() + out["loss_dfl"].item(), rel=1e-6
+    )
 
 
 def test_losses_call_gfl_ops_with_mmdetection_arguments(monkeypatch):
@@ -153,6 +163,7 @@ def test_losses_call_gfl_ops_with_mmdetection_arguments(monkeypatch):
         def wrapper(*args, **kwargs):
             calls.setdefault(name, []).append((args, kwargs))
             return real(*args, **kwargs)
+
         return wrapper
 
     for name in ("quality_focal_loss", "distribution_focal_loss", "integral"):
@@ -162,18 +173,20 @@ def test_losses_call_gfl_ops_with_mmdetection_arguments(monkeypatch):
     cls, reg, _ = random_outputs(cfg, anchors.boxes.size(0))
     # a long thin GT matches small anchors best (P3), yet reaches 32 strides from their centres:
     # its DFL targets hit the clamp
-    targets = [{"boxes": torch.tensor([[0.0, 30.0, 512.0, 38.0]]), "labels": torch.tensor([2])},
-               some_targets()[1]]
+    targets = [
+        {"boxes": torch.tensor([[0.0, 30.0, 512.0, 38.0]]), "labels": torch.tensor([2])},
+        some_targets()[1],
+    ]
     DetectionLoss(cfg)(cls, reg, None, anchors, targets)
 
-    (args, kw), = calls["quality_focal_loss"]
+    ((args, kw),) = calls["quality_focal_loss"]
     labels, scores = args[1]
     assert kw["beta"] == 2.0 and kw["backend"] == "reference" and kw["reduction"] == "mean"
     assert isinstance(kw["avg_factor"], torch.Tensor) and kw["avg_factor"].dim() == 0
     pos = labels < 3
     assert float(kw["avg_factor"]) == float(pos.sum())
     assert bool((scores[~pos] == 0).all()) and bool((scores[pos] > 0).all())
-    (args, kw), = calls["distribution_focal_loss"]
+    ((args, kw),) = calls["distribution_focal_loss"]
     pred, target, weight = args
     assert pred.shape[1] == 17 and target.shape == weight.shape == (pred.shape[0],)
     assert float(target.max()) == pytest.approx(16 - 0.1) and float(target.min()) >= 0
@@ -198,10 +211,9 @@ def test_padding_anchors_are_ignored(monkeypatch):
 
     monkeypatch.setattr(gfl_ops, "quality_focal_loss", spy)
     torch.manual_seed(0)
-    model = build_detector(depth=18, num_classes=3, fpn_channels=32, feat_channels=32,
-                           gn_groups=8)
+    model = build_detector(depth=18, num_classes=3, fpn_channels=32, feat_channels=32, gn_groups=8)
     targets = some_targets()
-    targets[1]["image_size"] = (48, 64)            # image 1 fills the top-left quarter only
+    targets[1]["image_size"] = (48, 64)  # image 1 fills the top-left quarter only
     out = model(torch.randn(2, 3, H, W), targets)
     assert torch.isfinite(out["loss"])
     gen = model.anchor_generator
@@ -251,8 +263,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, queue) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         cfg = ModelConfig(depth=18, num_classes=3)
         anchors = anchors_for()
@@ -273,8 +284,10 @@ def test_two_rank_gloo_with_an_empty_rank(tmp_path):
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "init"), queue))
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "init"), queue))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     try:
@@ -292,8 +305,9 @@ def test_two_rank_gloo_with_an_empty_rank(tmp_path):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_each_variant_trains_a_step(variant):
     torch.manual_seed(0)
-    model = build_detector(depth=18, num_classes=3, variant=variant, fpn_channels=32,
-                           feat_channels=32, gn_groups=8).train()
+    model = build_detector(
+        depth=18, num_classes=3, variant=variant, fpn_channels=32, feat_channels=32, gn_groups=8
+    ).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     before = model.head.reg_out.weight.detach().clone()
     out = model(torch.randn(2, 3, 64, 64), some_targets())
@@ -307,8 +321,9 @@ def test_each_variant_trains_a_step(variant):
 
 def test_bf16_autocast_losses_are_fp32_and_finite():
     torch.manual_seed(0)
-    model = build_detector(depth=18, num_classes=3, fpn_channels=32, feat_channels=32,
-                           gn_groups=8).train()
+    model = build_detector(
+        depth=18, num_classes=3, fpn_channels=32, feat_channels=32, gn_groups=8
+    ).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(2, 3, 64, 64), some_targets())
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())

@@ -170,12 +170,15 @@ def test_gfl_r50_train_step_512_on_cpu_backend():
         pytest.skip("gfl_ops C++ extension not built: " + gfl_ops.backend_status()["cpu"])
     torch.manual_seed(0)
     model = build_detector(depth=50, num_classes=80, gfl_backend="cpu").train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01,
-                          momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, weight_decay=1e-4
+    )
     images = torch.randn(2, 3, 512, 512)
     targets = [
-        {"boxes": torch.tensor([[10.0, 20.0, 160.0, 280.0], [300.0, 30.0, 490.0, 370.0]]),
-         "labels": torch.tensor([0, 17])},
+        {
+            "boxes": torch.tensor([[10.0, 20.0, 160.0, 280.0], [300.0, 30.0, 490.0, 370.0]]),
+            "labels": torch.tensor([0, 17]),
+        },
         {"boxes": torch.tensor([[50.0, 50.0, 100.0, 120.0]]), "labels": torch.tensor([79])},
     ]
     before = model.head.reg_out.weight.detach().clone()

@@ -19,8 +19,10 @@ from detector.models import build_detector
 from detector.ops.boxes import aligned_iou
 
 SIZE = 96
-BOXES = [torch.tensor([[16.0, 16.0, 48.0, 64.0], [64.0, 32.0, 96.0, 80.0]]),
-         torch.tensor([[16.0, 32.0, 80.0, 80.0]])]
+BOXES = [
+    torch.tensor([[16.0, 16.0, 48.0, 64.0], [64.0, 32.0, 96.0, 80.0]]),
+    torch.tensor([[16.0, 32.0, 80.0, 80.0]]),
+]
 LABELS = [torch.tensor([0, 1]), torch.tensor([2])]
 COLOURS = torch.tensor([[1.5, -1.0, -1.0], [-1.0, 1.5, -1.0], [-1.0, -1.0, 1.5]])
 
@@ -45,8 +47,15 @@ def overfit(seed: int, steps: int = 50, lr: float = 0.01):
     """
     torch.manual_seed(seed)
     images, targets = synthetic_batch(seed)
-    model = build_detector(depth=18, num_classes=3, fpn_channels=64, feat_channels=64,
-                           gn_groups=16, frozen_stages=-1, norm_eval=False).train()
+    model = build_detector(
+        depth=18,
+        num_classes=3,
+        fpn_channels=64,
+        feat_channels=64,
+        gn_groups=16,
+        frozen_stages=-1,
+        norm_eval=False,
+    ).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     warmup = 10  # the recipe warms up linearly too; without it 0.01 can blow up the head
     history = []
@@ -75,5 +84,10 @@ def test_overfit_two_images(one_intra_op_thread):
         for box, label in zip(boxes, labels):
             iou = aligned_iou(found, box.expand_as(found))
             match = (iou > 0.7) & (det["labels"][top] == label)
-            assert bool(match.any()), (box, label, det["boxes"][:3], det["labels"][:3],
-                                       det["scores"][:3])
+            assert bool(match.any()), (
+                box,
+                label,
+                det["boxes"][:3],
+                det["labels"][:3],
+                det["scores"][:3],
+            )

@@ -34,8 +34,7 @@ class Scene:
         self.reg[..., 2] = 30.0  # distance 2 strides on every side
         self.hw = (h, w)
 
-    def put(self, img: int, x: int, y: int, label: int, score: float,
-            dist=(2, 2, 2, 2)) -> int:
+    def put(self, img: int, x: int, y: int, label: int, score: float, dist=(2, 2, 2, 2)) -> int:
         """A P3 detection at location (x, y): box = centre -/+ dist * 8 px. Returns its index."""
         idx = y * 8 + x
         self.cls[img, idx, label] = logit(score)
@@ -45,18 +44,30 @@ class Scene:
         return idx
 
     def run(self, batch_hw=None, centerness=None, **kw):
-        cfg = PostProcessConfig(**{k: kw.pop(k) for k in list(kw) if k in
-                                   ("score_thr", "nms_pre", "nms_iou", "max_per_img",
-                                    "min_bbox_size")})
+        cfg = PostProcessConfig(
+            **{
+                k: kw.pop(k)
+                for k in list(kw)
+                if k in ("score_thr", "nms_pre", "nms_iou", "max_per_img", "min_bbox_size")
+            }
+        )
         sizes = batch_hw or [self.hw] * self.cls.size(0)
-        return postprocess(self.cls, self.reg.flatten(2), centerness, self.anchors,
-                           BoxCoder(True, REG_MAX, "reference"), cfg, sizes, **kw)
+        return postprocess(
+            self.cls,
+            self.reg.flatten(2),
+            centerness,
+            self.anchors,
+            BoxCoder(True, REG_MAX, "reference"),
+            cfg,
+            sizes,
+            **kw,
+        )
 
 
 def test_decoding_and_threshold():
     s = Scene()
     s.put(0, 3, 4, label=1, score=0.9, dist=(1, 2, 3, 1))
-    s.put(0, 6, 1, label=2, score=0.04)        # below score_thr 0.05
+    s.put(0, 6, 1, label=2, score=0.04)  # below score_thr 0.05
     (det,) = s.run()
     assert det["labels"].tolist() == [1]
     assert det["scores"].tolist() == pytest.approx([0.9])
@@ -68,9 +79,9 @@ def test_decoding_and_threshold():
 def test_classwise_nms_iou_0_6():
     s = Scene()
     s.put(0, 3, 3, label=0, score=0.9, dist=(2, 2, 3, 2))  # box [8, 8, 48, 40]
-    s.put(0, 4, 3, label=0, score=0.8)                   # [16, 8, 48, 40]: IoU 0.8, suppressed
-    s.put(0, 4, 3, label=1, score=0.7)                   # same box, other class: kept
-    s.put(0, 3, 5, label=0, score=0.6)                   # [8, 24, 40, 56]: IoU 0.29, kept
+    s.put(0, 4, 3, label=0, score=0.8)  # [16, 8, 48, 40]: IoU 0.8, suppressed
+    s.put(0, 4, 3, label=1, score=0.7)  # same box, other class: kept
+    s.put(0, 3, 5, label=0, score=0.6)  # [8, 24, 40, 56]: IoU 0.29, kept
     (det,) = s.run()
     assert det["labels"].tolist() == [0, 1, 0]
     assert det["scores"].tolist() == pytest.approx([0.9, 0.7, 0.6])
@@ -82,7 +93,7 @@ def test_max_per_img_sorted_and_images_kept_apart():
         for x in range(8):
             s.put(0, x, y, label=(x + y) % C, score=0.1 + 0.01 * (y * 8 + x), dist=(0, 0, 1, 1))
     s.put(1, 3, 3, label=0, score=0.9)
-    s.put(0, 3, 3, label=0, score=0.95)           # the same box in image 0 must not suppress 1
+    s.put(0, 3, 3, label=0, score=0.95)  # the same box in image 0 must not suppress 1
     dets = s.run(max_per_img=10, nms_iou=0.99)
     assert len(dets[0]["scores"]) == 10
     assert torch.all(dets[0]["scores"][:-1] >= dets[0]["scores"][1:])
@@ -93,26 +104,26 @@ def test_max_per_img_sorted_and_images_kept_apart():
 def test_nms_pre_is_per_level():
     s = Scene()
     for x in range(5):
-        s.put(0, x, 0, label=0, score=0.5 + 0.05 * x, dist=(0, 0, 1, 1))   # disjoint boxes
+        s.put(0, x, 0, label=0, score=0.5 + 0.05 * x, dist=(0, 0, 1, 1))  # disjoint boxes
     (det,) = s.run(nms_pre=2)
     assert det["scores"].tolist() == pytest.approx([0.7, 0.65])
 
 
 def test_rescale_to_original_and_clip():
     s = Scene()
-    s.put(0, 7, 7, label=2, score=0.9, dist=(1, 1, 3, 3))   # centre (56, 56) -> [48,48,80,80]
+    s.put(0, 7, 7, label=2, score=0.9, dist=(1, 1, 3, 3))  # centre (56, 56) -> [48,48,80,80]
     (det,) = s.run()
-    assert det["boxes"][0].tolist() == pytest.approx([48, 48, 64, 64])     # clipped to 64x64
+    assert det["boxes"][0].tolist() == pytest.approx([48, 48, 64, 64])  # clipped to 64x64
     (det,) = s.run(batch_hw=[(60, 62)], scale_factors=[2.0])
     assert det["boxes"][0].tolist() == pytest.approx([24, 24, 31, 30])
-    (det,) = s.run(batch_hw=[(60, 62)], original_sizes=[(120, 31)])       # sx = 2, sy = 0.5
+    (det,) = s.run(batch_hw=[(60, 62)], original_sizes=[(120, 31)])  # sx = 2, sy = 0.5
     assert det["boxes"][0].tolist() == pytest.approx([24, 96, 31, 120])
 
 
 def test_distributions_and_min_size():
     s = Scene()
     s.put(0, 2, 2, label=0, score=0.9, dist=(1, 2, 3, 4))
-    s.put(0, 5, 5, label=1, score=0.8, dist=(0, 0, 0, 3))    # zero width: dropped
+    s.put(0, 5, 5, label=1, score=0.8, dist=(0, 0, 0, 3))  # zero width: dropped
     (det,) = s.run(with_distributions=True)
     assert det["labels"].tolist() == [0]
     dist = det["distributions"]
@@ -125,7 +136,7 @@ def test_centerness_multiplies_the_score():
     s = Scene()
     idx = s.put(0, 3, 3, label=0, score=0.8)
     ctr = torch.full((1, s.anchors.boxes.size(0)), -20.0)
-    ctr[0, idx] = 0.0                                     # sigmoid 0.5
+    ctr[0, idx] = 0.0  # sigmoid 0.5
     (det,) = s.run(centerness=ctr)
     assert det["scores"].tolist() == pytest.approx([0.4])
 
@@ -133,11 +144,21 @@ def test_centerness_multiplies_the_score():
 @pytest.mark.parametrize("variant", ["gfl", "atss"])
 def test_predict_end_to_end(variant):
     torch.manual_seed(0)
-    model = build_detector(depth=18, num_classes=C, variant=variant, fpn_channels=32,
-                           feat_channels=32, gn_groups=8, score_thr=0.0).eval()
-    dets = model.predict(torch.randn(2, 3, 64, 96), image_sizes=[(64, 96), (50, 70)],
-                         original_sizes=[(128, 192), (25, 35)],
-                         with_distributions=variant == "gfl")
+    model = build_detector(
+        depth=18,
+        num_classes=C,
+        variant=variant,
+        fpn_channels=32,
+        feat_channels=32,
+        gn_groups=8,
+        score_thr=0.0,
+    ).eval()
+    dets = model.predict(
+        torch.randn(2, 3, 64, 96),
+        image_sizes=[(64, 96), (50, 70)],
+        original_sizes=[(128, 192), (25, 35)],
+        with_distributions=variant == "gfl",
+    )
     assert len(dets) == 2
     for det, (oh, ow) in zip(dets, [(128, 192), (25, 35)]):
         k = det["scores"].numel()

@@ -24,8 +24,9 @@ LOSS_KEYS = ("loss_cls", "loss_bbox", "loss_dfl", "loss")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    return generate_dataset(root, SyntheticConfig(num_train=8, num_val=3, seed=5,
-                                                  image_size_range=(96, 128)))
+    return generate_dataset(
+        root, SyntheticConfig(num_train=8, num_val=3, seed=5, image_size_range=(96, 128))
+    )
 
 
 def tiny_cfg(epochs: int = 2):
@@ -36,14 +37,25 @@ def tiny_cfg(epochs: int = 2):
 
 
 def make_trainer(data, out, cfg=None, **kw) -> Trainer:
-    return Trainer(cfg or tiny_cfg(), data["train_ann"], data["train_images"],
-                   kw.pop("val_ann", data["val_ann"]), kw.pop("val_images", data["val_images"]),
-                   out, device="cpu", progress=False, tensorboard=False, **kw)
+    return Trainer(
+        cfg or tiny_cfg(),
+        data["train_ann"],
+        data["train_images"],
+        kw.pop("val_ann", data["val_ann"]),
+        kw.pop("val_images", data["val_images"]),
+        out,
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+        **kw,
+    )
 
 
 def losses(out) -> list[tuple[str, ...]]:
-    return [tuple(r[k] for k in ("global_step", *LOSS_KEYS))
-            for r in read_csv(Path(out) / "train_log.csv")]
+    return [
+        tuple(r[k] for k in ("global_step", *LOSS_KEYS))
+        for r in read_csv(Path(out) / "train_log.csv")
+    ]
 
 
 def final_state(out) -> dict[str, torch.Tensor]:
@@ -150,15 +162,17 @@ def test_training_without_validation_and_non_finite_guard(data, tmp_path):
     cfg = tiny_cfg(epochs=1)
     cfg.train.lr = float("nan")
     t = make_trainer(data, tmp_path, cfg=cfg, val_ann=None, val_images=None)
-    with pytest.raises(FloatingPointError, match="training diverged at epoch 0 iteration 1.*"
-                       "weights are not finite"):
+    with pytest.raises(
+        FloatingPointError, match="training diverged at epoch 0 iteration 1.*weights are not finite"
+    ):
         t.train()  # the first step poisons the weights; the second forward fails
     t.close()
 
 
 def test_warmup_step_schedule():
-    s = WarmupStepSchedule(iters_per_epoch=10, warmup_iters=5, warmup_ratio=0.001,
-                           lr_steps=(2, 3), gamma=0.1)
+    s = WarmupStepSchedule(
+        iters_per_epoch=10, warmup_iters=5, warmup_ratio=0.001, lr_steps=(2, 3), gamma=0.1
+    )
     assert s(0) == pytest.approx(0.001)
     assert s(5) == pytest.approx(1.0) and s(19) == pytest.approx(1.0)
     assert s(20) == pytest.approx(0.1) and s(30) == pytest.approx(0.01)
@@ -167,11 +181,30 @@ def test_warmup_step_schedule():
 
 # --------------------------------------------------------------------------------- processes
 def _train_cmd(data, out, extra=()):
-    return [sys.executable, "-m", "detector.train", "--config", "gfl_tiny_test",
-            "--train-ann", str(data["train_ann"]), "--train-images", str(data["train_images"]),
-            "--output", str(out), "--no-progress", "--no-tensorboard", "--device", "cpu",
-            "--set", "data.img_scale=(128,128)", "--set", "train.checkpoint_interval_iters=1",
-            "--epochs", "2", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "detector.train",
+        "--config",
+        "gfl_tiny_test",
+        "--train-ann",
+        str(data["train_ann"]),
+        "--train-images",
+        str(data["train_images"]),
+        "--output",
+        str(out),
+        "--no-progress",
+        "--no-tensorboard",
+        "--device",
+        "cpu",
+        "--set",
+        "data.img_scale=(128,128)",
+        "--set",
+        "train.checkpoint_interval_iters=1",
+        "--epochs",
+        "2",
+        *extra,
+    ]
 
 
 def _wait_rows(csv_path: Path, n: int, proc, timeout: float = 120) -> None:
@@ -204,8 +237,14 @@ def test_killed_process_resumes_with_nothing_lost(data, tmp_path, sig, subproces
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     ref = subprocess_reference
     out = tmp_path / "run"
-    p = subprocess.Popen(_train_cmd(data, out), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        _train_cmd(data, out),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_rows(out / "train_log.csv", 2, p)
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
@@ -216,8 +255,13 @@ def test_killed_process_resumes_with_nothing_lost(data, tmp_path, sig, subproces
         assert p.returncode == -signal.SIGKILL
     stopped_at = read_checkpoint(out / "latest.pth")["progress"]["global_step"]
     assert 0 < stopped_at < 8
-    r = subprocess.run(_train_cmd(data, out, ["--resume", "auto"]), cwd=REPO, env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        _train_cmd(data, out, ["--resume", "auto"]),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert f"global step {stopped_at}" in r.stderr
     assert losses(out) == losses(ref)

@@ -33,13 +33,15 @@ __all__ = ["install", "is_stub"]
 _MODULE_NAME = "mmcv._ext"
 
 
-def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
-         offset: int = 0) -> torch.Tensor:
+def _nms(
+    boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset: int = 0
+) -> torch.Tensor:
     """mmcv ``_ext.nms``: boxes (K, 4) xyxy, scores (K,) -> kept indices (int64), best first."""
     if offset != 0:
         # mmcv's legacy offset=1 (pixel-inclusive widths) has no torchvision equivalent
-        raise NotImplementedError("mmcv._ext.nms with offset=1 is not available in the "
-                                  "test-only mmcv._ext stand-in")
+        raise NotImplementedError(
+            "mmcv._ext.nms with offset=1 is not available in the test-only mmcv._ext stand-in"
+        )
     import torchvision
 
     return torchvision.ops.nms(boxes, scores, float(iou_threshold))
@@ -50,7 +52,8 @@ def _unavailable(name: str) -> Callable[..., object]:
         raise NotImplementedError(
             f"mmcv._ext.{name} is a compiled mmcv op; the test-only mmcv._ext stand-in "
             "(tests/integrations/mmcv_ext_stub.py) does not implement it. Install full mmcv "
-            "to use it.")
+            "to use it."
+        )
 
     op.__name__ = op.__qualname__ = name
     return op

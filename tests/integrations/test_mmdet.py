@@ -49,10 +49,14 @@ from gfl_ops.integrations.mmdet import (  # noqa: E402
 
 assert mmdet.__version__.startswith("3."), mmdet.__version__
 
-QFL_CLASSES = [pytest.param(QualityFocalLoss, id="mmdet"),
-               pytest.param(FusedQualityFocalLoss, id="fused")]
-DFL_CLASSES = [pytest.param(DistributionFocalLoss, id="mmdet"),
-               pytest.param(FusedDistributionFocalLoss, id="fused")]
+QFL_CLASSES = [
+    pytest.param(QualityFocalLoss, id="mmdet"),
+    pytest.param(FusedQualityFocalLoss, id="fused"),
+]
+DFL_CLASSES = [
+    pytest.param(DistributionFocalLoss, id="mmdet"),
+    pytest.param(FusedDistributionFocalLoss, id="fused"),
+]
 
 # loss values and gradients, fused kernels vs mmdet's eager formulas
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -74,28 +78,38 @@ def _one_torch_thread():
 # helpers
 
 
-def _outcome(fn: Callable[..., torch.Tensor], args: tuple, kwargs: dict
-             ) -> tuple[torch.Tensor | None, Exception | None]:
+def _outcome(
+    fn: Callable[..., torch.Tensor], args: tuple, kwargs: dict
+) -> tuple[torch.Tensor | None, Exception | None]:
     try:
         return fn(*args, **kwargs), None
     except Exception as err:  # noqa: BLE001 - the exception itself is what is compared
         return None, err
 
 
-def _assert_same(stock: Callable[..., torch.Tensor], fused: Callable[..., torch.Tensor],
-                 args: tuple, kwargs: dict | None = None, *, wrt: tuple[torch.Tensor, ...],
-                 tol: dict, what: str = "") -> None:
+def _assert_same(
+    stock: Callable[..., torch.Tensor],
+    fused: Callable[..., torch.Tensor],
+    args: tuple,
+    kwargs: dict | None = None,
+    *,
+    wrt: tuple[torch.Tensor, ...],
+    tol: dict,
+    what: str = "",
+) -> None:
     """``stock(*args, **kwargs)`` and ``fused(*args, **kwargs)`` raise the same exception type,
     or give the same shape, dtype, values and gradients (with respect to ``wrt``)."""
     want, want_err = _outcome(stock, args, kwargs or {})
     got, got_err = _outcome(fused, args, kwargs or {})
     if want_err is not None:
-        assert got_err is not None and type(got_err) is type(want_err), \
+        assert got_err is not None and type(got_err) is type(want_err), (
             f"{what}: mmdet raised {want_err!r}, fused gave {got_err!r}"
+        )
         return
     assert got_err is None, f"{what}: fused raised {got_err!r} where mmdet did not"
-    assert got.shape == want.shape and got.dtype == want.dtype, \
+    assert got.shape == want.shape and got.dtype == want.dtype, (
         f"{what}: {tuple(got.shape)} {got.dtype} vs mmdet {tuple(want.shape)} {want.dtype}"
+    )
     torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{what}: {m}")
     if not want.requires_grad:
         return
@@ -110,8 +124,9 @@ def _assert_same(stock: Callable[..., torch.Tensor], fused: Callable[..., torch.
         # largest entry (avg_factor=0 scales everything by 1/eps), so atol does too
         scale = b.abs().max().item() if b.numel() else 0.0
         atol = max(tol["atol"], 0.1 * tol["rtol"] * scale)
-        torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=atol,
-                                   msg=lambda m, i=i: f"{what} grad {i}: {m}")
+        torch.testing.assert_close(
+            a, b, rtol=tol["rtol"], atol=atol, msg=lambda m, i=i: f"{what} grad {i}: {m}"
+        )
         assert _rel_l2(a, b) <= tol["rtol"], f"{what} grad {i}: relative L2 {_rel_l2(a, b)}"
 
 
@@ -146,9 +161,11 @@ def _avg_factors(dtype: torch.dtype) -> list:
 
 def _weights(n: int, dtype: torch.dtype) -> list:
     gen = torch.Generator().manual_seed(7)
-    return [None,
-            torch.rand(n, generator=gen, dtype=dtype).requires_grad_(True),
-            torch.rand(n, 1, generator=gen, dtype=dtype)]  # mmdet broadcasts: (N,)*(N,1)
+    return [
+        None,
+        torch.rand(n, generator=gen, dtype=dtype).requires_grad_(True),
+        torch.rand(n, 1, generator=gen, dtype=dtype),
+    ]  # mmdet broadcasts: (N,)*(N,1)
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -160,17 +177,20 @@ OVERRIDES = (None, "none", "mean", "sum")
 
 
 def test_import_gfl_ops_does_not_import_mmdet():
-    code = ("import sys, gfl_ops, gfl_ops.integrations; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mmdet', 'mmcv', "
-            "'mmengine')); assert not bad, bad")
+    code = (
+        "import sys, gfl_ops, gfl_ops.integrations; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mmdet', 'mmcv', "
+        "'mmengine')); assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_registered_in_mmdet_models_with_mmdet_constructors():
-    for name, cls, stock in [("FusedQualityFocalLoss", FusedQualityFocalLoss, QualityFocalLoss),
-                             ("FusedDistributionFocalLoss", FusedDistributionFocalLoss,
-                              DistributionFocalLoss),
-                             ("FusedIntegral", FusedIntegral, Integral)]:
+    for name, cls, stock in [
+        ("FusedQualityFocalLoss", FusedQualityFocalLoss, QualityFocalLoss),
+        ("FusedDistributionFocalLoss", FusedDistributionFocalLoss, DistributionFocalLoss),
+        ("FusedIntegral", FusedIntegral, Integral),
+    ]:
         assert MODELS.get(name) is cls
         assert issubclass(cls, stock)  # mmdet heads test isinstance(loss_cls, QualityFocalLoss)
 
@@ -178,12 +198,12 @@ def test_registered_in_mmdet_models_with_mmdet_constructors():
     ours, theirs = MODELS.build(dict(type="FusedQualityFocalLoss", **cfg)), QualityFocalLoss(**cfg)
     for attr in cfg:
         assert getattr(ours, attr) == getattr(theirs, attr)
-    ours = MODELS.build(dict(type="FusedDistributionFocalLoss", reduction="none",
-                             loss_weight=0.25))
+    ours = MODELS.build(dict(type="FusedDistributionFocalLoss", reduction="none", loss_weight=0.25))
     assert (ours.reduction, ours.loss_weight) == ("none", 0.25)
     assert FusedQualityFocalLoss().beta == QualityFocalLoss().beta == 2.0
-    assert MODELS.build(dict(type="FusedQualityFocalLoss", backend="reference")).backend == \
-        "reference"
+    assert (
+        MODELS.build(dict(type="FusedQualityFocalLoss", backend="reference")).backend == "reference"
+    )
 
     ours, theirs = MODELS.build(dict(type="FusedIntegral", reg_max=7)), Integral(7)
     assert ours.reg_max == 7
@@ -200,8 +220,10 @@ def test_mmcv_ext_stand_in_is_inert():
 
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [20.0, 20, 30, 30]])
     scores = torch.tensor([0.9, 0.8, 0.7])
-    assert torch.equal(mmcv._ext.nms(boxes, scores, iou_threshold=0.5, offset=0),
-                       torchvision.ops.nms(boxes, scores, 0.5))
+    assert torch.equal(
+        mmcv._ext.nms(boxes, scores, iou_threshold=0.5, offset=0),
+        torchvision.ops.nms(boxes, scores, 0.5),
+    )
     if not mmcv_ext_stub.is_stub(mmcv._ext):  # full mmcv installed: its real ops are in use
         return
     with pytest.raises(NotImplementedError, match="roi_align_forward"):
@@ -255,12 +277,22 @@ def _upstream_gfl_head(fused: bool) -> GFLHead:
     head = GFLHead(
         num_classes=4,
         in_channels=1,
-        train_cfg=dict(assigner=dict(type="ATSSAssigner", topk=9), allowed_border=-1,
-                       pos_weight=-1, debug=False),
-        anchor_generator=dict(type="AnchorGenerator", ratios=[1.0], octave_base_scale=8,
-                              scales_per_octave=1, strides=[8, 16, 32, 64, 128]),
+        train_cfg=dict(
+            assigner=dict(type="ATSSAssigner", topk=9),
+            allowed_border=-1,
+            pos_weight=-1,
+            debug=False,
+        ),
+        anchor_generator=dict(
+            type="AnchorGenerator",
+            ratios=[1.0],
+            octave_base_scale=8,
+            scales_per_octave=1,
+            strides=[8, 16, 32, 64, 128],
+        ),
         loss_cls=dict(type="QualityFocalLoss", use_sigmoid=True, beta=2.0, loss_weight=1.0),
-        loss_bbox=dict(type="GIoULoss", loss_weight=2.0))
+        loss_bbox=dict(type="GIoULoss", loss_weight=2.0),
+    )
     return fuse(head) if fused else head
 
 
@@ -283,8 +315,9 @@ def test_upstream_gfl_head_loss(fused):
     assert sum(losses["loss_dfl"]).item() == 0
 
     # one ground-truth box: every loss is non-zero
-    one = InstanceData(bboxes=torch.Tensor([[23.6667, 23.8757, 238.6326, 151.8874]]),
-                       labels=torch.LongTensor([2]))
+    one = InstanceData(
+        bboxes=torch.Tensor([[23.6667, 23.8757, 238.6326, 151.8874]]), labels=torch.LongTensor([2])
+    )
     losses = head.loss_by_feat(cls_scores, bbox_preds, [one], img_metas)
     assert sum(losses["loss_cls"]).item() > 0
     assert sum(losses["loss_bbox"]).item() > 0
@@ -310,9 +343,15 @@ def test_qfl_grid_matches_mmdet(dtype, kind, activated, beta, loss_weight):
             for avg in _avg_factors(dtype):
                 for weight in _weights(n, dtype):
                     wrt = (pred,) if weight is None or not weight.requires_grad else (pred, weight)
-                    _assert_same(stock, fused, (pred, target, weight, avg, override), wrt=wrt,
-                                 tol=TOL[dtype], what=f"{reduction=} {override=} {avg=} "
-                                 f"weight={None if weight is None else tuple(weight.shape)}")
+                    _assert_same(
+                        stock,
+                        fused,
+                        (pred, target, weight, avg, override),
+                        wrt=wrt,
+                        tol=TOL[dtype],
+                        what=f"{reduction=} {override=} {avg=} "
+                        f"weight={None if weight is None else tuple(weight.shape)}",
+                    )
 
 
 @pytest.mark.parametrize("loss_weight", [1.0, 0.25])
@@ -327,8 +366,14 @@ def test_dfl_grid_matches_mmdet(dtype, loss_weight):
             for avg in _avg_factors(dtype):
                 for weight in _weights(m, dtype):
                     wrt = (pred,) if weight is None or not weight.requires_grad else (pred, weight)
-                    _assert_same(stock, fused, (pred, target, weight, avg, override), wrt=wrt,
-                                 tol=TOL[dtype], what=f"{reduction=} {override=} {avg=}")
+                    _assert_same(
+                        stock,
+                        fused,
+                        (pred, target, weight, avg, override),
+                        wrt=wrt,
+                        tol=TOL[dtype],
+                        what=f"{reduction=} {override=} {avg=}",
+                    )
 
 
 def test_avg_factor_result_shapes_are_mmdet_s():
@@ -345,12 +390,24 @@ def test_weight_shapes_broadcast_as_in_mmdet():
     pred, labels, scores, _ = _qfl_inputs(n, c, torch.float32, False)
     stock, fused = QualityFocalLoss(reduction="none"), FusedQualityFocalLoss(reduction="none")
     for weight in (torch.rand(n, 1), torch.rand(1), torch.tensor(0.5), torch.rand(n, n)):
-        _assert_same(stock, fused, (pred, (labels, scores), weight), wrt=(pred,),
-                     tol=TOL[torch.float32], what=f"weight {tuple(weight.shape)}")
+        _assert_same(
+            stock,
+            fused,
+            (pred, (labels, scores), weight),
+            wrt=(pred,),
+            tol=TOL[torch.float32],
+            what=f"weight {tuple(weight.shape)}",
+        )
     assert fused(pred, (labels, scores), torch.rand(n, 1)).shape == (n, n)
     # (N, C) with N != C does not broadcast against the (N,) loss: both raise RuntimeError
-    _assert_same(stock, fused, (pred, (labels, scores), torch.rand(n, c)), wrt=(pred,),
-                 tol=TOL[torch.float32], what="weight (N, C)")
+    _assert_same(
+        stock,
+        fused,
+        (pred, (labels, scores), torch.rand(n, c)),
+        wrt=(pred,),
+        tol=TOL[torch.float32],
+        what="weight (N, C)",
+    )
 
 
 def test_targets_that_require_grad_get_mmdet_s_gradient():
@@ -359,8 +416,14 @@ def test_targets_that_require_grad_get_mmdet_s_gradient():
     tol = TOL[torch.float64]
     pred, labels, scores, dense = _qfl_inputs(11, 5, torch.float64, False)
     scores.requires_grad_(True)
-    _assert_same(QualityFocalLoss(), FusedQualityFocalLoss(), (pred, (labels, scores)),
-                 wrt=(pred, scores), tol=tol, what="qfl scores grad")
+    _assert_same(
+        QualityFocalLoss(),
+        FusedQualityFocalLoss(),
+        (pred, (labels, scores)),
+        wrt=(pred, scores),
+        tol=tol,
+        what="qfl scores grad",
+    )
 
     # dense target: mmdet's gradient where the target is non-zero; where it is exactly 0,
     # mmdet's masked write gives 0, we give the formula's derivative (documented difference)
@@ -372,14 +435,19 @@ def test_targets_that_require_grad_get_mmdet_s_gradient():
     assert 0 < nonzero.sum() < dense.numel()
     torch.testing.assert_close(got[1][nonzero], want[1][nonzero], **tol)
     assert not want[1][~nonzero].any()
-    formula = torch.autograd.grad(
-        reference.quality_focal_loss_dense(pred, dense).mean(), dense)[0]
+    formula = torch.autograd.grad(reference.quality_focal_loss_dense(pred, dense).mean(), dense)[0]
     torch.testing.assert_close(got[1], formula, **tol)
 
     dpred, dtarget = _dfl_inputs(13, 9, torch.float64)
     dtarget.requires_grad_(True)
-    _assert_same(DistributionFocalLoss(), FusedDistributionFocalLoss(), (dpred, dtarget),
-                 wrt=(dpred, dtarget), tol=TOL[torch.float64], what="dfl target grad")
+    _assert_same(
+        DistributionFocalLoss(),
+        FusedDistributionFocalLoss(),
+        (dpred, dtarget),
+        wrt=(dpred, dtarget),
+        tol=TOL[torch.float64],
+        what="dfl target grad",
+    )
 
 
 def test_dense_target_forms_mmdet_accepts():
@@ -388,22 +456,39 @@ def test_dense_target_forms_mmdet_accepts():
     pred, labels, _, dense = _qfl_inputs(8, 5, torch.float32, False)
     one_hot = torch.nn.functional.one_hot(labels.clamp(0, 4), 5)
     for target in (one_hot, one_hot.bool(), dense.double()):
-        _assert_same(QualityFocalLoss(), FusedQualityFocalLoss(), (pred, target), wrt=(pred,),
-                     tol=TOL[torch.float32], what=f"{target.dtype} dense target")
+        _assert_same(
+            QualityFocalLoss(),
+            FusedQualityFocalLoss(),
+            (pred, target),
+            wrt=(pred,),
+            tol=TOL[torch.float32],
+            what=f"{target.dtype} dense target",
+        )
     gen = torch.Generator().manual_seed(3)
     pred4 = (torch.randn(2, 5, 3, 4, generator=gen) * 3).requires_grad_(True)
-    target4 = torch.rand(2, 5, 3, 4, generator=gen) * (torch.rand(2, 5, 3, 4, generator=gen) > .6)
+    target4 = torch.rand(2, 5, 3, 4, generator=gen) * (torch.rand(2, 5, 3, 4, generator=gen) > 0.6)
     for reduction in REDUCTIONS:
-        _assert_same(QualityFocalLoss(reduction=reduction),
-                     FusedQualityFocalLoss(reduction=reduction), (pred4, target4),
-                     wrt=(pred4,), tol=TOL[torch.float32], what=f"(N, C, H, W) {reduction}")
+        _assert_same(
+            QualityFocalLoss(reduction=reduction),
+            FusedQualityFocalLoss(reduction=reduction),
+            (pred4, target4),
+            wrt=(pred4,),
+            tol=TOL[torch.float32],
+            what=f"(N, C, H, W) {reduction}",
+        )
 
 
 def test_dfl_integer_targets_as_in_mmdet():
     pred, _ = _dfl_inputs(6, 9, torch.float32)
     target = torch.tensor([0, 1, 2, 5, 7, 3])
-    _assert_same(DistributionFocalLoss(), FusedDistributionFocalLoss(), (pred, target),
-                 wrt=(pred,), tol=TOL[torch.float32], what="integer DFL targets")
+    _assert_same(
+        DistributionFocalLoss(),
+        FusedDistributionFocalLoss(),
+        (pred, target),
+        wrt=(pred,),
+        tol=TOL[torch.float32],
+        what="integer DFL targets",
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -437,9 +522,11 @@ def test_empty_inputs(reduction):
     mmdet gives NaN (deliberate, documented), and backward still works."""
     pred, labels, scores, dense = _qfl_inputs(0, 5, torch.float32, False)
     dpred, dtarget = _dfl_inputs(0, 17, torch.float32)
-    cases = [(QualityFocalLoss, FusedQualityFocalLoss, pred, (labels, scores)),
-             (QualityFocalLoss, FusedQualityFocalLoss, pred, dense),
-             (DistributionFocalLoss, FusedDistributionFocalLoss, dpred, dtarget)]
+    cases = [
+        (QualityFocalLoss, FusedQualityFocalLoss, pred, (labels, scores)),
+        (QualityFocalLoss, FusedQualityFocalLoss, pred, dense),
+        (DistributionFocalLoss, FusedDistributionFocalLoss, dpred, dtarget),
+    ]
     for stock_cls, fused_cls, p, t in cases:
         stock, fused = stock_cls(reduction=reduction), fused_cls(reduction=reduction)
         for avg in (None, 4.0):
@@ -458,8 +545,10 @@ def test_empty_inputs(reduction):
 def test_errors_where_mmdet_raises():
     pred, labels, scores, dense = _qfl_inputs(5, 3, torch.float32, False)
     dpred, dtarget = _dfl_inputs(5, 9, torch.float32)
-    pairs = [(QualityFocalLoss, FusedQualityFocalLoss, (labels, scores)),
-             (DistributionFocalLoss, FusedDistributionFocalLoss, dtarget)]
+    pairs = [
+        (QualityFocalLoss, FusedQualityFocalLoss, (labels, scores)),
+        (DistributionFocalLoss, FusedDistributionFocalLoss, dtarget),
+    ]
     for stock_cls, fused_cls, target in pairs:
         p = pred if stock_cls is QualityFocalLoss else dpred
         for override in ("avg", "elementwise_mean", True, 0):  # AssertionError
@@ -553,8 +642,13 @@ def test_fuse_converts_in_place_and_keeps_everything_else():
     assert type(head.integral) is FusedIntegral
     # the same objects: settings, attributes and hooks are untouched
     assert head.loss_cls is loss_cls and head.loss_dfl is loss_dfl and head.integral is integral
-    assert (loss_cls.beta, loss_cls.loss_weight, loss_cls.reduction, loss_cls.activated,
-            loss_cls.use_sigmoid) == (2.0, 1.0, "mean", False, True)
+    assert (
+        loss_cls.beta,
+        loss_cls.loss_weight,
+        loss_cls.reduction,
+        loss_cls.activated,
+        loss_cls.use_sigmoid,
+    ) == (2.0, 1.0, "mean", False, True)
     assert loss_dfl.loss_weight == 0.25 and integral.reg_max == 16
     assert loss_cls.custom_attribute == "kept"
     assert type(head.loss_bbox).__name__ == "GIoULoss"
@@ -575,8 +669,9 @@ def test_fuse_shared_modules_subclasses_and_bad_project():
         pass
 
     shared = QualityFocalLoss()
-    model = torch.nn.ModuleDict(dict(a=shared, b=torch.nn.Sequential(shared), c=MyQFL(),
-                                     d=Integral(4)))
+    model = torch.nn.ModuleDict(
+        dict(a=shared, b=torch.nn.Sequential(shared), c=MyQFL(), d=Integral(4))
+    )
     fuse(model)
     assert type(model["a"]) is FusedQualityFocalLoss and model["b"][0] is model["a"]
     assert type(model["c"]) is MyQFL and type(model["d"]) is FusedIntegral
@@ -600,15 +695,21 @@ GFL_R50_HEAD = dict(
     in_channels=256,
     stacked_convs=4,
     feat_channels=256,
-    anchor_generator=dict(type="AnchorGenerator", ratios=[1.0], octave_base_scale=8,
-                          scales_per_octave=1, strides=[8, 16, 32, 64, 128]),
+    anchor_generator=dict(
+        type="AnchorGenerator",
+        ratios=[1.0],
+        octave_base_scale=8,
+        scales_per_octave=1,
+        strides=[8, 16, 32, 64, 128],
+    ),
     loss_cls=dict(type="QualityFocalLoss", use_sigmoid=True, beta=2.0, loss_weight=1.0),
     loss_dfl=dict(type="DistributionFocalLoss", loss_weight=0.25),
     reg_max=16,
     loss_bbox=dict(type="GIoULoss", loss_weight=2.0),
 )
-GFL_R50_TRAIN_CFG = dict(assigner=dict(type="ATSSAssigner", topk=9), allowed_border=-1,
-                         pos_weight=-1, debug=False)
+GFL_R50_TRAIN_CFG = dict(
+    assigner=dict(type="ATSSAssigner", topk=9), allowed_border=-1, pos_weight=-1, debug=False
+)
 # Only the tower width shrinks (CPU time); everything the losses see (80 classes, reg_max 16,
 # strides, anchors, ATSS, loss types and weights) is the config's.
 CHANNELS = 64
@@ -638,14 +739,20 @@ def _spread_outputs(head: GFLHead) -> None:
 def _batch(batch: int = 2, boxes: int = 8, seed: int = 2):
     """FPN-like features, ground truth of many sizes (positives on several levels), metas."""
     gen = torch.Generator().manual_seed(seed)
-    feats = tuple(torch.randn(batch, CHANNELS, IMG // s, IMG // s, generator=gen)
-                  for s in GFL_R50_HEAD["anchor_generator"]["strides"])
+    feats = tuple(
+        torch.randn(batch, CHANNELS, IMG // s, IMG // s, generator=gen)
+        for s in GFL_R50_HEAD["anchor_generator"]["strides"]
+    )
     gts = []
     for _ in range(batch):
         wh = (torch.exp(torch.rand(boxes, 2, generator=gen) * 3.3) * IMG / 24).clamp(max=IMG - 8)
         xy = torch.rand(boxes, 2, generator=gen) * (IMG - wh)
-        gts.append(InstanceData(bboxes=torch.cat([xy, xy + wh], 1),
-                                labels=torch.randint(0, 80, (boxes,), generator=gen)))
+        gts.append(
+            InstanceData(
+                bboxes=torch.cat([xy, xy + wh], 1),
+                labels=torch.randint(0, 80, (boxes,), generator=gen),
+            )
+        )
     metas = [dict(img_shape=(IMG, IMG), pad_shape=(IMG, IMG), scale_factor=(1.0, 1.0))] * batch
     return feats, gts, metas
 
@@ -663,8 +770,9 @@ def _assert_losses_equal(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for key in want:
         for level, (g, w) in enumerate(zip(got[key], want[key])):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7,
-                                       msg=lambda m, k=key, i=level: f"{k}[{i}]: {m}")
+            torch.testing.assert_close(
+                g, w, rtol=1e-5, atol=1e-7, msg=lambda m, k=key, i=level: f"{k}[{i}]: {m}"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -685,8 +793,9 @@ def test_gfl_head_losses_gradients_and_sgd_match_mmdet(mmdet_gfl_heads):
     want = _head_losses(stock, batch)
     assert sum(float(w > 0) for w in want["loss_dfl"]) >= 3
     anchors, valid = stock.get_anchors([f.shape[-2:] for f in batch[0]], batch[2], device="cpu")
-    labels = torch.cat([t.flatten() for t in stock.get_targets(anchors, valid, batch[1],
-                                                               batch[2])[1]])
+    labels = torch.cat(
+        [t.flatten() for t in stock.get_targets(anchors, valid, batch[1], batch[2])[1]]
+    )
     assert ((labels >= 0) & (labels < 80)).sum() >= 100
 
     got = _head_losses(fused, batch)
@@ -748,20 +857,45 @@ def _gfl_detector() -> torch.nn.Module:
 
 
 def _build_detector(head: dict) -> torch.nn.Module:
-    return MODELS.build(dict(
-        type="GFL",
-        data_preprocessor=dict(type="DetDataPreprocessor", mean=[123.675, 116.28, 103.53],
-                               std=[58.395, 57.12, 57.375], bgr_to_rgb=True,
-                               pad_size_divisor=32),
-        backbone=dict(type="ResNet", depth=18, num_stages=4, out_indices=(0, 1, 2, 3),
-                      frozen_stages=-1, norm_cfg=dict(type="BN", requires_grad=True),
-                      norm_eval=True, style="pytorch"),
-        neck=dict(type="FPN", in_channels=[64, 128, 256, 512], out_channels=CHANNELS,
-                  start_level=1, add_extra_convs="on_output", num_outs=5),
-        bbox_head=head,
-        train_cfg=GFL_R50_TRAIN_CFG,
-        test_cfg=ConfigDict(nms_pre=1000, min_bbox_size=0, score_thr=0.05,
-                      nms=dict(type="nms", iou_threshold=0.6), max_per_img=100)))
+    return MODELS.build(
+        dict(
+            type="GFL",
+            data_preprocessor=dict(
+                type="DetDataPreprocessor",
+                mean=[123.675, 116.28, 103.53],
+                std=[58.395, 57.12, 57.375],
+                bgr_to_rgb=True,
+                pad_size_divisor=32,
+            ),
+            backbone=dict(
+                type="ResNet",
+                depth=18,
+                num_stages=4,
+                out_indices=(0, 1, 2, 3),
+                frozen_stages=-1,
+                norm_cfg=dict(type="BN", requires_grad=True),
+                norm_eval=True,
+                style="pytorch",
+            ),
+            neck=dict(
+                type="FPN",
+                in_channels=[64, 128, 256, 512],
+                out_channels=CHANNELS,
+                start_level=1,
+                add_extra_convs="on_output",
+                num_outs=5,
+            ),
+            bbox_head=head,
+            train_cfg=GFL_R50_TRAIN_CFG,
+            test_cfg=ConfigDict(
+                nms_pre=1000,
+                min_bbox_size=0,
+                score_thr=0.05,
+                nms=dict(type="nms", iou_threshold=0.6),
+                max_per_img=100,
+            ),
+        )
+    )
 
 
 def test_whole_detector_fuse_loss_and_predict():
@@ -769,12 +903,16 @@ def test_whole_detector_fuse_loss_and_predict():
     stock = _gfl_detector()
     _spread_outputs(stock.bbox_head)
     fused = fuse(copy.deepcopy(stock))
-    converted = {n: type(m) for n, m in fused.named_modules()
-                 if isinstance(m, (FusedQualityFocalLoss, FusedDistributionFocalLoss,
-                                   FusedIntegral))}
-    assert converted == {"bbox_head.loss_cls": FusedQualityFocalLoss,
-                         "bbox_head.loss_dfl": FusedDistributionFocalLoss,
-                         "bbox_head.integral": FusedIntegral}
+    converted = {
+        n: type(m)
+        for n, m in fused.named_modules()
+        if isinstance(m, (FusedQualityFocalLoss, FusedDistributionFocalLoss, FusedIntegral))
+    }
+    assert converted == {
+        "bbox_head.loss_cls": FusedQualityFocalLoss,
+        "bbox_head.loss_dfl": FusedDistributionFocalLoss,
+        "bbox_head.integral": FusedIntegral,
+    }
     sd_s, sd_f = stock.state_dict(), fused.state_dict()
     assert list(sd_s) == list(sd_f) and all(torch.equal(sd_s[k], sd_f[k]) for k in sd_s)
 
@@ -786,9 +924,15 @@ def test_whole_detector_fuse_loss_and_predict():
     for gt in gts:
         sample = DetDataSample()
         sample.gt_instances = InstanceData(bboxes=gt.bboxes.clamp(0, size - 1), labels=gt.labels)
-        sample.set_metainfo(dict(img_shape=(size, size), ori_shape=(size, size),
-                                 pad_shape=(size, size), batch_input_shape=(size, size),
-                                 scale_factor=(1.0, 1.0)))
+        sample.set_metainfo(
+            dict(
+                img_shape=(size, size),
+                ori_shape=(size, size),
+                pad_shape=(size, size),
+                batch_input_shape=(size, size),
+                scale_factor=(1.0, 1.0),
+            )
+        )
         samples.append(sample)
 
     stock.train()
@@ -804,5 +948,6 @@ def test_whole_detector_fuse_loss_and_predict():
     for g, w in zip(got, want):
         assert len(w.pred_instances) > 0
         for key in ("labels", "scores", "bboxes"):
-            torch.testing.assert_close(g.pred_instances[key], w.pred_instances[key],
-                                       rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(
+                g.pred_instances[key], w.pred_instances[key], rtol=1e-5, atol=1e-4
+            )

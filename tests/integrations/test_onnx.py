@@ -41,8 +41,16 @@ def test_integral_module_exports_and_runs(tmp_path, dynamo, layout):
     shape = (37, 68) if layout == "flat" else (37, 4, 17)
     x = torch.randn(*shape, generator=gen) * 4  # peaked, varied distributions
     path = tmp_path / "integral.onnx"
-    torch.onnx.export(module, (x,), str(path), dynamo=dynamo, input_names=["x"],
-                      output_names=["distances"], opset_version=18, external_data=False)
+    torch.onnx.export(
+        module,
+        (x,),
+        str(path),
+        dynamo=dynamo,
+        input_names=["x"],
+        output_names=["distances"],
+        opset_version=18,
+        external_data=False,
+    )
     ops, domains = _op_types_and_domains(path)
     assert domains <= STANDARD_DOMAINS, domains
     assert {"Softmax", "MatMul"} <= ops, ops
@@ -60,8 +68,7 @@ def test_detector_exports_and_runs(tmp_path, dynamo):
             if isinstance(conv, torch.nn.Conv2d) and conv.out_channels == 4 * 17:
                 conv.weight.mul_(10.0)  # logits std ~3: peaked, varied
     images = torch.randn(2, 3, 96, 128)
-    path = export_onnx(model, tmp_path / "gfl.onnx", image_size=(96, 128), batch=2,
-                       dynamo=dynamo)
+    path = export_onnx(model, tmp_path / "gfl.onnx", image_size=(96, 128), batch=2, dynamo=dynamo)
     ops, domains = _op_types_and_domains(path)
     assert domains <= STANDARD_DOMAINS, domains
     assert {"Softmax", "MatMul"} <= ops, ops
@@ -71,8 +78,7 @@ def test_detector_exports_and_runs(tmp_path, dynamo):
     np.testing.assert_allclose(scores, want_scores.numpy(), rtol=0, atol=1e-4)
     # boxes are in pixels (up to ~2,000 at stride 128, where float32's spacing is 1.2e-4):
     # compare them in units of their anchor's stride, the integral's own unit
-    anchors = model.anchor_generator([tuple(m.shape[-2:]) for m in
-                                      model.forward_head(images).cls])
+    anchors = model.anchor_generator([tuple(m.shape[-2:]) for m in model.forward_head(images).cls])
     stride = anchors.strides[None, :, None].numpy()
     np.testing.assert_allclose(boxes / stride, want_boxes.numpy() / stride, rtol=0, atol=1e-4)
     spread = want_boxes[..., 2:] - want_boxes[..., :2]
@@ -84,7 +90,8 @@ def test_export_leaves_the_model_usable(tmp_path):
     anchor cache, breaking the next eager call with the same image size."""
     model = build_detector(depth=18, num_classes=3, pretrained=None).eval()
     export_onnx(model, tmp_path / "gfl.onnx", image_size=(64, 64), dynamo=True)
-    assert type(model.anchor_generator([(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]).boxes) is \
-        torch.Tensor
+    assert (
+        type(model.anchor_generator([(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]).boxes) is torch.Tensor
+    )
     detections = model.predict(torch.randn(1, 3, 64, 64))
     assert set(detections[0]) >= {"boxes", "scores", "labels"}

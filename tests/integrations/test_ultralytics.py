@@ -93,8 +93,11 @@ assert ultralytics.__version__.startswith("8."), ultralytics.__version__
 CFGS = ["yolov8n.yaml", "yolo11n.yaml"]
 # YOLOv10: an end-to-end head, one-to-many and one-to-one branches sharing the DFL; E2ELoss
 E2E_CFG = "yolov10n.yaml"
-DFL_KEY = {"yolov8n.yaml": "model.22.dfl.conv.weight", "yolo11n.yaml": "model.23.dfl.conv.weight",
-           E2E_CFG: "model.23.dfl.conv.weight"}
+DFL_KEY = {
+    "yolov8n.yaml": "model.22.dfl.conv.weight",
+    "yolo11n.yaml": "model.23.dfl.conv.weight",
+    E2E_CFG: "model.23.dfl.conv.weight",
+}
 IMGSZ = 128
 BINS = 16  # Ultralytics' reg_max
 
@@ -111,8 +114,10 @@ def _process_state() -> Iterator[None]:
     variables, and torch's weights_only allow-list when it loads a checkpoint safely."""
     env = dict(os.environ)
     threads = torch.get_num_threads()
-    deterministic = (torch.are_deterministic_algorithms_enabled(),
-                     torch.is_deterministic_algorithms_warn_only_enabled())
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     fill = torch.utils.deterministic.fill_uninitialized_memory
     cudnn = torch.backends.cudnn.deterministic
     rng = torch.get_rng_state(), np.random.get_state()
@@ -351,10 +356,17 @@ def test_unpatched_model_in_same_process_untouched(calls: Calls) -> None:
     assert calls.snapshot() == before  # not one fused op ran for it
     assert not is_patched(yolo) and not is_patched(model)
     # Ultralytics' classes themselves are untouched (nothing was monkeypatched globally)
-    for cls, name in [(DFL, "forward"), (DFLoss, "__call__"), (v8DetectionLoss, "bbox_decode"),
-                      (DetectionModel, "init_criterion"), (DetectionTrainer, "get_model"),
-                      (BaseTrainer, "save_model"), (BaseTrainer, "final_eval"),
-                      (YOLO, "train"), (YOLO, "save")]:
+    for cls, name in [
+        (DFL, "forward"),
+        (DFLoss, "__call__"),
+        (v8DetectionLoss, "bbox_decode"),
+        (DetectionModel, "init_criterion"),
+        (DetectionTrainer, "get_model"),
+        (BaseTrainer, "save_model"),
+        (BaseTrainer, "final_eval"),
+        (YOLO, "train"),
+        (YOLO, "save"),
+    ]:
         attr = getattr(cls, name)
         assert attr.__module__.startswith("ultralytics."), (cls, name, attr.__module__)
 
@@ -437,8 +449,9 @@ def test_fused_dfloss_matches_stock(dtype: torch.dtype, calls: Calls) -> None:
     (ref * w).sum().backward()
     assert pred.grad.dtype == dtype
     tol = {torch.float32: (1e-5, 1e-7), torch.float16: (1e-3, 1e-6), torch.bfloat16: (1e-2, 1e-5)}
-    torch.testing.assert_close(pred.grad, pred32.grad.to(dtype), rtol=tol[dtype][0],
-                               atol=tol[dtype][1])
+    torch.testing.assert_close(
+        pred.grad, pred32.grad.to(dtype), rtol=tol[dtype][0], atol=tol[dtype][1]
+    )
 
 
 def test_fused_dfloss_under_autocast_matches_stock_dtype() -> None:
@@ -451,8 +464,9 @@ def test_fused_dfloss_under_autocast_matches_stock_dtype() -> None:
     assert out.dtype == ref.dtype and out.shape == ref.shape == (10, 1)
     # stock's CPU-autocast log_softmax rounds to bf16; the fused op's math is float32 throughout
     torch.testing.assert_close(out, ref, rtol=1e-2, atol=0)
-    torch.testing.assert_close(out, DFLoss(BINS)(logits.float(), target.clone()), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        out, DFLoss(BINS)(logits.float(), target.clone()), rtol=1e-5, atol=1e-6
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,8 +526,10 @@ def test_loss_and_gradients_equal(cfg: str, calls: Calls) -> None:
         if frozen_bn:
             assert_grads_close(stock, fused)  # every tensor to 1e-4 relative
         else:
-            grads = [torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
-                     for m in (stock, fused)]
+            grads = [
+                torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+                for m in (stock, fused)
+            ]
             assert rel(grads[1], grads[0]) < 1e-4
     # many positives: one-to-many assignment gave >= 40 anchors' 4 sides to the DFL term
     assert max(calls.dfl_rows) >= 4 * 40
@@ -550,8 +566,9 @@ def test_three_sgd_steps_equal(cfg: str) -> None:
 def test_empty_targets_and_autocast() -> None:
     stock, fused = stock_and_fused("yolov8n.yaml")
     batch = make_batch()
-    empty = dict(batch, batch_idx=batch["batch_idx"][:0], cls=batch["cls"][:0],
-                 bboxes=batch["bboxes"][:0])
+    empty = dict(
+        batch, batch_idx=batch["batch_idx"][:0], cls=batch["cls"][:0], bboxes=batch["bboxes"][:0]
+    )
     for model in (stock, fused):
         model.train()
     ls, lf = stock.loss(empty)[0], fused.loss(empty)[0]
@@ -631,8 +648,10 @@ def test_save_writes_stock_checkpoint(tmp_path: Path) -> None:
 def test_pickled_patched_models_load_in_another_process(tmp_path: Path) -> None:
     """torch.save of patched models (detect, and segment: a class made at import) loads in a
     fresh interpreter, which imports the adapter by itself."""
-    for name, cls, cfg in (("det", DetectionModel, "yolov8n.yaml"),
-                           ("seg", SegmentationModel, "yolov8n-seg.yaml")):
+    for name, cls, cfg in (
+        ("det", DetectionModel, "yolov8n.yaml"),
+        ("seg", SegmentationModel, "yolov8n-seg.yaml"),
+    ):
         torch.save(patch(cls(cfg, verbose=False)), tmp_path / f"{name}.pt")
     code = (
         "import sys, torch\n"
@@ -640,21 +659,31 @@ def test_pickled_patched_models_load_in_another_process(tmp_path: Path) -> None:
         "    m = torch.load(sys.argv[1] + f'/{name}.pt', weights_only=False)\n"
         "    print(type(m).__module__, type(m).__name__, type(m.model[-1].dfl).__name__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                         text=True, timeout=300, check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.split("\n")
     module = "gfl_ops.integrations.ultralytics"
-    assert out[:2] == [f"{module} FusedDetectionModel FusedDFL",
-                       f"{module} FusedSegmentationModel FusedDFL"], out
+    assert out[:2] == [
+        f"{module} FusedDetectionModel FusedDFL",
+        f"{module} FusedSegmentationModel FusedDFL",
+    ], out
 
 
 def test_adapter_classes_are_found_under_the_public_module() -> None:
     """Pickles record a class's ``__module__`` and name: every class the adapter defines in its
     private modules, or makes, names gfl_ops.integrations.ultralytics and is found there."""
     adapter = sys.modules[patch.__module__]
-    classes = {obj for name, module in list(sys.modules.items())
-               if name.startswith(adapter.__name__ + ".")
-               for obj in vars(module).values()
-               if isinstance(obj, type) and obj.__name__.startswith(("Fused", "_Fused"))}
+    classes = {
+        obj
+        for name, module in list(sys.modules.items())
+        if name.startswith(adapter.__name__ + ".")
+        for obj in vars(module).values()
+        if isinstance(obj, type) and obj.__name__.startswith(("Fused", "_Fused"))
+    }
     classes |= set(adapter._classes._FUSED.values())
     assert FusedDFL in classes and FusedDetectionTrainer in classes
     for cls in classes:
@@ -687,20 +716,34 @@ def write_dataset(root: Path, n_train: int = 4, n_val: int = 2) -> Path:
                 w, h = rng.integers(20, 60, 2)
                 x0, y0 = rng.integers(0, IMGSZ - 60, 2)
                 c = int(rng.integers(0, 2))
-                img[y0:y0 + h, x0:x0 + w] = (220, 40, 40) if c == 0 else (40, 220, 40)
-                lines.append(f"{c} {(x0 + w / 2) / IMGSZ:.6f} {(y0 + h / 2) / IMGSZ:.6f} "
-                             f"{w / IMGSZ:.6f} {h / IMGSZ:.6f}")
+                img[y0 : y0 + h, x0 : x0 + w] = (220, 40, 40) if c == 0 else (40, 220, 40)
+                lines.append(
+                    f"{c} {(x0 + w / 2) / IMGSZ:.6f} {(y0 + h / 2) / IMGSZ:.6f} "
+                    f"{w / IMGSZ:.6f} {h / IMGSZ:.6f}"
+                )
             Image.fromarray(img).save(root / "images" / split / f"{i}.png")
             (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines) + "\n")
     data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\n"
-                    "names:\n  0: red\n  1: green\n")
+    data.write_text(
+        f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: green\n"
+    )
     return data
 
 
 # everything that could reach the network or write outside tmp_path is off
-TRAIN_ARGS = dict(epochs=1, imgsz=64, batch=2, workers=0, device="cpu", plots=False, amp=False,
-                  val=True, verbose=False, exist_ok=True, seed=0)
+TRAIN_ARGS = dict(
+    epochs=1,
+    imgsz=64,
+    batch=2,
+    workers=0,
+    device="cpu",
+    plots=False,
+    amp=False,
+    val=True,
+    verbose=False,
+    exist_ok=True,
+    seed=0,
+)
 
 
 def test_train_runs_fused_ops(tmp_path: Path, calls: Calls) -> None:
@@ -734,8 +777,17 @@ def test_train_runs_fused_ops(tmp_path: Path, calls: Calls) -> None:
         assert_stock_checkpoint(ckpt, "model")
 
     before = calls.integral
-    metrics = yolo.val(data=str(data), imgsz=64, batch=2, workers=0, device="cpu", plots=False,
-                       verbose=False, project=str(tmp_path / "runs"), name="val")
+    metrics = yolo.val(
+        data=str(data),
+        imgsz=64,
+        batch=2,
+        workers=0,
+        device="cpu",
+        plots=False,
+        verbose=False,
+        project=str(tmp_path / "runs"),
+        name="val",
+    )
     assert calls.integral > before and metrics is not None
     assert is_patched(yolo)
 
@@ -751,9 +803,15 @@ def test_train_runs_fused_ops(tmp_path: Path, calls: Calls) -> None:
 def test_trainer_built_by_user(tmp_path: Path, calls: Calls) -> None:
     """patch_trainer on a trainer instance (or FusedDetectionTrainer for the class)."""
     data = write_dataset(tmp_path / "data")
-    trainer = DetectionTrainer(overrides=dict(model="yolov8n.yaml", data=str(data),
-                                              project=str(tmp_path / "runs"), name="user",
-                                              **TRAIN_ARGS))
+    trainer = DetectionTrainer(
+        overrides=dict(
+            model="yolov8n.yaml",
+            data=str(data),
+            project=str(tmp_path / "runs"),
+            name="user",
+            **TRAIN_ARGS,
+        )
+    )
     assert patch_trainer(trainer) is trainer
     assert type(trainer) is FusedDetectionTrainer
     trainer.train()
@@ -813,8 +871,6 @@ def test_export_onnx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dyn = tmp_path / "dynamo.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(head_model, (x,), str(dyn), dynamo=True, opset_version=18,
-                          verbose=False)
+        torch.onnx.export(head_model, (x,), str(dyn), dynamo=True, opset_version=18, verbose=False)
     assert onnx_domains(dyn) <= {"", "ai.onnx"}
     np.testing.assert_allclose(run_onnx(dyn, x), expected, rtol=0, atol=1e-4)
-

@@ -151,16 +151,19 @@ def patch(model: T) -> T:
     if isinstance(model, Model):
         inner = model._modules.get("model")
         if not isinstance(inner, DetectionModel):
-            raise TypeError("patch() needs a YOLO object holding a PyTorch DetectionModel, got "
-                            f"one holding {type(model.model).__name__}")
+            raise TypeError(
+                "patch() needs a YOLO object holding a PyTorch DetectionModel, got "
+                f"one holding {type(model.model).__name__}"
+            )
         _patch_detection_model(inner, warn=True)
         model.__class__ = _fused_subclass(type(model), _FusedYOLOMixin)
         model.predictor = None  # rebuilt by the next predict() around the patched model
         return model
     if isinstance(model, DetectionModel):
         return _patch_detection_model(model, warn=True)
-    raise TypeError("patch() takes an ultralytics YOLO object or a DetectionModel, got "
-                    f"{type(model).__name__}")
+    raise TypeError(
+        f"patch() takes an ultralytics YOLO object or a DetectionModel, got {type(model).__name__}"
+    )
 
 
 def unpatch(model: T) -> T:
@@ -174,8 +177,10 @@ def unpatch(model: T) -> T:
         return model
     if isinstance(model, DetectionModel):
         return _unpatch_detection_model(model)
-    raise TypeError("unpatch() takes an ultralytics YOLO object or a DetectionModel, got "
-                    f"{type(model).__name__}")
+    raise TypeError(
+        "unpatch() takes an ultralytics YOLO object or a DetectionModel, got "
+        f"{type(model).__name__}"
+    )
 
 
 def is_patched(model: Any) -> bool:

@@ -52,8 +52,15 @@ def _fused_subclass(base: type, mixin: type, by_name: bool = True) -> type:
         name = f"Fused{base.__name__}"
         while by_name and hasattr(home, name):  # same-named classes from different modules
             name += "_"
-        cls = type(name, (mixin, base), {"__module__": _HOME, "__qualname__": name,
-                                         "__doc__": f"{base.__name__} patched by gfl_ops."})
+        cls = type(
+            name,
+            (mixin, base),
+            {
+                "__module__": _HOME,
+                "__qualname__": name,
+                "__doc__": f"{base.__name__} patched by gfl_ops.",
+            },
+        )
         _register(cls, base, mixin)
         if by_name:
             setattr(home, name, cls)

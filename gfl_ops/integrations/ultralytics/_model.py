@@ -58,9 +58,11 @@ def _swap_dfl(model: nn.Module, fused: bool) -> int:
 def _patch_detection_model(model: DetectionModel, warn: bool = False) -> DetectionModel:
     # (warn: for the user's patch() call only, not each time a trainer patches its models)
     if not _swap_dfl(model, fused=True) and warn:
-        warnings.warn(f"patch(): {type(model).__name__} has no DFL module: a reg_max == 1 head "
-                      "(e.g. YOLO26) regresses distances directly, so no fused op will run",
-                      stacklevel=3)
+        warnings.warn(
+            f"patch(): {type(model).__name__} has no DFL module: a reg_max == 1 head "
+            "(e.g. YOLO26) regresses distances directly, so no fused op will run",
+            stacklevel=3,
+        )
     model.__class__ = _fused_subclass(type(model), _FusedModel)
     criterion = getattr(model, "criterion", None)
     if criterion is not None:  # already built: patch it too (otherwise init_criterion will)
@@ -94,4 +96,3 @@ def _stock_while(model: Any) -> Iterator[None]:
     finally:
         if patched:
             _patch_detection_model(model)
-

@@ -31,8 +31,12 @@ def _exporting() -> bool:
     uses, and ``dynamo=True``) report ``is_in_onnx_export()`` (checked on torch 2.14);
     ``torch.export`` reports ``is_exporting()``; ``torch.jit.trace`` (TorchScript, CoreML, ...)
     ``is_tracing()``."""
-    return (torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
-            or torch.jit.is_tracing() or torch.jit.is_scripting())
+    return (
+        torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,10 +95,14 @@ class FusedDFL(DFL):
         key = (w.device, w.dtype, w.data_ptr(), -1 if w.is_inference() else w._version)
         if w.device.type == "cpu" or key != self._checked:
             ok = tuple(w.shape) == (1, self.c1, 1, 1) and torch.equal(
-                w.detach().reshape(-1), torch.arange(self.c1, dtype=w.dtype, device=w.device))
+                w.detach().reshape(-1), torch.arange(self.c1, dtype=w.dtype, device=w.device)
+            )
             if not ok and (self._integral_weight or self._checked is None):
-                warnings.warn("FusedDFL: conv.weight is not arange(reg_max); running the stock "
-                              "softmax + convolution, which honours it", stacklevel=3)
+                warnings.warn(
+                    "FusedDFL: conv.weight is not arange(reg_max); running the stock "
+                    "softmax + convolution, which honours it",
+                    stacklevel=3,
+                )
             self._checked, self._integral_weight = key, ok
         return self._integral_weight
 
@@ -108,8 +116,9 @@ class FusedDFL(DFL):
 
 def _module_state(module: nn.Module) -> dict:
     # nn.Module state with its dicts and sets (submodules, parameters, hooks) copied, not shared
-    return {k: v.copy() if isinstance(v, (dict, set)) else v
-            for k, v in module.__getstate__().items()}
+    return {
+        k: v.copy() if isinstance(v, (dict, set)) else v for k, v in module.__getstate__().items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,8 +141,9 @@ class FusedDFLoss(DFLoss):
         target = target.clamp(0, self.reg_max - 1 - 0.01)
         # clamped into range just above, so the value check (a host sync per call on a GPU)
         # could only find a NaN, which gives a NaN row here exactly as in Ultralytics' formula
-        loss = functional.distribution_focal_loss(pred_dist, target.reshape(-1), reduction="none",
-                                                  check_values=False)
+        loss = functional.distribution_focal_loss(
+            pred_dist, target.reshape(-1), reduction="none", check_values=False
+        )
         return loss.view(target.shape).mean(-1, keepdim=True)
 
 
@@ -191,4 +201,3 @@ def _unpatch_criterion(criterion: T, depth: int = 0) -> T:
             if _is_loss_wrapper(value):
                 _unpatch_criterion(value, depth + 1)
     return criterion
-

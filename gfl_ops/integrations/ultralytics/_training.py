@@ -88,12 +88,16 @@ def patch_trainer(trainer: type[BaseTrainer] | BaseTrainer) -> Any:
     """
     if isinstance(trainer, type):
         if not issubclass(trainer, BaseTrainer):
-            raise TypeError("patch_trainer() takes an Ultralytics trainer class or instance, got "
-                            f"class {trainer.__name__}")
+            raise TypeError(
+                "patch_trainer() takes an Ultralytics trainer class or instance, got "
+                f"class {trainer.__name__}"
+            )
         return _fused_subclass(trainer, _FusedTrainer, by_name=False)
     if not isinstance(trainer, BaseTrainer):
-        raise TypeError("patch_trainer() takes an Ultralytics trainer class or instance, got "
-                        f"{type(trainer).__name__}")
+        raise TypeError(
+            "patch_trainer() takes an Ultralytics trainer class or instance, got "
+            f"{type(trainer).__name__}"
+        )
     trainer.__class__ = _fused_subclass(type(trainer), _FusedTrainer, by_name=False)
     _patch_if_model(getattr(trainer, "model", None))
     _patch_if_model(getattr(getattr(trainer, "ema", None), "ema", None))
