@@ -1,9 +1,13 @@
 """Softmax-integral decoding in Triton: ``ŷ = Σ_j softmax(z)_j · j`` per row, and its gradient.
 
-``dŷ/dz_j = S_j · (j − ŷ)``, with ``j − ŷ`` formed about an integer pivot near ŷ (see the
-kernel) so that it keeps its digits when ŷ is close to a large bin index.  Same layout as the DFL
-kernel (whole row in one masked power-of-two block, see :func:`gfl_ops.triton.dfl.bins_config`);
-the value is computed in the opmath dtype and returned in ``pred``'s dtype, like the reference.
+``dŷ/dz_j = S_j · (j − ŷ)``, in the stable form of docs/math.md ("The integral") that the CPU
+and CUDA kernels use too: about the row's argmax bin ``p`` (the pivot; ties to the lowest bin),
+``ŷ − p = Σ_j e_j (j − p) / Z`` over exact small integers ``j − p`` and
+``dŷ/dz_j · g = e_j · fma(c, j − p, −c·(ŷ − p))`` with ``c = g / Z`` (``g`` the row's
+``grad_output``, 1 for the unscaled fused gradient), so ``j − ŷ`` does not cancel where the mass
+sits on one bin.  Same layout as the DFL kernel (whole row in one masked power-of-two block, see
+:func:`gfl_ops.triton.dfl.bins_config`); the value is computed in the opmath dtype and returned in
+``pred``'s dtype, like the reference.
 """
 
 import torch
@@ -45,22 +49,31 @@ def _integral_kernel(
         other=0.0,
     ).to(CDT)
     z = tl.where(col_in[None, :], z, -float("inf"))
-    e = tl.exp(z - tl.max(z, axis=1)[:, None])
-    inv_s = 1.0 / tl.sum(e, axis=1)
+    zmax = tl.max(z, axis=1)
     j = cols.to(CDT)
-    # ŷ about an integer pivot r near it: ŷ = r + Σ S_k (k − r).  The terms of the second sum are
-    # small where the probability mass is, so j − ŷ = (j − r) − δ keeps its digits when ŷ is
-    # large and close to j (plain Σ S_k k loses ~log2(n) bits there, 7e-5 relative seen at n = 32).
-    pivot = tl.floor(tl.sum(e * j[None, :], axis=1) * inv_s + 0.5)
-    offset = j[None, :] - pivot[:, None]  # exact small integers
-    delta = tl.sum(e * offset, axis=1) * inv_s
+    # The pivot p: the row's argmax bin, the lowest where several hold the max (tl.argmax's
+    # tie-break, written as a compare and an integer min: the interpreter's tl.argmax raises on
+    # an all-NaN row, and the same min over the float bins left ptxas an 8-byte stack frame in
+    # the fp64 gradient for sm_80, tests/test_triton_compiled.py).  A row with no bin equal to
+    # its max (a NaN max) gets BLOCK_B, a finite pivot for a row whose outputs are all NaN
+    # anyway.  As in the CPU and CUDA kernels (docs/math.md, "The integral"):
+    # ŷ − p = Σ_k e_k (k − p) / Z over exact small integers k − p, so j − ŷ = (j − p) − (ŷ − p)
+    # keeps its digits where the mass sits on one bin.
+    pivot = tl.min(tl.where(z == zmax[:, None], cols[None, :], BLOCK_B), axis=1).to(CDT)
+    e = tl.exp(z - zmax[:, None])
+    inv_s = 1.0 / tl.sum(e, axis=1)
+    offset = j[None, :] - pivot[:, None]  # j − p, exact
+    delta = tl.sum(e * offset, axis=1) * inv_s  # ŷ − p
     if WRITE_OUT:
         tl.store(out_ptr + rows, (pivot + delta).to(out_ptr.dtype.element_ty), mask=row_mask)
     if WRITE_GRAD:
-        g = e * inv_s[:, None] * (offset - delta[:, None])
+        # g · dŷ/dz_j = e_j · fma(c, j − p, −c·(ŷ − p)), c = g / Z: one rounding for the bracket,
+        # exactly −c·(ŷ − p) at j = p (gfl_math.h's integral_grad_scaled)
+        c = inv_s
         if SCALE_GRAD:
             go = tl.load(grad_out_ptr + rows * stride_go, mask=row_mask, other=0.0).to(CDT)
-            g = g * go[:, None]
+            c = c * go
+        g = e * tl.fma(c[:, None], offset, -(c * delta)[:, None])
         tl.store(
             grad_ptr + rows[:, None] * NB + cols[None, :],
             g.to(grad_ptr.dtype.element_ty),
