@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-# Columns of the microbenchmark CSV, in order.  See benchmarks/README.md for their meaning.
-FIELDS = (
-    # run metadata
+# The run metadata every CSV here starts with.  See benchmarks/README.md for the columns.
+RUN_FIELDS = (
     "run_id",
     "date_utc",
     "preset",
@@ -31,6 +30,10 @@ FIELDS = (
     "cuda",
     "git_commit",
     "git_dirty",
+)
+
+# Columns of the microbenchmark CSV, in order.
+FIELDS = RUN_FIELDS + (
     "copy_gbps",
     # 'fresh' or 'reused' inputs (benchmarks/steps.py); empty in rows from before it existed
     "inputs",
@@ -70,19 +73,6 @@ FIELDS = (
 
 # Columns of the end-to-end loss-step CSV (benchmarks/e2e_loss_step.py).
 E2E_CSV = "e2e_loss_step.csv"
-RUN_FIELDS = (
-    "run_id",
-    "date_utc",
-    "preset",
-    "device_type",
-    "device_name",
-    "cpu_threads",
-    "torch",
-    "triton",
-    "cuda",
-    "git_commit",
-    "git_dirty",
-)
 E2E_FIELDS = RUN_FIELDS + (
     "losses",
     "dtype",
