@@ -272,9 +272,10 @@ class _CppBackend:
             and _reduced_loss.applies(pred, weight, reduction, avg_factor, targets)
         ):
             return None
-        return _reduced_loss.ReducedLoss.apply(
-            pred, name, targets, params, weight, reduction, avg_factor
+        unit = _reduced_loss.reduction_unit(
+            pred.shape[0], _opmath(pred.dtype), reduction, avg_factor
         )
+        return _reduced_loss.reduced_loss(name, pred, targets, params, weight, unit)
 
     def qfl(self, pred, labels, scores, beta, activated):
         return self._call("qfl", pred, labels, scores, beta, activated)

@@ -7,95 +7,81 @@ comes back (a full read and write of it).  But that factor is known in the forwa
 ``L = sum_i w_i l_i / d`` it is ``dL/dl_i = w_i / d``, times the incoming scalar gradient ``g``.
 So here the kernel gets ``grad_scale = w / d`` and writes ``dl_i/dpred * w_i / d`` directly, and
 the backward hands that buffer out unchanged when ``g == 1`` (``loss.backward()``, the usual
-case), or scales it in place by the scalar ``g``.  Measured on the 2-core CPU (fresh inputs,
-benchmarks/README.md "Fresh inputs"): the reduction's three ops and the backward (three small
-nodes and the pass over the gradient) were ~200 of the ~570 us of the DFL step at 32000 x 17;
-QFL 40000 x 80 went 2.30 -> 2.00 ms a step (in-process A/B).
+case), or scales it in place by the scalar ``g``.
 
-The forward value is ``dot(l, w / d)``: one op where ``weight_reduce_loss`` runs three (a few
-microseconds each count at 32000 rows), equal to it up to rounding; so is the gradient
-(``w_i / d`` is applied once, in the kernel's opmath type).  A second backward through a
-retained graph, or a backward that builds a graph (create_graph), recomputes the gradient with
-the operator's ``*_backward`` kernel, which has its own derivative.  Only plain eager calls
-take this path (see ``applies``).
+The node is C++ (csrc/eager_autograd.cpp, ``ReducedLossFunction``; one call from here): it
+forms ``w * unit`` with a plain loop, calls the kernel, and returns ``dot(l, w * unit)``.
+Measured on the 2-core CPU (fresh inputs, benchmarks/README.md "Fresh inputs"): the reduction's
+three ops and the backward were ~200 of the ~570 us of the DFL step at 32000 x 17, and QFL
+40000 x 80 went 2.30 -> 2.00 ms a step with the first, Python, form of this path; moving the
+node, the weight product and the value check's reads to C++ took the DFL step from ~550 to
+~450 us (in-process A/B against the previous build: benchmarks/README.md, "Fresh inputs").
+
+The forward value is ``dot(l, w * unit)``: one op where ``weight_reduce_loss`` runs three,
+equal to it up to rounding; so is the gradient (``w_i * unit`` is applied once, in the kernel's
+opmath type).  A second backward through a retained graph, or a backward that builds a graph
+(create_graph), recomputes the gradient with the operator's ``*_backward`` kernel, which has
+its own derivative.  Only plain eager calls take this path (see ``applies``).
 """
 
 from __future__ import annotations
 
 import torch
 
-# op name -> its recomputing backward operator and the number of leading tensor arguments
-RECOMPUTE = {
-    "qfl": ("qfl_backward", 3),
-    "qfl_dense": ("qfl_dense_backward", 2),
-    "dfl": ("dfl_backward", 2),
-}
+from gfl_ops._extension import _C
+
 _FLOAT_EPS = torch.finfo(torch.float32).eps
 
 
-def grad_scale(
+def reduction_unit(
     n: int,
     dtype: torch.dtype,
-    device: torch.device,
-    weight: torch.Tensor | None,
     reduction: str,
     avg_factor: float | torch.Tensor | None,
-) -> torch.Tensor:
-    """dL/dl_i of ``weight_reduce_loss`` for its 'mean' / 'sum' reductions: (N,) in ``dtype``
-    (a stride-0 expansion when there is no weight).  One small op at most: this runs on every
-    training step, where a few microseconds of Python count at 32000 rows."""
+) -> float:
+    """The factor ``dL/dl_i / weight_i`` of ``weight_reduce_loss``'s 'mean' / 'sum': 1 for
+    'sum', ``1 / n`` for a plain mean, ``1 / (avg_factor + eps)`` with an avg_factor (a tensor
+    one computed in ``dtype``, as the per-row path divides by it, and read back once: this path
+    is for CPU tensors)."""
     if reduction == "sum":
-        unit: float | torch.Tensor = 1.0
-    elif avg_factor is None:
-        unit = 1.0 / max(n, 1)
-    elif isinstance(avg_factor, torch.Tensor):
-        unit = 1.0 / (avg_factor.detach().to(device=device, dtype=dtype).reshape(()) + _FLOAT_EPS)
-    else:
-        unit = 1.0 / (avg_factor + _FLOAT_EPS)
-    if weight is None:
-        if not isinstance(unit, torch.Tensor):
-            unit = torch.full((), unit, dtype=dtype, device=device)
-        return unit.expand(n)
-    return weight.detach().to(dtype) * unit
+        return 1.0
+    if avg_factor is None:
+        return 1.0 / max(n, 1)
+    if isinstance(avg_factor, torch.Tensor):
+        avg = avg_factor.detach().to(dtype=dtype).reshape(())
+        return (1.0 / (avg + _FLOAT_EPS)).item()
+    return 1.0 / (avg_factor + _FLOAT_EPS)
 
 
-class ReducedLoss(torch.autograd.Function):
-    """forward(pred, op, targets, params, weight, reduction, avg_factor) -> 0-d loss."""
+# op name -> the ``kind`` argument of ``_C.reduced_loss_eager``
+_KINDS = {"qfl": 0, "qfl_dense": 1, "dfl": 2}
 
-    @staticmethod
-    def forward(
-        ctx,
-        pred: torch.Tensor,
-        op: str,
-        targets: tuple,
-        params: tuple,
-        weight: torch.Tensor | None,
-        reduction: str,
-        avg_factor: float | torch.Tensor | None,
-    ) -> torch.Tensor:
-        ops = torch.ops.gfl_ops
-        loss_dtype = torch.float32 if pred.dtype in (torch.float16, torch.bfloat16) else pred.dtype
-        scale = grad_scale(pred.shape[0], loss_dtype, pred.device, weight, reduction, avg_factor)
-        rows, grad = getattr(ops, op)(pred, *targets, *params, True, scale)
-        ctx.op, ctx.params = op, params
-        ctx.workspace = grad
-        ctx.save_for_backward(pred, *targets, scale)
-        return torch.dot(rows, scale) if rows.numel() else rows.sum()
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        nones = (None,) * 6
-        workspace = ctx.workspace
-        if workspace is not None and not torch.is_grad_enabled():
-            ctx.workspace = None  # handed out once: a second backward recomputes
-            if grad_out.item() != 1.0:
-                rows = workspace.shape[0]
-                torch.ops.gfl_ops.scale_rows_(workspace, grad_out.expand(rows))
-            return (workspace, *nones)
-        pred, *targets, scale = ctx.saved_tensors
-        recompute, _ = RECOMPUTE[ctx.op]
-        grad = getattr(torch.ops.gfl_ops, recompute)(scale * grad_out, pred, *targets, *ctx.params)
-        return (grad, *nones)
+def reduced_loss(
+    op: str,
+    pred: torch.Tensor,
+    targets: tuple,
+    params: tuple,
+    weight: torch.Tensor | None,
+    unit: float,
+) -> torch.Tensor:
+    """The 0-d loss ``sum_i l_i * weight_i * unit`` of operator ``op`` ('qfl' | 'qfl_dense' |
+    'dfl') with its C++ autograd node (csrc/eager_autograd.cpp, ``ReducedLossFunction``).
+
+    Args:
+        pred: (N, K) logits that require grad (plain eager tensor: see ``applies``).
+        targets: the operator's targets ((labels, scores), (target,) or (target,)).
+        params: (beta, activated) for QFL, () for DFL.
+        weight: optional (N,) row weights (not requiring grad).
+        unit: ``reduction_unit(...)``.
+    """
+    scores = targets[1] if op == "qfl" else None
+    beta, activated = params if params else (0.0, False)
+    if weight is not None:
+        weight = weight.detach()
+    return _C.reduced_loss_eager(
+        pred, targets[0], scores, weight, unit, _KINDS[op], beta, activated
+    )
 
 
 def applies(

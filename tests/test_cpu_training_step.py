@@ -1,6 +1,7 @@
 """What a training step on the CPU relies on beyond the kernels' math (issue #19):
 
-* the reduced losses fold their reduction into the fused gradient (gfl_ops/_reduced_loss.py):
+* the reduced losses fold their reduction into the fused gradient (gfl_ops/_reduced_loss.py,
+  csrc/eager_autograd.cpp):
   the per-row path's value and gradient up to rounding, for every reduction, weight and
   avg_factor form, any incoming gradient, a second backward and double backward;
 * the kernels' own thread pool (csrc/cpu/parallel.h): results bitwise identical whatever the
@@ -133,13 +134,13 @@ def test_a_second_backward_and_double_backward_recompute(plain_path):
 def test_the_reduced_path_is_taken_only_where_it_applies():
     pred, target = _inputs("dfl")
     calls = []
-    real = _cpp_backend._reduced_loss.ReducedLoss.apply
+    real = _cpp_backend._reduced_loss.reduced_loss
 
     def spy(*args):
         calls.append(1)
         return real(*args)
 
-    _cpp_backend._reduced_loss.ReducedLoss.apply = spy
+    _cpp_backend._reduced_loss.reduced_loss = spy
     try:
         p = pred.clone().requires_grad_(True)
         _loss("dfl", p, target).backward()
@@ -151,7 +152,7 @@ def test_the_reduced_path_is_taken_only_where_it_applies():
         assert w.grad is not None and torch.isfinite(w.grad).all()
         assert len(calls) == 1
     finally:
-        _cpp_backend._reduced_loss.ReducedLoss.apply = real
+        _cpp_backend._reduced_loss.reduced_loss = real
 
 
 def test_grad_scale_is_refused_under_autograd():
@@ -224,3 +225,23 @@ def test_several_python_threads_at_once():
     for t in threads:
         t.join()
     assert not errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3, 17, 32000])
+def test_the_value_checks_range_is_aminmax(dtype, n):
+    """The value checks read CPU tensors' (min, max) with ``_C.value_range``: aminmax's values,
+    NaN in both wherever a NaN sits (vector body, tail, first element), any stride."""
+    from gfl_ops._extension import _C
+
+    t = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    for view in (t, t[::2], t[1:]):
+        if view.numel():
+            assert _C.value_range(view) == tuple(x.item() for x in torch.aminmax(view))
+    for pos in {0, n // 2, n - 1}:
+        u = t.clone()
+        u[pos] = float("nan")
+        lo, hi = _C.value_range(u)
+        assert lo != lo and hi != hi
+    with pytest.raises(ValueError, match="non-empty floating CPU tensor"):
+        _C.value_range(t[:0])
