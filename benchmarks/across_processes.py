@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import csvio
+from benchmarks import cases, csvio
 from benchmarks.run import RESULTS_DIR
 
 # Issue #19's targets (CPU, float32, fwd+bwd, fresh inputs): (op, size) -> (min x eager in every
@@ -36,6 +36,24 @@ TARGETS = {
     ("dfl", "32000x17"): (5.0, 5.0, 2.0),
     ("integral", "160000x17"): (4.0, 4.0, 2.0),
 }
+# ... "or show with arithmetic (bytes moved, copy bandwidth measured in the same run) that the
+# op is at the memory floor": every process at >= this share of copy bandwidth over
+# cases.autograd_floor_bytes (the bytes no exact forward + backward can avoid)
+AT_FLOOR = 0.9
+
+
+def autograd_floor_fraction(row: dict[str, str]) -> float | None:
+    """Share of the copy bandwidth measured in the row's process that the op reached over the
+    bytes of ``cases.autograd_floor_bytes`` (``frac_copy_bw`` counts ``cases.floor_bytes``)."""
+    if not row.get("frac_copy_bw"):
+        return None
+    rows, cols = (int(v) for v in row["size"].split("x"))
+    case = cases.Case(row["op"], rows, cols)
+    dtype = getattr(torch, row["dtype"])
+    ratio = cases.autograd_floor_bytes(case, dtype, row["mode"]) / cases.floor_bytes(
+        case, dtype, row["mode"]
+    )
+    return float(row["frac_copy_bw"]) * ratio
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -112,11 +130,15 @@ def summarise(rows: list[dict[str, str]], since: str) -> list[str]:
         "",
         "Each figure below is one process's median; the columns give the min / median / max of "
         "those over the processes.  Speed-ups are against eager and `torch.compile` timed in "
-        "the same process.",
+        "the same process.  % copy BW: the bytes an ideal implementation moves "
+        "(benchmarks/cases.py `floor_bytes`) over the time, against a large copy measured in the "
+        "same process; over the autograd floor (`autograd_floor_bytes`): the same with the pass "
+        "that a separate backward cannot avoid (the integral re-reads pred).",
         "",
         "| op | size | mode | dtype | provider | ms min / med / max | x eager min / med / max "
-        "| x compile min / med / max | % copy BW (med) | target | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| x compile min / med / max | % copy BW (med) | % copy BW over the autograd floor "
+        "min / med / max | target | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict[str, str]]] = defaultdict(list)
     for r in rows:
@@ -142,17 +164,28 @@ def summarise(rows: list[dict[str, str]], since: str) -> list[str]:
         ):
             every, med, comp = goal
             ok = min(se) >= every and statistics.median(se) >= med and min(sc) >= comp
+            floor = [autograd_floor_fraction(r) for r in grp]
+            at_floor = all(f is not None and f >= AT_FLOOR for f in floor)
             target = (
                 f">= {every:g}x eager every process"
                 + (f", {med:g}x median" if med > every else "")
-                + f", >= {comp:g}x compile"
+                + f", >= {comp:g}x compile; or >= {AT_FLOOR:.0%} of copy BW over the "
+                "autograd floor every process"
             )
-            verdict = "**PASS**" if ok else "**FAIL**"
+            if ok:
+                verdict = "**PASS**"
+            elif at_floor:
+                lo = min(f for f in floor if f is not None)
+                verdict = f"**PASS** (at the memory floor: min {lo:.0%})"
+            else:
+                verdict = "**FAIL**"
         frac_med = f"{100 * statistics.median(frac):.1f}%" if frac else "-"
+        floors = [f for f in (autograd_floor_fraction(r) for r in grp) if f is not None]
+        floor_col = " / ".join(f"{100 * v:.0f}%" for v in _stats(floors)) if floors else "-"
         lines.append(
             f"| {op} | {size} | {mode} | {dtype} | {prov} | {fmt(ms)} | "
             f"{fmt(_stats(se), 'x') if se else '-'} | "
-            f"{fmt(_stats(sc), 'x') if sc else '-'} | {frac_med} | {target} | "
+            f"{fmt(_stats(sc), 'x') if sc else '-'} | {frac_med} | {floor_col} | {target} | "
             f"{verdict} |"
         )
     return lines

@@ -229,3 +229,20 @@ def floor_bytes(case: Case, dtype: torch.dtype, mode: str) -> int:
         out = case.rows * elt
         return pred + out + (out + grad if mode == "fwd+bwd" else 0)
     raise ValueError(f"unknown op {case.op!r}")
+
+
+def autograd_floor_bytes(case: Case, dtype: torch.dtype, mode: str) -> int:
+    """``floor_bytes`` plus what autograd's split into forward and backward forces on any
+    exact implementation.
+
+    The integral's output is (M,), so its backward gets an arbitrary incoming gradient only
+    after the forward has run; each gradient element needs its row's softmax again, so the
+    backward re-reads ``pred`` (or reads a per-element quantity the forward wrote, which costs
+    at least as much): one more pass over ``pred``.  The losses reduce to a scalar, whose
+    incoming gradient (1 for ``loss.backward()``) the forward can fold in, so their floor stays
+    ``floor_bytes``.
+    """
+    base = floor_bytes(case, dtype, mode)
+    if case.op == "integral" and mode == "fwd+bwd":
+        return base + case.elements * torch.empty((), dtype=dtype).element_size()
+    return base

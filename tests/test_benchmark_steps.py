@@ -108,6 +108,37 @@ def test_the_summary_gives_min_median_max_over_processes_and_checks_every_proces
     assert "**FAIL**" in lines
 
 
+def test_the_memory_floor_alternative_counts_the_pass_a_separate_backward_needs():
+    """The integral's fwd+bwd floor adds one read of pred (its backward needs the softmax again
+    after the forward); the losses' floor is floor_bytes.  A process below the speed target
+    passes only when every process ran at >= 90% of copy bandwidth over that floor."""
+    integral = cases.Case("integral", 160000, 17)
+    base = cases.floor_bytes(integral, torch.float32, "fwd+bwd")
+    assert cases.autograd_floor_bytes(integral, torch.float32, "fwd+bwd") == base + 160000 * 17 * 4
+    assert cases.autograd_floor_bytes(integral, torch.float32, "fwd") == cases.floor_bytes(
+        integral, torch.float32, "fwd"
+    )
+    dfl = cases.Case("dfl", 32000, 17)
+    assert cases.autograd_floor_bytes(dfl, torch.float32, "fwd+bwd") == cases.floor_bytes(
+        dfl, torch.float32, "fwd+bwd"
+    )
+
+    def row(run: str, x_eager: float, frac: float) -> dict:
+        r = _row(run, "gfl_ops-cpu", 1.4, x_eager, 4.0)
+        r.update(op="integral", size="160000x17", frac_copy_bw=str(frac))
+        return r
+
+    ratio = cases.autograd_floor_bytes(integral, torch.float32, "fwd+bwd") / base
+    at_floor = [
+        row("20261201T000000Z-x", 4.2, 0.95 / ratio),
+        row("20261202T000000Z-x", 3.9, 0.92 / ratio),
+    ]
+    lines = "\n".join(across_processes.summarise(at_floor, since="20261201T000000Z"))
+    assert "**PASS** (at the memory floor: min 92%)" in lines and "92% / 94% / 95%" in lines
+    below = [at_floor[0], row("20261202T000000Z-x", 3.9, 0.85 / ratio)]
+    assert "**FAIL**" in "\n".join(across_processes.summarise(below, since="20261201T000000Z"))
+
+
 def test_series_start_is_the_newest_group_of_runs():
     rows = [
         {"run_id": r}
