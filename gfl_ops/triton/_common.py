@@ -235,3 +235,57 @@ scale_rows.register_autograd(_scale_rows_backward)
 def env_interpret_requested() -> bool:
     """``TRITON_INTERPRET`` as the registry contract reads it (exactly ``"1"``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd of the forward operators: one helper for every Triton op family.
+# --------------------------------------------------------------------------------------------
+
+
+def register_loss_autograd(kind: str, fwd, fwd_fused, bwd, n_tensors: int) -> None:
+    """The autograd of one op family: recomputing ``fwd``, gradient-fusing ``fwd_fused``, and
+    the gradient operator ``bwd``'s own derivative (double backward, gfl_ops/_second_order.py).
+
+    Args:
+        kind: 'qfl' | 'qfl_dense' | 'dfl' | 'integral' (the second-order formula).
+        fwd: ``(pred, *targets, *params) -> loss (N,)``; its backward recomputes with ``bwd``.
+        fwd_fused: the same arguments ``-> (loss (N,), dloss/dpred (N, K))``; its backward
+            scales the saved gradient by the incoming one (``scale_rows``), or recomputes with
+            ``bwd`` under create_graph (the saved gradient is a constant there).
+        bwd: ``(grad_loss, pred, *targets, *params) -> grad (N, K)``.
+        n_tensors: how many leading arguments are tensors (pred and the targets); the rest are
+            constants handed to ``bwd`` unchanged.  Only ``pred`` gets a gradient (targets are
+            constants; gfl_ops.functional sends targets that require grad to the reference).
+    """
+    from gfl_ops._second_order import register_gradient_autograd
+
+    def save(ctx, inputs, saved_grad=None):
+        ctx.params = inputs[n_tensors:]
+        ctx.nones = (None,) * (len(inputs) - 1)
+        tensors = inputs[:n_tensors]
+        ctx.save_for_backward(*((saved_grad, *tensors) if saved_grad is not None else tensors))
+
+    def setup_recompute(ctx, inputs, output):
+        save(ctx, inputs)
+
+    def backward_recompute(ctx, grad_loss):
+        grad = bwd(grad_loss, *ctx.saved_tensors, *ctx.params) if ctx.needs_input_grad[0] else None
+        return (grad, *ctx.nones)
+
+    def setup_fused(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        save(ctx, inputs, saved_grad=output[1])
+
+    def backward_fused(ctx, grad_loss, _grad_of_grad):
+        saved, *tensors = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():  # create_graph: recompute, which has a derivative
+                grad = bwd(grad_loss, *tensors, *ctx.params)
+            else:
+                grad = scale_rows(saved, grad_loss)
+        return (grad, *ctx.nones)
+
+    fwd.register_autograd(backward_recompute, setup_context=setup_recompute)
+    fwd_fused.register_autograd(backward_fused, setup_context=setup_fused)
+    register_gradient_autograd(bwd, kind)

@@ -19,12 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from gfl_ops._second_order import register_gradient_autograd
 from gfl_ops.triton import _common
 from gfl_ops.triton._common import (
     RowConfig,
     check_launchable,
     launch_guard,
+    register_loss_autograd,
     row_block,
     row_ids,
     tl_opmath,
@@ -173,31 +173,4 @@ def _(grad_loss, pred, target):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
-def _setup_recompute(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad_loss):
-    pred, target = ctx.saved_tensors
-    grad = dfl_bwd(grad_loss, pred, target) if ctx.needs_input_grad[0] else None
-    return grad, None
-
-
-def _setup_fused(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    # the inputs too: a backward that builds a graph (create_graph) recomputes
-    ctx.save_for_backward(output[1], *inputs)
-
-
-def _backward_fused(ctx, grad_loss, _grad_of_grad):
-    saved, pred, target = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None
-    if torch.is_grad_enabled():  # create_graph: the saved gradient has no derivative of its own
-        return dfl_bwd(grad_loss, pred, target), None
-    return _common.scale_rows(saved, grad_loss), None
-
-
-dfl_fwd.register_autograd(_backward, setup_context=_setup_recompute)
-dfl_fwd_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
-register_gradient_autograd(dfl_bwd, "dfl")
+register_loss_autograd("dfl", dfl_fwd, dfl_fwd_fused, dfl_bwd, n_tensors=2)

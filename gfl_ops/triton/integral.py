@@ -14,9 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from gfl_ops._second_order import register_gradient_autograd
-from gfl_ops.triton import _common
-from gfl_ops.triton._common import check_launchable, launch_guard, row_ids, tl_opmath
+from gfl_ops.triton._common import (
+    check_launchable,
+    launch_guard,
+    register_loss_autograd,
+    row_ids,
+    tl_opmath,
+)
 from gfl_ops.triton.dfl import bins_config
 
 
@@ -147,30 +151,4 @@ def _(grad_out, pred):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
-def _setup_recompute(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _backward(ctx, grad_out):
-    (pred,) = ctx.saved_tensors
-    return integral_bwd(grad_out, pred) if ctx.needs_input_grad[0] else None
-
-
-def _setup_fused(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    # pred too: a backward that builds a graph (create_graph) recomputes
-    ctx.save_for_backward(output[1], inputs[0])
-
-
-def _backward_fused(ctx, grad_out, _grad_of_grad):
-    saved, pred = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None
-    if torch.is_grad_enabled():  # create_graph: the saved gradient has no derivative of its own
-        return integral_bwd(grad_out, pred)
-    return _common.scale_rows(saved, grad_out)
-
-
-integral_fwd.register_autograd(_backward, setup_context=_setup_recompute)
-integral_fwd_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
-register_gradient_autograd(integral_bwd, "integral")
+register_loss_autograd("integral", integral_fwd, integral_fwd_fused, integral_bwd, n_tensors=1)

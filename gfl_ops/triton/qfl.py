@@ -29,12 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from gfl_ops._second_order import register_gradient_autograd
 from gfl_ops.triton import _common
 from gfl_ops.triton._common import (
     RowConfig,
     check_launchable,
     launch_guard,
+    register_loss_autograd,
     row_block,
     row_ids,
     split_float,
@@ -334,52 +334,5 @@ def _(grad_loss, pred, target, beta, activated):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
-def _setup_recompute(ctx, inputs, output):
-    *tensors, beta, activated = inputs
-    ctx.save_for_backward(*tensors)
-    ctx.beta, ctx.activated = beta, activated
-
-
-def _setup_fused(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    *tensors, beta, activated = inputs
-    # the inputs too: a backward that builds a graph (create_graph) recomputes
-    ctx.save_for_backward(output[1], *tensors)
-    ctx.beta, ctx.activated = beta, activated
-    ctx.n_inputs = len(inputs)
-
-
-def _backward_labels(ctx, grad_loss):
-    pred, labels, scores = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0]:
-        grad = qfl_bwd(grad_loss, pred, labels, scores, ctx.beta, ctx.activated)
-    return grad, None, None, None, None
-
-
-def _backward_dense(ctx, grad_loss):
-    pred, target = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0]:
-        grad = qfl_dense_bwd(grad_loss, pred, target, ctx.beta, ctx.activated)
-    return grad, None, None, None
-
-
-def _backward_fused(ctx, grad_loss, _grad_of_grad):
-    saved, *inputs = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0]:
-        if torch.is_grad_enabled():  # create_graph: the saved gradient is a constant
-            recompute = qfl_bwd if len(inputs) == 3 else qfl_dense_bwd
-            grad = recompute(grad_loss, *inputs, ctx.beta, ctx.activated)
-        else:
-            grad = _common.scale_rows(saved, grad_loss)
-    return (grad,) + (None,) * (ctx.n_inputs - 1)
-
-
-qfl_fwd.register_autograd(_backward_labels, setup_context=_setup_recompute)
-qfl_dense_fwd.register_autograd(_backward_dense, setup_context=_setup_recompute)
-qfl_fwd_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
-qfl_dense_fwd_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
-register_gradient_autograd(qfl_bwd, "qfl")
-register_gradient_autograd(qfl_dense_bwd, "qfl_dense")
+register_loss_autograd("qfl", qfl_fwd, qfl_fwd_fused, qfl_bwd, n_tensors=3)
+register_loss_autograd("qfl_dense", qfl_dense_fwd, qfl_dense_fwd_fused, qfl_dense_bwd, n_tensors=2)
