@@ -72,7 +72,8 @@ def _extensions():
     # the portable copies of shared inline functions.
     sources = [
         "csrc/ops.cpp",
-        "csrc/eager_autograd.cpp",
+        "csrc/autograd.cpp",
+        "csrc/python_module.cpp",
         "csrc/cpu/ops_cpu.cpp",
         "csrc/cpu/buffer_cache.cpp",
         "csrc/cpu/kernels_default.cpp",

@@ -1,18 +1,19 @@
 // Operator schemas of the gfl_ops library, and the Python module that loads them.
 //
-// Each loss has a forward that returns (per-row loss, gradient) — the gradient is computed in the
+// Each loss has a forward that returns (per-row loss, gradient) -- the gradient is computed in the
 // same pass when with_grad is true (times grad_scale per row when given), else returned as an
-// empty (0,) tensor — and a backward that recomputes the gradient scaled by grad_loss.  The Python side (gfl_ops/_cpp_backend.py)
-// registers fake kernels and autograd for them and picks, per device, whether autograd uses the
-// saved gradient (scale_rows) or the recomputing backward.  Plain eager calls skip that Python
-// autograd: the module's functions from eager_autograd.cpp build the same node in C++.
+// empty (0,) tensor -- and a backward that recomputes the gradient scaled by grad_loss.  Their
+// CPU / CUDA kernels are registered by ops_impl.h, their autograd by autograd.cpp (one C++ node
+// per operator at the Autograd key), their fake kernels and the gradient operators' own
+// derivative by gfl_ops/_cpp_backend.py; the module's Python functions (python_module.cpp) are
+// the fast eager way to call them.
 #include <Python.h>
 #include <torch/library.h>
 
 #include <string>
 
 #include "cpu/buffer_cache.h"
-#include "eager_autograd.h"
+#include "python_module.h"
 
 namespace gfl::cpu {
 std::string cpu_kernel_isa();  // ops_cpu.cpp
@@ -47,7 +48,7 @@ extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                           "gfl_ops compiled operators", -1,
-                                          gfl::eager::method_table()};
+                                          gfl::python::method_table()};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   PyModule_AddStringConstant(module, "CPU_ISA", gfl::cpu::cpu_kernel_isa().c_str());

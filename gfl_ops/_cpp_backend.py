@@ -1,8 +1,9 @@
 """The ``cpu`` and ``cuda`` backends: the C++ / CUDA operators of ``gfl_ops._C``.
 
-The operators (``torch.ops.gfl_ops.*``, schemas in csrc/ops.cpp) get fake kernels and autograd
-here, which is what makes ``torch.library.opcheck`` pass and ``torch.compile(fullgraph=True)``
-trace them.
+The operators (``torch.ops.gfl_ops.*``, schemas in csrc/ops.cpp) get their fake kernels and the
+gradient operators' derivative (double backward) here; their autograd is one C++ node per
+operator at the dispatcher's Autograd key (csrc/autograd.cpp).  That is what makes
+``torch.library.opcheck`` pass and ``torch.compile(fullgraph=True)`` trace them.
 
 Gradient strategy, per device (``FUSED_GRAD``):
 
@@ -13,8 +14,8 @@ Gradient strategy, per device (``FUSED_GRAD``):
   then handed out as the gradient: a step allocates one pred-sized buffer (as the gradient
   itself needs), not two.  The raw operator's second output is therefore a workspace: after
   backward it holds the scaled gradient.  A second backward through a retained graph recomputes
-  (``*_backward`` ops); traced code (torch.compile, make_fx) uses the out-of-place
-  ``scale_rows``.
+  (``*_backward`` ops); traced code (AOTAutograd's functional tensors, fake tensors) uses the
+  out-of-place ``scale_rows``.
 * recompute (CUDA): forward writes only the loss; backward recomputes the gradient scaled by
   ``grad_loss`` in one pass.  That moves fewer bytes (no saved N x C gradient written and read
   back) and holds no extra gradient-sized buffer between forward and backward, which is what a
@@ -40,25 +41,6 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 def _needs_grad(pred: torch.Tensor) -> bool:
     return pred.requires_grad and torch.is_grad_enabled()
-
-
-_TRACING_MODES = (
-    torch._C._TorchDispatchModeKey.PROXY,
-    torch._C._TorchDispatchModeKey.FAKE,
-    torch._C._TorchDispatchModeKey.FUNCTIONAL,
-)
-
-
-def _plain_eager(t: torch.Tensor) -> bool:
-    """True for an ordinary tensor outside any tracing (dynamo, make_fx, fake or functorch)."""
-    # is_compiling first: dynamo folds it to True and traces none of the rest
-    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
-        return False
-    get_mode = torch._C._get_dispatch_mode
-    for key in _TRACING_MODES:
-        if get_mode(key) is not None:
-            return False
-    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _register() -> None:
@@ -97,112 +79,34 @@ def _register() -> None:
     def _(grad, row_scale):
         return None
 
-    # Autograd: gradients flow to pred only; targets, labels and scores are constants (as in
-    # mmdetection, where the IoU scores are computed from detached boxes; functional.py sends a
-    # target that requires grad to the reference formulas instead).
-    for name, (n_tensors, n_params, recompute) in _FUSED_OPS.items():
-        torch.library.register_autograd(
-            lib + name,
-            _registered_backward(n_tensors, recompute),
-            setup_context=lambda ctx, inputs, output, n=n_tensors, k=n_params: _save(
-                ctx, inputs, output, n, k
-            ),
-        )
-        # the gradient operators' own derivative: double backward (create_graph) is exact
+    # Autograd: the forward operators' nodes are C++ (csrc/autograd.cpp, registered at the
+    # Autograd key: gradients flow to pred only, as in mmdetection, where the IoU scores are
+    # computed from detached boxes; functional.py sends a target that requires grad to the
+    # reference formulas).  The gradient operators' own derivative: double backward
+    # (create_graph) is exact.
+    for name, recompute in _RECOMPUTE.items():
         register_gradient_autograd(lib + recompute, name)
 
 
-def _registered_backward(n_tensors: int, recompute: str):
-    """The backward registered for a fused operator: dL/dpred, nothing for the other inputs."""
-
-    def backward(ctx, grad_loss, _grad_grad):
-        grad = _grad_input(ctx, grad_loss, getattr(_ops, recompute))
-        return (grad,) + (None,) * (ctx.n_inputs - 1)
-
-    return backward
-
-
-# op name -> (number of leading tensor inputs, number of scalar arguments between them and
-# with_grad, the operator that recomputes the gradient)
-_FUSED_OPS = {
-    "qfl": (3, 2, "qfl_backward"),
-    "qfl_dense": (2, 2, "qfl_dense_backward"),
-    "dfl": (2, 0, "dfl_backward"),
-    "integral": (1, 0, "integral_backward"),
+# op name -> the operator that recomputes its gradient
+_RECOMPUTE = {
+    "qfl": "qfl_backward",
+    "qfl_dense": "qfl_dense_backward",
+    "dfl": "dfl_backward",
+    "integral": "integral_backward",
 }
 
 
-def _save(ctx, inputs: tuple, output: tuple, n_tensors: int, n_params: int) -> None:
-    """setup_context of the registered autograd: what the backward of an operator call needs.
-
-    ``inputs``: the operator's arguments (tensors, scalars, ``with_grad``, and for the losses
-    ``grad_scale``); ``output``: its (loss, gradient buffer)."""
-    pred, grad_buf = inputs[0], output[1]
-    # the scalar arguments up to with_grad; after it, the losses' optional grad_scale
-    with_grad_at = n_tensors + n_params
-    if len(inputs) > with_grad_at + 1 and inputs[with_grad_at + 1] is not None:
-        raise RuntimeError(
-            "gfl_ops: grad_scale is for callers that differentiate the reduced "
-            "loss themselves (gfl_ops/_reduced_loss.py); call the operator "
-            "without it, or under torch.no_grad()"
-        )
-    ctx.extra = inputs[n_tensors : with_grad_at + 1]
-    ctx.n_tensors = n_tensors
-    ctx.n_inputs = len(inputs)
-    # the second output (the saved gradient) never receives a gradient: without this,
-    # autograd would allocate and zero-fill a pred-sized tensor for it on every backward
-    ctx.mark_non_differentiable(grad_buf)
-    ctx.set_materialize_grads(False)
-    has_buf = grad_buf.dim() == pred.dim() and grad_buf.numel() == pred.numel()
-    # Eager: the buffer is kept outside saved_tensors, and the first backward scales it in
-    # place and hands it out as the gradient, so a step allocates one pred-sized buffer,
-    # not two (fewer page faults, half the extra memory).  Traced (torch.compile, make_fx,
-    # fake or functorch tensors): the functional path below.
-    ctx.workspace = grad_buf if has_buf and _plain_eager(grad_buf) else None
-    saved = inputs[:n_tensors]
-    if has_buf and ctx.workspace is None:
-        saved = (*saved, grad_buf)
-    ctx.save_for_backward(*saved)
-
-
-def _grad_input(ctx, grad_loss: torch.Tensor | None, recompute) -> torch.Tensor | None:
-    """dL/dpred for an incoming gradient ``grad_loss`` (N,): the saved gradient scaled in place
-    (eager, first backward), scaled out of place (traced), or recomputed."""
-    if grad_loss is None:  # the loss output took no part in the graph being differentiated
-        return None
-    workspace = ctx.workspace
-    # (not under create_graph: scale_rows_ has no derivative of its own)
-    if workspace is not None and not torch.is_grad_enabled() and _plain_eager(grad_loss):
-        # handed out once; a second backward through a retained graph recomputes
-        ctx.workspace = None
-        # fp32 math, one rounding to the buffer's dtype, no temporaries (an in-place torch
-        # mul_ of a bf16 buffer by fp32 grad_loss allocates two fp32 copies of it)
-        _ops.scale_rows_(workspace, grad_loss)
-        return workspace
-    # (unpacked only here: the common path above needs none of the saved tensors)
-    tensors = ctx.saved_tensors
-    inputs, saved_grad = tensors[: ctx.n_tensors], tensors[ctx.n_tensors :]
-    # (not under create_graph: the saved gradient is a constant, so scaling it would drop the
-    # second-order term; the recompute operator has a derivative of its own)
-    if saved_grad and not torch.is_grad_enabled():
-        return _ops.scale_rows(saved_grad[0], grad_loss)
-    return recompute(grad_loss, *inputs, *ctx.extra[:-1])
-
-
 def _eager_functions() -> dict[str, object]:
-    """op name -> the C++ eager entry point of ``_C`` (csrc/eager_autograd.cpp).
+    """op name -> the fast entry point of ``_C`` (csrc/python_module.cpp).
 
-    Plain eager calls that need the gradient go there: one C++ call builds a C++ autograd node
-    around the operator's kernel, with the same saved state and backward formulas as the
-    registered autograd above (``_save`` / ``_grad_input``), fused or recomputing as
-    ``FUSED_GRAD`` says.  It skips the Python autograd wrapper, the Python backward and the
-    ``torch.ops`` calls, whose cost grows with cold caches: at 32,000 x 17 the integral's fused
-    fwd+bwd step on CPU is 10-15% faster (benchmarks/README.md, "Design measurements").  Traced
-    code (torch.compile, make_fx, functorch) calls the registered operator, so what is traced is
-    the operator.
-
-    Each takes the operator's arguments with ``fused`` in place of ``with_grad`` and returns the
-    loss (or the integral's value) only.
+    Each calls the operator through the dispatcher (so its C++ autograd node, tracing modes and
+    tensor subclasses apply exactly as for ``torch.ops.gfl_ops.*``) from one C call, without
+    the Python argument parsing of ``torch.ops``, whose cost grows with the cold caches of a
+    training step (benchmarks/README.md, "Design measurements").  It takes the operator's
+    arguments (``with_grad`` last) and returns the first output (loss or decoded value) only,
+    so the fused gradient buffer is owned by the autograd node alone and handed out without a
+    copy.  Dynamo cannot trace a C function: compiled code calls ``torch.ops`` instead.
     """
     from gfl_ops._extension import _C
 
@@ -246,12 +150,10 @@ class _CppBackend:
     def _call(self, name: str, pred: torch.Tensor, *args) -> torch.Tensor:
         """The operator's first output (loss or decoded value), gradient fused when needed and
         ``FUSED_GRAD`` says so."""
-        if _needs_grad(pred):
-            fused = FUSED_GRAD[self.device_type]
-            if _plain_eager(pred):
-                return _EAGER[name](pred, *args, fused)
-            return getattr(_ops, name)(pred, *args, fused)[0]
-        return getattr(_ops, name)(pred, *args, False)[0]
+        with_grad = FUSED_GRAD[self.device_type] and _needs_grad(pred)
+        if torch.compiler.is_compiling():
+            return getattr(_ops, name)(pred, *args, with_grad)[0]
+        return _EAGER[name](pred, *args, with_grad)
 
     def reduced_loss(
         self,
@@ -268,7 +170,7 @@ class _CppBackend:
         traced code, or anything but ``pred`` requiring grad."""
         if not (
             FUSED_GRAD[self.device_type]
-            and _plain_eager(pred)
+            and not torch.compiler.is_compiling()
             and _reduced_loss.applies(pred, weight, reduction, avg_factor, targets)
         ):
             return None

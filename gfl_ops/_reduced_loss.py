@@ -9,7 +9,7 @@ So here the kernel gets ``grad_scale = w / d`` and writes ``dl_i/dpred * w_i / d
 the backward hands that buffer out unchanged when ``g == 1`` (``loss.backward()``, the usual
 case), or scales it in place by the scalar ``g``.
 
-The node is C++ (csrc/eager_autograd.cpp, ``ReducedLossFunction``; one call from here): it
+The node is C++ (csrc/autograd.cpp, ``ReducedLossFunction``; one call from here): it
 forms ``w * unit`` with a plain loop, calls the kernel, and returns ``dot(l, w * unit)``.
 Measured on the 2-core CPU (fresh inputs, benchmarks/README.md "Fresh inputs"): the reduction's
 three ops and the backward were ~200 of the ~570 us of the DFL step at 32000 x 17, and QFL
@@ -66,7 +66,7 @@ def reduced_loss(
     unit: float,
 ) -> torch.Tensor:
     """The 0-d loss ``sum_i l_i * weight_i * unit`` of operator ``op`` ('qfl' | 'qfl_dense' |
-    'dfl') with its C++ autograd node (csrc/eager_autograd.cpp, ``ReducedLossFunction``).
+    'dfl') with its C++ autograd node (csrc/autograd.cpp, ``ReducedLossFunction``).
 
     Args:
         pred: (N, K) logits that require grad (plain eager tensor: see ``applies``).

@@ -1,7 +1,7 @@
 """What a training step on the CPU relies on beyond the kernels' math (issue #19):
 
 * the reduced losses fold their reduction into the fused gradient (gfl_ops/_reduced_loss.py,
-  csrc/eager_autograd.cpp):
+  csrc/autograd.cpp):
   the per-row path's value and gradient up to rounding, for every reduction, weight and
   avg_factor form, any incoming gradient, a second backward and double backward;
 * the kernels' own thread pool (csrc/cpu/parallel.h): results bitwise identical whatever the

@@ -1,8 +1,9 @@
-"""The C++ eager path of the operators (csrc/eager_autograd.cpp): plain eager calls that need the
-gradient build a C++ autograd node instead of going through the registered Python autograd.  It
-must give the registered operator's numbers bit for bit under both gradient strategies (fused,
-recompute), hand out the fused forward's buffer as the gradient without a copy, and recompute
-wherever the buffer cannot be used (retained graphs are covered in test_torch_integration.py)."""
+"""The eager path of the operators: the fast entry points (csrc/python_module.cpp) call the
+operators through the dispatcher, whose Autograd kernels (csrc/autograd.cpp) build the C++ node.
+It must give the operator called through torch.ops the same numbers bit for bit under both
+gradient strategies (fused, recompute), hand out the fused forward's buffer as the gradient
+without a copy, and recompute wherever the buffer cannot be used (retained graphs are covered in
+test_torch_integration.py)."""
 
 from __future__ import annotations
 
