@@ -1,7 +1,7 @@
 """Second derivatives: the autograd formula of every backend's gradient operator.
 
 Each backend computes dL/dpred with a kernel (``gfl_ops::*_backward`` for the C++/CUDA backends,
-``gfl_ops::triton_*_bwd`` for Triton).  Differentiating that gradient again (double backward:
+``gfl_ops::triton_*_backward`` for Triton).  Differentiating that gradient again (double backward:
 ``autograd.grad(..., create_graph=True)`` then a second ``backward``, as in gradient penalties or
 meta-learning) needs the derivative of the kernel's output with respect to its inputs.  It is
 rare and never on a training step's hot path, so it is taken from the float64-tested reference

@@ -12,10 +12,12 @@ so ``torch.library.opcheck`` passes and ``torch.compile(fullgraph=True)`` traces
 backward without a graph break; ``triton_op`` + ``wrap_triton`` was tried by the project and
 failed opcheck/compile under the interpreter):
 
-* ``triton_qfl_fwd`` / ``triton_qfl_dense_fwd`` / ``triton_dfl_fwd`` / ``triton_integral_fwd``:
-  forward only; backward recomputes through the matching ``*_bwd`` op.
-* ``*_fwd_fused``: forward that also returns the unscaled gradient; backward is
-  ``triton_scale_rows``.
+* ``triton_qfl`` / ``triton_qfl_dense`` / ``triton_dfl`` / ``triton_integral``: the C++
+  operators' vocabulary and strategy (csrc/ops.cpp, csrc/autograd.cpp): ``(…, with_grad) ->
+  (loss, workspace)``; with ``with_grad`` the forward also writes the unscaled gradient and the
+  backward scales it (``triton_scale_rows``), without it the backward recomputes through the
+  matching ``*_backward`` op.  One helper registers every pair's autograd
+  (``_common.register_loss_autograd``).
 
 Fused forward or recompute in backward (``gfl_ops.triton._common.FUSED_GRAD``, default
 ``False`` = recompute).  Counting bytes for QFL with (labels, scores) targets on N×C logits:
@@ -54,10 +56,10 @@ from __future__ import annotations
 import torch
 
 from gfl_ops.triton import _common
+from gfl_ops.triton import dfl as _dfl
+from gfl_ops.triton import integral as _integral
+from gfl_ops.triton import qfl as _qfl
 from gfl_ops.triton._common import KERNEL_DTYPES, LABEL_DTYPES, env_interpret_requested
-from gfl_ops.triton.dfl import dfl_fwd, dfl_fwd_fused
-from gfl_ops.triton.integral import integral_fwd, integral_fwd_fused
-from gfl_ops.triton.qfl import qfl_dense_fwd, qfl_dense_fwd_fused, qfl_fwd, qfl_fwd_fused
 
 __all__ = ["BACKEND", "TritonBackend"]
 
@@ -99,27 +101,20 @@ class TritonBackend:
         pred, scores = _kernel_dtype(pred), _kernel_dtype(scores)
         if labels.dtype not in LABEL_DTYPES:
             labels = labels.long()
-        if _fused(pred):
-            return qfl_fwd_fused(pred, labels, scores, float(beta), bool(activated))[0]
-        return qfl_fwd(pred, labels, scores, float(beta), bool(activated))
+        return _qfl.qfl(pred, labels, scores, float(beta), bool(activated), _fused(pred))[0]
 
     def qfl_dense(self, pred, target, beta, activated):
         pred, target = _kernel_dtype(pred), _kernel_dtype(target)
-        if _fused(pred):
-            return qfl_dense_fwd_fused(pred, target, float(beta), bool(activated))[0]
-        return qfl_dense_fwd(pred, target, float(beta), bool(activated))
+        return _qfl.qfl_dense(pred, target, float(beta), bool(activated), _fused(pred))[0]
 
     def dfl(self, pred, target):
         pred, target = _kernel_dtype(pred), _kernel_dtype(target)
-        if _fused(pred):
-            return dfl_fwd_fused(pred, target)[0]
-        return dfl_fwd(pred, target)
+        return _dfl.dfl(pred, target, _fused(pred))[0]
 
     def integral(self, pred):
         orig_dtype = pred.dtype
         pred = _kernel_dtype(pred)
-        out = integral_fwd_fused(pred)[0] if _fused(pred) else integral_fwd(pred)
-        return out.to(orig_dtype)
+        return _integral.integral(pred, _fused(pred))[0].to(orig_dtype)
 
 
 BACKEND = TritonBackend()

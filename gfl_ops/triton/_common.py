@@ -242,50 +242,55 @@ def env_interpret_requested() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def register_loss_autograd(kind: str, fwd, fwd_fused, bwd, n_tensors: int) -> None:
-    """The autograd of one op family: recomputing ``fwd``, gradient-fusing ``fwd_fused``, and
-    the gradient operator ``bwd``'s own derivative (double backward, gfl_ops/_second_order.py).
+def loss_and_grad_like(pred: torch.Tensor, with_grad: bool, loss_dtype: torch.dtype):
+    """Fake outputs of a forward operator: (loss (N,), gradient like pred or an empty (0,))."""
+    loss = pred.new_empty(pred.shape[0], dtype=loss_dtype)
+    if not with_grad:
+        return loss, pred.new_empty(0)
+    return loss, torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def register_loss_autograd(kind: str, op, backward_op, n_tensors: int) -> None:
+    """The autograd of one operator pair, with the C++ operators' vocabulary and strategy
+    (csrc/autograd.cpp): ``op(pred, *targets, *params, with_grad) -> (loss, workspace)`` and
+    ``backward_op(grad_loss, pred, *targets, *params) -> grad``.
+
+    With ``with_grad`` (the fused strategy, ``FUSED_GRAD``) the backward scales the workspace
+    (dloss/dpred per unit of incoming gradient) by the incoming gradient (``scale_rows``); without
+    it, or under create_graph (the workspace is a constant with no second-order term), it
+    recomputes with ``backward_op``, whose own derivative is registered here too (double
+    backward, gfl_ops/_second_order.py).  Only ``pred`` gets a gradient: targets are constants
+    (gfl_ops.functional sends targets that require grad to the reference backend).
 
     Args:
         kind: 'qfl' | 'qfl_dense' | 'dfl' | 'integral' (the second-order formula).
-        fwd: ``(pred, *targets, *params) -> loss (N,)``; its backward recomputes with ``bwd``.
-        fwd_fused: the same arguments ``-> (loss (N,), dloss/dpred (N, K))``; its backward
-            scales the saved gradient by the incoming one (``scale_rows``), or recomputes with
-            ``bwd`` under create_graph (the saved gradient is a constant there).
-        bwd: ``(grad_loss, pred, *targets, *params) -> grad (N, K)``.
-        n_tensors: how many leading arguments are tensors (pred and the targets); the rest are
-            constants handed to ``bwd`` unchanged.  Only ``pred`` gets a gradient (targets are
-            constants; gfl_ops.functional sends targets that require grad to the reference).
+        op, backward_op: the ``torch.library.custom_op`` pair.
+        n_tensors: how many leading arguments of ``op`` are tensors (pred and the targets); the
+            rest up to ``with_grad`` are constants handed to ``backward_op`` unchanged.
     """
     from gfl_ops._second_order import register_gradient_autograd
 
-    def save(ctx, inputs, saved_grad=None):
-        ctx.params = inputs[n_tensors:]
+    def setup_context(ctx, inputs, output):
+        *args, with_grad = inputs
+        ctx.params = tuple(args[n_tensors:])
         ctx.nones = (None,) * (len(inputs) - 1)
-        tensors = inputs[:n_tensors]
-        ctx.save_for_backward(*((saved_grad, *tensors) if saved_grad is not None else tensors))
-
-    def setup_recompute(ctx, inputs, output):
-        save(ctx, inputs)
-
-    def backward_recompute(ctx, grad_loss):
-        grad = bwd(grad_loss, *ctx.saved_tensors, *ctx.params) if ctx.needs_input_grad[0] else None
-        return (grad, *ctx.nones)
-
-    def setup_fused(ctx, inputs, output):
+        ctx.with_grad = with_grad
+        # the workspace never receives a gradient (else autograd zero-fills one per backward)
         ctx.mark_non_differentiable(output[1])
-        save(ctx, inputs, saved_grad=output[1])
+        ctx.set_materialize_grads(False)
+        tensors = tuple(args[:n_tensors])
+        ctx.save_for_backward(*(tensors + (output[1],) if with_grad else tensors))
 
-    def backward_fused(ctx, grad_loss, _grad_of_grad):
-        saved, *tensors = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0]:
-            if torch.is_grad_enabled():  # create_graph: recompute, which has a derivative
-                grad = bwd(grad_loss, *tensors, *ctx.params)
-            else:
-                grad = scale_rows(saved, grad_loss)
+    def backward(ctx, grad_loss, _grad_of_workspace):
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return (None, *ctx.nones)
+        saved = ctx.saved_tensors
+        tensors = saved[:n_tensors]
+        if ctx.with_grad and not torch.is_grad_enabled():
+            grad = scale_rows(saved[n_tensors], grad_loss)
+        else:
+            grad = backward_op(grad_loss, *tensors, *ctx.params)
         return (grad, *ctx.nones)
 
-    fwd.register_autograd(backward_recompute, setup_context=setup_recompute)
-    fwd_fused.register_autograd(backward_fused, setup_context=setup_fused)
-    register_gradient_autograd(bwd, kind)
+    op.register_autograd(backward, setup_context=setup_context)
+    register_gradient_autograd(backward_op, kind)

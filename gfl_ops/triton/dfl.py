@@ -139,38 +139,30 @@ def _launch(pred, target, grad_out, write_loss, write_grad):
     return loss, grad
 
 
-@torch.library.custom_op("gfl_ops::triton_dfl_fwd", mutates_args=())
-def dfl_fwd(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(M,) DFL per row from (M, n+1) ``pred`` logits and (M,) float ``target``."""
-    return _launch(pred, target, None, True, False)[0]
+@torch.library.custom_op("gfl_ops::triton_dfl", mutates_args=())
+def dfl(
+    pred: torch.Tensor, target: torch.Tensor, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (M,), dloss/dpred (M, n+1) in pred's dtype) from (M, n+1) ``pred`` logits and (M,)
+    float ``target``, in one pass; without ``with_grad`` the second output is an empty (0,)."""
+    loss, grad = _launch(pred, target, None, True, with_grad)
+    return loss, grad if grad is not None else pred.new_empty(0)
 
 
-@torch.library.custom_op("gfl_ops::triton_dfl_fwd_fused", mutates_args=())
-def dfl_fwd_fused(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss (M,), dloss/dpred (M, n+1) in pred's dtype) in one pass."""
-    return _launch(pred, target, None, True, True)
-
-
-@torch.library.custom_op("gfl_ops::triton_dfl_bwd", mutates_args=())
-def dfl_bwd(grad_loss: torch.Tensor, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("gfl_ops::triton_dfl_backward", mutates_args=())
+def dfl_backward(grad_loss: torch.Tensor, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(M, n+1) ``grad_loss[:, None] * dloss/dpred``, recomputed, in pred's dtype."""
     return _launch(pred, target, grad_loss, False, True)[1]
 
 
-@dfl_fwd.register_fake
-def _(pred, target):
-    return pred.new_empty(pred.shape[0], dtype=_common.opmath_dtype(pred.dtype))
+@dfl.register_fake
+def _(pred, target, with_grad):
+    return _common.loss_and_grad_like(pred, with_grad, _common.opmath_dtype(pred.dtype))
 
 
-@dfl_fwd_fused.register_fake
-def _(pred, target):
-    loss = pred.new_empty(pred.shape[0], dtype=_common.opmath_dtype(pred.dtype))
-    return loss, torch.empty_like(pred, memory_format=torch.contiguous_format)
-
-
-@dfl_bwd.register_fake
+@dfl_backward.register_fake
 def _(grad_loss, pred, target):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
-register_loss_autograd("dfl", dfl_fwd, dfl_fwd_fused, dfl_bwd, n_tensors=2)
+register_loss_autograd("dfl", dfl, dfl_backward, n_tensors=2)

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gfl_ops.triton import _common
 from gfl_ops.triton._common import (
     check_launchable,
     launch_guard,
@@ -116,39 +117,28 @@ def _launch(pred, grad_out, write_out, write_grad):
     return out, grad
 
 
-@torch.library.custom_op("gfl_ops::triton_integral_fwd", mutates_args=())
-def integral_fwd(pred: torch.Tensor) -> torch.Tensor:
-    """(M,) expected bin index of (M, n+1) ``pred`` logits, in pred's dtype."""
-    return _launch(pred, None, True, False)[0]
+@torch.library.custom_op("gfl_ops::triton_integral", mutates_args=())
+def integral(pred: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expected bin index (M,), dvalue/dpred (M, n+1)) of (M, n+1) ``pred`` logits, both in
+    pred's dtype, in one pass; without ``with_grad`` the second output is an empty (0,)."""
+    out, grad = _launch(pred, None, True, with_grad)
+    return out, grad if grad is not None else pred.new_empty(0)
 
 
-@torch.library.custom_op("gfl_ops::triton_integral_fwd_fused", mutates_args=())
-def integral_fwd_fused(pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(value (M,), dvalue/dpred (M, n+1)), both in pred's dtype, in one pass."""
-    return _launch(pred, None, True, True)
-
-
-@torch.library.custom_op("gfl_ops::triton_integral_bwd", mutates_args=())
-def integral_bwd(grad_out: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("gfl_ops::triton_integral_backward", mutates_args=())
+def integral_backward(grad_out: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     """(M, n+1) ``grad_out[:, None] * dvalue/dpred``, recomputed, in pred's dtype."""
     return _launch(pred, grad_out, False, True)[1]
 
 
-@integral_fwd.register_fake
-def _(pred):
-    return pred.new_empty(pred.shape[0])
+@integral.register_fake
+def _(pred, with_grad):
+    return _common.loss_and_grad_like(pred, with_grad, pred.dtype)
 
 
-@integral_fwd_fused.register_fake
-def _(pred):
-    return pred.new_empty(pred.shape[0]), torch.empty_like(
-        pred, memory_format=torch.contiguous_format
-    )
-
-
-@integral_bwd.register_fake
+@integral_backward.register_fake
 def _(grad_out, pred):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
-register_loss_autograd("integral", integral_fwd, integral_fwd_fused, integral_bwd, n_tensors=1)
+register_loss_autograd("integral", integral, integral_backward, n_tensors=1)

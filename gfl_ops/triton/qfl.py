@@ -251,24 +251,24 @@ def _loss_like(pred: torch.Tensor) -> torch.Tensor:
     return pred.new_empty(pred.shape[0], dtype=_common.opmath_dtype(pred.dtype))
 
 
-@torch.library.custom_op("gfl_ops::triton_qfl_fwd", mutates_args=())
-def qfl_fwd(
-    pred: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, beta: float, activated: bool
-) -> torch.Tensor:
-    """(N,) QFL per anchor from (N, C) ``pred``, (N,) integer ``labels``, (N,) float ``scores``."""
-    return _launch(pred, labels, scores, None, None, beta, activated, True, False)[0]
-
-
-@torch.library.custom_op("gfl_ops::triton_qfl_fwd_fused", mutates_args=())
-def qfl_fwd_fused(
-    pred: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, beta: float, activated: bool
+@torch.library.custom_op("gfl_ops::triton_qfl", mutates_args=())
+def qfl(
+    pred: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    beta: float,
+    activated: bool,
+    with_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss (N,), dloss/dpred (N, C) in pred's dtype) in one pass over ``pred``."""
-    return _launch(pred, labels, scores, None, None, beta, activated, True, True)
+    """(loss (N,), dloss/dpred (N, C) in pred's dtype) from (N, C) ``pred``, (N,) integer
+    ``labels`` and (N,) float ``scores``, in one pass over ``pred``; without ``with_grad`` the
+    second output is an empty (0,)."""
+    loss, grad = _launch(pred, labels, scores, None, None, beta, activated, True, with_grad)
+    return loss, grad if grad is not None else pred.new_empty(0)
 
 
-@torch.library.custom_op("gfl_ops::triton_qfl_bwd", mutates_args=())
-def qfl_bwd(
+@torch.library.custom_op("gfl_ops::triton_qfl_backward", mutates_args=())
+def qfl_backward(
     grad_loss: torch.Tensor,
     pred: torch.Tensor,
     labels: torch.Tensor,
@@ -280,59 +280,43 @@ def qfl_bwd(
     return _launch(pred, labels, scores, None, grad_loss, beta, activated, False, True)[1]
 
 
-@torch.library.custom_op("gfl_ops::triton_qfl_dense_fwd", mutates_args=())
-def qfl_dense_fwd(
-    pred: torch.Tensor, target: torch.Tensor, beta: float, activated: bool
-) -> torch.Tensor:
-    """(N,) QFL per anchor from (N, C) ``pred`` and a dense (N, C) float ``target``."""
-    return _launch(pred, None, None, target, None, beta, activated, True, False)[0]
-
-
-@torch.library.custom_op("gfl_ops::triton_qfl_dense_fwd_fused", mutates_args=())
-def qfl_dense_fwd_fused(
-    pred: torch.Tensor, target: torch.Tensor, beta: float, activated: bool
+@torch.library.custom_op("gfl_ops::triton_qfl_dense", mutates_args=())
+def qfl_dense(
+    pred: torch.Tensor, target: torch.Tensor, beta: float, activated: bool, with_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss (N,), dloss/dpred (N, C)) for a dense target, in one pass."""
-    return _launch(pred, None, None, target, None, beta, activated, True, True)
+    """(loss (N,), dloss/dpred (N, C)) for a dense (N, C) float ``target``, in one pass; without
+    ``with_grad`` the second output is an empty (0,)."""
+    loss, grad = _launch(pred, None, None, target, None, beta, activated, True, with_grad)
+    return loss, grad if grad is not None else pred.new_empty(0)
 
 
-@torch.library.custom_op("gfl_ops::triton_qfl_dense_bwd", mutates_args=())
-def qfl_dense_bwd(
+@torch.library.custom_op("gfl_ops::triton_qfl_dense_backward", mutates_args=())
+def qfl_dense_backward(
     grad_loss: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, beta: float, activated: bool
 ) -> torch.Tensor:
     """(N, C) ``grad_loss[:, None] * dloss/dpred`` for a dense target, recomputed."""
     return _launch(pred, None, None, target, grad_loss, beta, activated, False, True)[1]
 
 
-@qfl_fwd.register_fake
-def _(pred, labels, scores, beta, activated):
-    return _loss_like(pred)
+@qfl.register_fake
+def _(pred, labels, scores, beta, activated, with_grad):
+    return _common.loss_and_grad_like(pred, with_grad, _common.opmath_dtype(pred.dtype))
 
 
-@qfl_fwd_fused.register_fake
-def _(pred, labels, scores, beta, activated):
-    return _loss_like(pred), torch.empty_like(pred, memory_format=torch.contiguous_format)
-
-
-@qfl_bwd.register_fake
+@qfl_backward.register_fake
 def _(grad_loss, pred, labels, scores, beta, activated):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
-@qfl_dense_fwd.register_fake
-def _(pred, target, beta, activated):
-    return _loss_like(pred)
+@qfl_dense.register_fake
+def _(pred, target, beta, activated, with_grad):
+    return _common.loss_and_grad_like(pred, with_grad, _common.opmath_dtype(pred.dtype))
 
 
-@qfl_dense_fwd_fused.register_fake
-def _(pred, target, beta, activated):
-    return _loss_like(pred), torch.empty_like(pred, memory_format=torch.contiguous_format)
-
-
-@qfl_dense_bwd.register_fake
+@qfl_dense_backward.register_fake
 def _(grad_loss, pred, target, beta, activated):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
-register_loss_autograd("qfl", qfl_fwd, qfl_fwd_fused, qfl_bwd, n_tensors=3)
-register_loss_autograd("qfl_dense", qfl_dense_fwd, qfl_dense_fwd_fused, qfl_dense_bwd, n_tensors=2)
+register_loss_autograd("qfl", qfl, qfl_backward, n_tensors=3)
+register_loss_autograd("qfl_dense", qfl_dense, qfl_dense_backward, n_tensors=2)
