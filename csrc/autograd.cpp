@@ -52,11 +52,6 @@ bool is_plain(const Tensor& t) {
 
 namespace {
 
-// The registered operators, looked up once per signature and name.
-template <class Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // Forward bookkeeping shared by the operator nodes: keep the workspace of a fused forward
 // outside the saved variables (it is handed out, not read back), save the inputs a recompute

@@ -2,10 +2,17 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
 
 namespace gfl::autograd {
+
+// A registered gfl_ops operator, typed; callers keep it in a function-local static.
+template <class Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
 
 // A tensor that no vmap (functorch's, or the legacy one behind
 // autograd.grad(is_grads_batched=True)), tensor subclass, fake or functional wrapper wraps: an

@@ -23,12 +23,8 @@ namespace {
 
 using at::Tensor;
 using LossAndGrad = std::tuple<Tensor, Tensor>;
+using autograd::find_op;
 
-// The registered operators, looked up once per signature and name.
-template <class Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // The arguments were validated by gfl_ops.functional; the checks here only keep a wrong call
 // from this package's own Python from crashing.
