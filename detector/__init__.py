@@ -5,8 +5,9 @@ Layout, lowest layer first (a module imports only its own layer and those below;
 ``tests/test_import_layers.py``):
 
 ``ops/``, ``data/``       box arithmetic; COCO-format datasets, transforms, loaders, embedded data
-``config.py``             every configuration: ModelConfig, the run's data / train settings,
-                          the named experiments, ``section.key=value`` overrides
+``config/``               every configuration: ``schema.py`` (ModelConfig, the run's data /
+                          train settings), ``experiments.py`` (the named ones),
+                          ``overrides.py`` (``section.key=value``)
 ``models/``               the network with its ATSS assignment, loss and post-processing
 ``metrics.py``            COCO AP and score–IoU Pearson of COCO-format detections
 ``checkpoint.py``         checkpoint files: atomic write, read, load a model for inference
