@@ -10,8 +10,8 @@ by zeroing a 256 MB buffer, then a CUDA event pair brackets the call; the warm-u
 of repetitions are chosen by time (25 ms / 100 ms by default); median and p20/p80 of the event
 times.  ``timer='triton'`` calls ``triton.testing.do_bench`` itself instead.
 
-In both, the callable cycles through several copies of the inputs (see ``run.py``), so a small
-case cannot be served from a cache warmed by the previous repetition.
+In both, the callable cycles through several copies of the inputs (see ``measure_case.py``), so
+a small case cannot be served from a cache warmed by the previous repetition.
 """
 
 from __future__ import annotations
