@@ -32,21 +32,38 @@ lane-operations/s; bound = that x bytes per element / copy bandwidth.  132 SMs a
 Registers from cuobjdump -res-usage; occupancy with cuda_occupancy.h's rules (registers per warp
 rounded up to 256, 16384 per sub-partition, at most 64 warps and 32 blocks per SM) at the
 launcher's block of 256.  Results and their reading: benchmarks/cuda_qfl_kernel.md.
+
+The parts: benchmarks/cubin_tools.py compiles and reads the cubins (and holds the GPU figures),
+benchmarks/qfl_sass_paths.py finds the loops and walks their common paths, and this module
+counts the cases and prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.cubin_tools import (
+    CLOCK_HZ,
+    COPY_BANDWIDTH,
+    ISSUE,
+    MUFU,
+    ROOT,
+    SMS,
+    compile_cubin,
+    cuobjdump_sass,
+    demangle,
+    materialize,
+    occupancy,
+    resources,
+)
+from benchmarks.qfl_sass_paths import element_loops, parse, row_work, runtime_env
+from benchmarks.sass_path_count import PARAM_BASE
+
 SOURCES = [
     "csrc/gfl_math.h",
     "csrc/cuda/common.cuh",
@@ -54,20 +71,15 @@ SOURCES = [
     "csrc/cuda/qfl_kernel.cuh",
     "csrc/cuda/qfl.cu",
 ]
-SMS, CLOCK_HZ = 132, 1.98e9
-ISSUE = SMS * 4 * 32 * CLOCK_HZ  # thread issue slots / s
-MUFU = SMS * 16 * CLOCK_HZ  # MUFU lane-operations / s
-BANDWIDTHS = {"H100": (3.0e12, 3.35e12), "H200": (4.3e12, 4.8e12)}  # (measured copy, datasheet)
-NVCC_FLAGS = [
-    "-O3",
-    "-lineinfo",
-    "--expt-relaxed-constexpr",
-    "-std=c++17",
+QFL_CU = "csrc/cuda/qfl.cu"
+# gpu -> (measured copy, datasheet) bytes/s
+BANDWIDTHS = {gpu: (bw["measured"], bw["datasheet"]) for gpu, bw in COPY_BANDWIDTH.items()}
+HALF_FLAGS = (  # torch's half / bfloat16 flags
     "-D__CUDA_NO_HALF_OPERATORS__",
     "-D__CUDA_NO_HALF_CONVERSIONS__",
     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
     "-D__CUDA_NO_HALF2_OPERATORS__",
-]
+)
 STORAGE = {
     "fp32": ("float", 4),
     "bf16": ("__nv_bfloat16", 2),
@@ -75,234 +87,12 @@ STORAGE = {
     "fp64": ("double", 8),
 }
 # the before kernel's `mode` / `activated` parameters: offsets from the parameter base of
-# constant bank 0 (by the size of its beta: float or double), and that base per arch
+# constant bank 0 (by the size of its beta: float or double); that base per arch: PARAM_BASE
 BEFORE_MODE = {4: (0x54, 0x58), 8: (0x58, 0x5C)}
-PARAM_BASE = {80: 0x160, 86: 0x160, 89: 0x160, 90: 0x210}
-
-
-# ---------------------------------------------------------------------------------------------
-# Tools.
-
-
-def _tool(name: str) -> str:
-    found = shutil.which(name)
-    if found:
-        return found
-    try:
-        import triton  # noqa: F401  (bundles nvdisasm and cuobjdump)
-
-        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-        if path.exists():
-            return str(path)
-    except ImportError:
-        pass
-    sys.exit(f"qfl_kernel_bounds: {name} not found")
-
-
-def compile_cubin(src: Path, arch: int, out: Path) -> None:
-    from torch.utils.cpp_extension import include_paths
-
-    cmd = [
-        "nvcc",
-        *NVCC_FLAGS,
-        "-gencode",
-        f"arch=compute_{arch},code=sm_{arch}",
-        "-cubin",
-        "-o",
-        str(out),
-        str(src / "csrc/cuda/qfl.cu"),
-        "-I",
-        str(src / "csrc/cuda"),
-        "-I",
-        str(src / "csrc"),
-        "-I",
-        include_paths()[0],
-    ]
-    subprocess.run(cmd, check=True)
-
-
-def sass_of(cubin: Path) -> str:
-    env = dict(
-        os.environ,
-        PATH=str(Path(_tool("nvdisasm")).parent) + os.pathsep + os.environ.get("PATH", ""),
-    )
-    return subprocess.run(
-        [_tool("cuobjdump"), "-sass", str(cubin)],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    ).stdout
-
-
-def registers(cubin: Path) -> dict[str, int]:
-    out = subprocess.run(
-        [_tool("cuobjdump"), "-res-usage", str(cubin)], check=True, capture_output=True, text=True
-    ).stdout
-    regs, name = {}, None
-    for line in out.splitlines():
-        m = re.search(r"Function (\S+):", line)
-        if m:
-            name = m.group(1)
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", line)
-        if m and name:
-            assert m.group(2) == "0" and m.group(3) == "0", f"{name} uses stack / local memory"
-            regs[name] = int(m.group(1))
-    return regs
-
-
-def demangle(names: list[str]) -> dict[str, str]:
-    out = (
-        subprocess.run(
-            ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
-        )
-        .stdout.strip()
-        .split("\n")
-    )
-    return dict(zip(names, out))
-
-
-# ---------------------------------------------------------------------------------------------
-# SASS paths.
-
-
-def parse(listing: str) -> dict[str, list[tuple[int, str]]]:
-    funcs = {}
-    for part in re.split(r"\n\s*Function : ", listing)[1:]:
-        name = part.split("\n", 1)[0].strip()
-        ins = []
-        for line in part.split("\n"):
-            m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*(/\*.*)?$", line)
-            if m:
-                ins.append((int(m.group(1), 16), m.group(2).rstrip(" ;")))
-        funcs[name] = ins
-    return funcs
-
-
-def branch_target(text: str) -> int | None:
-    m = re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)
-    return int(m.group(1), 16) if m else None
-
-
-def loops(ins):
-    found = [(t, a) for a, text in ins if (t := branch_target(text)) is not None and t <= a]
-    inner = [
-        lp for lp in found if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in found)
-    ]
-    return found, inner
-
-
-def _pred_writer(ins, i, preg):
-    for j in range(i - 1, -1, -1):
-        body = re.sub(r"^@!?U?P\w+\s+", "", ins[j][1])
-        ops = body.split(None, 1)
-        if len(ops) < 2:
-            continue
-        dsts = [d.strip() for d in ops[1].split(",")[:2]]
-        if (
-            re.match(r"(U?I|F|D|H)SETP|FCHK", ops[0])
-            and preg in dsts[: 2 if "SETP" in ops[0] else 1]
-        ):
-            return body
-    return None
-
-
-def _taken(ins, i, text, env) -> bool:
-    m = re.match(r"@(!?)(P\d)\s+BRA", text)
-    negated, preg = m.group(1) == "!", m.group(2)
-    w = _pred_writer(ins, i, preg)
-    value = False  # FCHK and data tests: the common case is "no special case"
-    if w and re.match(r"ISETP\.GT\.U32\.AND P\d, PT, R\d+, 0x1ffffff", w):
-        value = True  # the reciprocal's normal-range fast path
-    elif w and (mm := re.match(r"ISETP\.(NE|EQ)\.AND P\d, PT, (\w+), (\w+)", w)):
-        a, b = mm.group(2), mm.group(3)
-        reg, other = (a, b) if a in env["mode"] or a in env["act"] else (b, a)
-        if reg in env["mode"]:
-            k = 0 if other == "RZ" else int(other, 16) if other.startswith("0x") else None
-            value = (env["mode_value"] != k) == (mm.group(1) == "NE")
-        elif reg in env["act"]:
-            value = (env["act_value"] != 0) == (mm.group(1) == "NE")
-    return value != negated
-
-
-def common_path(ins, lo, hi, env):
-    at = {a: k for k, (a, _) in enumerate(ins)}
-    i, path = at[lo], []
-    while True:
-        a, text = ins[i]
-        path.append(text)
-        if a == hi:
-            return path
-        t = branch_target(text)
-        if t is not None and t > a and (not text.startswith("@") or _taken(ins, i, text, env)):
-            i = at[t]
-            continue
-        i += 1
-
-
-def runtime_env(ins, mode_off: int, act_off: int, mode: int, activated: bool):
-    """The registers that hold the runtime mode / activated parameters (before kernel)."""
-    mode_regs, act_regs = set(), set()
-    for _, text in ins:
-        m = re.match(r"U?LDC(?:\.U8|\.S8)? (U?R\d+), c\[0x0\]\[(0x[0-9a-f]+)\]", text)
-        if m and int(m.group(2), 16) == mode_off:
-            mode_regs.add(m.group(1))
-        if m and int(m.group(2), 16) == act_off:
-            act_regs.add(m.group(1))
-        m = re.match(r"UPRMT (UR\d+), (UR\d+), 0x8880", text)
-        if m and m.group(2) in act_regs:
-            act_regs.add(m.group(1))
-    return {"mode": mode_regs, "act": act_regs, "mode_value": mode, "act_value": activated}
-
-
-def element_loops(ins, env, need_mufu: bool):
-    """The innermost loops that do element math, longest common path first (after: the 16-byte
-    word loop, then the scalar loop of the row's head and tail)."""
-    _, inner = loops(ins)
-    found = []
-    for lo, hi in inner:
-        path = common_path(ins, lo, hi, env)
-        if need_mufu and not any("MUFU" in t for t in path):
-            continue
-        if not need_mufu and len(path) < 24:
-            continue  # the shuffle reduction's loop
-        found.append((lo, hi, path))
-    return sorted(found, key=lambda f: -len(f[2]))
-
-
-def row_work(ins, env) -> int:
-    """The row loop's common path minus the element loops it passes through."""
-    found, inner = loops(ins)
-    lo, hi = min((lp for lp in found if lp not in inner), key=lambda lp: lp[0] - lp[1])
-    path_addrs = set()
-    at = {a: k for k, (a, _) in enumerate(ins)}
-    i = at[lo]
-    while True:  # the addresses of the row loop's common path
-        a, text = ins[i]
-        path_addrs.add(a)
-        if a == hi:
-            break
-        t = branch_target(text)
-        if t is not None and t > a and (not text.startswith("@") or _taken(ins, i, text, env)):
-            i = at[t]
-            continue
-        i += 1
-    inside = 0
-    for l_lo, l_hi in inner:
-        if l_lo in path_addrs and lo <= l_lo and l_hi <= hi:
-            inside += len(common_path(ins, l_lo, l_hi, env))
-    return len(path_addrs) - inside
 
 
 # ---------------------------------------------------------------------------------------------
 # The cases.
-
-
-def occupancy(regs: int, block: int = 256) -> float:
-    per_warp = math.ceil(regs * 32 / 256) * 256
-    warps = (16384 // per_warp) * 4
-    blocks = min(warps // (block // 32), 32, 2048 // block)
-    return blocks * block / 2048
 
 
 def after_lanes(c: int, size: int) -> int:
@@ -321,9 +111,12 @@ def after_lanes(c: int, size: int) -> int:
 class Listing:
     def __init__(self, cubin: Path, arch: int):
         self.arch = arch
-        self.funcs = parse(sass_of(cubin))
+        self.funcs = parse(cuobjdump_sass(cubin))
         self.names = demangle(list(self.funcs))
-        self.regs = registers(cubin)
+        self.regs = {}
+        for name, res in resources(cubin).items():
+            assert res["STACK"] == 0 and res["LOCAL"] == 0, f"{name} uses stack / local memory"
+            self.regs[name] = res["REG"]
 
     def find(self, prefix: str) -> str:
         hits = [n for n in self.funcs if self.names[n].startswith(prefix)]
@@ -432,7 +225,7 @@ def table(before: Listing, after: Listing, c: int) -> list[dict]:
                         f"{key}_row": k["row"],
                         f"{key}_lanes": k["lanes"],
                         f"{key}_regs": k["regs"],
-                        f"{key}_occ": occupancy(k["regs"]),
+                        f"{key}_occ": occupancy(k["regs"], 256)[1],
                     }
                 )
                 for gpu, (measured, sheet) in BANDWIDTHS.items():
@@ -504,16 +297,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        old = tmp / "before"
-        for f in SOURCES:
-            (old / f).parent.mkdir(parents=True, exist_ok=True)
-            (old / f).write_bytes(
-                subprocess.run(
-                    ["git", "show", f"{args.before}:{f}"], cwd=ROOT, check=True, capture_output=True
-                ).stdout
-            )
-        compile_cubin(old, args.arch, tmp / "before.cubin")
-        compile_cubin(ROOT, args.arch, tmp / "after.cubin")
+        old = materialize(SOURCES, args.before, tmp / "before")
+        compile_cubin(old, QFL_CU, args.arch, tmp / "before.cubin", HALF_FLAGS)
+        compile_cubin(ROOT, QFL_CU, args.arch, tmp / "after.cubin", HALF_FLAGS)
         before = Listing(tmp / "before.cubin", args.arch)
         after = Listing(tmp / "after.cubin", args.arch)
     print_tables(table(before, after, args.classes), args.classes)

@@ -23,16 +23,21 @@ reciprocal) and the half-rate pipes (64 lanes: integer, compare, select, shift, 
 from __future__ import annotations
 
 import argparse
-import math
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from benchmarks import sass_path_count as spc
+from benchmarks.cubin_tools import (
+    COPY_BANDWIDTH,
+    ISSUE,
+    compile_cubin,
+    materialize,
+    nvdisasm_sass,
+    occupancy,
+    resources,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [
     "csrc/gfl_math.h",
     "csrc/cuda/common.cuh",
@@ -40,75 +45,14 @@ SOURCES = [
     "csrc/cuda/softmax_rows_kernel.cuh",
     "csrc/cuda/softmax_rows.cu",
 ]
-SMS, CLOCK_HZ = 132, 1.98e9  # H100 SXM5 / H200 SXM: 132 SMs, 1980 MHz max boost (datasheets)
+ROWS_CU = "csrc/cuda/softmax_rows.cu"
 BANDWIDTHS = {  # bytes/s: datasheet HBM bandwidth, and the device-to-device copy measured here
-    "H100 datasheet 3.35": 3.35e12,
-    "H100 measured 3.0": 3.0e12,
-    "H200 datasheet 4.8": 4.8e12,
-    "H200 measured 4.3": 4.3e12,
+    f"{gpu} {kind} {bw[kind] / 1e12}": bw[kind]
+    for gpu, bw in COPY_BANDWIDTH.items()
+    for kind in ("datasheet", "measured")
 }
 DTYPES = {"fp32": ("f", 4), "bf16": ("13__nv_bfloat16", 2), "fp16": ("6__half", 2)}
 ACC = 4  # opmath bytes of the three
-
-
-def run(cmd, **kw) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
-
-
-def materialize(ref: str | None, dest: Path) -> Path:
-    """The rows sources of the work tree or of a commit, under dest/csrc."""
-    for rel in SOURCES:
-        out = dest / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(
-            (ROOT / rel).read_text()
-            if ref is None
-            else run(["git", "-C", str(ROOT), "show", f"{ref}:{rel}"])
-        )
-    return dest
-
-
-def compile_cubin(src: Path, arch: int) -> Path:
-    import torch.utils.cpp_extension as ext
-
-    nvcc = Path(ext.CUDA_HOME or "/usr/local/cuda") / "bin" / "nvcc"
-    out = src / f"rows_sm{arch}.cubin"
-    run(
-        [
-            str(nvcc),
-            "-O3",
-            "-lineinfo",
-            "--expt-relaxed-constexpr",
-            "-std=c++17",
-            "-gencode",
-            f"arch=compute_{arch},code=sm_{arch}",
-            "-cubin",
-            "-o",
-            str(out),
-            str(src / "csrc/cuda/softmax_rows.cu"),
-            "-I",
-            str(src / "csrc/cuda"),
-            "-I",
-            str(src / "csrc"),
-            "-I",
-            ext.include_paths()[0],
-        ]
-    )
-    return out
-
-
-def resources(cubin: Path) -> dict[str, dict[str, int]]:
-    """mangled kernel name -> {REG, STACK, SHARED, LOCAL} (cuobjdump -res-usage)."""
-    tool = Path(spc.default_nvdisasm()).with_name("cuobjdump")
-    text = run([str(tool), "-res-usage", str(cubin)])
-    res, name = {}, None
-    for line in text.splitlines():
-        m = re.search(r"Function (\S+):", line)
-        if m:
-            name = m.group(1)
-        elif name and "REG:" in line:
-            res[name] = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
-    return res
 
 
 # ---- the new kernel's geometry (csrc/cuda/softmax_rows_kernel.cuh, rows_geometry)
@@ -124,17 +68,6 @@ def rows_geometry(bins: int, acc: int = ACC):
         tile //= 2
     rpt = 4 if tile >= 128 else (2 if tile >= 64 else 1)
     return pitch, vec, tile, rpt, tile // rpt, tile * row_bytes
-
-
-def occupancy(regs: int, block: int, smem: int) -> tuple[int, float]:
-    """(blocks per SM, resident warps / 64) on sm_90."""
-    warps = math.ceil(block / 32)
-    per_warp = math.ceil(regs * 32 / 256) * 256
-    by_regs = (4 * (16384 // per_warp)) // warps if per_warp else 32
-    by_threads = 2048 // block
-    by_smem = (228 * 1024) // (smem + 1024)  # 1 KB per block reserved by the system
-    blocks = max(0, min(32, by_regs, by_threads, by_smem))
-    return blocks, blocks * warps / 64
 
 
 def bytes_per_element(op: str, mode: str, s: int, bins: int) -> float:
@@ -204,11 +137,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", default="integral,dfl,scale_rows")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rows_bounds_") as tmp:
-        src = materialize(args.ref, Path(tmp))
-        cubin = compile_cubin(src, 90)
+        src = materialize(SOURCES, args.ref, Path(tmp))
+        cubin = compile_cubin(src, ROWS_CU, 90, src / "rows_sm90.cubin")
         res90 = resources(cubin)
-        res80 = resources(compile_cubin(src, 80))
-        sass = run([spc.default_nvdisasm(), "-c", "-gi", str(cubin)])
+        res80 = resources(compile_cubin(src, ROWS_CU, 80, src / "rows_sm80.cubin"))
+        sass = nvdisasm_sass(cubin)
         math_h = (src / "csrc/gfl_math.h").read_text().splitlines()
         nan_line = next(i + 1 for i, text in enumerate(math_h) if "if (y != y)" in text)
         decide_at = {f"gfl_math.h:{nan_line}": False}  # DFL targets are not NaN
@@ -255,10 +188,7 @@ def main(argv=None) -> int:
                             continue
                         slots, mufu, half, regs, smem, block, occ = row
                         bpe = bytes_per_element(op, mode, s, bins)
-                        bounds = [
-                            min(1.0, SMS * 4 * 32 * CLOCK_HZ / slots * bpe / bw)
-                            for bw in BANDWIDTHS.values()
-                        ]
+                        bounds = [min(1.0, ISSUE / slots * bpe / bw) for bw in BANDWIDTHS.values()]
                         print(
                             f"| {op} | {dname} | {bins} | {mode} | {bpe:.2f} | {slots:.1f} | "
                             f"{mufu:.2f} | {half:.1f} | {regs} | {smem} | {block} | {occ} | "
