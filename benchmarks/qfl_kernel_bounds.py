@@ -61,7 +61,7 @@ from benchmarks.cubin_tools import (
     occupancy,
     resources,
 )
-from benchmarks.qfl_sass_paths import element_loops, parse, row_work, runtime_env
+from benchmarks.qfl_sass_paths import element_loops, label_patch, parse, row_work, runtime_env
 from benchmarks.sass_path_count import PARAM_BASE
 
 SOURCES = [
@@ -159,9 +159,9 @@ def after_case(lst: Listing, dtype: str, form: str, c: int, grad: bool, activate
         f"{'true' if grad else 'false'}, int>"
     )
     ins = lst.funcs[name]
-    env = runtime_env(ins, -1, -1, beta, activated)
-    (_, _, path), *rest = element_loops(ins, env, need_mufu=not activated)
     width = 16 // size if size < 8 else 1
+    env = runtime_env(ins, -1, -1, beta, activated, word=width if form == "labels" else None)
+    (_, _, path), *rest = element_loops(ins, env, need_mufu=not activated)
     tsize = {"labels": 0, "dense": size, "dense-opmath": 4 if size == 2 else size}[form]
     if width > 1:
         words = sum(bool(re.search(r"\bLDG\.E\.128", t)) for t in path) / (1 + tsize * width // 16)
@@ -188,6 +188,7 @@ def after_case(lst: Listing, dtype: str, form: str, c: int, grad: bool, activate
         "regs": lst.regs[name],
         "lane_work": lane_work,
         "lane_mufu": lane_mufu,
+        "patch": label_patch(ins, width) if form == "labels" and width > 1 else 0,
     }
 
 
@@ -230,6 +231,14 @@ def table(before: Listing, after: Listing, c: int) -> list[dict]:
                 )
                 for gpu, (measured, sheet) in BANDWIDTHS.items():
                     r[f"{key}_{gpu}"] = (rate * nbytes / measured, rate * nbytes / sheet)
+            if form == "labels":
+                # a positive row's label word: its lane alone runs the patch, patch x 32 thread
+                # slots spread over the row's c elements (whatever the lanes per row)
+                r["patch"] = a["patch"]
+                r["per_pct"] = a["patch"] * 32 * 0.01 / c
+                eff2 = r["a_eff"] + 2 * r["per_pct"]
+                rate2 = min(ISSUE / eff2, MUFU / r["a_mufu"])
+                r["at2"] = {g: rate2 * nbytes / m for g, (m, _) in BANDWIDTHS.items()}
             rows.append(r)
     return rows
 
@@ -270,6 +279,20 @@ def print_tables(rows: list[dict], c: int) -> None:
             for k in ("b", "a")
         ]
         print(f"| {r['mode']} | {r['dtype']} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    print(
+        "\nPositive anchors (labels form, after): the label's word runs one general element in "
+        "its lane alone\n"
+    )
+    print(
+        "| mode | dtype | patch (warp instr) | + slots/elem per 1% positives | at 2%: H100 | H200 |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "patch" in r:
+            print(
+                f"| {r['mode']} | {r['dtype']} | {r['patch']} | {r['per_pct']:.3f} | "
+                f"{_pct(r['at2']['H100'])} | {_pct(r['at2']['H200'])} |"
+            )
 
 
 def print_modes(after: Listing, c: int) -> None:

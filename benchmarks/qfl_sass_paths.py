@@ -61,6 +61,12 @@ def _taken(ins, i, text, env) -> bool:
     value = False  # FCHK and data tests: the common case is "no special case"
     if w and re.match(r"ISETP\.GT\.U32\.AND P\d, PT, R\d+, 0x1ffffff", w):
         value = True  # the reciprocal's normal-range fast path
+    elif (
+        w
+        and (env.get("word") or 0) > 1
+        and re.match(rf"ISETP\.GT\.U32\.AND P\d, PT, R\d+, {env['word'] - 1:#x}\b", w)
+    ):
+        value = True  # label - e outside [0, word): the label is not in this word (common case)
     elif w and (mm := re.match(r"ISETP\.(NE|EQ)\.AND P\d, PT, (\w+), (\w+)", w)):
         a, b = mm.group(2), mm.group(3)
         reg, other = (a, b) if a in env["mode"] or a in env["act"] else (b, a)
@@ -74,7 +80,8 @@ def _taken(ins, i, text, env) -> bool:
 
 def _walk(ins, lo, hi, env):
     """(address, text) of each instruction on the common path from lo to hi (forward only: each
-    address once)."""
+    address once).  A conditional branch out of the loop (past hi) is never the common path:
+    whichever way its predicate is written, the loop goes round."""
     at = {a: k for k, (a, _) in enumerate(ins)}
     i = at[lo]
     while True:
@@ -83,7 +90,8 @@ def _walk(ins, lo, hi, env):
         if a == hi:
             return
         t = branch_target(text)
-        if t is not None and t > a and (not text.startswith("@") or _taken(ins, i, text, env)):
+        conditional = text.startswith("@")
+        if t is not None and t > a and (not conditional or (t <= hi and _taken(ins, i, text, env))):
             i = at[t]
             continue
         i += 1
@@ -93,8 +101,11 @@ def common_path(ins, lo, hi, env) -> list[str]:
     return [text for _, text in _walk(ins, lo, hi, env)]
 
 
-def runtime_env(ins, mode_off: int, act_off: int, mode: int, activated: bool):
-    """The registers that hold the runtime mode / activated parameters (before kernel)."""
+def runtime_env(
+    ins, mode_off: int, act_off: int, mode: int, activated: bool, word: int | None = None
+):
+    """The registers that hold the runtime mode / activated parameters (before kernel), and
+    the elements per 16-byte word (after kernel: its per-word "is the label here" test)."""
     mode_regs, act_regs = set(), set()
     for _, text in ins:
         m = re.match(r"U?LDC(?:\.U8|\.S8)? (U?R\d+), c\[0x0\]\[(0x[0-9a-f]+)\]", text)
@@ -105,7 +116,13 @@ def runtime_env(ins, mode_off: int, act_off: int, mode: int, activated: bool):
         m = re.match(r"UPRMT (UR\d+), (UR\d+), 0x8880", text)
         if m and m.group(2) in act_regs:
             act_regs.add(m.group(1))
-    return {"mode": mode_regs, "act": act_regs, "mode_value": mode, "act_value": activated}
+    return {
+        "mode": mode_regs,
+        "act": act_regs,
+        "mode_value": mode,
+        "act_value": activated,
+        "word": word,
+    }
 
 
 def element_loops(ins, env, need_mufu: bool):
@@ -133,3 +150,21 @@ def row_work(ins, env) -> int:
         if l_lo in path_addrs and lo <= l_lo and l_hi <= hi:
             inside += len(common_path(ins, l_lo, l_hi, env))
     return len(path_addrs) - inside
+
+
+def label_patch(ins, word: int) -> int:
+    """Instructions the after kernel's "is the label in this word" test skips (the one general
+    element a positive's label word adds, run by that lane alone): the longest such region,
+    0 when the kernel has none (dense forms, double)."""
+    at = {a: k for k, (a, _) in enumerate(ins)}
+    test = re.compile(rf"ISETP\.GT\.U32\.AND (P\d), PT, R\d+, {word - 1:#x}\b")
+    longest = 0
+    for i, (a, text) in enumerate(ins):
+        m = re.match(r"@(P\d)\s+BRA", text)
+        t = branch_target(text)
+        if not m or t is None or t <= a:
+            continue
+        w = _pred_writer(ins, i, m.group(1))
+        if w and (mm := test.match(w)) and mm.group(1) == m.group(1):
+            longest = max(longest, at[t] - i - 1)
+    return longest

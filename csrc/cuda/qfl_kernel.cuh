@@ -307,8 +307,14 @@ enum QflChunkForm : int { kNegative, kLabels, kDenseTarget };
 
 // One row's elements [0, K) at x (K = 1, or one 16-byte word of pred): their losses added to
 // sum in column order, their gradients (times scale) stored at g when kGrad.  rel: the label's
-// place in the chunk (kLabels).  kNegative gives the same bits as kLabels with the label outside
-// the chunk, in fewer instructions (gfl_math.h's *_negative forms).
+// place in the chunk (kLabels; any value outside [0, K): not in this chunk).  kNegative gives
+// the same bits as kLabels with the label outside the chunk, in fewer instructions (gfl_math.h's
+// *_negative forms).
+//
+// kLabels takes every element by the negative form and then, only in the chunk that holds the
+// label, that one element by the general formula: the one lane holding a positive's label pays
+// one general element (and 2K selects) while its warp waits, not K of them.  Every lane runs
+// the same loop (qfl_row), so a positive costs its warp nothing else.
 template <int K, int kForm, bool kActivated, int kBeta, bool kGrad, typename scalar_t,
           typename target_t, typename index_t>
 __device__ __forceinline__ void qfl_chunk(const scalar_t* __restrict__ x,
@@ -324,14 +330,31 @@ __device__ __forceinline__ void qfl_chunk(const scalar_t* __restrict__ x,
 #pragma unroll
     for (int i = 0; i < K; ++i)
       sum += qfl_element_negative<kActivated, kBeta>(xv[i], beta, mode, gv[i]);
+  } else if constexpr (kForm == kLabels && K == 1) {
+    sum += rel == 0 ? qfl_element<kActivated, kBeta>(xv[0], score, beta, mode, gv[0])
+                    : qfl_element_negative<kActivated, kBeta>(xv[0], beta, mode, gv[0]);
+  } else if constexpr (kForm == kLabels) {
+    acc_t lv[K];
+#pragma unroll
+    for (int i = 0; i < K; ++i)
+      lv[i] = qfl_element_negative<kActivated, kBeta>(xv[i], beta, mode, gv[i]);
+    if (rel >= 0 && rel < index_t(K)) {
+      // the label's logit read again (an L1 hit) rather than selected from xv: xv need not
+      // stay live past the negatives (8 registers fewer in the 16-bit kernels)
+      const acc_t xl = static_cast<acc_t>(to_opmath(x[rel]));
+      acc_t gl;
+      const acc_t ll = qfl_element<kActivated, kBeta>(xl, score, beta, mode, gl);
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        lv[i] = rel == i ? ll : lv[i];
+        gv[i] = rel == i ? gl : gv[i];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < K; ++i) sum += lv[i];
   } else {
     acc_t yv[K];
-    if constexpr (kForm == kDenseTarget) {
-      qfl_load_chunk<K>(t, yv);
-    } else {
-#pragma unroll
-      for (int i = 0; i < K; ++i) yv[i] = rel == i ? score : acc_t(0);
-    }
+    qfl_load_chunk<K>(t, yv);
 #pragma unroll
     for (int i = 0; i < K; ++i)
       sum += qfl_element<kActivated, kBeta>(xv[i], yv[i], beta, mode, gv[i]);
@@ -358,7 +381,6 @@ __device__ __forceinline__ opmath_t<scalar_t> qfl_row(const QflArgs<scalar_t, ta
   constexpr bool kDouble = sizeof(scalar_t) == 8;
   constexpr index_t kWidth = kDouble ? 1 : kQflVecBytes / sizeof(scalar_t);
   constexpr int kUnroll = kDouble ? 1 : 2;
-  constexpr int kWordForm = kDense ? kDenseTarget : kNegative;
   const index_t c = static_cast<index_t>(a.c);
   const index_t lanes = index_t(1) << a.lanes_log2;
   // read again rather than passed in: cheap, and a value ptxas need not keep across the double
@@ -390,30 +412,18 @@ __device__ __forceinline__ opmath_t<scalar_t> qfl_row(const QflArgs<scalar_t, ta
   acc_t sum(0);
 
   // The words, by element index e in the whole tensor (index_t: 32 bits unless the tensor needs
-  // 64, then each access is one IMAD.WIDE from its stream's base).  In the labels form the loop
-  // runs up to the word that holds the label if this lane has it, which then takes the general
-  // formula: no branch per word in the common iterations.
+  // 64, then each access is one IMAD.WIDE from its stream's base).  Every lane of a row runs the
+  // same loop; in the labels form each word is told where the label is relative to it
+  // (label_e - e: in [0, kWidth) in one word of one lane, never in any word when label_e = end,
+  // i.e. for background and for a label among the scalars).
   const index_t step = lanes * kWidth;
   const index_t end = off + body_end;
-  index_t e = off + head + lane * kWidth;
-  index_t stop = end;
-  if (!kDense && label >= head && label < body_end) {
-    const index_t word = (label - head) / kWidth;
-    if ((word & (lanes - 1)) == lane) stop = off + head + word * kWidth;
-  }
-  for (;;) {
+  const index_t label_e = !kDense && label >= head && label < body_end ? off + label : end;
 #pragma unroll(kUnroll)
-    for (; e < stop; e += step)
-      qfl_chunk<kWidth, kWordForm, kActivated, kBeta, kGrad>(
-          a.pred + e, kDense ? a.target + e : nullptr, kGrad ? a.grad + e : nullptr, index_t(0),
-          score, scale, a.beta, a.mode, sum);
-    if (kDense || stop == end) break;
-    qfl_chunk<kWidth, kLabels, kActivated, kBeta, kGrad>(
-        a.pred + e, static_cast<const target_t*>(nullptr), kGrad ? a.grad + e : nullptr,
-        off + label - e, score, scale, a.beta, a.mode, sum);
-    e += step;
-    stop = end;
-  }
+  for (index_t e = off + head + lane * kWidth; e < end; e += step)
+    qfl_chunk<kWidth, kDense ? kDenseTarget : kLabels, kActivated, kBeta, kGrad>(
+        a.pred + e, kDense ? a.target + e : nullptr, kGrad ? a.grad + e : nullptr, label_e - e,
+        score, scale, a.beta, a.mode, sum);
 
   // The scalars, head then tail.
   const index_t scalars = head + (c - body_end);
