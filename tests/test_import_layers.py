@@ -280,3 +280,19 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def test_benchmarks_have_no_import_cycle_and_nothing_below_imports_them():
+    """benchmarks/ is the top layer (docs/architecture.md): it may import detector and gfl_ops,
+    nothing imports it, and its own modules form no cycle."""
+    graph, raw = build_graph(packages=(*PACKAGES, "benchmarks"))
+    cycles = [c for c in find_cycles(graph) if any(m.split(".")[0] == "benchmarks" for m in c)]
+    assert not cycles, f"import cycles: {cycles}"
+    up = sorted(
+        f"{m} -> {n}"
+        for m, names in raw.items()
+        if m.split(".")[0] in PACKAGES
+        for n in names
+        if n.split(".")[0] == "benchmarks"
+    )
+    assert not up, up
