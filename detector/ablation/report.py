@@ -199,6 +199,20 @@ def _conditions(rows: Sequence[dict[str, str]]) -> list[str]:
     ]
 
 
+def _command(study: str, rows: Sequence[dict[str, str]], seeds: int) -> str:
+    """The command that re-makes (or resumes) this study's runs, from what the rows record."""
+    budgets = sorted({r.get("budget", "").split(" ")[0] for r in rows if r.get("budget")})
+    datasets = sorted({r.get("dataset", "") for r in rows if r.get("dataset")})
+    cmd = f"python -m detector.ablation {study}"
+    if len(budgets) == 1 and budgets[0] != "default":
+        cmd += f" --budget {budgets[0]}"
+    if len(datasets) == 1 and not datasets[0].startswith("embedded"):
+        cmd += f" --data {datasets[0]}"
+    if seeds and seeds != 3:
+        cmd += f" --seeds {seeds}"
+    return cmd
+
+
 def render_markdown(
     study: Study,
     rows: Sequence[dict[str, str]],
@@ -220,7 +234,7 @@ def render_markdown(
         "score and IoU.",
         "",
     ]
-    lines += _conditions(rows) + [""]
+    lines += _conditions(rows) + [f"- made with: `{_command(study.name, rows, len(seeds))}`", ""]
     head = [
         "setting",
         "AP paper",

@@ -432,3 +432,17 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_data, caplog
     result = worker.read_json(run_dir / "result.json")
     assert result["iterations"] == 2 and result["train_seconds"] > first
     assert not (run_dir / "latest.pth").exists()
+
+
+def test_study_page_names_the_command_that_made_it():
+    from detector.ablation.report import _command
+
+    default = [{"budget": "default (gfl_r18_synthetic_cpu, 8 epochs)", "dataset": "embedded:v1"}]
+    assert _command("table3", default, 3) == "python -m detector.ablation table3"
+    coco = [{"budget": "full (gfl_r50_1x_coco)", "dataset": "/data/coco"}]
+    assert _command("beta", coco, 1) == (
+        "python -m detector.ablation beta --budget full --data /data/coco --seeds 1"
+    )
+    assert "made with: `python -m detector.ablation bins`" in render_markdown(
+        STUDIES["bins"], default
+    )
