@@ -54,6 +54,12 @@ def _pred_writer(ins, i, preg):
     return None
 
 
+def _label_test(word: int) -> re.Pattern:
+    """The after kernel's per-word "label not in this word" test, ``label - e > word - 1``
+    unsigned, with the predicate it sets as group 1."""
+    return re.compile(rf"ISETP\.GT\.U32\.AND (P\d), PT, R\d+, {word - 1:#x}\b")
+
+
 def _taken(ins, i, text, env) -> bool:
     m = re.match(r"@(!?)(P\d)\s+BRA", text)
     negated, preg = m.group(1) == "!", m.group(2)
@@ -61,11 +67,7 @@ def _taken(ins, i, text, env) -> bool:
     value = False  # FCHK and data tests: the common case is "no special case"
     if w and re.match(r"ISETP\.GT\.U32\.AND P\d, PT, R\d+, 0x1ffffff", w):
         value = True  # the reciprocal's normal-range fast path
-    elif (
-        w
-        and (env.get("word") or 0) > 1
-        and re.match(rf"ISETP\.GT\.U32\.AND P\d, PT, R\d+, {env['word'] - 1:#x}\b", w)
-    ):
+    elif w and (env.get("word") or 0) > 1 and _label_test(env["word"]).match(w):
         value = True  # label - e outside [0, word): the label is not in this word (common case)
     elif w and (mm := re.match(r"ISETP\.(NE|EQ)\.AND P\d, PT, (\w+), (\w+)", w)):
         a, b = mm.group(2), mm.group(3)
@@ -157,7 +159,7 @@ def label_patch(ins, word: int) -> int:
     element a positive's label word adds, run by that lane alone): the longest such region,
     0 when the kernel has none (dense forms, double)."""
     at = {a: k for k, (a, _) in enumerate(ins)}
-    test = re.compile(rf"ISETP\.GT\.U32\.AND (P\d), PT, R\d+, {word - 1:#x}\b")
+    test = _label_test(word)
     longest = 0
     for i, (a, text) in enumerate(ins):
         m = re.match(r"@(P\d)\s+BRA", text)
