@@ -66,27 +66,29 @@ struct Ops<float> : ScalarOps<float> {
 // ---------------------------------------------------------------------------------------------
 // log1p(e) for e in [0, 1], the softplus term of every BCE.
 //
-// Single precision: log1p(e) = 2 atanh(t), t = e / (2 + e) in [0, 1/3], as the odd series
-// 2 t (1 + t^2/3 + ... + t^12/13); the truncation error is below t^14 / 15 < 1.4e-8 relative,
-// under float rounding.  It costs one division and 8 multiply-adds, several times less than a
-// vectorised log or log1p, and it is the same code on the CPU and the GPU.  Double precision
-// keeps log1p.
+// Single precision: log1p(e) = 2 atanh(t), t = e / (2 + e) in [0, 1/3], as t p(t^2) with p a
+// degree-4 polynomial in u = t^2 in [0, 1/9] that approximates 2 atanh(t) / t = 2 + 2u/3 +
+// 2u^2/5 + ...: p(u) = 2 + u (c1 + u (c2 + u (c3 + u c4))), its constant the series' exact 2 (so
+// log1p(e) ~ e keeps full relative accuracy as e -> 0), c1..c4 fitted for the least maximum
+// relative error on [0, 1/9] (Lawson's iteration, then rounded to float): 5.5e-9 with the float
+// coefficients, below the 1.4e-8 of the Taylor series to t^12/13 that this replaced (6
+// multiply-adds; 4 now, on every logit element of every backend but Triton and double).  In
+// float arithmetic the result's error is the rounding of t and of the Horner steps: at most 2.8
+// ulp of log1p(e) either way, measured on 3e6 e in [1e-30, 1]; 2% of results changed their last
+// bit.  One division (or the CUDA kernel's shared reciprocal) and 6 multiply-adds in all, several
+// times less than a vectorised log or log1p, and the same code on the CPU and the GPU.  Double
+// precision keeps log1p.
 //
-// log1p_series is the series alone (single precision only), for a caller that has t already
-// (|t| <= 1/3; the CUDA kernel gets it from logit_quotients).  The factor 2 rides in the
-// coefficients (2/13, ..., 2/3, 2): scaling by 2 is exact in binary floating point, so every
-// Horner step is exactly twice the plain one and t (2 p) is bit for bit (2 t) p, one
-// multiplication fewer.
+// log1p_series is the polynomial alone (single precision only), for a caller that has t already
+// (|t| <= 1/3; the CUDA kernel gets it from logit_quotients).
 template <typename T, typename O = Ops<T>>
 C10_HOST_DEVICE inline T log1p_series(T t) {
-  const T t2 = t * t;
-  T p(2.0f / 13.0f);
-  p = p * t2 + T(2.0f / 11.0f);
-  p = p * t2 + T(2.0f / 9.0f);
-  p = p * t2 + T(2.0f / 7.0f);
-  p = p * t2 + T(2.0f / 5.0f);
-  p = p * t2 + T(2.0f / 3.0f);
-  p = p * t2 + T(2.0f);
+  const T u = t * t;
+  T p(0.28012162f);
+  p = p * u + T(0.28001773f);
+  p = p * u + T(0.4002153f);
+  p = p * u + T(0.6666642f);
+  p = p * u + T(2.0f);
   return t * p;
 }
 
