@@ -98,10 +98,16 @@ BEFORE_MODE = {4: (0x54, 0x58), 8: (0x58, 0x5C)}
 def after_lanes(c: int, size: int) -> int:
     """qfl_kernel.cuh's qfl_lanes_log2, as lanes."""
     width = 16 // size
-    words = (c + width - 1) // width
-    lowest = 0 if c * size <= 16 else 1
+    words, scalars = c // width, c % width
+    lowest = 0 if c * size <= 48 else 1
     cost = {
-        s: (1 << s) * (((words + (1 << s) - 1) >> s) * width * 30 + 40 + 2 * s)
+        s: (1 << s)
+        * (
+            ((words + (1 << s) - 1) >> s) * width * 30
+            + ((scalars + (1 << s) - 1) >> s) * 50
+            + 40
+            + 2 * s
+        )
         for s in range(lowest, 6)
     }
     cheapest = min(cost.values())

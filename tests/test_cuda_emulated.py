@@ -891,7 +891,8 @@ def test_emulated_qfl_kernel_extreme_inputs_every_mode(emu, dtype, form, activat
 
 def test_emulated_qfl_plan(emu):
     """The launcher's choices: lanes per row from the class count and element size (no idle
-    lanes at COCO's 80 classes, whole 32-byte sectors per row and access), 32-bit indices up to
+    lanes at COCO's 80 classes, whole 32-byte sectors per row and access past 48-byte rows, one
+    lane for VOC's 20 classes in 16 bits: 2 words and 4 scalars), 32-bit indices up to
     the limit and 64 past it (decided from n and c alone: nothing is allocated), 16-byte accesses
     only for congruent streams."""
 
@@ -924,8 +925,9 @@ def test_emulated_qfl_plan(emu):
     }
     assert lanes[(80, torch.float32)] == 2 and lanes[(80, torch.bfloat16)] == 2  # 10 / 5 words
     assert lanes[(1, torch.float32)] == 1 and lanes[(4, torch.float32)] == 1  # rows <= 16 bytes
+    assert lanes[(20, torch.bfloat16)] == 1  # 40-byte rows: one contiguous span per warp
     assert lanes[(4096, torch.float32)] == 32 and lanes[(4096, torch.bfloat16)] == 32
-    assert all(v >= 2 for (c, dt), v in lanes.items() if c * (4 if dt == torch.float32 else 2) > 16)
+    assert all(v >= 2 for (c, dt), v in lanes.items() if c * (4 if dt == torch.float32 else 2) > 48)
     limit = 2**31 - 1 - 1024
     assert not plan_for(limit // 80, 80).index64
     assert plan_for(limit // 80 + 1, 80).index64

@@ -48,21 +48,28 @@ inline int64_t qfl_dtype_bytes(DType dt) {
   }
 }
 
-// Lanes per row (log2).  A simple issue-slot model per row, lanes x (the lane's element count x
-// ~30 instructions + ~40 per row + a shuffle step per halving), counting the lanes left idle
-// past the row's last 16-byte word.  At least 2 lanes (32 contiguous bytes of a row per access,
-// whole sectors) unless a row fits in 16 bytes (then a warp's rows are contiguous anyway).
-// Among choices within 3% of the cheapest the widest wins: more lanes cost nothing there and
-// keep wide rows with few anchors parallel.
+// Lanes per row (log2).  A simple issue-slot model per row: lanes x (the lane's words x their
+// elements x ~30 instructions + its scalars x ~50 + ~40 per row + a shuffle step per halving),
+// counting the lanes left idle past the row's last word or scalar (scalars: the c % width
+// elements outside whole 16-byte words when the row starts on a boundary).  Among choices
+// within 3% of the cheapest the widest wins: more lanes cost nothing there and keep wide rows
+// with few anchors parallel.  Rows over 48 bytes get at least 2 lanes, so that each access
+// reads 32 contiguous bytes of a row (whole sectors); up to 48 bytes one lane is allowed: a
+// warp's 32 rows are then one contiguous span of at most 1.5 KB, each 32-byte sector of it
+// fetched from L2 once and re-read from L1 by the lanes' next access.  At 20 classes in 16 bits
+// (VOC: 2 words and 4 scalars per row) one lane saves the second lane's row work and idle
+// scalar rounds, ~5 issue slots per element (benchmarks/cuda_qfl_kernel.md).
 inline int qfl_lanes_log2(int64_t c, int64_t elem_bytes) {
   const int64_t width = kQflVecBytes / elem_bytes;
-  const int64_t words = (c + width - 1) / width;
-  const int lowest = c * elem_bytes <= kQflVecBytes ? 0 : 1;
+  const int64_t words = c / width;
+  const int64_t scalars = c % width;
+  const int lowest = c * elem_bytes <= 3 * kQflVecBytes ? 0 : 1;
   int64_t cost[6] = {};
   int64_t cheapest = INT64_MAX;
   for (int s = lowest; s <= 5; ++s) {
     const int64_t lanes = int64_t(1) << s;
-    cost[s] = lanes * (((words + lanes - 1) / lanes) * width * 30 + 40 + 2 * s);
+    cost[s] = lanes * (((words + lanes - 1) / lanes) * width * 30 +
+                       ((scalars + lanes - 1) / lanes) * 50 + 40 + 2 * s);
     if (cost[s] < cheapest) cheapest = cost[s];
   }
   int best = lowest;
