@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "launchers.h"
@@ -38,6 +39,26 @@ __device__ __forceinline__ __half from_opmath<__half>(float x) { return __float2
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_opmath<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// exp(x) as ex2.approx.ftz of x log2(e): what __expf is, without the three instructions of the
+// subnormal range that __expf gets in a build that does not flush subnormals; 2 instructions
+// (FMUL, MUFU.EX2) against expf's 8.  Error 2 + floor(1.173 |x|) ulp (CUDA C Programming Guide,
+// Intrinsic Functions); results below 2^-126 (x < -87.3) are flushed to 0.  Where each kernel
+// uses it, and why its tolerances hold there, is said at the call (QflOps, rows_exp).  The host
+// build calls expf, or GFL_EMULATED_FAST_EXPF where defined: the warp emulator
+// (tests/cuda_emulation) defines it as expf off by this error bound, so that its tests check the
+// tolerance arguments against the worst case.
+__host__ __device__ __forceinline__ float fast_expf(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504088896341f));
+  return r;
+#elif defined(GFL_EMULATED_FAST_EXPF)
+  return GFL_EMULATED_FAST_EXPF(x);
+#else
+  return ::expf(x);
+#endif
 }
 
 // Expands to `CALL(storage_t)` for the runtime dtype `dt` (a macro keeps this C++17-friendly).

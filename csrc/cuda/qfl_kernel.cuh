@@ -197,17 +197,8 @@ struct QflOps<float> : Ops<float> {
     return a / b;
 #endif
   }
-  // __expf: ex2.approx of x log2(e); the .ftz form (flushing results below 2^-126 to 0) saves
-  // the three instructions of the subnormal range that __expf gets in a non-ftz build
-  static C10_HOST_DEVICE inline float fast_exp(float x) {
-#ifdef __CUDA_ARCH__
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504088896341f));
-    return r;
-#else
-    return ::expf(x);
-#endif
-  }
+  // common.cuh's fast_expf (__expf's ex2.approx, .ftz)
+  static C10_HOST_DEVICE inline float fast_exp(float x) { return fast_expf(x); }
 };
 
 // e = exp(-|x|), inv = 1 / (1 + e), lp = log1p(e) of a logit: for float one rcp for both

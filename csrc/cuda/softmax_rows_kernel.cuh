@@ -19,7 +19,8 @@
 // order: the row max (for the integral also its lowest bin p, the pivot), sum_j e_j with
 // e_j = exp(z_j - max), for the integral sum_j e_j (j - p) so that y_hat - p = sum_j S_j (j - p)
 // is formed from exact small integers, then the gradient from the e_j.  A row is reduced by one
-// thread in bin order, so its results do not depend on the launch geometry.
+// thread in bin order, so its results do not depend on the launch geometry.  The one departure:
+// for 16-bit data the tile kernels' exp is the fast one (rows_exp below).
 #pragma once
 
 #include <cmath>
@@ -90,6 +91,25 @@ inline size_t rows_shared_bytes(const RowsGeometry& g, int acc_size, int block) 
 
 // ---------------------------------------------------------------------------------------------
 // Device helpers.
+
+// e_j = exp(z_j - max) of the rows kernels.  float and double data: gfl_math.h's accurate exp
+// (expf: 8 instructions), as the CPU kernel.  16-bit data: common.cuh's fast_expf (2), whose
+// error is 2 + floor(1.173 |x|) ulp of float for x = z_j - max <= 0: e_j carries at most
+// e^x (2 + 1.173 |x|) 2^-24 <= 2^-23 absolute (the largest at x = 0), so sum_j e_j, y_hat - p and
+// the softmax S_j move by a few float ulp -- eight bits below bf16's rounding of the integral and
+// the gradient (fp16: five), and log(sum) of DFL's float loss by < 2e-7 absolute against the 2e-5
+// of the loss tolerance (tests/gfl_testing.py).  Flushed results (x < -87.3) are terms below
+// 1.2e-38 of a sum >= 1.  It takes 6 of the ~17 issue slots per element of the forward's math,
+// which is what the 16-bit forward needs to reach its bandwidth bound on an H200
+// (benchmarks/cuda_rows_kernel.md).
+template <typename scalar_t>
+__device__ __forceinline__ opmath_t<scalar_t> rows_exp(opmath_t<scalar_t> x) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    return fast_expf(x);
+  } else {
+    return Ops<opmath_t<scalar_t>>::exp(x);
+  }
+}
 
 // N values moved as one access (LDG/STG/LDS/STS.64 or .128 when N * sizeof(T) is 8 or 16).
 template <typename T, int N>
@@ -425,7 +445,7 @@ __device__ __forceinline__ void tile_row(
     const TileIo<opmath_t<scalar_t>,
                  typename std::conditional<kDfl, opmath_t<scalar_t>, scalar_t>::type>& io) {
   using acc_t = opmath_t<scalar_t>;
-  using O = Ops<acc_t>;  // expf / logf for float, exp / log for double
+  using O = Ops<acc_t>;  // logf for float, log for double (the exp is rows_exp)
   using Vec = Pack<acc_t, kVec>;
   const bool with_grad = io.with_grad;
   TileRow<acc_t, kBins, kVec, kPhase> z(srow);
@@ -469,7 +489,7 @@ __device__ __forceinline__ void tile_row(
       Vec v = z.get(j);
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
-        const acc_t e_j = O::exp(v.v[e] - zmax);
+        const acc_t e_j = rows_exp<scalar_t>(v.v[e] - zmax);
         sum += e_j;
         if constexpr (!kDfl) {
           stat = O::fma(e_j, j_rel, stat);
@@ -503,9 +523,10 @@ __device__ __forceinline__ void tile_row(
       });
       z.flush();
       const acc_t fl = static_cast<acc_t>(l);
-      srow[l] = dfl_grad<acc_t>(O::exp(z_l - zmax) * inv_sum, fl, fl, w_l, w_r) * scale;
-      srow[l + 1] = dfl_grad<acc_t>(O::exp(z_r - zmax) * inv_sum, fl + acc_t(1), fl, w_l, w_r) *
-                    scale;
+      const acc_t s_l = rows_exp<scalar_t>(z_l - zmax) * inv_sum;
+      const acc_t s_r = rows_exp<scalar_t>(z_r - zmax) * inv_sum;
+      srow[l] = dfl_grad<acc_t>(s_l, fl, fl, w_l, w_r) * scale;
+      srow[l + 1] = dfl_grad<acc_t>(s_r, fl + acc_t(1), fl, w_l, w_r) * scale;
     }
   } else {
     const acc_t y_rel = stat * inv_sum;  // y_hat - p
@@ -626,7 +647,9 @@ void with_rows_tile_kernel(int64_t bins, const RowsGeometry& g, bool generic_onl
 // ---------------------------------------------------------------------------------------------
 // Rows too long for a tile (rows_geometry().tiled false: over 1 KB, ~250 float bins): a
 // group of TPR lanes per row, reduced with shuffles; three passes over the row (the second and
-// third re-read it from L1).  The same math, summed in the shuffle tree's order.
+// third re-read it from L1).  The same math, summed in the shuffle tree's order, with the
+// accurate exp for every dtype: this fallback is not tuned, and with the fast exp ptxas gave its
+// 16-bit sm_80 build a stack frame around the division's slow-path calls.
 
 // Max over a row group's lanes with the bin that holds it: the lowest bin among equal maxima, so
 // every lane of the group ends with the same (max, bin) on every run.  A lane that saw no bin (or

@@ -4,6 +4,10 @@
 // Every entry point takes the launch description of csrc/cuda/launchers.h, plus the kernel
 // variant and the emulated grid (QFL: an options struct, see gfl_emu_qfl); it returns 0, or 1
 // with the error in gfl_emu_error().
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
 #include "warp_emulator.h"
 
 // The QFL kernel's 16-byte accesses fault on a GPU unless 16-byte aligned: here a misaligned one
@@ -14,6 +18,24 @@ inline void gfl_emu_check_aligned(const void* p) {
     b->error = "misaligned 16-byte access";
 }
 #define GFL_CUDA_EMU_CHECK_ALIGNED(ptr) gfl_emu_check_aligned(ptr)
+
+// common.cuh's fast_expf (ex2.approx.ftz of x log2 e on a GPU) with its documented error made
+// adversarial: exp(x) off by the bound's 2 + floor(1.173 |x|) ulp -- taken as the larger
+// 2^-23 relative per ulp -- in a direction that varies with x's bits, and results below 2^-126
+// flushed to 0 as .ftz does.  exp(0) stays 1 (the hardware gives 2^0 exactly).  So the emulated
+// tests check the tolerance argument of every kernel that uses the fast exp (QflOps, rows_exp)
+// against the worst error the Programming Guide allows, not against libm's exact-ish expf.
+inline float gfl_emu_fast_expf(float x) {
+  const float e = std::exp(x);
+  if (x == 0.0f || !std::isfinite(e)) return e;
+  if (e < 0x1p-126f) return 0.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const float ulps = 2.0f + std::floor(1.173f * std::fabs(x));
+  const float sign = ((bits * 2654435761u) >> 31) != 0u ? 1.0f : -1.0f;
+  return e * (1.0f + sign * ulps * 0x1p-23f);
+}
+#define GFL_EMULATED_FAST_EXPF(x) gfl_emu_fast_expf(x)
 
 #include "cuda/qfl_kernel.cuh"
 #include "cuda/softmax_rows_kernel.cuh"
