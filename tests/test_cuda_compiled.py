@@ -16,11 +16,12 @@
   (``pytest -s`` or ``-rP``; or ``python tests/test_cuda_compiled.py`` for every instantiation).
 
 Measured with nvcc 13.0 (torch 2.14.1+cu130), kBlock = 256, sm_80 / sm_90, after the issue #18
-rewrite: qfl_kernel (200 instantiations) 31-58 registers on both; softmax_rows_tile_kernel 46-127
-/ 54-128; softmax_rows_warp_kernel (rows over 1 KB) 32-48 / 40-64; scale_rows_kernel 40-48 /
-46-48; no stack or local memory anywhere.  The occupancy printed is at kBlock threads and static
-shared memory only: the rows tile kernels launch 32-128 threads with up to ~17 KB of dynamic
-shared memory per block (benchmarks/cuda_rows_kernel.md has their occupancy).
+rewrite (re-read at a20d53a): qfl_kernel (200 instantiations) 32-58 / 31-59 registers on sm_80 /
+sm_90; softmax_rows_tile_kernel 46-127 / 54-128; softmax_rows_warp_kernel (rows over 1 KB) 32-48
+/ 40-64; scale_rows_kernel 40-48 / 46-48; no stack or local memory anywhere.  The occupancy
+printed is at kBlock threads and static shared memory only: the rows tile kernels launch 32-128
+threads with up to ~17 KB of dynamic shared memory per block (benchmarks/cuda_rows_kernel.md has
+their occupancy).
 
 Which extension: the one ``import gfl_ops`` loads (``gfl_ops._C.__file__``); the tests skip only
 when it was built without CUDA (``gfl_ops._extension.cuda_compiled()`` is False).  Set
