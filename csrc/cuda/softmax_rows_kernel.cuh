@@ -95,7 +95,8 @@ inline size_t rows_shared_bytes(const RowsGeometry& g, int acc_size, int block) 
 // e_j = exp(z_j - max) of the rows kernels.  float and double data: gfl_math.h's accurate exp
 // (expf: 8 instructions), as the CPU kernel.  16-bit data: common.cuh's fast_expf (2), whose
 // error is 2 + floor(1.173 |x|) ulp of float for x = z_j - max <= 0: e_j carries at most
-// e^x (2 + 1.173 |x|) 2^-24 <= 2^-23 absolute (the largest at x = 0), so sum_j e_j, y_hat - p and
+// (2 + 1.173 |x|) ulp(e^x) <= e^x (2 + 1.173 |x|) 2^-23 <= 2^-22 absolute (the product is
+// largest at x = 0, where e_j ~ 1 has ulp 2^-24: 2^-23 there), so sum_j e_j, y_hat - p and
 // the softmax S_j move by a few float ulp -- eight bits below bf16's rounding of the integral and
 // the gradient (fp16: five), and log(sum) of DFL's float loss by < 2e-7 absolute against the 2e-5
 // of the loss tolerance (tests/gfl_testing.py).  Flushed results (x < -87.3) are terms below
