@@ -889,6 +889,31 @@ def test_emulated_qfl_kernel_extreme_inputs_every_mode(emu, dtype, form, activat
     assert_close(grad, ref_grad, (1e-2, 1e-3), what + " gradient")
 
 
+def _qfl_plan(emu, n, c, dtype=torch.float32, target=None, grad_offset=0) -> QflPlan:
+    """The launcher's plan (qfl_plan) for an n x c QFL launch; only pred's address and the sizes
+    matter, so nothing of n x c is allocated."""
+    pred = torch.empty(64, dtype=dtype)
+    launch = QflLaunch(
+        DTYPE_CODES[dtype],
+        _ptr(pred),
+        None,
+        None,
+        _ptr(target),
+        False,
+        None,
+        0,
+        None,
+        _ptr(pred) + grad_offset * pred.element_size(),
+        n,
+        c,
+        2.0,
+        False,
+    )
+    plan = QflPlan()
+    emu.gfl_emu_qfl_plan(ctypes.byref(launch), ctypes.byref(plan))
+    return plan
+
+
 def test_emulated_qfl_plan(emu):
     """The launcher's choices: lanes per row from the class count and element size (no idle
     lanes at COCO's 80 classes, whole 32-byte sectors per row and access past 48-byte rows, one
@@ -897,26 +922,7 @@ def test_emulated_qfl_plan(emu):
     only for congruent streams."""
 
     def plan_for(n, c, dtype=torch.float32, target=None, grad_offset=0):
-        pred = torch.empty(64, dtype=dtype)  # only its address and the sizes below matter
-        launch = QflLaunch(
-            DTYPE_CODES[dtype],
-            _ptr(pred),
-            None,
-            None,
-            _ptr(target),
-            False,
-            None,
-            0,
-            None,
-            _ptr(pred) + grad_offset * pred.element_size(),
-            n,
-            c,
-            2.0,
-            False,
-        )
-        plan = QflPlan()
-        emu.gfl_emu_qfl_plan(ctypes.byref(launch), ctypes.byref(plan))
-        return plan
+        return _qfl_plan(emu, n, c, dtype, target, grad_offset)
 
     lanes = {
         (c, dt): 1 << plan_for(1000, c, dt).lanes_log2
@@ -1060,3 +1066,17 @@ def test_emulated_kernels_do_not_depend_on_the_launch_geometry(emu, grid):
     ):
         for got, expected in zip(call(grid), call(GRID)):
             assert torch.equal(got, expected)
+
+
+def test_bounds_script_counts_the_launchers_lanes(emu):
+    """benchmarks/qfl_kernel_bounds.py mirrors qfl_lanes_log2 in Python (it reads cubins, not
+    the extension): the mirror must give the launcher's lanes, or its tables describe launches
+    that do not happen."""
+    from benchmarks.qfl_kernel_bounds import after_lanes
+
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        for c in range(1, 700):
+            assert after_lanes(c, size) == 1 << _qfl_plan(emu, 1000, c, dtype).lanes_log2, (
+                c,
+                dtype,
+            )
