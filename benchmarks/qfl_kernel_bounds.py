@@ -208,22 +208,35 @@ MODES = {  # mode -> (form, gradient written, bytes per row besides pred / targe
 }
 
 
+def element_rate(k: dict, c: int) -> tuple[float, float, float]:
+    """(issue slots per element with idle lanes and row work, MUFU per element, elements per
+    second that the issue rate and the MUFU rate allow) of an after_case / before_case result."""
+    eff = (k["lane_work"] + k["row"] * k["lanes"]) / c
+    mufu = k["lane_mufu"] / c
+    return eff, mufu, min(ISSUE / eff, MUFU / mufu) if mufu else ISSUE / eff
+
+
+def mode_bytes(form: str, grad: bool, size: int, c: int) -> float:
+    """Bytes per element of a launch: pred, the dense target (float32, as detectors pass it
+    with 16-bit pred), the gradient when written, and the per-row reads and writes over c."""
+    per_row = MODES[f"{form} {'fused' if grad else 'fwd'}"][2]
+    tsize = 0 if form == "labels" else 4
+    return size + tsize + (size if grad else 0) + per_row / c
+
+
 def table(before: Listing, after: Listing, c: int) -> list[dict]:
     rows = []
-    for mode, (form, grad, per_row) in MODES.items():
+    for mode, (form, grad, _) in MODES.items():
         for dtype in ("fp32", "bf16", "fp16"):
             size = STORAGE[dtype][1]
             # dense targets in float32, as the benchmarks (and detectors) pass them
             f = "dense-opmath" if form == "dense" and size == 2 else form
-            tsize = 0 if form == "labels" else 4
             b = before_case(before, dtype, f, c)
             a = after_case(after, dtype, f, c, grad)
-            nbytes = size + tsize + (size if grad else 0) + per_row / c
+            nbytes = mode_bytes(form, grad, size, c)
             r = {"mode": mode, "dtype": dtype, "bytes": nbytes}
             for key, k in (("b", b), ("a", a)):
-                eff = (k["lane_work"] + k["row"] * k["lanes"]) / c
-                mufu = k["lane_mufu"] / c
-                rate = min(ISSUE / eff, MUFU / mufu)
+                eff, mufu, rate = element_rate(k, c)
                 r.update(
                     {
                         f"{key}_loop": k["loop"],
@@ -302,19 +315,32 @@ def print_tables(rows: list[dict], c: int) -> None:
 
 
 def print_modes(after: Listing, c: int) -> None:
-    """Every compiled mode of the after kernel, loop SASS per element (fp32 and bf16)."""
-    print("\n| form | activated | beta | dtype | fwd SASS/elem (MUFU) | with gradient (MUFU) |")
-    print("|---|---|---|---|---|---|")
+    """Every compiled mode of the after kernel (fp32 and bf16): loop SASS per element (MUFU),
+    and the bound it gives as % of H100 / H200's measured copy bandwidth, as in the tables
+    above (idle lanes and row work counted; no positives)."""
+    print(
+        "\n| form | activated | beta | dtype | fwd SASS/elem (MUFU) | with gradient (MUFU) "
+        "| fwd: H100, H200 | with gradient: H100, H200 |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for form in ("labels", "dense"):
         for activated in (False, True):
             for beta, label in ((2, "2"), (0, "0"), (1, "1"), (3, "general")):
                 for dtype in ("fp32", "bf16"):
+                    size = STORAGE[dtype][1]
                     f = "dense-opmath" if form == "dense" and dtype == "bf16" else form
-                    cells = []
+                    cells, bounds = [], []
                     for grad in (False, True):
                         k = after_case(after, dtype, f, c, grad, activated, beta)
                         cells.append(f"{k['loop']:.1f} ({k['mufu']:.2f})")
-                    print(f"| {form} | {activated} | {label} | {dtype} | {cells[0]} | {cells[1]} |")
+                        rate = element_rate(k, c)[2] * mode_bytes(form, grad, size, c)
+                        bounds.append(
+                            ", ".join(_pct(rate / BANDWIDTHS[g][0]) for g in ("H100", "H200"))
+                        )
+                    print(
+                        f"| {form} | {activated} | {label} | {dtype} | {cells[0]} | {cells[1]} "
+                        f"| {bounds[0]} | {bounds[1]} |"
+                    )
 
 
 def main(argv=None) -> int:

@@ -47,6 +47,14 @@ struct ScalarOps {
   static C10_HOST_DEVICE inline T select(Mask m, T a, T b) { return m ? a : b; }
   // a / b (correctly rounded; a GPU table may substitute a faster quotient)
   static C10_HOST_DEVICE inline T div(T a, T b) { return a / b; }
+  // log p and log(1 - p) of a probability p (QFL's activated form), and log(1 - p) alone: log
+  // and log1p here (Ops<T>'s: logf / log1pf for float); the CUDA QFL kernel's table substitutes
+  // faster forms (csrc/cuda/qfl_kernel.cuh, QflOps<float>).
+  static C10_HOST_DEVICE inline void prob_logs(T p, T& log_p, T& log_q) {
+    log_p = Ops<T>::log(p);
+    log_q = Ops<T>::log1p(T(0) - p);
+  }
+  static C10_HOST_DEVICE inline T log1m_prob(T p) { return Ops<T>::log1p(T(0) - p); }
 };
 
 template <>
@@ -229,8 +237,10 @@ template <int kMode, typename T, typename O = Ops<T>>
 C10_HOST_DEVICE inline T qfl_prob_of(T p, T y, T beta, int mode, T& grad) {
   // eps is the float 1e-12 (as in ATen's BCE), also for double, to match torch exactly
   const T zero(0), one(1), floor_log(-100), eps(1e-12f);
-  const T log_p = O::max(O::log(p), floor_log);
-  const T log_q = O::max(O::log1p(zero - p), floor_log);
+  T log_p, log_q;
+  O::prob_logs(p, log_p, log_q);
+  log_p = O::max(log_p, floor_log);
+  log_q = O::max(log_q, floor_log);
   const T bce = zero - (y * log_p + (one - y) * log_q);
   const T d = p - y;
   T m, dm;
@@ -245,7 +255,7 @@ C10_HOST_DEVICE inline T qfl_prob_of(T p, T y, T beta, int mode, T& grad) {
 template <int kMode, typename T, typename O = Ops<T>>
 C10_HOST_DEVICE inline T qfl_prob_negative_of(T p, T beta, int mode, T& grad) {
   const T zero(0), one(1), floor_log(-100), eps(1e-12f);
-  const T bce = zero - O::max(O::log1p(zero - p), floor_log);
+  const T bce = zero - O::max(O::log1m_prob(p), floor_log);
   T m, dm;
   modulating_factor_of<kMode, T, O>(p, beta, mode, m, dm);
   const T dbce = O::div(p, O::max(p * (one - p), eps));

@@ -889,6 +889,62 @@ def test_emulated_qfl_kernel_extreme_inputs_every_mode(emu, dtype, form, activat
     assert_close(grad, ref_grad, (1e-2, 1e-3), what + " gradient")
 
 
+def _activated_probabilities() -> torch.Tensor:
+    """float32 p over [0, 1]: 0, subnormal, tiny, and both sides of the 1/2 where QflOps'
+    prob_logs / log1m_prob change method, up to 1 - 2^-24 and 1; then uniform ones."""
+    half = torch.tensor(0.5)
+    edges = [
+        0.0, 1e-45, 1e-40, 2.0**-126, 1e-30, 1e-10, 2.0**-24, 1e-4, 0.01, 0.1, 0.25,
+        torch.nextafter(half, torch.tensor(0.0)).item(), 0.5,
+        torch.nextafter(half, torch.tensor(1.0)).item(), 0.75, 0.9, 0.999, 1.0 - 2.0**-23,
+        1.0 - 2.0**-24, 1.0,
+    ]  # fmt: skip
+    uniform = torch.rand(200, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return torch.cat([torch.tensor(edges, dtype=torch.float64), uniform]).float()
+
+
+@pytest.mark.parametrize("form", ["labels", "dense"])
+@pytest.mark.parametrize("width", [1, 4])
+def test_emulated_qfl_activated_logs_to_a_few_ulp(emu, form, width):
+    """The activated form's logs (QflOps::prob_logs, log1m_prob: the fast log2 on the smaller of
+    p and 1 - p, gfl_math.h's log1p series on the other) with beta 0, where the loss is BCE
+    itself: -log(1 - p) for a negative, -log p and -log(1 - p) for targets 1 and 0, each within
+    1e-6 relative (8 ulp) of float64 on the float p (logs clamped at -100 as torch's BCE), over
+    p from subnormal to 1 and on both sides of 1/2 -- with the emulator's fast log2 off by its
+    documented worst case (tests/cuda_emulation; measured 3.7e-7), 20x tighter than the loss
+    tolerance: a 32x larger log2 error fails it.  width 4: each row is one 16-byte word of equal
+    p (the vector path); 1: one scalar element per row."""
+    p = _activated_probabilities()
+    n = p.numel()
+    pred = p[:, None].expand(n, width).contiguous()
+    p64 = p.double()
+    log_p = p64.log().clamp(min=-100)
+    log_q = (-p64).log1p().clamp(min=-100)
+    if form == "labels":
+        cases = {
+            "negative": ({"labels": torch.full((n,), width), "scores": torch.zeros(n)}, -log_q),
+            "label, score 1": ({"labels": torch.zeros(n, dtype=torch.int64),
+                                "scores": torch.ones(n)}, -log_p),
+        }  # fmt: skip
+    else:
+        cases = {
+            "target 0": ({"target": torch.zeros(n, width)}, -log_q),
+            "target 1": ({"target": torch.ones(n, width)}, -log_p),
+        }
+    for what, (targets, element_loss) in cases.items():
+        loss, _ = run_qfl(emu, pred, **targets, beta=0.0, activated=True)
+        expected = element_loss * (width if form == "dense" or what == "negative" else 1)
+        if form == "labels" and what != "negative":
+            expected = expected + -log_q * (width - 1)  # the other classes are negatives
+        err = (loss.double() - expected).abs()
+        bound = 1e-6 * expected.abs() + 1e-40
+        worst = int((err / bound).argmax())
+        assert (err <= bound).all(), (
+            f"qfl activated {form} {what} width {width}: p = {p[worst].item()!r} gives "
+            f"{loss[worst].item()!r}, float64 {expected[worst].item()!r}"
+        )
+
+
 def _qfl_plan(emu, n, c, dtype=torch.float32, target=None, grad_offset=0) -> QflPlan:
     """The launcher's plan (qfl_plan) for an n x c QFL launch; only pred's address and the sizes
     matter, so nothing of n x c is allocated."""

@@ -61,6 +61,30 @@ __host__ __device__ __forceinline__ float fast_expf(float x) {
 #endif
 }
 
+// log2(x) as lg2.approx.f32 (MUFU.LG2): at most 2 ulp off for x outside [0.5, 2], 2^-22
+// absolute inside (CUDA C Programming Guide, Intrinsic Functions, __log2f), so relative to the
+// result a few ulp wherever |log2 x| >= 1, i.e. x <= 1/2 -- the only place QflOps uses it; near
+// x = 1 the absolute bound is no relative bound at all.  kFtz: the .ftz form (1 instruction),
+// which takes a subnormal x as 0 (-inf); without it the compiler scales subnormals first (3
+// more).  The host build: log2f, or GFL_EMULATED_FAST_LOG2F where defined (the warp emulator's
+// worst case, as for fast_expf).
+template <bool kFtz>
+__host__ __device__ __forceinline__ float fast_log2f(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  if constexpr (kFtz) {
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  } else {
+    asm("lg2.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+  }
+  return r;
+#elif defined(GFL_EMULATED_FAST_LOG2F)
+  return GFL_EMULATED_FAST_LOG2F(x, kFtz);
+#else
+  return ::log2f(kFtz && ::fabsf(x) < 0x1p-126f ? 0.0f : x);
+#endif
+}
+
 // Expands to `CALL(storage_t)` for the runtime dtype `dt` (a macro keeps this C++17-friendly).
 #define GFL_DISPATCH_DTYPE(dt, CALL)                      \
   switch (dt) {                                           \

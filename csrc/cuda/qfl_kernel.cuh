@@ -163,12 +163,23 @@ struct QflArgs {
 //    ~ e^3 keeps 3 (2 + 1.173|x|) ulp, 2.4e-6 at |x| = 4, and reaches 2e-5 at |x| ~ 46, where the
 //    term is ~1e-60, far below the 2e-5 absolute tolerance.  The ftz flush changes the result
 //    only where e (and every term made of it) is below 1.2e-38.
+//  * prob_logs / log1m_prob: log p and log(1 - p) of the activated form.  The fast log2 alone
+//    would not do (its bound is 2^-22 ABSOLUTE on [0.5, 2]: relative 2e-4 for log p at p =
+//    0.999, beyond the 2e-5 loss tolerance), so each log goes by the smaller of p and 1 - p,
+//    which is exact (1 - p is, for p >= 1/2: Sterbenz): log(small) by fast_log2f, 2 ulp there
+//    (small <= 1/2, |log2| >= 1), and log(1 - small) = log1p(-small) by gfl_math.h's
+//    log1p_series at t = -small / (2 - small) in [-1/3, 0] (2 atanh(t) = log((1 + t) / (1 - t))),
+//    t from the fast reciprocal: ~3 ulp + the series' 2.8.  Measured with the log2 at its
+//    documented worst (tests/test_cuda_emulated.py, test_emulated_qfl_activated_logs_to_a_few_ulp):
+//    either log within 3.7e-7 relative of the exact log of the float p, against 1 ulp (6e-8)
+//    for logf / log1pf and the loss tolerance's 2e-5.  14 instructions (2 MUFU) for log(1 - p) of
+//    a negative against log1pf's ~24, ~17 for both logs against ~45.  Subnormal p keeps log p exact (the non-.ftz log2; log(1 - p) = -p by the
+//    series); 1 - p is 0 or >= 2^-24, so the .ftz log2 loses nothing there.
 //  * kept accurate (gfl_math.h's Ops<float>): exp(-|x|) of the general beta mode (there
 //    |d|^(beta - 1), beta < 1, amplifies d's error near d = 0, and relative to d that error is
 //    up to 2 + 1.173|x| times that of an accurate exp; tests/test_qfl.py allows 2 ulp of y),
-//    logf / log1pf of the activated form (__logf's bound is 2^-21.41 ABSOLUTE on [0.5, 2]:
-//    relative 4e-4 for log p at p = 0.999, beyond the 2e-5 loss tolerance), and the general
-//    mode's exp / log / division (__expf's bound grows with |beta log|d||; the mode is rare).
+//    and the general mode's exp / log / division (__expf's bound grows with |beta log|d||; the
+//    mode is rare).
 // The emulator runs these with the host's libm, so it tests the formulas, not these bounds.
 template <typename T>
 struct QflOps : Ops<T> {
@@ -199,6 +210,27 @@ struct QflOps<float> : Ops<float> {
   }
   // common.cuh's fast_expf (__expf's ex2.approx, .ftz)
   static C10_HOST_DEVICE inline float fast_exp(float x) { return fast_expf(x); }
+
+  // log p and log(1 - p) for p in [0, 1] (the accuracy argument is above): the smaller of p and
+  // 1 - p by the fast log2, the other by the series.  NaN gives NaN for both; p = 0 or 1 gives
+  // -inf for one log (clamped at -100 by the caller, as torch's BCE) and 0 for the other.
+  static C10_HOST_DEVICE inline void prob_logs(float p, float& log_p, float& log_q) {
+    const float small = ::fminf(p, 1.0f - p);  // exact: p below 1/2, 1 - p from 1/2 on
+    const float log_small = fast_log2f<false>(small) * kLn2;
+    const float log_big = log1p_series<float>(small * rcp(small - 2.0f));  // log(1 - small)
+    const bool p_small = p < 0.5f;
+    log_p = p_small ? log_small : log_big;
+    log_q = p_small ? log_big : log_small;
+  }
+  // prob_logs' log_q alone, bit for bit (a negative's BCE)
+  static C10_HOST_DEVICE inline float log1m_prob(float p) {
+    const float by_log2 = fast_log2f<true>(1.0f - p) * kLn2;  // p >= 1/2: 1 - p exact, normal
+    const float by_series = log1p_series<float>(p * rcp(p - 2.0f));
+    return p < 0.5f ? by_series : by_log2;
+  }
+
+ private:
+  static constexpr float kLn2 = 0.693147180559945309f;
 };
 
 // e = exp(-|x|), inv = 1 / (1 + e), lp = log1p(e) of a logit: for float one rcp for both

@@ -37,6 +37,23 @@ inline float gfl_emu_fast_expf(float x) {
 }
 #define GFL_EMULATED_FAST_EXPF(x) gfl_emu_fast_expf(x)
 
+// common.cuh's fast_log2f (lg2.approx) made adversarial the same way: log2(x) off by its bound,
+// 2 ulp outside [0.5, 2] and 2^-22 absolute inside, in a direction that varies with x's bits;
+// .ftz (kFtz) takes a subnormal x as 0.  Powers of two are perturbed too (the 1/2 where QflOps
+// changes method among them).  Normal x gives the same value with and without kFtz, as on the
+// GPU.
+inline float gfl_emu_fast_log2f(float x, bool ftz) {
+  if (ftz && std::fabs(x) < 0x1p-126f) x = 0.0f;
+  const float r = std::log2(x);
+  if (!std::isfinite(r)) return r;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const float sign = ((bits * 2246822519u) >> 31) != 0u ? 1.0f : -1.0f;
+  const bool absolute = x >= 0.5f && x <= 2.0f;
+  return absolute ? r + sign * 0x1p-22f : r * (1.0f + sign * 2.0f * 0x1p-23f);
+}
+#define GFL_EMULATED_FAST_LOG2F(x, ftz) gfl_emu_fast_log2f(x, ftz)
+
 #include "cuda/qfl_kernel.cuh"
 #include "cuda/softmax_rows_kernel.cuh"
 
