@@ -55,6 +55,8 @@ struct ScalarOps {
     log_q = Ops<T>::log1p(T(0) - p);
   }
   static C10_HOST_DEVICE inline T log1m_prob(T p) { return Ops<T>::log1p(T(0) - p); }
+  // a^b for a > 0, b > 0 (QFL's general-beta modulating factor |d|^beta): exp(b log a) here
+  static C10_HOST_DEVICE inline T pow_pos(T a, T b) { return Ops<T>::exp(b * Ops<T>::log(a)); }
 };
 
 template <>
@@ -150,7 +152,7 @@ C10_HOST_DEVICE inline void modulating_factor_of(T d, T beta, int mode, T& m, T&
     const T ad = O::abs(d);
     const auto nonzero = O::gt(ad, zero);
     // for d = 0 the log is -inf and exp gives 0 (= 0^beta); the select keeps it exact.
-    m = O::select(nonzero, O::exp(beta * O::log(ad)), zero);
+    m = O::select(nonzero, O::pow_pos(ad, beta), zero);
     // beta |d|^(beta-1) sign(d) = beta m / d
     dm = O::select(nonzero, beta * m / d, zero);
   }

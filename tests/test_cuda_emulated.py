@@ -945,6 +945,33 @@ def test_emulated_qfl_activated_logs_to_a_few_ulp(emu, form, width):
         )
 
 
+@pytest.mark.parametrize("beta", [0.5, 1.5, 2.5])
+def test_emulated_qfl_general_beta_power_within_its_bound(emu, beta):
+    """The general mode's |d|^beta (QflOps::pow_pos: 2^(beta log2 |d|) with the fast log2 and
+    exp2f, both off by their documented worst in the emulator), isolated on negatives with
+    probabilities (d = p exactly): loss p^beta (-log(1 - p)) and its gradient within the bound
+    QflOps states, 2^-23 (1.8 |E| + 2 + 1.4 beta) for E = beta log2 p, plus 6 ulp for the log
+    and the products, over p from 1e-30 to 1 - 2^-24."""
+    p = _activated_probabilities()
+    p = p[(p > 1e-30) & (p < 1.0)]
+    n = p.numel()
+    pred = p[:, None].contiguous()
+    targets = {"labels": torch.full((n,), 1), "scores": torch.zeros(n)}
+    loss, grad = run_qfl(emu, pred, **targets, beta=beta, activated=True)
+    p64 = p.double().requires_grad_(True)
+    expected = p64.pow(beta) * -(-p64).log1p()
+    (expected_grad,) = torch.autograd.grad(expected.sum(), p64)
+    exponent = beta * p.double().log2().abs()
+    bound = 2.0**-23 * (1.8 * exponent + 1.4 * beta + 2 + 6)
+    for what, got, want in (("loss", loss, expected), ("gradient", grad[:, 0], expected_grad)):
+        rel = (got.double() - want.detach()).abs() / want.detach().abs()
+        worst = int((rel / bound).argmax())
+        assert (rel <= bound).all(), (
+            f"qfl general beta {beta} {what}: p = {p[worst].item()!r} off by "
+            f"{rel[worst].item():.3g} relative, bound {bound[worst].item():.3g}"
+        )
+
+
 def _qfl_plan(emu, n, c, dtype=torch.float32, target=None, grad_offset=0) -> QflPlan:
     """The launcher's plan (qfl_plan) for an n x c QFL launch; only pred's address and the sizes
     matter, so nothing of n x c is allocated."""

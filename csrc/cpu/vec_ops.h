@@ -36,6 +36,7 @@ struct Ops<at::vec::Vectorized<T>> {
     log_q = (V(T(0)) - p).log1p();
   }
   static inline V log1m_prob(const V& p) { return (V(T(0)) - p).log1p(); }
+  static inline V pow_pos(const V& a, const V& b) { return (b * a.log()).exp(); }
 };
 
 // exp(x) for x <= 0 (or NaN), as the softmax's exp(z - max) needs: NaN stays NaN, -inf and

@@ -85,6 +85,17 @@ __host__ __device__ __forceinline__ float fast_log2f(float x) {
 #endif
 }
 
+// 2^x by CUDA's exp2f (MUFU.EX2 with the scaling of subnormal results; 2 ulp over the full range,
+// CUDA C Programming Guide, Mathematical Functions).  The host build: exp2f, or
+// GFL_EMULATED_EXP2F where defined (the warp emulator's worst case).
+__host__ __device__ __forceinline__ float exp2f_2ulp(float x) {
+#if defined(__CUDA_ARCH__) || !defined(GFL_EMULATED_EXP2F)
+  return ::exp2f(x);
+#else
+  return GFL_EMULATED_EXP2F(x);
+#endif
+}
+
 // Expands to `CALL(storage_t)` for the runtime dtype `dt` (a macro keeps this C++17-friendly).
 #define GFL_DISPATCH_DTYPE(dt, CALL)                      \
   switch (dt) {                                           \

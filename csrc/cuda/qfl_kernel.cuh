@@ -173,13 +173,18 @@ struct QflArgs {
 //    documented worst (tests/test_cuda_emulated.py, test_emulated_qfl_activated_logs_to_a_few_ulp):
 //    either log within 3.7e-7 relative of the exact log of the float p, against 1 ulp (6e-8)
 //    for logf / log1pf and the loss tolerance's 2e-5.  14 instructions (2 MUFU) for log(1 - p) of
-//    a negative against log1pf's ~24, ~17 for both logs against ~45.  Subnormal p keeps log p exact (the non-.ftz log2; log(1 - p) = -p by the
-//    series); 1 - p is 0 or >= 2^-24, so the .ftz log2 loses nothing there.
+//    a negative against log1pf's ~24, ~17 for both logs against ~45.  Subnormal p keeps log p
+//    exact (the non-.ftz log2; log(1 - p) = -p by the series); 1 - p is 0 or >= 2^-24, so the
+//    .ftz log2 loses nothing there.
+//  * pow_pos: the general mode's |d|^beta = 2^E, E = beta log2|d|, by fast_log2f (non-.ftz:
+//    subnormal d keeps its log) and CUDA's exp2f (2 ulp, subnormal results kept).  Relative
+//    error of |d|^beta: the log2's 2 ulp of |E| (2^-22 absolute for |d| in [1/2, 1], times beta)
+//    and E's rounding through 2^E (ln 2 |dE|), plus exp2f's 2 ulp: at most
+//    2^-23 (1.8 |E| + 2 + 1.4 beta), 4.7e-6 at |E| = 20 (|d|^beta ~ 1e-6), reaching the 2e-5
+//    loss tolerance only at |E| ~ 90, terms under 1e-27.  dm = beta m / d keeps the division.
 //  * kept accurate (gfl_math.h's Ops<float>): exp(-|x|) of the general beta mode (there
 //    |d|^(beta - 1), beta < 1, amplifies d's error near d = 0, and relative to d that error is
-//    up to 2 + 1.173|x| times that of an accurate exp; tests/test_qfl.py allows 2 ulp of y),
-//    and the general mode's exp / log / division (__expf's bound grows with |beta log|d||; the
-//    mode is rare).
+//    up to 2 + 1.173|x| times that of an accurate exp; tests/test_qfl.py allows 2 ulp of y).
 // The emulator runs these with the host's libm, so it tests the formulas, not these bounds.
 template <typename T>
 struct QflOps : Ops<T> {
@@ -221,6 +226,10 @@ struct QflOps<float> : Ops<float> {
     const bool p_small = p < 0.5f;
     log_p = p_small ? log_small : log_big;
     log_q = p_small ? log_big : log_small;
+  }
+  // |d|^beta of the general mode: 2^(beta log2 a) with the fast log2 (accuracy argument above)
+  static C10_HOST_DEVICE inline float pow_pos(float a, float b) {
+    return exp2f_2ulp(b * fast_log2f<false>(a));
   }
   // prob_logs' log_q alone, bit for bit (a negative's BCE)
   static C10_HOST_DEVICE inline float log1m_prob(float p) {

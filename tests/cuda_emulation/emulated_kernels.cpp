@@ -54,6 +54,17 @@ inline float gfl_emu_fast_log2f(float x, bool ftz) {
 }
 #define GFL_EMULATED_FAST_LOG2F(x, ftz) gfl_emu_fast_log2f(x, ftz)
 
+// common.cuh's exp2f_2ulp (CUDA's exp2f, 2 ulp) off by its 2 ulp, direction varying with x.
+inline float gfl_emu_exp2f(float x) {
+  const float r = std::exp2(x);
+  if (!std::isfinite(r) || r == 0.0f) return r;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const float sign = ((bits * 3266489917u) >> 31) != 0u ? 1.0f : -1.0f;
+  return r * (1.0f + sign * 2.0f * 0x1p-23f);
+}
+#define GFL_EMULATED_EXP2F(x) gfl_emu_exp2f(x)
+
 #include "cuda/qfl_kernel.cuh"
 #include "cuda/softmax_rows_kernel.cuh"
 
