@@ -1,7 +1,8 @@
 // The one source of the GFL math, shared by the CPU and CUDA kernels.
 //
 // Every function is a template over the arithmetic type T and an operations table Ops<T> that
-// supplies exp / log / log1p / abs / max / min / compare / select.  This header specialises Ops
+// supplies exp / log / log1p / abs / max / min / compare / select (and QFL's prob_logs /
+// log1m_prob / pow_pos, which a GPU table may make faster).  This header specialises Ops
 // for float and double (host and device); csrc/cpu/vec_ops.h specialises it for
 // at::vec::Vectorized<float|double>, so the vectorised CPU loop runs the very same formulas as
 // the scalar tail and the CUDA kernels.  Math is done in the "opmath" type: float for

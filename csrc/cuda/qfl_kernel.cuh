@@ -185,7 +185,9 @@ struct QflArgs {
 //  * kept accurate (gfl_math.h's Ops<float>): exp(-|x|) of the general beta mode (there
 //    |d|^(beta - 1), beta < 1, amplifies d's error near d = 0, and relative to d that error is
 //    up to 2 + 1.173|x| times that of an accurate exp; tests/test_qfl.py allows 2 ulp of y).
-// The emulator runs these with the host's libm, so it tests the formulas, not these bounds.
+// The warp emulator (tests/cuda_emulation) runs fast_expf, fast_log2f and exp2f_2ulp off by
+// their documented worst cases (and rcp / div correctly rounded), so its tests check these
+// arguments, not only the formulas.
 template <typename T>
 struct QflOps : Ops<T> {
   static C10_HOST_DEVICE inline T rcp(T x) { return T(1) / x; }
