@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         "--generic",
         action="store_true",
         help="the runtime-bin-count tile kernel even where the launcher has one "
-        "compiled for the bin count",
+        "compiled for the bin count (or, up to 16 bins, one bounded by it)",
     )
     ap.add_argument("--ops", default="integral,dfl,scale_rows")
     args = ap.parse_args(argv)
@@ -211,10 +211,16 @@ def measure(op, mode, dname, mangled, s, bins, new, sass, res, decide_at, generi
         elems = min(total_elems, 256 * per_thread)
     elif new:
         pitch, vec, tile, rpt, block, smem = rows_geometry(bins)
+        # the launcher's choice (with_rows_tile_kernel): a compile-time count, else at most
+        # 4 / 8 / 16 bins in registers (kBins < 0, bin by bin), else the runtime-count kernel
         fixed = not generic and bins in (8, 16, 17, 33) and (bins % 2 == 0 or rpt % 4 == 0)
         kb = bins if fixed else 0
+        if not fixed and not generic and 3 <= bins <= 16 and bins != 4:
+            kb, vec = -next(k for k in (4, 8, 12, 16) if bins <= k), 1
+        kb_mangled = f"n{-kb}" if kb < 0 else str(kb)  # Itanium: negative literals take an n
         name = (
-            f"_ZN3gfl4cuda24softmax_rows_tile_kernelI{mangled}Lb{int(op == 'dfl')}ELi{kb}ELi{vec}E"
+            f"_ZN3gfl4cuda24softmax_rows_tile_kernelI{mangled}Lb{int(op == 'dfl')}"
+            f"ELi{kb_mangled}ELi{vec}E"
         )
         target, scale, out, grad = pointers(op, mode)
         params = (

@@ -10,7 +10,8 @@
 // -- no lane idles whatever the bin count, and there are no shuffles -- and leaves each row's
 // gradient in place, which the block stores with coalesced 16-byte stores.  Each logit is read
 // from global memory once, each gradient written once, and the exp of each logit computed once.
-// The common bin counts get kernels compiled for their count, which keep the row in registers
+// The common bin counts get kernels compiled for their count, which keep the row in registers,
+// and the other counts from 3 to 16 kernels for at most 4 / 8 / 12 / 16 bins that do the same
 // (with_rows_tile_kernel below); rows too long for a tile take a warp per row
 // (softmax_rows_warp_kernel).  benchmarks/cuda_rows_kernel.md has the instruction counts and
 // the bandwidth bound they give.
@@ -313,6 +314,12 @@ __device__ __forceinline__ void store_tile(const acc_t* tile, int count, int pad
 // is copied into registers once (every index is a constant after unrolling) and written back by
 // flush(); otherwise every pass reads and writes shared memory directly.
 //
+// kBins < 0: a runtime count of at most -kBins bins (kVec 1), held in -kBins registers as a
+// compile-time count would be, the bins past the row's end reading as -inf: exp(-inf - max) = 0,
+// so they add exact zeros to every sum (the results are those of the runtime-count kernel, bit
+// for bit) and flush() stores only the row's own bins.  Short rows at counts that are not
+// compiled in thus keep the register kernel's per-element cost, times -kBins / bins.
+//
 // kPhased: a compile-time bin count whose rows are not a whole number of 16-byte units (odd
 // counts: kVec = 1).  The copies then go by 16-byte accesses from the row's first 16-byte
 // boundary on, with single elements before it and after the last one (17 float bins: 5 to 8
@@ -325,23 +332,29 @@ template <typename acc_t, int kBins, int kVec, int kPhase = 0>
 struct TileRow {
   using Vec = Pack<acc_t, kVec>;
   static_assert(kBins % kVec == 0, "kVec divides the bin count");
+  static_assert(kBins >= 0 || kVec == 1, "a bounded runtime count goes bin by bin");
   static constexpr int kA = 16 / sizeof(acc_t);  // elements per 16 bytes
   static constexpr bool kPhased = kBins > 0 && kVec < kA;
+  static constexpr int kRegs = kBins > 0 ? kBins : (kBins < 0 ? -kBins : 1);
   acc_t* row;
-  acc_t reg[kBins > 0 ? kBins : 1];
+  int bins;  // the row's bins (kBins < 0)
+  acc_t reg[kRegs];
 
   // kPhase: the row's start, in elements past a 16-byte boundary (the tile is 16-byte aligned)
-  __device__ __forceinline__ explicit TileRow(acc_t* r) : row(r) {
+  __device__ __forceinline__ TileRow(acc_t* r, int row_bins) : row(r), bins(row_bins) {
     if constexpr (kPhased) {
       copy<true>();
     } else if constexpr (kBins > 0) {
 #pragma unroll
       for (int j = 0; j < kBins; j += kVec)
         put_regs(j, load_pack(reinterpret_cast<const Vec*>(row + j)));
+    } else if constexpr (kBins < 0) {
+#pragma unroll
+      for (int j = 0; j < kRegs; ++j) reg[j] = j < bins ? row[j] : acc_t(-INFINITY);
     }
   }
   __device__ __forceinline__ Vec get(int j) const {
-    if constexpr (kBins > 0) {
+    if constexpr (kBins != 0) {
       Vec v;
 #pragma unroll
       for (int e = 0; e < kVec; ++e) v.v[e] = reg[j + e];
@@ -351,7 +364,7 @@ struct TileRow {
     }
   }
   __device__ __forceinline__ void put(int j, const Vec& v) {
-    if constexpr (kBins > 0) {
+    if constexpr (kBins != 0) {
       put_regs(j, v);
     } else {
       store_pack(reinterpret_cast<Vec*>(row + j), v);
@@ -364,6 +377,10 @@ struct TileRow {
     } else if constexpr (kBins > 0) {
 #pragma unroll
       for (int j = 0; j < kBins; j += kVec) store_pack(reinterpret_cast<Vec*>(row + j), get(j));
+    } else if constexpr (kBins < 0) {
+#pragma unroll
+      for (int j = 0; j < kRegs; ++j)
+        if (j < bins) row[j] = reg[j];
     }
   }
 
@@ -412,13 +429,15 @@ __device__ __forceinline__ void static_for(F&& f) {
   }
 }
 
-// Calls f(j) for j = 0, kVec, 2 kVec, ... < bins: fully unrolled for a compile-time bin count,
-// unrolled by up to 4 elements otherwise.
+// Calls f(j) for j = 0, kVec, 2 kVec, ... < bins: fully unrolled for a compile-time bin count
+// (up to -kBins, past the row's end, for a bounded one: TileRow), unrolled by up to 4 elements
+// otherwise.
 template <int kBins, int kVec, typename F>
 __device__ __forceinline__ void for_each_vec(int bins, F&& f) {
-  if constexpr (kBins > 0) {
+  if constexpr (kBins != 0) {
+    constexpr int kEnd = kBins > 0 ? kBins : -kBins;
 #pragma unroll
-    for (int j = 0; j < kBins; j += kVec) f(j);
+    for (int j = 0; j < kEnd; j += kVec) f(j);
   } else {
 #pragma unroll(kVec >= 4 ? 1 : 4 / kVec)
     for (int j = 0; j < bins; j += kVec) f(j);
@@ -449,7 +468,7 @@ __device__ __forceinline__ void tile_row(
   using O = Ops<acc_t>;  // logf for float, log for double (the exp is rows_exp)
   using Vec = Pack<acc_t, kVec>;
   const bool with_grad = io.with_grad;
-  TileRow<acc_t, kBins, kVec, kPhase> z(srow);
+  TileRow<acc_t, kBins, kVec, kPhase> z(srow, bins);
 
   // Pass 1: the max; the integral's pivot is its lowest bin (strict >: ties keep the lower bin;
   // NaNs fail the comparison and are skipped here, they reach the outputs through exp(NaN - max)).
@@ -501,7 +520,7 @@ __device__ __forceinline__ void tile_row(
       if constexpr (decltype(keep)::value) z.put(j, v);
     });
   };
-  if (kBins > 0 || with_grad) {
+  if (kBins != 0 || with_grad) {
     pass2(std::true_type{});
   } else {
     pass2(std::false_type{});
@@ -551,8 +570,9 @@ __device__ __forceinline__ void tile_row(
   }
 }
 
-// kBins: the bin count as a constant (row in registers), or 0 for a runtime count (row in shared
-// memory); kVec = rows_vec(bins, sizeof(opmath)).  Launched with rows_geometry's block (any
+// kBins: the bin count as a constant (row in registers), 0 for a runtime count (row in shared
+// memory), or -K for a runtime count of at most K (row in K registers: TileRow); kVec =
+// rows_vec(bins, sizeof(opmath)) (1 for -K).  Launched with rows_geometry's block (any
 // multiple of 32 works) and rows_shared_bytes; `pitch` and `rows_per_thread` are
 // rows_geometry's.  The explicit minimum of 1 block per SM lets ptxas take the registers the
 // unrolled rows need (up to 128 for 33 bins); with no minimum it aimed lower and spilled.
@@ -567,7 +587,7 @@ __global__ void __launch_bounds__(kBlock, 1)
   using acc_t = opmath_t<scalar_t>;
   using out_t = typename std::conditional<kDfl, acc_t, scalar_t>::type;
   using Row = TileRow<acc_t, kBins, kVec>;
-  static_assert(kBins == 0 || kVec == rows_vec(kBins, sizeof(acc_t)), "kVec of kBins");
+  static_assert(kBins <= 0 || kVec == rows_vec(kBins, sizeof(acc_t)), "kVec of kBins");
   out_t* out = static_cast<out_t*>(out_ptr);
   const int bins = kBins > 0 ? kBins : bins_arg;
   const int pitch = kBins > 0 ? static_cast<int>(rows_pitch(kBins, sizeof(acc_t))) : pitch_arg;
@@ -616,9 +636,13 @@ __global__ void __launch_bounds__(kBlock, 1)
 
 // Calls f(&kernel) with the tile kernel for this dtype, op and geometry: a compile-time bin count
 // for the common ones (reg_max 7, 15 -- Ultralytics' 16 bins --, 16 -- mmdetection's GFL, 17 bins
-// -- and 32) with float opmath, unless generic_only; else the runtime-count kernel of the row's
-// access width.  The odd counts' kernels take rows 4 t .. 4 t + 3 (TileRow's kPhased), so they
-// need rows_per_thread a multiple of 4.  The launcher and the emulator both go through here.
+// -- and 32) with float opmath, unless generic_only; the other counts from 3 to 16 but 4 the
+// kernel for at most 4, 8, 12 or 16 bins (row in registers, TileRow's kBins < 0: up to 30% fewer
+// issue slots per element than the runtime-count kernel, in 64 of 66 launches measured and
+// within 1% in the other two; at 2 and 4 bins it would lose some launches), the rest the
+// runtime-count kernel of the row's access width.  The odd counts' kernels take rows 4 t .. 4 t + 3 (TileRow's
+// kPhased), so they need rows_per_thread a multiple of 4.  The launcher and the emulator both go
+// through here.
 template <typename scalar_t, bool kDfl, typename F>
 void with_rows_tile_kernel(int64_t bins, const RowsGeometry& g, bool generic_only, F&& f) {
   using acc_t = opmath_t<scalar_t>;
@@ -635,6 +659,12 @@ void with_rows_tile_kernel(int64_t bins, const RowsGeometry& g, bool generic_onl
         default: break;
       }
 #undef GFL_FIXED_BINS
+    }
+    if (!generic_only && bins >= 3 && bins <= 16 && bins != 4) {
+      if (bins == 3) return f(&softmax_rows_tile_kernel<scalar_t, kDfl, -4, 1>);
+      if (bins <= 8) return f(&softmax_rows_tile_kernel<scalar_t, kDfl, -8, 1>);
+      if (bins <= 12) return f(&softmax_rows_tile_kernel<scalar_t, kDfl, -12, 1>);
+      return f(&softmax_rows_tile_kernel<scalar_t, kDfl, -16, 1>);
     }
   }
   switch (rows_vec(bins, kAcc)) {
