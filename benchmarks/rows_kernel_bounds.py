@@ -212,7 +212,7 @@ def measure(op, mode, dname, mangled, s, bins, new, sass, res, decide_at, generi
     elif new:
         pitch, vec, tile, rpt, block, smem = rows_geometry(bins)
         # the launcher's choice (with_rows_tile_kernel): a compile-time count, else at most
-        # 4 / 8 / 16 bins in registers (kBins < 0, bin by bin), else the runtime-count kernel
+        # 4 / 8 / 12 / 16 bins in registers (kBins < 0, bin by bin), else the runtime-count kernel
         fixed = not generic and bins in (8, 16, 17, 33) and (bins % 2 == 0 or rpt % 4 == 0)
         kb = bins if fixed else 0
         if not fixed and not generic and 3 <= bins <= 16 and bins != 4:

@@ -51,11 +51,11 @@ struct ScalarOps {
   // log p and log(1 - p) of a probability p (QFL's activated form), and log(1 - p) alone: log
   // and log1p here (Ops<T>'s: logf / log1pf for float); the CUDA QFL kernel's table substitutes
   // faster forms (csrc/cuda/qfl_kernel.cuh, QflOps<float>).
+  static C10_HOST_DEVICE inline T log1m_prob(T p) { return Ops<T>::log1p(T(0) - p); }
   static C10_HOST_DEVICE inline void prob_logs(T p, T& log_p, T& log_q) {
     log_p = Ops<T>::log(p);
-    log_q = Ops<T>::log1p(T(0) - p);
+    log_q = log1m_prob(p);
   }
-  static C10_HOST_DEVICE inline T log1m_prob(T p) { return Ops<T>::log1p(T(0) - p); }
   // a^b for a > 0, b > 0 (QFL's general-beta modulating factor |d|^beta): exp(b log a) here
   static C10_HOST_DEVICE inline T pow_pos(T a, T b) { return Ops<T>::exp(b * Ops<T>::log(a)); }
 };

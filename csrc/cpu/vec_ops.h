@@ -31,11 +31,11 @@ struct Ops<at::vec::Vectorized<T>> {
   // blendv(a, b, m) takes b where m is set
   static inline V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
   static inline V div(const V& a, const V& b) { return a / b; }
+  static inline V log1m_prob(const V& p) { return (V(T(0)) - p).log1p(); }
   static inline void prob_logs(const V& p, V& log_p, V& log_q) {
     log_p = p.log();
-    log_q = (V(T(0)) - p).log1p();
+    log_q = log1m_prob(p);
   }
-  static inline V log1m_prob(const V& p) { return (V(T(0)) - p).log1p(); }
   static inline V pow_pos(const V& a, const V& b) { return (b * a.log()).exp(); }
 };
 

@@ -223,8 +223,8 @@ struct QflOps<float> : Ops<float> {
   // -inf for one log (clamped at -100 by the caller, as torch's BCE) and 0 for the other.
   static C10_HOST_DEVICE inline void prob_logs(float p, float& log_p, float& log_q) {
     const float small = ::fminf(p, 1.0f - p);  // exact: p below 1/2, 1 - p from 1/2 on
-    const float log_small = fast_log2f<false>(small) * kLn2;
-    const float log_big = log1p_series<float>(small * rcp(small - 2.0f));  // log(1 - small)
+    const float log_small = log_by_log2<false>(small);
+    const float log_big = log1m_by_series(small);
     const bool p_small = p < 0.5f;
     log_p = p_small ? log_small : log_big;
     log_q = p_small ? log_big : log_small;
@@ -233,15 +233,26 @@ struct QflOps<float> : Ops<float> {
   static C10_HOST_DEVICE inline float pow_pos(float a, float b) {
     return exp2f_2ulp(b * fast_log2f<false>(a));
   }
-  // prob_logs' log_q alone, bit for bit (a negative's BCE)
+  // prob_logs' log_q alone, bit for bit (a negative's BCE): the same two forms, chosen alike;
+  // 1 - p is 0 or normal from 1/2 on, where the .ftz log2 gives the non-.ftz one's bits
   static C10_HOST_DEVICE inline float log1m_prob(float p) {
-    const float by_log2 = fast_log2f<true>(1.0f - p) * kLn2;  // p >= 1/2: 1 - p exact, normal
-    const float by_series = log1p_series<float>(p * rcp(p - 2.0f));
+    // both computed, then selected: a conditional of the two calls compiled to a branch (~+4
+    // issue slots per element on the common path, sm_90)
+    const float by_log2 = log_by_log2<true>(1.0f - p);
+    const float by_series = log1m_by_series(p);
     return p < 0.5f ? by_series : by_log2;
   }
 
  private:
-  static constexpr float kLn2 = 0.693147180559945309f;
+  // log x by the fast log2, for x <= 1/2 (2 ulp there)
+  template <bool kFtz>
+  static C10_HOST_DEVICE inline float log_by_log2(float x) {
+    return fast_log2f<kFtz>(x) * 0.693147180559945309f;
+  }
+  // log(1 - s) = log1p(-s) = 2 atanh(t), t = -s / (2 - s) in [-1/3, 0] for s in [0, 1/2]
+  static C10_HOST_DEVICE inline float log1m_by_series(float s) {
+    return log1p_series<float>(s * rcp(s - 2.0f));
+  }
 };
 
 // e = exp(-|x|), inv = 1 / (1 + e), lp = log1p(e) of a logit: for float one rcp for both

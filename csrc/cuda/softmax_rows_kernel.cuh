@@ -640,9 +640,10 @@ __global__ void __launch_bounds__(kBlock, 1)
 // kernel for at most 4, 8, 12 or 16 bins (row in registers, TileRow's kBins < 0: up to 30% fewer
 // issue slots per element than the runtime-count kernel, in 64 of 66 launches measured and
 // within 1% in the other two; at 2 and 4 bins it would lose some launches), the rest the
-// runtime-count kernel of the row's access width.  The odd counts' kernels take rows 4 t .. 4 t + 3 (TileRow's
-// kPhased), so they need rows_per_thread a multiple of 4.  The launcher and the emulator both go
-// through here.
+// runtime-count kernel of the row's access width.  The odd counts' kernels take rows 4 t ..
+// 4 t + 3 (TileRow's kPhased), so they need rows_per_thread a multiple of 4.  The launcher and
+// the emulator both go through here (and benchmarks/rows_kernel_bounds.py mirrors the choice:
+// a kernel it names that was not compiled fails its lookup).
 template <typename scalar_t, bool kDfl, typename F>
 void with_rows_tile_kernel(int64_t bins, const RowsGeometry& g, bool generic_only, F&& f) {
   using acc_t = opmath_t<scalar_t>;
