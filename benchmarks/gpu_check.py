@@ -20,9 +20,14 @@ check goes on):
    of the checks, not of the kernels; the report says so.
 5. ``detector``: one training step of the project's detector (GFL, ResNet-50-FPN) per GPU
    backend against the reference losses: loss values agree, step time.
-6. ``report``: ``<out>/gpu-<device>.csv`` (the benchmark rows) and ``gpu-<device>.md`` (device,
-   versions, commit, every step's outcome and time, the benchmark table); copied to ``$OUT``
-   too when that is set (the device tool's return folder).
+6. ``sweep`` (not with ``--quick``): ``benchmarks.kernel_sweep run``: every launch mode of the
+   CUDA kernels (bins 2..64, every QFL mode, forward / fused / backward, three dtypes) timed
+   alone as % of copy bandwidth beside its bound on paper, in priority order, for what is left
+   of the 8-minute budget (at most SWEEP_MAX_S).
+7. ``report``: ``<out>/gpu-<device>.csv`` (the benchmark rows) and ``gpu-<device>.md`` (device,
+   versions, commit, every step's outcome and time, the benchmark table, the sweep's summary),
+   with the sweep's own ``gpu-sweep-<device>.{csv,md}``; copied to ``$OUT`` too when that is
+   set (the device tool's return folder).
 
 Budget: under 8 minutes on an H100/H200, ``--quick`` under 3.  ``--dry-run`` rehearses every step
 on a CPU machine (build command printed, tests collected, the benchmark and the detector step run
@@ -67,6 +72,9 @@ TESTS_FULL = TESTS_QUICK + [
 
 # seconds per step: full run, --quick run
 CAPS = {"build": (150, 120), "tests": (200, 60), "bench": (150, 45), "detector": (40, 25)}
+# the sweep gets what the steps before it left of this budget, at most SWEEP_MAX_S of timing
+# (plus SWEEP_SETUP_S to start, measure the copy bandwidth and write its report)
+TOTAL_BUDGET_S, SWEEP_MAX_S, SWEEP_MIN_S, SWEEP_SETUP_S = 450, 60, 10, 40
 
 
 @dataclass
@@ -205,6 +213,49 @@ def _detector_step(device: torch.device, dry_run: bool) -> str:
     return f"ResNet-{depth} GFL, 2 x {size}x{size}: " + "; ".join(parts)
 
 
+def _sweep_step(step: Step, args: argparse.Namespace, bench_dir: Path, elapsed: float) -> None:
+    """benchmarks.kernel_sweep for what is left of the budget (not with --quick)."""
+    if args.quick:
+        step.status, step.detail = "skipped", "full run only (make gpu-check without QUICK)"
+        return
+    budget = min(SWEEP_MAX_S, TOTAL_BUDGET_S - elapsed)
+    if budget < SWEEP_MIN_S and not args.dry_run:
+        step.status = "skipped"
+        step.detail = f"{elapsed:.0f} s used: no time left in the {TOTAL_BUDGET_S} s budget"
+        return
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.kernel_sweep",
+        "run",
+        "--budget-s",
+        f"{max(budget, 1.0):.0f}",
+        "--out",
+        str(bench_dir),
+    ]
+    if args.dry_run:
+        cmd.append("--dry-run")
+    _run(step, cmd, max(budget, 1.0) + SWEEP_SETUP_S)
+    if step.status == "ok":
+        step.detail = next(
+            (
+                line[len("sweep: ") :]
+                for line in step.log[-1].splitlines()
+                if line.startswith("sweep: ")
+            ),
+            step.detail,
+        )
+
+
+def _sweep_summary(bench_dir: Path) -> list[str]:
+    """The sweep report's body (its title dropped), or a line saying there is none."""
+    reports = sorted(bench_dir.glob("gpu-sweep-*.md"))
+    if not reports:
+        return ["(the sweep did not run)"]
+    body = reports[0].read_text(encoding="utf-8").splitlines()[1:]
+    return [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body]
+
+
 def _bench_table(csv_file: Path) -> list[str]:
     if not csv_file.exists():
         return ["(no benchmark rows)"]
@@ -267,6 +318,9 @@ def _write_report(
         "",
         *_bench_table(bench_csv),
         "",
+        "## Kernel sweep (benchmarks.kernel_sweep: each launch mode alone, against the paper)",
+        *_sweep_summary(bench_csv.parent),
+        "",
     ]
     md_out.write_text("\n".join(lines), encoding="utf-8")
     return csv_out, md_out
@@ -291,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
     cap_index = 1 if args.quick else 0
-    steps = {name: Step(name) for name in ("env", "build", "tests", "bench", "detector")}
+    steps = {name: Step(name) for name in ("env", "build", "tests", "bench", "detector", "sweep")}
 
     t0 = time.perf_counter()
     info = _env_report(device)
@@ -363,18 +417,23 @@ def main(argv: list[str] | None = None) -> int:
             steps["detector"].status, steps["detector"].detail = "FAILED", repr(exc)[:300]
         steps["detector"].seconds = time.perf_counter() - t0
         print(f"## detector: {steps['detector'].status}: {steps['detector'].detail}", flush=True)
+        _sweep_step(steps["sweep"], args, bench_dir, time.perf_counter() - started)
     else:
         bench_dir = Path(tempfile.mkdtemp(prefix="gfl_gpu_check_"))
-        for name in ("tests", "bench", "detector"):
+        for name in ("tests", "bench", "detector", "sweep"):
             steps[name].status = "skipped"
 
     total = time.perf_counter() - started
     csv_out, md_out = _write_report(
         args.out, info, list(steps.values()), bench_dir / "bench.csv", args, total
     )
+    sweep_files = []
+    for path in sorted(bench_dir.glob("gpu-sweep-*")):
+        sweep_files.append(args.out / path.name)
+        shutil.copyfile(path, sweep_files[-1])
     out_env = os.environ.get("OUT")
     if out_env and Path(out_env).is_dir():
-        for path in (csv_out, md_out):
+        for path in (csv_out, md_out, *sweep_files):
             if path.exists():
                 shutil.copy(path, out_env)
         Path(out_env, "gpu-check.log").write_text(

@@ -40,10 +40,13 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
         ("tests", "ok"),
         ("bench", "ok"),
         ("detector", "ok"),
+        ("sweep", "ok"),
     ):
         assert f"| {step} | {outcome} |" in text, text
     assert "TORCH_CUDA_ARCH_LIST=" in text and "tests collected" in text
     assert "| commit |" in text and "| torch |" in text
     assert "integral" in csv_file.read_text()
+    assert "### Under target" in text  # the kernel sweep's summary, in the report
+    assert (tmp_path / "report" / "gpu-sweep-cpu.csv").exists()
     # the device tool's return folder gets the report and the log
     assert {p.suffix for p in (tmp_path / "out").iterdir()} >= {".md", ".csv", ".log"}

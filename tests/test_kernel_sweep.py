@@ -1,0 +1,90 @@
+"""benchmarks/kernel_sweep.py: the paper bounds a GPU run is compared with are the code's, cover
+every case, and the GPU sweep's wiring works (rehearsed on the CPU operators at tiny sizes)."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import kernel_sweep as ks
+
+
+@pytest.fixture(scope="module")
+def paper() -> list[dict[str, str]]:
+    return ks.read_paper()
+
+
+def test_paper_bounds_were_counted_from_the_current_cuda_sources(paper) -> None:
+    stale = {row["sources_sha256"] for row in paper} - {ks.sources_sha256()}
+    assert not stale, (
+        "benchmarks/results/paper-bounds-sm90.csv was counted from other CUDA sources than "
+        "these: regenerate it with `make paper-bounds` (python -m benchmarks.kernel_sweep "
+        "paper, ~10 min on 2 cores, no GPU) and commit it with the kernel change"
+    )
+
+
+def test_paper_bounds_cover_every_launch_mode(paper) -> None:
+    keys = {
+        (r["kernel"], r["op"], r["mode"], r["dtype"], int(r["size"]), r["activated"], r["beta"])
+        for r in paper
+    }
+    rows = set(
+        ("rows", op, mode, dtype, bins, "", "")
+        for op, mode, dtype, bins in itertools.product(
+            ks.ROWS_OPS, ks.MODES, ks.DTYPES, ks.ROWS_BINS
+        )
+    )
+    qfl = set(
+        ("qfl", f"qfl_{form}", mode, dtype, c, str(act), beta)
+        for form, mode, dtype, c, act, (beta, _, _) in itertools.product(
+            ("labels", "dense"), ks.MODES, ks.DTYPES, ks.QFL_CLASSES, (0, 1), ks.QFL_BETAS
+        )
+    )
+    assert keys == rows | qfl
+    for r in paper:
+        for field in ("bytes_per_elem", "slots_per_elem", "issue_bound_GBps"):
+            assert float(r[field]) > 0, r
+        if r["kernel"] == "rows":
+            assert int(r["inflight_bytes_per_sm"]) > 0, r
+
+
+def test_paper_bounds_agree_with_the_documented_tables(paper) -> None:
+    """Spot checks against benchmarks/cuda_rows_kernel.md (Tables 1, 4) and cuda_qfl_kernel.md:
+    the same counting code, so the same figures (H200's measured copy bandwidth, 4.3 TB/s)."""
+
+    def bound(**key) -> float:
+        (row,) = [r for r in paper if all(r[k] == str(v) for k, v in key.items())]
+        return min(1.0, float(row["issue_bound_GBps"]) * 1e9 / 4.3e12)
+
+    assert bound(kernel="rows", op="integral", mode="fwd", dtype="bf16", size=3) == pytest.approx(
+        0.55, abs=0.006
+    )
+    assert bound(kernel="rows", op="integral", mode="fwd", dtype="bf16", size=17) == 1.0
+    assert bound(kernel="rows", op="dfl", mode="fwd", dtype="bf16", size=7) == pytest.approx(
+        0.79, abs=0.006
+    )
+
+
+def test_priority_puts_the_16_bit_rows_forward_first(paper) -> None:
+    first = sorted(paper, key=ks.priority)[: 2 * len(ks.ROWS_BINS)]
+    assert {(r["kernel"], r["mode"], r["dtype"]) for r in first} == {("rows", "fwd", "bf16")}
+
+
+def test_sweep_dry_run_times_one_case_of_each_kernel_op_and_mode(tmp_path: Path) -> None:
+    csv_path, md_path = ks.run_sweep(
+        torch.device("cpu"), tmp_path, budget_s=120, dry_run=True, device_name="cpu"
+    )
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["op"], r["mode"]) for r in rows} == set(
+        itertools.product(("integral", "dfl", "qfl_labels", "qfl_dense"), ks.MODES)
+    )
+    for r in rows:
+        assert float(r["us"]) > 0 and float(r["GBps"]) > 0 and float(r["paper_pct_copy"]) > 0
+    text = md_path.read_text()
+    assert "12 of 12 cases" in text and "## Under target" in text and "commit" in text
+    assert "regenerate" not in text  # the paper bounds are the current sources'
