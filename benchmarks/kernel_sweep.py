@@ -344,12 +344,21 @@ def run_sweep(
     sms = torch.cuda.get_device_properties(device).multi_processor_count if not dry_run else 132
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
-    results = []
+    results, errors = [], []
     for case in cases:
         if time.perf_counter() - started > budget_s:
             break
-        fn = _inputs(case, device, elements, gen)
-        seconds = _median_seconds(fn, device)
+        try:
+            fn = _inputs(case, device, elements, gen)
+            seconds = _median_seconds(fn, device)
+        except Exception as exc:  # noqa: BLE001 - reported; one failing case must not stop the rest
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            errors.append(
+                {**{k: case[k] for k in FIELDS[:7]}, "error": f"{type(exc).__name__}: {first}"}
+            )
+            if device.type == "cuda" and "CUDA" in str(exc):
+                break  # the CUDA context may be unusable after a device-side error
+            continue
         size = int(case["size"])
         n_elem = max(1, elements // size) * size
         bpe = float(case["bytes_per_elem"])
@@ -380,6 +389,7 @@ def run_sweep(
         _report(
             results,
             total=len(cases),
+            errors=errors,
             device_name=device_name,
             copy_bw=copy_bw,
             sms=sms,
@@ -410,7 +420,9 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-def _report(results, *, total, device_name, copy_bw, sms, seconds, stale, paper_commit, dry_run):
+def _report(
+    results, *, total, errors, device_name, copy_bw, sms, seconds, stale, paper_commit, dry_run
+):
     lines = [
         f"# Kernel sweep: {device_name}{' (dry run on a CPU machine)' if dry_run else ''}",
         "",
@@ -463,6 +475,14 @@ def _report(results, *, total, device_name, copy_bw, sms, seconds, stale, paper_
         "",
         _case_table(sorted(results, key=lambda r: float(r["measured_over_paper"]))[:20]),
         "",
+        f"## Errors: {len(errors)}",
+        "",
+        *(
+            f"- {e['op']} {e['mode']} {e['dtype']} {e['size']} activated={e['activated']} "
+            f"beta={e['beta']}: {e['error']}"
+            for e in errors
+        ),
+        "",
     ]
     return "\n".join(lines)
 
@@ -507,8 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     # the one-line outcome benchmarks/gpu_check.py shows in its steps table
     timed = re.search(r"(\d+ of \d+ cases in \d+ s)", text).group(1)
     under = re.search(r"## Under target \(([^)]*)\): (\d+ of \d+)", text)
-    print(f"sweep: {timed}; under target ({under.group(1)}): {under.group(2)}")
-    return 0
+    errors = int(re.search(r"## Errors: (\d+)", text).group(1))
+    print(f"sweep: {timed}; under target ({under.group(1)}): {under.group(2)}; errors: {errors}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

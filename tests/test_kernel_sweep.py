@@ -88,3 +88,21 @@ def test_sweep_dry_run_times_one_case_of_each_kernel_op_and_mode(tmp_path: Path)
     text = md_path.read_text()
     assert "12 of 12 cases" in text and "## Under target" in text and "commit" in text
     assert "regenerate" not in text  # the paper bounds are the current sources'
+
+
+def test_sweep_reports_a_failing_case_and_goes_on(tmp_path: Path, monkeypatch) -> None:
+    real = ks._inputs
+
+    def failing_dfl(case, *args):
+        if case["op"] == "dfl":
+            raise RuntimeError("planted failure\nsecond line")
+        return real(case, *args)
+
+    monkeypatch.setattr(ks, "_inputs", failing_dfl)
+    csv_path, md_path = ks.run_sweep(
+        torch.device("cpu"), tmp_path, budget_s=120, dry_run=True, device_name="cpu"
+    )
+    text = md_path.read_text()
+    assert "## Errors: 3" in text and "RuntimeError: planted failure" in text, text
+    assert "second line" not in text
+    assert "9 of 12 cases" in text  # the others were timed
