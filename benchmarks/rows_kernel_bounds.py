@@ -66,7 +66,8 @@ def rows_geometry(bins: int, acc: int = ACC):
     tile = 256
     while tile > 32 and tile * row_bytes > 32 * 1024:
         tile //= 2
-    rpt = 4 if tile >= 128 else (2 if tile >= 64 else 1)
+    phased = acc == 4 and bins in (17, 33)  # rows_compiled_count and odd: 4 rows per thread
+    rpt = 4 if phased else (tile // 64 if tile >= 64 else 1)
     return pitch, vec, tile, rpt, tile // rpt, tile * row_bytes
 
 

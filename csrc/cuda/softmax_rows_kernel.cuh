@@ -67,10 +67,24 @@ struct RowsGeometry {
   int rows_per_thread;  // a tile is block * rows_per_thread rows
 };
 
-// Tiles of 256 rows (fewer for long rows), four rows per thread where a tile has 128 or more, two
-// where it has 64: the per-warp costs of a tile (the kernel's prologue, the tile loop, the
-// barriers: ~70 instructions) then spread over 128 rows, while tiles stay small enough that a
-// large launch has many more tiles than the GPU holds at once (even load across SMs at the end).
+// The bin counts with kernels compiled for them (with_rows_tile_kernel; float opmath only): 8, 16
+// (reg_max 7, Ultralytics' 16 bins), 17 (mmdetection's GFL) and 32 + 1.  The odd ones take rows
+// 4 t .. 4 t + 3 (TileRow's kPhased), so their tiles need a multiple of 4 rows per thread.
+constexpr bool rows_compiled_count(int64_t bins, int acc_size) {
+  return acc_size == 4 && (bins == 8 || bins == 16 || bins == 17 || bins == 33);
+}
+
+// Tiles of 256 rows (fewer for long rows, at most kTileBytes) on blocks of 64 threads: four rows
+// per thread in a 256-row tile, two in a 128-row one, one in a 64-row one (32 rows: 32 threads).
+// Four rows per thread spread the per-warp costs of a tile (the kernel's prologue, the tile loop,
+// the barriers: ~70 instructions) over 128 rows, and small tiles keep a large launch at many
+// more tiles than the GPU holds at once (even load across SMs at the end).  Blocks stay at two
+// warps where the tile allows it, though, because a block's threads are what keeps its loads in
+// flight (load_tile: kInFlight 16-byte loads each) and what hides its dependent per-row sums:
+// with one warp per 128-row tile, shared memory holds 7-12 tiles per SM at 34-63 float bins,
+// i.e. 14-24 KB of loads in flight, near the 13-26 KB an H200 needs by Little's law
+// (benchmarks/cuda_rows_kernel.md, "Latency"); two warps double that, for 3-7% more issue slots
+// per element.  The compiled odd counts keep 4 rows per thread (rows_compiled_count).
 inline RowsGeometry rows_geometry(int64_t bins, int acc_size) {
   RowsGeometry g{false, 0, 1, kBlock, 1};
   const int64_t row_bytes = rows_pitch(bins, acc_size) * acc_size;
@@ -80,7 +94,8 @@ inline RowsGeometry rows_geometry(int64_t bins, int acc_size) {
   g.vec = rows_vec(bins, acc_size);
   int tile_rows = 256;
   while (tile_rows > 32 && tile_rows * row_bytes > kTileBytes) tile_rows /= 2;
-  g.rows_per_thread = tile_rows >= 128 ? 4 : (tile_rows >= 64 ? 2 : 1);
+  const bool phased = rows_compiled_count(bins, acc_size) && bins % 2 == 1;
+  g.rows_per_thread = phased ? 4 : (tile_rows >= 64 ? static_cast<int>(tile_rows / 64) : 1);
   g.block = tile_rows / g.rows_per_thread;
   return g;
 }
@@ -649,7 +664,8 @@ void with_rows_tile_kernel(int64_t bins, const RowsGeometry& g, bool generic_onl
   using acc_t = opmath_t<scalar_t>;
   constexpr int kAcc = sizeof(acc_t);
   if constexpr (kAcc == 4) {
-    if (!generic_only && (bins % 2 == 0 || g.rows_per_thread % 4 == 0)) {
+    if (!generic_only && rows_compiled_count(bins, kAcc) &&
+        (bins % 2 == 0 || g.rows_per_thread % 4 == 0)) {
 #define GFL_FIXED_BINS(B) \
   case B: return f(&softmax_rows_tile_kernel<scalar_t, kDfl, B, rows_vec(B, kAcc)>)
       switch (bins) {
