@@ -27,7 +27,9 @@ check goes on):
 7. ``report``: ``<out>/gpu-<device>.csv`` (the benchmark rows) and ``gpu-<device>.md`` (device,
    versions, commit, every step's outcome and time, the benchmark table, the sweep's summary),
    with the sweep's own ``gpu-sweep-<device>.{csv,md}``; copied to ``$OUT`` too when that is
-   set (the device tool's return folder).
+   set (the device tool's return folder).  The report is rewritten after every step and the
+   sweep writes each row as it is measured (into ``$OUT`` when set), so a run stopped by the
+   device's time limit still returns everything it finished.
 
 Budget: under 8 minutes on an H100/H200, ``--quick`` under 3.  ``--dry-run`` rehearses every step
 on a CPU machine (build command printed, tests collected, the benchmark and the detector step run
@@ -213,7 +215,7 @@ def _detector_step(device: torch.device, dry_run: bool) -> str:
     return f"ResNet-{depth} GFL, 2 x {size}x{size}: " + "; ".join(parts)
 
 
-def _sweep_step(step: Step, args: argparse.Namespace, bench_dir: Path, elapsed: float) -> None:
+def _sweep_step(step: Step, args: argparse.Namespace, sweep_dir: Path, elapsed: float) -> None:
     """benchmarks.kernel_sweep for what is left of the budget (not with --quick)."""
     if args.quick:
         step.status, step.detail = "skipped", "full run only (make gpu-check without QUICK)"
@@ -231,7 +233,7 @@ def _sweep_step(step: Step, args: argparse.Namespace, bench_dir: Path, elapsed: 
         "--budget-s",
         f"{max(budget, 1.0):.0f}",
         "--out",
-        str(bench_dir),
+        str(sweep_dir),
     ]
     if args.dry_run:
         cmd.append("--dry-run")
@@ -281,11 +283,39 @@ def _bench_table(csv_file: Path) -> list[str]:
     ]
 
 
+def _publish(
+    args: argparse.Namespace,
+    info: dict[str, str],
+    steps: dict[str, Step],
+    bench_dir: Path,
+    sweep_dir: Path,
+    total_s: float,
+) -> tuple[Path, Path]:
+    """Writes the report (and the sweep's files) to args.out, copies them and the steps' logs to
+    $OUT when that is a folder (the device tool's return folder)."""
+    csv_out, md_out = _write_report(
+        args.out, info, list(steps.values()), bench_dir / "bench.csv", sweep_dir, args, total_s
+    )
+    for path in sorted(sweep_dir.glob("gpu-sweep-*")):
+        if path.parent.resolve() != args.out.resolve():
+            shutil.copyfile(path, args.out / path.name)
+    out_env = os.environ.get("OUT")
+    if out_env and Path(out_env).is_dir():
+        for path in (csv_out, md_out):
+            if path.exists() and path.parent.resolve() != Path(out_env).resolve():
+                shutil.copy(path, out_env)
+        Path(out_env, "gpu-check.log").write_text(
+            "\n".join(f"## {s.name}\n" + "\n".join(s.log) for s in steps.values())
+        )
+    return csv_out, md_out
+
+
 def _write_report(
     out_dir: Path,
     info: dict[str, str],
     steps: list[Step],
     bench_csv: Path,
+    sweep_dir: Path,
     args: argparse.Namespace,
     total_s: float,
 ) -> tuple[Path, Path]:
@@ -319,7 +349,7 @@ def _write_report(
         *_bench_table(bench_csv),
         "",
         "## Kernel sweep (benchmarks.kernel_sweep: each launch mode alone, against the paper)",
-        *_sweep_summary(bench_csv.parent),
+        *_sweep_summary(sweep_dir),
         "",
     ]
     md_out.write_text("\n".join(lines), encoding="utf-8")
@@ -346,12 +376,22 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.dry_run else "cuda")
     cap_index = 1 if args.quick else 0
     steps = {name: Step(name) for name in ("env", "build", "tests", "bench", "detector", "sweep")}
+    bench_dir = Path(tempfile.mkdtemp(prefix="gfl_gpu_check_"))
+    # the sweep writes its rows as it goes, straight into the device tool's return folder when
+    # there is one: a run stopped by its time limit still brings back what it measured
+    out_env = os.environ.get("OUT")
+    sweep_dir = Path(out_env) if out_env and Path(out_env).is_dir() else bench_dir
+
+    def publish() -> tuple[Path, Path]:
+        """The report as it stands, written after every step (and copied to $OUT)."""
+        return _publish(args, info, steps, bench_dir, sweep_dir, time.perf_counter() - started)
 
     t0 = time.perf_counter()
     info = _env_report(device)
     steps["env"].status, steps["env"].seconds = "ok", time.perf_counter() - t0
     steps["env"].detail = f"{info['device']}, torch {info['torch']}, triton {info['triton']}"
     print("\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    publish()
 
     build_env = {
         "FORCE_CUDA": "1",
@@ -368,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         _run(steps["build"], build_cmd, CAPS["build"][cap_index], build_env)
         if steps["build"].status != "ok":
             steps["build"].detail = "build failed: see the log above; nothing else can run"
+    publish()
 
     if steps["build"].status in ("ok", "dry-run"):
         tests = TESTS_QUICK if args.quick else TESTS_FULL
@@ -386,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             test_cmd.append("--collect-only")
         _run(steps["tests"], test_cmd, CAPS["tests"][cap_index])
+        publish()
 
-        bench_dir = Path(tempfile.mkdtemp(prefix="gfl_gpu_check_"))
         bench_cmd = [
             sys.executable,
             "-m",
@@ -407,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:  # the wiring, not the numbers: no compile, one op
             bench_cmd += ["--ops", "integral", "--providers", "eager,gfl_ops-cpu"]
         _run(steps["bench"], bench_cmd, CAPS["bench"][cap_index], {"GFL_OPS_CHECK_VALUES": "0"})
+        publish()
 
         t0 = time.perf_counter()
         print("\n## detector", flush=True)
@@ -417,28 +459,13 @@ def main(argv: list[str] | None = None) -> int:
             steps["detector"].status, steps["detector"].detail = "FAILED", repr(exc)[:300]
         steps["detector"].seconds = time.perf_counter() - t0
         print(f"## detector: {steps['detector'].status}: {steps['detector'].detail}", flush=True)
-        _sweep_step(steps["sweep"], args, bench_dir, time.perf_counter() - started)
+        publish()
+        _sweep_step(steps["sweep"], args, sweep_dir, time.perf_counter() - started)
     else:
-        bench_dir = Path(tempfile.mkdtemp(prefix="gfl_gpu_check_"))
         for name in ("tests", "bench", "detector", "sweep"):
             steps[name].status = "skipped"
 
-    total = time.perf_counter() - started
-    csv_out, md_out = _write_report(
-        args.out, info, list(steps.values()), bench_dir / "bench.csv", args, total
-    )
-    sweep_files = []
-    for path in sorted(bench_dir.glob("gpu-sweep-*")):
-        sweep_files.append(args.out / path.name)
-        shutil.copyfile(path, sweep_files[-1])
-    out_env = os.environ.get("OUT")
-    if out_env and Path(out_env).is_dir():
-        for path in (csv_out, md_out, *sweep_files):
-            if path.exists():
-                shutil.copy(path, out_env)
-        Path(out_env, "gpu-check.log").write_text(
-            "\n".join(f"## {s.name}\n" + "\n".join(s.log) for s in steps.values())
-        )
+    csv_out, md_out = publish()
     print("\n" + md_out.read_text(encoding="utf-8").split("## Operators")[0])
     print(f"wrote {csv_out} and {md_out}")
     bad = [s for s in steps.values() if s.status in ("FAILED", "TIMEOUT")]

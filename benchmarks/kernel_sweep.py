@@ -96,6 +96,16 @@ FIELDS = [
     "sources_sha256",
     "commit",
 ]
+# gpu-sweep-<device>.csv: the case, then what was measured
+SWEEP_FIELDS = FIELDS[:7] + [
+    "elements",
+    "us",
+    "GBps",
+    "pct_copy",
+    "paper_pct_copy",
+    "measured_over_paper",
+    "inflight_bytes_per_sm",
+]
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -344,6 +354,13 @@ def run_sweep(
     sms = torch.cuda.get_device_properties(device).multi_processor_count if not dry_run else 132
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
+    slug = csvio.slug(device_name.split(" (")[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / f"gpu-sweep-{slug}.csv", out_dir / f"gpu-sweep-{slug}.md"
+    # each row written as it is measured: a run stopped from outside keeps what it timed
+    csv_file = open(csv_path, "w", newline="")  # noqa: SIM115 - closed below, after the loop
+    writer = csv.DictWriter(csv_file, fieldnames=SWEEP_FIELDS)
+    writer.writeheader()
     results, errors = [], []
     for case in cases:
         if time.perf_counter() - started > budget_s:
@@ -376,15 +393,11 @@ def run_sweep(
                 "inflight_bytes_per_sm": case["inflight_bytes_per_sm"],
             }
         )
+        writer.writerow(results[-1])
+        csv_file.flush()
         del fn
+    csv_file.close()
     seconds_used = time.perf_counter() - started
-    slug = csvio.slug(device_name.split(" (")[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / f"gpu-sweep-{slug}.csv", out_dir / f"gpu-sweep-{slug}.md"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(results[0]) if results else ["kernel"])
-        w.writeheader()
-        w.writerows(results)
     md_path.write_text(
         _report(
             results,

@@ -106,3 +106,22 @@ def test_sweep_reports_a_failing_case_and_goes_on(tmp_path: Path, monkeypatch) -
     assert "## Errors: 3" in text and "RuntimeError: planted failure" in text, text
     assert "second line" not in text
     assert "9 of 12 cases" in text  # the others were timed
+
+
+def test_sweep_keeps_the_rows_it_measured_when_stopped_from_outside(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The GPU machine's time limit kills the run: every row timed before that is on disk."""
+    real, calls = ks._median_seconds, []
+
+    def stopped_at_the_fourth(fn, device):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # what a kill looks like from inside, near enough
+        return real(fn, device)
+
+    monkeypatch.setattr(ks, "_median_seconds", stopped_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        ks.run_sweep(torch.device("cpu"), tmp_path, budget_s=120, dry_run=True, device_name="cpu")
+    with open(tmp_path / "gpu-sweep-cpu.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3
