@@ -10,6 +10,8 @@
 #                benchmarks and a detector step, write benchmarks/results/gpu-<device>.{csv,md}
 #                (QUICK=1: under 3 minutes; DRY_RUN=1: rehearse the wiring on a CPU machine).
 #                Uses the GPU machine's own python3 with its torch (GPU_PYTHON to change it).
+#   make gpu-wheels  fetch into .whl/ the mmdet / Ultralytics wheels (CPython 3.12) that the lent
+#                GPU machine lacks, for gpu-check's frameworks step (scripts/gpu_wheels.sh)
 #   make paper-bounds  (no GPU; nvcc) count every CUDA launch mode's bound in the SASS into
 #                benchmarks/results/paper-bounds-sm90.csv, which gpu-check's kernel sweep compares
 #                with; needed after any change to csrc/cuda or csrc/gfl_math.h (a test says so)
@@ -26,8 +28,8 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test bench bench-full bench-e2e bench-frameworks gpu-check paper-bounds \
-	lint clean
+.PHONY: setup build demo test bench bench-full bench-e2e bench-frameworks gpu-check gpu-wheels \
+	paper-bounds lint clean
 
 # gpu-check runs where the project's venv is usually absent (the lent GPU machine's python3)
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
@@ -71,6 +73,9 @@ bench-frameworks: setup
 
 gpu-check:
 	$(GPU_PYTHON) -m benchmarks.gpu_check $(if $(QUICK),--quick) $(if $(DRY_RUN),--dry-run)
+
+gpu-wheels:
+	scripts/gpu_wheels.sh
 
 paper-bounds: build
 	$(PY) -m benchmarks.kernel_sweep paper

@@ -20,11 +20,14 @@ check goes on):
    of the checks, not of the kernels; the report says so.
 5. ``detector``: one training step of the project's detector (GFL, ResNet-50-FPN) per GPU
    backend against the reference losses: loss values agree, step time.
-6. ``sweep`` (not with ``--quick``): ``benchmarks.kernel_sweep run``: every launch mode of the
+6. ``frameworks`` (not with ``--quick``): ``benchmarks.e2e_frameworks``: one training step of
+   mmdetection's GFLHead and of YOLOv8n, stock vs fused -- where mmdet and ultralytics import;
+   the lent machine has neither, so they travel as wheels (``make gpu-wheels``).
+7. ``sweep`` (not with ``--quick``): ``benchmarks.kernel_sweep run``: every launch mode of the
    CUDA kernels (bins 2..64, every QFL mode, forward / fused / backward, three dtypes) timed
    alone as % of copy bandwidth beside its bound on paper, in priority order, for what is left
    of the 8-minute budget (at most SWEEP_MAX_S).
-7. ``report``: ``<out>/gpu-<device>.csv`` (the benchmark rows) and ``gpu-<device>.md`` (device,
+8. ``report``: ``<out>/gpu-<device>.csv`` (the benchmark rows) and ``gpu-<device>.md`` (device,
    versions, commit, every step's outcome and time, the benchmark table, the sweep's summary),
    with the sweep's own ``gpu-sweep-<device>.{csv,md}``; copied to ``$OUT`` too when that is
    set (the device tool's return folder).  The report is rewritten after every step and the
@@ -44,6 +47,7 @@ import argparse
 import csv
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -51,6 +55,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -73,7 +78,13 @@ TESTS_FULL = TESTS_QUICK + [
 ]
 
 # seconds per step: full run, --quick run
-CAPS = {"build": (150, 120), "tests": (200, 60), "bench": (150, 45), "detector": (40, 25)}
+CAPS = {
+    "build": (150, 120),
+    "tests": (200, 60),
+    "bench": (150, 45),
+    "detector": (40, 25),
+    "frameworks": (90, 0),  # full run only
+}
 # the sweep gets what the steps before it left of this budget, at most SWEEP_MAX_S of timing
 # (plus SWEEP_SETUP_S to start, measure the copy bandwidth and write its report)
 TOTAL_BUDGET_S, SWEEP_MAX_S, SWEEP_MIN_S, SWEEP_SETUP_S = 450, 60, 10, 40
@@ -215,7 +226,40 @@ def _detector_step(device: torch.device, dry_run: bool) -> str:
     return f"ResNet-{depth} GFL, 2 x {size}x{size}: " + "; ".join(parts)
 
 
-def _sweep_step(step: Step, args: argparse.Namespace, sweep_dir: Path, elapsed: float) -> None:
+def _frameworks_step(step: Step, args: argparse.Namespace, out_dir: Path) -> None:
+    """benchmarks.e2e_frameworks (mmdetection's GFLHead and YOLOv8n, stock vs fused, one
+    training step each) where both frameworks import: the lent GPU machine has neither, so they
+    travel as wheels (make gpu-wheels; benchmarks/README.md, "The GPU check")."""
+    if args.quick:
+        step.status, step.detail = "skipped", "full run only (make gpu-check without QUICK)"
+        return
+    missing = [m for m in ("mmdet", "mmengine", "mmcv", "ultralytics") if not find_spec(m)]
+    if missing:
+        step.status = "skipped"
+        step.detail = (
+            f"not importable here: {', '.join(missing)} -- carry the wheels `make gpu-wheels` "
+            "fetches (benchmarks/README.md, 'The GPU check')"
+        )
+        return
+    cmd = [sys.executable, "-m", "benchmarks.e2e_frameworks", "--out", str(out_dir)]
+    if args.dry_run:  # the wiring: one step of each at a small size on the CPU
+        cmd += ["--device", "cpu", "--steps", "1", "--image", "128"]
+    else:
+        cmd += ["--device", "cuda"]
+    _run(step, cmd, CAPS["frameworks"][0])
+    if step.status == "ok":
+        speedups = [
+            f"{m.group(1).strip()}: step x{m.group(2)}, loss x{m.group(3)}"
+            for m in (
+                re.match(r"(.+?)\s+fused\s.*step x([\d.]+)\s+loss x([\d.]+)", line)
+                for line in step.log[-1].splitlines()
+            )
+            if m
+        ]
+        step.detail = "; ".join(speedups) or step.detail
+
+
+def _sweep_step(step: Step, args: argparse.Namespace, return_dir: Path, elapsed: float) -> None:
     """benchmarks.kernel_sweep for what is left of the budget (not with --quick)."""
     if args.quick:
         step.status, step.detail = "skipped", "full run only (make gpu-check without QUICK)"
@@ -233,7 +277,7 @@ def _sweep_step(step: Step, args: argparse.Namespace, sweep_dir: Path, elapsed: 
         "--budget-s",
         f"{max(budget, 1.0):.0f}",
         "--out",
-        str(sweep_dir),
+        str(return_dir),
     ]
     if args.dry_run:
         cmd.append("--dry-run")
@@ -247,6 +291,14 @@ def _sweep_step(step: Step, args: argparse.Namespace, sweep_dir: Path, elapsed: 
             ),
             step.detail,
         )
+
+
+def _frameworks_summary(out_dir: Path) -> list[str]:
+    """The frameworks benchmark's table (its title dropped), or a line saying there is none."""
+    reports = sorted(out_dir.glob("e2e-frameworks-*.md"))
+    if not reports:
+        return ["", "(not run: see the frameworks step above)"]
+    return reports[0].read_text(encoding="utf-8").splitlines()[1:]
 
 
 def _sweep_summary(bench_dir: Path) -> list[str]:
@@ -288,17 +340,19 @@ def _publish(
     info: dict[str, str],
     steps: dict[str, Step],
     bench_dir: Path,
-    sweep_dir: Path,
+    return_dir: Path,
     total_s: float,
 ) -> tuple[Path, Path]:
     """Writes the report (and the sweep's files) to args.out, copies them and the steps' logs to
     $OUT when that is a folder (the device tool's return folder)."""
     csv_out, md_out = _write_report(
-        args.out, info, list(steps.values()), bench_dir / "bench.csv", sweep_dir, args, total_s
+        args.out, info, list(steps.values()), bench_dir / "bench.csv", return_dir, args, total_s
     )
-    for path in sorted(sweep_dir.glob("gpu-sweep-*")):
-        if path.parent.resolve() != args.out.resolve():
-            shutil.copyfile(path, args.out / path.name)
+    # (a dry run's files are named as such, beside the committed results they must not replace)
+    for path in sorted([*return_dir.glob("gpu-sweep-*"), *return_dir.glob("e2e-frameworks-*")]):
+        name = f"{path.stem}-dry-run{path.suffix}" if args.dry_run else path.name
+        if path.resolve() != (args.out / name).resolve():
+            shutil.copyfile(path, args.out / name)
     out_env = os.environ.get("OUT")
     if out_env and Path(out_env).is_dir():
         for path in (csv_out, md_out):
@@ -315,7 +369,7 @@ def _write_report(
     info: dict[str, str],
     steps: list[Step],
     bench_csv: Path,
-    sweep_dir: Path,
+    return_dir: Path,
     args: argparse.Namespace,
     total_s: float,
 ) -> tuple[Path, Path]:
@@ -348,8 +402,11 @@ def _write_report(
         "",
         *_bench_table(bench_csv),
         "",
+        "## In the frameworks (benchmarks.e2e_frameworks: one training step, stock vs fused)",
+        *_frameworks_summary(return_dir),
+        "",
         "## Kernel sweep (benchmarks.kernel_sweep: each launch mode alone, against the paper)",
-        *_sweep_summary(sweep_dir),
+        *_sweep_summary(return_dir),
         "",
     ]
     md_out.write_text("\n".join(lines), encoding="utf-8")
@@ -375,16 +432,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
     cap_index = 1 if args.quick else 0
-    steps = {name: Step(name) for name in ("env", "build", "tests", "bench", "detector", "sweep")}
+    steps = {
+        name: Step(name)
+        for name in ("env", "build", "tests", "bench", "detector", "frameworks", "sweep")
+    }
     bench_dir = Path(tempfile.mkdtemp(prefix="gfl_gpu_check_"))
     # the sweep writes its rows as it goes, straight into the device tool's return folder when
     # there is one: a run stopped by its time limit still brings back what it measured
     out_env = os.environ.get("OUT")
-    sweep_dir = Path(out_env) if out_env and Path(out_env).is_dir() else bench_dir
+    return_dir = Path(out_env) if out_env and Path(out_env).is_dir() else bench_dir
 
     def publish() -> tuple[Path, Path]:
         """The report as it stands, written after every step (and copied to $OUT)."""
-        return _publish(args, info, steps, bench_dir, sweep_dir, time.perf_counter() - started)
+        return _publish(args, info, steps, bench_dir, return_dir, time.perf_counter() - started)
 
     t0 = time.perf_counter()
     info = _env_report(device)
@@ -448,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:  # the wiring, not the numbers: no compile, one op
             bench_cmd += ["--ops", "integral", "--providers", "eager,gfl_ops-cpu"]
         _run(steps["bench"], bench_cmd, CAPS["bench"][cap_index], {"GFL_OPS_CHECK_VALUES": "0"})
+        if steps["bench"].status == "ok":  # its summary line, not a library's last warning
+            summary = [
+                line for line in steps["bench"].log[-1].splitlines() if line.startswith("# ")
+            ]
+            steps["bench"].detail = summary[-1] if summary else steps["bench"].detail
         publish()
 
         t0 = time.perf_counter()
@@ -460,9 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         steps["detector"].seconds = time.perf_counter() - t0
         print(f"## detector: {steps['detector'].status}: {steps['detector'].detail}", flush=True)
         publish()
-        _sweep_step(steps["sweep"], args, sweep_dir, time.perf_counter() - started)
+        _frameworks_step(steps["frameworks"], args, return_dir)
+        publish()
+        _sweep_step(steps["sweep"], args, return_dir, time.perf_counter() - started)
     else:
-        for name in ("tests", "bench", "detector", "sweep"):
+        for name in ("tests", "bench", "detector", "frameworks", "sweep"):
             steps[name].status = "skipped"
 
     csv_out, md_out = publish()

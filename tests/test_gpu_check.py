@@ -31,8 +31,9 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    (md,) = (tmp_path / "report").glob("gpu-*-dry-run.md")
-    (csv_file,) = (tmp_path / "report").glob("gpu-*-dry-run.csv")
+    report = [p for p in (tmp_path / "report").glob("gpu-*-dry-run.*") if "sweep" not in p.name]
+    (md,) = [p for p in report if p.suffix == ".md"]
+    (csv_file,) = [p for p in report if p.suffix == ".csv"]
     text = md.read_text()
     for step, outcome in (
         ("env", "ok"),
@@ -40,6 +41,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
         ("tests", "ok"),
         ("bench", "ok"),
         ("detector", "ok"),
+        ("frameworks", "ok"),  # CI installs mmdet and ultralytics (the GPU machine needs wheels)
         ("sweep", "ok"),
     ):
         assert f"| {step} | {outcome} |" in text, text
@@ -47,6 +49,9 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
     assert "| commit |" in text and "| torch |" in text
     assert "integral" in csv_file.read_text()
     assert "### Under target" in text  # the kernel sweep's summary, in the report
-    assert (tmp_path / "report" / "gpu-sweep-cpu.csv").exists()
+    assert "GFLHead" in text and "YOLOv8n" in text  # the frameworks' table, in the report
+    # a dry run's files say so in their names (they must not replace committed results)
+    assert (tmp_path / "report" / "gpu-sweep-cpu-dry-run.csv").exists()
+    assert list((tmp_path / "report").glob("e2e-frameworks-cpu-*-dry-run.csv"))
     # the device tool's return folder gets the report and the log
     assert {p.suffix for p in (tmp_path / "out").iterdir()} >= {".md", ".csv", ".log"}
