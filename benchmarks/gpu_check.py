@@ -34,7 +34,9 @@ check goes on):
    sweep writes each row as it is measured (into ``$OUT`` when set), so a run stopped by the
    device's time limit still returns everything it finished.
 
-Budget: under 8 minutes on an H100/H200, ``--quick`` under 3.  ``--dry-run`` rehearses every step
+Budget: under 8 minutes on an H100/H200, ``--quick`` under 3; whatever the steps take, none starts
+(and none runs on) past HARD_LIMIT_S = 540 s, inside the device tool's 600 s per command, so the
+report is always written.  ``--dry-run`` rehearses every step
 on a CPU machine (build command printed, tests collected, the benchmark and the detector step run
 on the CPU at tiny sizes, the report written), so that the first real run is not its debugging
 session; tests/test_gpu_check.py runs it in CI.  The commit comes from git, or from
@@ -88,6 +90,14 @@ CAPS = {
 # the sweep gets what the steps before it left of this budget, at most SWEEP_MAX_S of timing
 # (plus SWEEP_SETUP_S to start, measure the copy bandwidth and write its report)
 TOTAL_BUDGET_S, SWEEP_MAX_S, SWEEP_MIN_S, SWEEP_SETUP_S = 450, 60, 10, 40
+# and no step runs past this many seconds from the start, whatever its cap: the device tool
+# kills a command at 600 s, and the report must be written before that
+HARD_LIMIT_S, MIN_STEP_S = 540, 15
+_deadline = float("inf")  # perf_counter() time of HARD_LIMIT_S; set by main()
+
+
+def _time_left() -> float:
+    return _deadline - time.perf_counter()
 
 
 @dataclass
@@ -100,7 +110,13 @@ class Step:
 
 
 def _run(step: Step, cmd: list[str], cap: float, env: dict[str, str] | None = None) -> None:
-    """Run ``cmd`` in the repository with a time cap; stdout/stderr go to the step's log."""
+    """Run ``cmd`` in the repository with a time cap (cut to what is left before the hard
+    limit; skipped when under MIN_STEP_S is left); stdout/stderr go to the step's log."""
+    if _time_left() < MIN_STEP_S:
+        step.status = "skipped"
+        step.detail = f"no time left before the {HARD_LIMIT_S} s limit of the whole check"
+        return
+    cap = min(cap, _time_left())
     print(f"\n## {step.name}: {' '.join(cmd)}  (cap {cap:.0f} s)", flush=True)
     started = time.perf_counter()
     try:
@@ -424,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the report goes")
     args = ap.parse_args(argv)
     started = time.perf_counter()
+    global _deadline
+    _deadline = started + HARD_LIMIT_S
     if not args.dry_run and not torch.cuda.is_available():
         print(
             "gpu-check: no CUDA device here; use --dry-run to rehearse on a CPU machine",
@@ -517,11 +535,15 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         print("\n## detector", flush=True)
-        try:
-            steps["detector"].detail = _detector_step(device, args.dry_run)
-            steps["detector"].status = "ok"
-        except Exception as exc:  # noqa: BLE001 - reported, and the report still written
-            steps["detector"].status, steps["detector"].detail = "FAILED", repr(exc)[:300]
+        if _time_left() < CAPS["detector"][cap_index]:  # in process: no cap can stop it
+            steps["detector"].status = "skipped"
+            steps["detector"].detail = f"no time left before the {HARD_LIMIT_S} s limit"
+        else:
+            try:
+                steps["detector"].detail = _detector_step(device, args.dry_run)
+                steps["detector"].status = "ok"
+            except Exception as exc:  # noqa: BLE001 - reported, and the report still written
+                steps["detector"].status, steps["detector"].detail = "FAILED", repr(exc)[:300]
         steps["detector"].seconds = time.perf_counter() - t0
         print(f"## detector: {steps['detector'].status}: {steps['detector'].detail}", flush=True)
         publish()

@@ -55,3 +55,18 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
     assert list((tmp_path / "report").glob("e2e-frameworks-cpu-*-dry-run.csv"))
     # the device tool's return folder gets the report and the log
     assert {p.suffix for p in (tmp_path / "out").iterdir()} >= {".md", ".csv", ".log"}
+
+
+def test_gpu_check_stops_starting_steps_at_its_hard_limit(tmp_path: Path, monkeypatch) -> None:
+    """The device tool kills a command at 600 s: past HARD_LIMIT_S no step starts, and the
+    report (with every step's outcome) is still written."""
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "HARD_LIMIT_S", 0)
+    monkeypatch.delenv("OUT", raising=False)
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    (md,) = [p for p in tmp_path.glob("gpu-*-dry-run.md") if "sweep" not in p.name]
+    text = md.read_text()
+    for step in ("tests", "bench", "detector", "frameworks", "sweep"):
+        assert f"| {step} | skipped |" in text, text
+    assert "no time left before the 0 s limit" in text
