@@ -8,7 +8,8 @@
 #                a training step of mmdetection's GFLHead and YOLOv8n, stock vs fused
 #   make gpu-check  on a machine with one GPU: build for it, run the CUDA/Triton tests, the GPU
 #                benchmarks and a detector step, write benchmarks/results/gpu-<device>.{csv,md}
-#                (QUICK=1: under 3 minutes; DRY_RUN=1: rehearse the wiring on a CPU machine).
+#                (QUICK=1: under 3 minutes; DRY_RUN=1: rehearse the wiring on a CPU machine;
+#                STEPS=frameworks,sweep: only those, e.g. in a second call).
 #                Uses the GPU machine's own python3 with its torch (GPU_PYTHON to change it).
 #   make gpu-wheels  fetch into .whl/ the mmdet / Ultralytics wheels (CPython 3.12) that the lent
 #                GPU machine lacks, for gpu-check's frameworks step (scripts/gpu_wheels.sh)
@@ -72,7 +73,8 @@ bench-frameworks: setup
 	$(PY) -m benchmarks.e2e_frameworks
 
 gpu-check:
-	$(GPU_PYTHON) -m benchmarks.gpu_check $(if $(QUICK),--quick) $(if $(DRY_RUN),--dry-run)
+	$(GPU_PYTHON) -m benchmarks.gpu_check $(if $(QUICK),--quick) $(if $(DRY_RUN),--dry-run) \
+		$(if $(STEPS),--steps $(STEPS))
 
 gpu-wheels:
 	scripts/gpu_wheels.sh

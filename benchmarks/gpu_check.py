@@ -36,7 +36,8 @@ check goes on):
 
 Budget: under 8 minutes on an H100/H200, ``--quick`` under 3; whatever the steps take, none starts
 (and none runs on) past HARD_LIMIT_S = 540 s, inside the device tool's 600 s per command, so the
-report is always written.  ``--dry-run`` rehearses every step
+report is always written; ``--steps`` runs a subset (a second call: what the first had no time
+for).  ``--dry-run`` rehearses every step
 on a CPU machine (build command printed, tests collected, the benchmark and the detector step run
 on the CPU at tiny sizes, the report written), so that the first real run is not its debugging
 session; tests/test_gpu_check.py runs it in CI.  The commit comes from git, or from
@@ -78,6 +79,9 @@ TESTS_FULL = TESTS_QUICK + [
     "tests/test_torch_integration.py",
     "tests/test_triton_backend.py",
 ]
+
+# the steps --steps can choose (env and build always run)
+OPTIONAL_STEPS = ("tests", "bench", "detector", "frameworks", "sweep")
 
 # seconds per step: full run, --quick run
 CAPS = {
@@ -280,7 +284,13 @@ def _sweep_step(step: Step, args: argparse.Namespace, return_dir: Path, elapsed:
     if args.quick:
         step.status, step.detail = "skipped", "full run only (make gpu-check without QUICK)"
         return
-    budget = min(SWEEP_MAX_S, TOTAL_BUDGET_S - elapsed)
+    # alone (a second call's --steps sweep): all the time the hard limit leaves
+    alone = args.part == "sweep"
+    budget = (
+        HARD_LIMIT_S - SWEEP_SETUP_S - elapsed
+        if alone
+        else min(SWEEP_MAX_S, TOTAL_BUDGET_S - elapsed)
+    )
     if budget < SWEEP_MIN_S and not args.dry_run:
         step.status = "skipped"
         step.detail = f"{elapsed:.0f} s used: no time left in the {TOTAL_BUDGET_S} s budget"
@@ -391,7 +401,12 @@ def _write_report(
 ) -> tuple[Path, Path]:
     from benchmarks.csvio import slug
 
-    name = "gpu-" + slug(info["device"].split(" (")[0]) + ("-dry-run" if args.dry_run else "")
+    name = (
+        "gpu-"
+        + slug(info["device"].split(" (")[0])
+        + (f"-{args.part}" if args.part else "")
+        + ("-dry-run" if args.dry_run else "")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_out, md_out = out_dir / f"{name}.csv", out_dir / f"{name}.md"
     if bench_csv.exists():
@@ -399,7 +414,8 @@ def _write_report(
     lines = [
         f"# GPU check: {info['device']}",
         "",
-        f"`make gpu-check{' QUICK=1' if args.quick else ''}`"
+        f"`make gpu-check{' QUICK=1' if args.quick else ''}"
+        f"{f' STEPS={args.steps}' if args.part else ''}`"
         f"{' (dry run on a CPU machine)' if args.dry_run else ''}: {total_s:.0f} s in all, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
@@ -438,7 +454,22 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run", action="store_true", help="rehearse every step on a machine without a GPU"
     )
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the report goes")
+    ap.add_argument(
+        "--steps",
+        default="all",
+        help="a comma list of " + ", ".join(OPTIONAL_STEPS) + " (env and build always run; the "
+        "build is incremental): to run in a second call what the first had no time for; the "
+        "report's name then ends with the steps",
+    )
     args = ap.parse_args(argv)
+    selected = set(OPTIONAL_STEPS) if args.steps == "all" else set(args.steps.split(","))
+    if not selected <= set(OPTIONAL_STEPS):
+        ap.error(f"--steps: expected a comma list of {', '.join(OPTIONAL_STEPS)}, got {args.steps}")
+    args.part = (
+        ""
+        if selected == set(OPTIONAL_STEPS)
+        else "-".join(s for s in OPTIONAL_STEPS if s in selected)
+    )
     started = time.perf_counter()
     global _deadline
     _deadline = started + HARD_LIMIT_S
@@ -454,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         name: Step(name)
         for name in ("env", "build", "tests", "bench", "detector", "frameworks", "sweep")
     }
+    for name in OPTIONAL_STEPS:
+        if name not in selected:
+            steps[name].status = "not selected"
     bench_dir = Path(tempfile.mkdtemp(prefix="gfl_gpu_check_"))
     # the sweep writes its rows as it goes, straight into the device tool's return folder when
     # there is one: a run stopped by its time limit still brings back what it measured
@@ -504,8 +538,9 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.dry_run:
             test_cmd.append("--collect-only")
-        _run(steps["tests"], test_cmd, CAPS["tests"][cap_index])
-        publish()
+        if "tests" in selected:
+            _run(steps["tests"], test_cmd, CAPS["tests"][cap_index])
+            publish()
 
         bench_cmd = [
             sys.executable,
@@ -525,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_cmd += ["--preset", "gpu-targets", "--no-memory"]
         if args.dry_run:  # the wiring, not the numbers: no compile, one op
             bench_cmd += ["--ops", "integral", "--providers", "eager,gfl_ops-cpu"]
-        _run(steps["bench"], bench_cmd, CAPS["bench"][cap_index], {"GFL_OPS_CHECK_VALUES": "0"})
+        if "bench" in selected:
+            _run(steps["bench"], bench_cmd, CAPS["bench"][cap_index], {"GFL_OPS_CHECK_VALUES": "0"})
         if steps["bench"].status == "ok":  # its summary line, not a library's last warning
             summary = [
                 line for line in steps["bench"].log[-1].splitlines() if line.startswith("# ")
@@ -535,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         print("\n## detector", flush=True)
-        if _time_left() < CAPS["detector"][cap_index]:  # in process: no cap can stop it
+        if "detector" not in selected:
+            pass
+        elif _time_left() < CAPS["detector"][cap_index]:  # in process: no cap can stop it
             steps["detector"].status = "skipped"
             steps["detector"].detail = f"no time left before the {HARD_LIMIT_S} s limit"
         else:
@@ -545,13 +583,18 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - reported, and the report still written
                 steps["detector"].status, steps["detector"].detail = "FAILED", repr(exc)[:300]
         steps["detector"].seconds = time.perf_counter() - t0
-        print(f"## detector: {steps['detector'].status}: {steps['detector'].detail}", flush=True)
+        if "detector" in selected:
+            print(
+                f"## detector: {steps['detector'].status}: {steps['detector'].detail}", flush=True
+            )
         publish()
-        _frameworks_step(steps["frameworks"], args, return_dir)
-        publish()
-        _sweep_step(steps["sweep"], args, return_dir, time.perf_counter() - started)
+        if "frameworks" in selected:
+            _frameworks_step(steps["frameworks"], args, return_dir)
+            publish()
+        if "sweep" in selected:
+            _sweep_step(steps["sweep"], args, return_dir, time.perf_counter() - started)
     else:
-        for name in ("tests", "bench", "detector", "frameworks", "sweep"):
+        for name in selected:
             steps[name].status = "skipped"
 
     csv_out, md_out = publish()

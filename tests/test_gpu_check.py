@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -70,3 +72,18 @@ def test_gpu_check_stops_starting_steps_at_its_hard_limit(tmp_path: Path, monkey
     for step in ("tests", "bench", "detector", "frameworks", "sweep"):
         assert f"| {step} | skipped |" in text, text
     assert "no time left before the 0 s limit" in text
+
+
+def test_gpu_check_runs_only_the_steps_asked_for(tmp_path: Path, monkeypatch) -> None:
+    """A second call re-runs what the first had no time for, under its own report name."""
+    from benchmarks import gpu_check
+
+    monkeypatch.delenv("OUT", raising=False)
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--steps", "sweep"]) == 0
+    (md,) = [p for p in tmp_path.glob("gpu-*-sweep-dry-run.md")]
+    text = md.read_text()
+    for step in ("tests", "bench", "detector", "frameworks"):
+        assert f"| {step} | not selected |" in text, text
+    assert "| sweep | ok |" in text and "STEPS=sweep" in text
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--dry-run", "--out", str(tmp_path), "--steps", "sweep,typo"])
