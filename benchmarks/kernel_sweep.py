@@ -19,8 +19,9 @@ loop between paper and GPU:
   rate allows (``issue_bound_GBps``, at 132 SMs and 1.98 GHz: H100 SXM and H200 alike) and, for
   the rows kernels, the bytes of loads a SM has in flight at the kernel's peak (Little's law:
   a SM must keep about bandwidth x latency / SMs in flight).  The file records the SHA-256 of the
-  CUDA sources it was counted from; tests/test_kernel_sweep.py fails when they have changed
-  since, so the figures a GPU run is compared with are always the code's.
+  code of the CUDA sources it was counted from (comments and layout left out);
+  tests/test_kernel_sweep.py fails when it has changed since, so the figures a GPU run is
+  compared with are always the code's.
 * ``run`` (a GPU): times each case of that file with the CUDA operators called directly
   (``torch.ops.gfl_ops.*``, the value checks are not on that path), about 2^25 elements per case
   (64-256 MB, beyond L2), L2 flushed before each repetition, and the device's copy bandwidth
@@ -109,11 +110,35 @@ SWEEP_FIELDS = FIELDS[:7] + [
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def code_only(text: str) -> str:
+    """C++ source without its comments and with runs of whitespace as one space: what the
+    compiler sees, so that a comment edit does not date the paper figures."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"'":  # a string or character literal, escapes and all
+            j = i + 1
+            while j < n and text[j] != c:
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i : j + 1])
+            i = j + 1
+        elif text.startswith("//", i):
+            i = text.find("\n", i) if "\n" in text[i:] else n
+        elif text.startswith("/*", i):
+            i = text.index("*/", i) + 2
+            out.append(" ")
+        else:
+            out.append(c)
+            i += 1
+    return re.sub(r"\s+", " ", "".join(out)).strip()
+
+
 def sources_sha256(root: Path = ROOT) -> str:
-    """SHA-256 over the CUDA sources the paper figures are counted from (names and bytes)."""
+    """SHA-256 over the code (code_only) of the CUDA sources the paper figures are counted
+    from."""
     h = hashlib.sha256()
     for rel in CUDA_SOURCES:
-        h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+        h.update(rel.encode() + b"\0" + code_only((root / rel).read_text()).encode() + b"\0")
     return h.hexdigest()
 
 

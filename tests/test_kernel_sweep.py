@@ -125,3 +125,12 @@ def test_sweep_keeps_the_rows_it_measured_when_stopped_from_outside(
         ks.run_sweep(torch.device("cpu"), tmp_path, budget_s=120, dry_run=True, device_name="cpu")
     with open(tmp_path / "gpu-sweep-cpu.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 3
+
+
+def test_code_only_drops_comments_and_layout_but_not_code() -> None:
+    src = (
+        'int a = 1;  // one\n/* two\n lines */ const char* s = "// not a comment";\nchar q = \'"\';'
+    )
+    assert ks.code_only(src) == 'int a = 1; const char* s = "// not a comment"; char q = \'"\';'
+    assert ks.code_only("x = 1;\n  y = 2;") == ks.code_only("x = 1; y = 2;  // later")
+    assert ks.code_only("x = 1;") != ks.code_only("x = 2;")

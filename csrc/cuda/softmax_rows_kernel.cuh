@@ -83,7 +83,7 @@ constexpr bool rows_compiled_count(int64_t bins, int acc_size) {
 // flight (load_tile: kInFlight 16-byte loads each) and what hides its dependent per-row sums:
 // with one warp per 128-row tile, shared memory holds 7-12 tiles per SM at 34-63 float bins,
 // i.e. 14-24 KB of loads in flight, near the 13-26 KB an H200 needs by Little's law
-// (benchmarks/cuda_rows_kernel.md, "Latency"); two warps double that, for 3-7% more issue slots
+// (benchmarks/cuda_rows_kernel.md, "Latency"); two warps double that, for 2-8% more issue slots
 // per element.  The compiled odd counts keep 4 rows per thread (rows_compiled_count).
 inline RowsGeometry rows_geometry(int64_t bins, int acc_size) {
   RowsGeometry g{false, 0, 1, kBlock, 1};
