@@ -80,7 +80,7 @@ gpu-wheels:
 	scripts/gpu_wheels.sh
 
 paper-bounds: build
-	$(PY) -m benchmarks.kernel_sweep paper
+	$(PY) -m benchmarks.paper_bounds
 
 # ruff needs the dev requirements only, not the compiled extension
 lint: $(VENV)/.deps-stamp

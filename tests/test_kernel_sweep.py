@@ -1,5 +1,6 @@
-"""benchmarks/kernel_sweep.py: the paper bounds a GPU run is compared with are the code's, cover
-every case, and the GPU sweep's wiring works (rehearsed on the CPU operators at tiny sizes)."""
+"""benchmarks/paper_bounds.py and kernel_sweep.py: the paper bounds a GPU run is compared with
+are the code's and cover every case, and the GPU sweep's wiring works (rehearsed on the CPU
+operators at tiny sizes)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,20 @@ import pytest
 import torch
 
 from benchmarks import kernel_sweep as ks
+from benchmarks import paper_bounds as pb
 
 
 @pytest.fixture(scope="module")
 def paper() -> list[dict[str, str]]:
-    return ks.read_paper()
+    return pb.read_paper()
 
 
 def test_paper_bounds_were_counted_from_the_current_cuda_sources(paper) -> None:
-    stale = {row["sources_sha256"] for row in paper} - {ks.sources_sha256()}
+    stale = {row["sources_sha256"] for row in paper} - {pb.sources_sha256()}
     assert not stale, (
         "benchmarks/results/paper-bounds-sm90.csv was counted from other CUDA sources than "
-        "these: regenerate it with `make paper-bounds` (python -m benchmarks.kernel_sweep "
-        "paper, ~10 min on 2 cores, no GPU) and commit it with the kernel change"
+        "these: regenerate it with `make paper-bounds` (python -m benchmarks.paper_bounds, "
+        "~4 min on 2 cores, no GPU) and commit it with the kernel change"
     )
 
 
@@ -35,13 +37,13 @@ def test_paper_bounds_cover_every_launch_mode(paper) -> None:
     rows = set(
         ("rows", op, mode, dtype, bins, "", "")
         for op, mode, dtype, bins in itertools.product(
-            ks.ROWS_OPS, ks.MODES, ks.DTYPES, ks.ROWS_BINS
+            pb.ROWS_OPS, pb.MODES, pb.DTYPES, pb.ROWS_BINS
         )
     )
     qfl = set(
         ("qfl", f"qfl_{form}", mode, dtype, c, str(act), beta)
         for form, mode, dtype, c, act, (beta, _, _) in itertools.product(
-            ("labels", "dense"), ks.MODES, ks.DTYPES, ks.QFL_CLASSES, (0, 1), ks.QFL_BETAS
+            ("labels", "dense"), pb.MODES, pb.DTYPES, pb.QFL_CLASSES, (0, 1), pb.QFL_BETAS
         )
     )
     assert keys == rows | qfl
@@ -70,7 +72,7 @@ def test_paper_bounds_agree_with_the_documented_tables(paper) -> None:
 
 
 def test_priority_puts_the_16_bit_rows_forward_first(paper) -> None:
-    first = sorted(paper, key=ks.priority)[: 2 * len(ks.ROWS_BINS)]
+    first = sorted(paper, key=ks.priority)[: 2 * len(pb.ROWS_BINS)]
     assert {(r["kernel"], r["mode"], r["dtype"]) for r in first} == {("rows", "fwd", "bf16")}
 
 
@@ -81,7 +83,7 @@ def test_sweep_dry_run_times_one_case_of_each_kernel_op_and_mode(tmp_path: Path)
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert {(r["op"], r["mode"]) for r in rows} == set(
-        itertools.product(("integral", "dfl", "qfl_labels", "qfl_dense"), ks.MODES)
+        itertools.product(("integral", "dfl", "qfl_labels", "qfl_dense"), pb.MODES)
     )
     for r in rows:
         assert float(r["us"]) > 0 and float(r["GBps"]) > 0 and float(r["paper_pct_copy"]) > 0
@@ -131,6 +133,6 @@ def test_code_only_drops_comments_and_layout_but_not_code() -> None:
     src = (
         'int a = 1;  // one\n/* two\n lines */ const char* s = "// not a comment";\nchar q = \'"\';'
     )
-    assert ks.code_only(src) == 'int a = 1; const char* s = "// not a comment"; char q = \'"\';'
-    assert ks.code_only("x = 1;\n  y = 2;") == ks.code_only("x = 1; y = 2;  // later")
-    assert ks.code_only("x = 1;") != ks.code_only("x = 2;")
+    assert pb.code_only(src) == 'int a = 1; const char* s = "// not a comment"; char q = \'"\';'
+    assert pb.code_only("x = 1;\n  y = 2;") == pb.code_only("x = 1; y = 2;  // later")
+    assert pb.code_only("x = 1;") != pb.code_only("x = 2;")
