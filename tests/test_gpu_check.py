@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+FRAMEWORKS = all(find_spec(m) for m in ("mmdet", "mmengine", "mmcv", "ultralytics"))
 
 
 def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
@@ -43,7 +45,9 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
         ("tests", "ok"),
         ("bench", "ok"),
         ("detector", "ok"),
-        ("frameworks", "ok"),  # CI installs mmdet and ultralytics (the GPU machine needs wheels)
+        # CI installs mmdet and ultralytics (the GPU machine needs their wheels); a venv without
+        # them (scripts/check_torch_compat.sh's) sees the step skipped, saying why
+        ("frameworks", "ok" if FRAMEWORKS else "skipped"),
         ("sweep", "ok"),
     ):
         assert f"| {step} | {outcome} |" in text, text
@@ -51,10 +55,13 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
     assert "| commit |" in text and "| torch |" in text
     assert "integral" in csv_file.read_text()
     assert "### Under target" in text  # the kernel sweep's summary, in the report
-    assert "GFLHead" in text and "YOLOv8n" in text  # the frameworks' table, in the report
     # a dry run's files say so in their names (they must not replace committed results)
     assert (tmp_path / "report" / "gpu-sweep-cpu-dry-run.csv").exists()
-    assert list((tmp_path / "report").glob("e2e-frameworks-cpu-*-dry-run.csv"))
+    if FRAMEWORKS:
+        assert "GFLHead" in text and "YOLOv8n" in text  # the frameworks' table, in the report
+        assert list((tmp_path / "report").glob("e2e-frameworks-cpu-*-dry-run.csv"))
+    else:
+        assert "carry the wheels `make gpu-wheels` fetches" in text
     # the device tool's return folder gets the report and the log
     assert {p.suffix for p in (tmp_path / "out").iterdir()} >= {".md", ".csv", ".log"}
 
