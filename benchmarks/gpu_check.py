@@ -62,10 +62,10 @@ from benchmarks.gpu_check_steps import (
     detector_step,
     env_report,
     frameworks_step,
+    run_in_process,
     run_step,
     start_clock,
     sweep_step,
-    time_left,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -219,23 +219,11 @@ def main(argv: list[str] | None = None) -> int:
             steps["bench"].detail = summary[-1] if summary else steps["bench"].detail
         publish()
 
-        t0 = time.perf_counter()
-        print("\n## detector", flush=True)
-        if "detector" not in selected:
-            pass
-        elif time_left() < CAPS["detector"][cap_index]:  # in process: no cap can stop it
-            steps["detector"].status = "skipped"
-            steps["detector"].detail = f"no time left before the {HARD_LIMIT_S} s limit"
-        else:
-            try:
-                steps["detector"].detail = detector_step(device, args.dry_run)
-                steps["detector"].status = "ok"
-            except Exception as exc:  # noqa: BLE001 - reported, and the report still written
-                steps["detector"].status, steps["detector"].detail = "FAILED", repr(exc)[:300]
-        steps["detector"].seconds = time.perf_counter() - t0
         if "detector" in selected:
-            print(
-                f"## detector: {steps['detector'].status}: {steps['detector'].detail}", flush=True
+            run_in_process(
+                steps["detector"],
+                lambda: detector_step(device, args.dry_run),
+                CAPS["detector"][cap_index],
             )
         publish()
         if "frameworks" in selected:

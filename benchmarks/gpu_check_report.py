@@ -14,19 +14,12 @@ from pathlib import Path
 from benchmarks.gpu_check_steps import Step
 
 
-def frameworks_summary(out_dir: Path) -> list[str]:
-    """The frameworks benchmark's table (its title dropped), or a line saying there is none."""
-    reports = sorted(out_dir.glob("e2e-frameworks-*.md"))
+def embedded_report(out_dir: Path, pattern: str, missing: str) -> list[str]:
+    """The body of a step's own report (the first ``pattern`` match in ``out_dir``), its title
+    dropped and its sections one level down, or ``missing`` when the step wrote none."""
+    reports = sorted(out_dir.glob(pattern))
     if not reports:
-        return ["", "(not run: see the frameworks step above)"]
-    return reports[0].read_text(encoding="utf-8").splitlines()[1:]
-
-
-def sweep_summary(bench_dir: Path) -> list[str]:
-    """The sweep report's body (its title dropped), or a line saying there is none."""
-    reports = sorted(bench_dir.glob("gpu-sweep-*.md"))
-    if not reports:
-        return ["(the sweep did not run)"]
+        return ["", missing]
     body = reports[0].read_text(encoding="utf-8").splitlines()[1:]
     return [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body]
 
@@ -130,10 +123,10 @@ def write_report(
         *bench_table(bench_csv),
         "",
         "## In the frameworks (benchmarks.e2e_frameworks: one training step, stock vs fused)",
-        *frameworks_summary(return_dir),
+        *embedded_report(return_dir, "e2e-frameworks-*.md", "(not run: see its step above)"),
         "",
         "## Kernel sweep (benchmarks.kernel_sweep: each launch mode alone, against the paper)",
-        *sweep_summary(return_dir),
+        *embedded_report(return_dir, "gpu-sweep-*.md", "(not run: see its step above)"),
         "",
     ]
     md_out.write_text("\n".join(lines), encoding="utf-8")

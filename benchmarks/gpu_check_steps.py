@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -60,8 +61,7 @@ def run_step(step: Step, cmd: list[str], cap: float, env: dict[str, str] | None 
     """Run ``cmd`` in the repository with a time cap (cut to what is left before the hard
     limit; skipped when under MIN_STEP_S is left); stdout/stderr go to the step's log."""
     if time_left() < MIN_STEP_S:
-        step.status = "skipped"
-        step.detail = f"no time left before the {_limit_s:.0f} s limit of the whole check"
+        _skip_for_time(step)
         return
     cap = min(cap, time_left())
     print(f"\n## {step.name}: {' '.join(cmd)}  (cap {cap:.0f} s)", flush=True)
@@ -89,6 +89,27 @@ def run_step(step: Step, cmd: list[str], cap: float, env: dict[str, str] | None 
     step.log.append(output)
     print(output[-3000:], flush=True)
     print(f"## {step.name}: {step.status} in {step.seconds:.0f} s", flush=True)
+
+
+def _skip_for_time(step: Step) -> None:
+    step.status = "skipped"
+    step.detail = f"no time left before the {_limit_s:.0f} s limit of the whole check"
+
+
+def run_in_process(step: Step, fn: Callable[[], str], cap: float) -> None:
+    """``fn()`` (returns the step's detail) in this process, which no cap can stop: skipped
+    unless ``cap`` seconds are left before the hard limit; an exception is reported."""
+    print(f"\n## {step.name}", flush=True)
+    if time_left() < cap:
+        _skip_for_time(step)
+    else:
+        started = time.perf_counter()
+        try:
+            step.detail, step.status = fn(), "ok"
+        except Exception as exc:  # noqa: BLE001 - reported, and the report still written
+            step.status, step.detail = "FAILED", repr(exc)[:300]
+        step.seconds = time.perf_counter() - started
+    print(f"## {step.name}: {step.status}: {step.detail}", flush=True)
 
 
 def env_report(device: torch.device) -> dict[str, str]:

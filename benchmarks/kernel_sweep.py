@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 import statistics
 import sys
 import time
@@ -52,7 +51,6 @@ from benchmarks.paper_bounds import (
     QFL_CLASSES,
     QFL_POSITIVES,
     ROOT,
-    head_commit,
     read_paper,
     sources_sha256,
     write_paper,
@@ -148,22 +146,20 @@ def _inputs(case: dict, device: torch.device, elements: int, gen: torch.Generato
 
 
 def _median_seconds(fn: Callable, device: torch.device) -> float:
-    if device.type == "cuda":
-        from benchmarks.timing import bench_cuda
+    from benchmarks.timing import bench_cpu, bench_cuda
 
-        return bench_cuda(fn, warmup_ms=2.0, rep_ms=10.0, min_reps=5, max_reps=100).median_ms / 1e3
-    fn()
-    samples = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    if device.type == "cuda":
+        timing = bench_cuda(fn, warmup_ms=2.0, rep_ms=10.0, min_reps=5, max_reps=100)
+    else:  # the dry run's wiring: a few calls
+        timing = bench_cpu({"case": fn}, budget_s=0.01, warmup_s=0.0, min_reps=3)["case"]
+    return timing.median_ms / 1e3
 
 
 def run_sweep(
     device: torch.device, out_dir: Path, budget_s: float, dry_run: bool, device_name: str
-) -> tuple[Path, Path]:
+) -> tuple[Path, Path, str]:
+    """Times the paper's cases on ``device`` until ``budget_s`` is spent; returns the CSV, the
+    report and the one-line outcome benchmarks/gpu_check.py shows in its steps table."""
     import gfl_ops  # noqa: F401  (loads the extension: torch.ops.gfl_ops)
     from benchmarks import csvio
     from benchmarks.timing import copy_bandwidth
@@ -236,6 +232,7 @@ def run_sweep(
             results,
             total=len(cases),
             errors=errors,
+            device=device,
             device_name=device_name,
             copy_bw=copy_bw,
             sms=sms,
@@ -246,19 +243,22 @@ def run_sweep(
         ),
         encoding="utf-8",
     )
-    return csv_path, md_path
+    under = sum(float(r["pct_copy"]) < TARGETS[r["kernel"]] for r in results)
+    summary = (
+        f"{len(results)} of {len(cases)} cases in {seconds_used:.0f} s; under target (rows "
+        f"{_pct(TARGETS['rows'])}, QFL {_pct(TARGETS['qfl'])}): {under} of {len(results)}; "
+        f"errors: {len(errors)}"
+    )
+    return csv_path, md_path, summary
 
 
-def _versions() -> str:
-    try:
-        import triton
+def _versions(device: torch.device) -> str:
+    from benchmarks.csvio import run_metadata
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
+    meta = run_metadata(device, "kernel-sweep")
     return (
-        f"torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {triton_version}, "
-        f"commit {head_commit()}"
+        f"torch {meta['torch']} (CUDA {meta['cuda']}), Triton {meta['triton']}, "
+        f"commit {meta['git_commit'][:7]}{' (dirty tree)' if meta['git_dirty'] == 'yes' else ''}"
     )
 
 
@@ -267,12 +267,23 @@ def _pct(x: float) -> str:
 
 
 def _report(
-    results, *, total, errors, device_name, copy_bw, sms, seconds, stale, paper_commit, dry_run
+    results,
+    *,
+    total,
+    errors,
+    device,
+    device_name,
+    copy_bw,
+    sms,
+    seconds,
+    stale,
+    paper_commit,
+    dry_run,
 ):
     lines = [
         f"# Kernel sweep: {device_name}{' (dry run on a CPU machine)' if dry_run else ''}",
         "",
-        f"{_versions()}; copy bandwidth measured in this run {copy_bw / 1e9:.0f} GB/s "
+        f"{_versions(device)}; copy bandwidth measured in this run {copy_bw / 1e9:.0f} GB/s "
         f"(read + written). {len(results)} of {total} cases in {seconds:.0f} s "
         "(`python -m benchmarks.kernel_sweep run`; priority order, see its docstring). Paper "
         f"bounds: benchmarks/results/paper-bounds-sm90.csv (commit {paper_commit}"
@@ -366,16 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
     name = "cpu" if args.dry_run else torch.cuda.get_device_name()
-    csv_path, md_path = run_sweep(device, args.out, args.budget_s, args.dry_run, name)
-    text = md_path.read_text(encoding="utf-8")
-    print(text)
+    csv_path, md_path, summary = run_sweep(device, args.out, args.budget_s, args.dry_run, name)
+    print(md_path.read_text(encoding="utf-8"))
     print(f"wrote {csv_path} and {md_path}")
-    # the one-line outcome benchmarks/gpu_check.py shows in its steps table
-    timed = re.search(r"(\d+ of \d+ cases in \d+ s)", text).group(1)
-    under = re.search(r"## Under target \(([^)]*)\): (\d+ of \d+)", text)
-    errors = int(re.search(r"## Errors: (\d+)", text).group(1))
-    print(f"sweep: {timed}; under target ({under.group(1)}): {under.group(2)}; errors: {errors}")
-    return 1 if errors else 0
+    print(f"sweep: {summary}")  # the line benchmarks/gpu_check.py shows in its steps table
+    return 0 if summary.endswith("errors: 0") else 1
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -114,28 +113,22 @@ def read_paper(path: Path = PAPER_CSV) -> list[dict[str, str]]:
 
 
 def head_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
+    """The short commit of the checkout (csvio.git_commit: $GFL_BENCH_COMMIT where there is
+    no .git, as on the lent GPU machine)."""
+    from benchmarks.csvio import git_commit
+
+    return git_commit()[0][:7]
 
 
 def _rows_paper(sha: str, commit: str) -> Iterable[dict]:
     from benchmarks import rows_kernel_bounds as rkb
-    from benchmarks.cubin_tools import ISSUE, compile_cubin, nvdisasm_sass, occupancy, resources
+    from benchmarks.cubin_tools import ISSUE, occupancy
 
     with tempfile.TemporaryDirectory(prefix="sweep_rows_") as tmp:
         src = rkb.materialize(rkb.SOURCES, None, Path(tmp))
-        cubin = compile_cubin(src, rkb.ROWS_CU, 90, src / "rows_sm90.cubin")
-        res = resources(cubin)
-        sass = nvdisasm_sass(cubin)
+        sass, res, decide_at = rkb.compiled_sm90(src)
         kernel_src = (src / "csrc/cuda/softmax_rows_kernel.cuh").read_text()
-        math_h = (src / "csrc/gfl_math.h").read_text().splitlines()
     in_flight = int(re.search(r"constexpr int kInFlight = (\d+);", kernel_src).group(1))
-    nan_line = next(i + 1 for i, text in enumerate(math_h) if "if (y != y)" in text)
-    decide_at = {f"gfl_math.h:{nan_line}": False}  # DFL targets are not NaN
     for bins in ROWS_BINS:
         for dname in DTYPES:
             mangled, s = rkb.DTYPES[dname]

@@ -139,13 +139,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rows_bounds_") as tmp:
         src = materialize(SOURCES, args.ref, Path(tmp))
-        cubin = compile_cubin(src, ROWS_CU, 90, src / "rows_sm90.cubin")
-        res90 = resources(cubin)
+        sass, res90, decide_at = compiled_sm90(src)
         res80 = resources(compile_cubin(src, ROWS_CU, 80, src / "rows_sm80.cubin"))
-        sass = nvdisasm_sass(cubin)
-        math_h = (src / "csrc/gfl_math.h").read_text().splitlines()
-        nan_line = next(i + 1 for i, text in enumerate(math_h) if "if (y != y)" in text)
-        decide_at = {f"gfl_math.h:{nan_line}": False}  # DFL targets are not NaN
         new = "softmax_rows_tile_kernel" in sass
         spill = [
             n
@@ -197,6 +192,15 @@ def main(argv=None) -> int:
                             + " |"
                         )
     return 0
+
+
+def compiled_sm90(src: Path) -> tuple[str, dict, dict[str, bool]]:
+    """softmax_rows.cu of the source tree ``src`` compiled for sm_90: its SASS, its kernels'
+    resources and the walk's decision for DFL's NaN-target branch (never taken)."""
+    cubin = compile_cubin(src, ROWS_CU, 90, src / "rows_sm90.cubin")
+    math_h = (src / "csrc/gfl_math.h").read_text().splitlines()
+    nan_line = next(i + 1 for i, text in enumerate(math_h) if "if (y != y)" in text)
+    return nvdisasm_sass(cubin), resources(cubin), {f"gfl_math.h:{nan_line}": False}
 
 
 def measure(op, mode, dname, mangled, s, bins, new, sass, res, decide_at, generic=False):

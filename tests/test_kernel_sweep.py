@@ -77,7 +77,7 @@ def test_priority_puts_the_16_bit_rows_forward_first(paper) -> None:
 
 
 def test_sweep_dry_run_times_one_case_of_each_kernel_op_and_mode(tmp_path: Path) -> None:
-    csv_path, md_path = ks.run_sweep(
+    csv_path, md_path, _ = ks.run_sweep(
         torch.device("cpu"), tmp_path, budget_s=120, dry_run=True, device_name="cpu"
     )
     with open(csv_path, newline="") as f:
@@ -101,7 +101,7 @@ def test_sweep_reports_a_failing_case_and_goes_on(tmp_path: Path, monkeypatch) -
         return real(case, *args)
 
     monkeypatch.setattr(ks, "_inputs", failing_dfl)
-    csv_path, md_path = ks.run_sweep(
+    csv_path, md_path, _ = ks.run_sweep(
         torch.device("cpu"), tmp_path, budget_s=120, dry_run=True, device_name="cpu"
     )
     text = md_path.read_text()
