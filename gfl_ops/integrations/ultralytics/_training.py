@@ -16,7 +16,12 @@ from typing import Any
 from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.models.yolo.model import YOLO
-from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+from ultralytics.nn.tasks import DetectionModel
+
+try:
+    from ultralytics.nn.tasks import load_checkpoint
+except ImportError:  # releases before ~8.3.2xx name the same function attempt_load_one_weight
+    from ultralytics.nn.tasks import attempt_load_one_weight as load_checkpoint
 
 from ._classes import _fused_subclass, _homed, _register
 from ._model import _patch_detection_model, _patch_if_model, _stock_while
@@ -43,22 +48,30 @@ class _FusedTrainer:
 
     def final_eval(self) -> Any:
         # Ultralytics validates best.pt by path, i.e. a stock model loaded from the checkpoint:
-        # hand the validator that model patched, for this call only.
+        # the validator loads it patched instead, for this call only (its class switched back
+        # after).  Through __call__, which every release since 8.3.0 has, rather than the
+        # validator's get_model, which older releases lack.
         validator = getattr(self, "validator", None)
         if validator is None:
             return super().final_eval()
-        stock_get_model = validator.get_model
-
-        def get_model(model: Any = None, trainer: Any = None, *args: Any, **kwargs: Any) -> Any:
-            if trainer is None and isinstance(model, (str, Path)) and str(model).endswith(".pt"):
-                model = _patch_if_model(load_checkpoint(model)[0])
-            return stock_get_model(model, trainer, *args, **kwargs)
-
-        validator.get_model = get_model
+        stock = type(validator)
+        validator.__class__ = _fused_subclass(stock, _FusedValidator)
         try:
             return super().final_eval()
         finally:
-            del validator.get_model
+            validator.__class__ = stock
+
+
+@_homed
+class _FusedValidator:
+    """Mixin over an Ultralytics validator: a ``.pt`` checkpoint given by path (what
+    ``final_eval`` validates) is loaded and patched here, and the validator gets the model (its
+    AutoBackend takes an ``nn.Module`` as it takes a path)."""
+
+    def __call__(self, trainer: Any = None, model: Any = None, **kwargs: Any) -> Any:
+        if trainer is None and isinstance(model, (str, Path)) and str(model).endswith(".pt"):
+            model = _patch_if_model(load_checkpoint(model)[0])
+        return super().__call__(trainer, model, **kwargs)
 
 
 @_homed
