@@ -2,7 +2,10 @@
 #
 #   make demo    virtual env + torch + build, then the main job (train/eval the detector on the
 #                embedded dataset, CPU)
-#   make test    virtual env + torch + build, then the whole test suite
+#   make test    virtual env + torch + build, then the whole test suite, then the adapters'
+#                tests against older mmdetection / Ultralytics releases (test-versions)
+#   make test-versions  only that: scripts/check_framework_versions.py (REPORT=1 rewrites
+#                docs/framework-versions.md)
 #   make bench   the core benchmark targets on the CPU (benchmarks/README.md); bench-full,
 #                bench-e2e for the whole grid and the detector's loss step, bench-frameworks for
 #                a training step of mmdetection's GFLHead and YOLOv8n, stock vs fused
@@ -29,7 +32,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test bench bench-full bench-e2e bench-frameworks gpu-check gpu-wheels \
+.PHONY: setup build demo test test-versions bench bench-full bench-e2e bench-frameworks gpu-check gpu-wheels \
 	paper-bounds lint clean
 
 # gpu-check runs where the project's venv is usually absent (the lent GPU machine's python3)
@@ -59,6 +62,10 @@ demo: setup
 # lint first: a tree that ruff rejects fails CI before the half-hour of tests
 test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) scripts/check_framework_versions.py
+
+test-versions: setup
+	$(PY) scripts/check_framework_versions.py $(if $(REPORT),--report docs/framework-versions.md)
 
 bench: setup
 	$(PY) -m benchmarks.run --device cpu --preset core-targets

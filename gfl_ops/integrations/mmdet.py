@@ -61,27 +61,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Union
 
+import mmdet
 import torch
 from torch import nn
 
 from gfl_ops import functional
 from gfl_ops.modules import ProjectCheck, project_problem
 
+from ._versions import unsupported, warn_if_older_than_tested
+
+warn_if_older_than_tested("mmdet", mmdet.__version__)
 try:
     from mmdet.models.dense_heads.gfl_head import Integral as _MMDetIntegral
     from mmdet.models.losses.gfocal_loss import DistributionFocalLoss as _MMDetDFL
     from mmdet.models.losses.gfocal_loss import QualityFocalLoss as _MMDetQFL
     from mmdet.models.losses.utils import weight_reduce_loss as _mmdet_weight_reduce_loss
     from mmdet.registry import MODELS
-except ModuleNotFoundError as err:  # pragma: no cover - depends on the environment
+except ImportError as err:  # pragma: no cover - depends on the environment
     if err.name == "mmcv._ext":
         raise ImportError(
             "gfl_ops.integrations.mmdet needs mmdet's models, which need mmcv's compiled ops "
             "(mmcv._ext): install full mmcv (not mmcv-lite), e.g. `mim install mmcv`"
         ) from err
-    raise ImportError(
-        f"gfl_ops.integrations.mmdet needs mmdetection 3.x (mmdet, mmengine, mmcv): {err}"
-    ) from err
+    # mmdetection 2.x (no mmdet.registry), or a release without these modules
+    raise unsupported("mmdet", mmdet.__version__, err) from err
 
 __all__ = [
     "FusedQualityFocalLoss",

@@ -66,45 +66,54 @@ from typing import (
 )
 
 import torch  # noqa: F401
+import ultralytics
 from torch import nn  # noqa: F401
-from ultralytics.engine.model import Model
-from ultralytics.engine.trainer import BaseTrainer  # noqa: F401
-from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: F401
-from ultralytics.models.yolo.model import YOLO  # noqa: F401
-from ultralytics.nn.modules.block import DFL
-from ultralytics.nn.tasks import (
-    DetectionModel,
-    OBBModel,
-    PoseModel,
-    SegmentationModel,
-    load_checkpoint,  # noqa: F401
-)
-from ultralytics.utils.loss import (
-    BboxLoss,  # noqa: F401
-    DFLoss,  # noqa: F401
-    v8DetectionLoss,  # noqa: F401
-    v8PoseLoss,
-    v8SegmentationLoss,
-)
-from ultralytics.utils.tal import dist2bbox  # noqa: F401
 
 from gfl_ops import functional  # noqa: F401
 
-from ._classes import T, _fused_subclass, _stock_class
-from ._model import (
-    FusedDetectionModel,
-    _FusedModel,
-    _patch_detection_model,
-    _unpatch_detection_model,
-)
-from ._modules import FusedDFL, FusedDFLoss, FusedV8DetectionLoss, _FusedDetectionLoss
-from ._training import (
-    FusedDetectionTrainer,
-    FusedYOLO,
-    _FusedTrainer,  # noqa: F401  (re-exported: the adapter's classes name this module as theirs)
-    _FusedYOLOMixin,
-    patch_trainer,
-)
+from .._versions import unsupported, warn_if_older_than_tested
+
+warn_if_older_than_tested("ultralytics", ultralytics.__version__)
+try:  # Ultralytics' internals that the adapter builds on (checked for each tested release)
+    from ultralytics.engine.model import Model
+    from ultralytics.engine.trainer import BaseTrainer  # noqa: F401
+    from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: F401
+    from ultralytics.models.yolo.model import YOLO  # noqa: F401
+    from ultralytics.nn.modules.block import DFL
+    from ultralytics.nn.tasks import (
+        DetectionModel,
+        OBBModel,
+        PoseModel,
+        SegmentationModel,
+    )
+    from ultralytics.utils.loss import (
+        BboxLoss,  # noqa: F401
+        DFLoss,  # noqa: F401
+        v8DetectionLoss,  # noqa: F401
+        v8PoseLoss,
+        v8SegmentationLoss,
+    )
+    from ultralytics.utils.tal import dist2bbox  # noqa: F401
+
+    from ._classes import T, _fused_subclass, _stock_class
+    from ._model import (
+        FusedDetectionModel,
+        _FusedModel,
+        _patch_detection_model,
+        _unpatch_detection_model,
+    )
+    from ._modules import FusedDFL, FusedDFLoss, FusedV8DetectionLoss, _FusedDetectionLoss
+    from ._training import (
+        FusedDetectionTrainer,
+        FusedYOLO,
+        _FusedTrainer,  # noqa: F401  (re-exported: the adapter's classes name this module as theirs)
+        _FusedValidator,  # noqa: F401  (the same)
+        _FusedYOLOMixin,
+        load_checkpoint,  # noqa: F401  (ultralytics' own, under its older name on older releases)
+        patch_trainer,
+    )
+except ImportError as _err:  # a release without them: say which release, and what is tested
+    raise unsupported("ultralytics", ultralytics.__version__, _err) from _err
 
 __all__ = [
     "FusedDFL",
