@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Any, Protocol
 
 import torch
@@ -153,5 +154,27 @@ def _auto_choice(device_type: str, op: str) -> str:
         preferred, fallbacks = "reference", ()
     for name in (preferred, *fallbacks):
         if _reason(name, device_type) is None:
+            if name == "reference" and preferred != "reference":
+                _warn_slow_fallback(preferred, device_type)
             return name
     return "reference"
+
+
+# device types whose automatic choice already warned that it fell back to the reference backend
+_warned_fallback: set[str] = set()
+
+
+def _warn_slow_fallback(preferred: str, device_type: str) -> None:
+    """Once per device type: ``auto`` is running the eager reference formulas (same values, much
+    slower) because the compiled backend cannot run, typically an extension built against another
+    torch (an isolated ``pip install .``).  Silent, that would look like gfl_ops being slow."""
+    if device_type in _warned_fallback:
+        return
+    _warned_fallback.add(device_type)
+    warnings.warn(
+        f"gfl_ops: the {preferred!r} backend cannot run on {device_type} tensors here "
+        f"({_reason(preferred, device_type)}), so the automatic choice is the 'reference' "
+        "backend: the same values from eager PyTorch formulas, without the fused kernels' "
+        "speed.  Choose it knowingly with backend='reference' or GFL_OPS_BACKEND=reference.",
+        stacklevel=2,
+    )

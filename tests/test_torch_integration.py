@@ -298,6 +298,9 @@ def test_import_without_compiled_extension_explains_and_falls_back():
     result = _fresh_interpreter(code)
     assert result.returncode == 0, result.stderr
     assert "not built" in result.stdout and "pip install --no-build-isolation -e ." in result.stdout
+    # the automatic choice says, once, that it runs the slow reference formulas, and why
+    assert result.stderr.count("so the automatic choice is the 'reference' backend") == 1
+    assert "'cpu' backend cannot run on cpu tensors here (the compiled extension" in result.stderr
     assert "'reference'" in result.stdout
     assert "ERR gfl_ops backend 'cpu' cannot run" in result.stdout
 
