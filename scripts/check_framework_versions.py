@@ -65,8 +65,19 @@ class Entry:
 # suite and are not repeated here.
 MATRIX = (
     # mmdet 3.0 / 3.1 accept mmcv < 2.1 (the venv has mmcv-lite 2.1.0); 3.0 with the mmengine of
-    # its time
-    Entry("mmdet", "3.0.0", ("mmcv-lite==2.0.1", "mmengine==0.7.4")),
+    # its time, whose Runner formats its config with yapf's pre-0.40.2 API
+    Entry(
+        "mmdet",
+        "3.0.0",
+        (
+            "mmcv-lite==2.0.1",
+            "mmengine==0.7.4",
+            "yapf==0.40.1",
+            "importlib-metadata==7.0.1",
+            "zipp==3.17.0",
+            "tomli==2.0.1",
+        ),
+    ),
     Entry("mmdet", "3.1.0", ("mmcv-lite==2.0.1",)),
     Entry("mmdet", "3.2.0"),
     # 8.3.100 requires numpy <= 2.1.1 (and uses np.trapz, which NumPy 2.4 removed) and pandas

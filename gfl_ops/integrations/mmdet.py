@@ -1,7 +1,7 @@
 """mmdetection (3.x) adapter: gfl_ops' fused QFL, DFL and integral as mmdet modules.
 
-Importing this module registers three modules in ``mmdet.registry.MODELS``; ``import gfl_ops``
-alone never imports mmdet::
+Importing this module registers three modules in ``mmdet.registry.MODELS`` and one hook in
+``HOOKS``; ``import gfl_ops`` alone never imports mmdet::
 
     import gfl_ops.integrations.mmdet  # or, in a config: custom_imports=dict(
                                        #     imports=['gfl_ops.integrations.mmdet'])
@@ -14,6 +14,9 @@ head's ``Integral``, which mmdet constructs directly rather than from the config
 
     from gfl_ops.integrations.mmdet import fuse
     model = fuse(model)
+
+or, with mmdet's tools and a config alone, ``custom_hooks = [dict(type='FuseGFLOpsHook')]``,
+which fuses the runner's model when a run starts (:class:`FuseGFLOpsHook`).
 
 * :class:`FusedQualityFocalLoss`, :class:`FusedDistributionFocalLoss` and :class:`FusedIntegral`
   subclass mmdet's ``QualityFocalLoss``, ``DistributionFocalLoss`` and
@@ -76,7 +79,8 @@ try:
     from mmdet.models.losses.gfocal_loss import DistributionFocalLoss as _MMDetDFL
     from mmdet.models.losses.gfocal_loss import QualityFocalLoss as _MMDetQFL
     from mmdet.models.losses.utils import weight_reduce_loss as _mmdet_weight_reduce_loss
-    from mmdet.registry import MODELS
+    from mmdet.registry import HOOKS, MODELS
+    from mmengine.hooks import Hook
 except ImportError as err:  # pragma: no cover - depends on the environment
     if err.name == "mmcv._ext":
         raise ImportError(
@@ -90,6 +94,7 @@ __all__ = [
     "FusedQualityFocalLoss",
     "FusedDistributionFocalLoss",
     "FusedIntegral",
+    "FuseGFLOpsHook",
     "fuse",
 ]
 
@@ -369,3 +374,28 @@ def fuse(model: nn.Module, *, backend: str | None = None) -> nn.Module:
         elif backend is not None:
             module.backend = backend
     return model
+
+
+@HOOKS.register_module()
+class FuseGFLOpsHook(Hook):
+    """Fuse the runner's model (:func:`fuse`) when a run starts: for users who train and test
+    with mmdet's tools and configs only.  Naming the fused losses in a config cannot reach the
+    GFL head's ``Integral``, which mmdet builds in code; this hook converts it too::
+
+        custom_imports = dict(imports=['gfl_ops.integrations.mmdet'], allow_failed_imports=False)
+        custom_hooks = [dict(type='FuseGFLOpsHook')]  # optionally backend='cuda' / 'triton'
+
+    ``before_run`` comes in ``runner.train()``, ``val()`` and ``test()`` alike, before weights
+    are initialised or a checkpoint is loaded (fusing changes no parameter, buffer or state-dict
+    key, so either order gives the same model), and, with priority ``VERY_HIGH``, before
+    ``EMAHook`` copies the model (its copy is then fused too).  A model wrapped for DDP is fused
+    through the wrapper.
+    """
+
+    priority = "VERY_HIGH"
+
+    def __init__(self, backend: str | None = None) -> None:
+        self.backend = backend
+
+    def before_run(self, runner) -> None:  # noqa: ANN001 - mmengine's Runner
+        fuse(runner.model, backend=self.backend)

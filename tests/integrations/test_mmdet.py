@@ -857,44 +857,47 @@ def _gfl_detector() -> torch.nn.Module:
 
 
 def _build_detector(head: dict) -> torch.nn.Module:
-    return MODELS.build(
-        dict(
-            type="GFL",
-            data_preprocessor=dict(
-                type="DetDataPreprocessor",
-                mean=[123.675, 116.28, 103.53],
-                std=[58.395, 57.12, 57.375],
-                bgr_to_rgb=True,
-                pad_size_divisor=32,
-            ),
-            backbone=dict(
-                type="ResNet",
-                depth=18,
-                num_stages=4,
-                out_indices=(0, 1, 2, 3),
-                frozen_stages=-1,
-                norm_cfg=dict(type="BN", requires_grad=True),
-                norm_eval=True,
-                style="pytorch",
-            ),
-            neck=dict(
-                type="FPN",
-                in_channels=[64, 128, 256, 512],
-                out_channels=CHANNELS,
-                start_level=1,
-                add_extra_convs="on_output",
-                num_outs=5,
-            ),
-            bbox_head=head,
-            train_cfg=GFL_R50_TRAIN_CFG,
-            test_cfg=ConfigDict(
-                nms_pre=1000,
-                min_bbox_size=0,
-                score_thr=0.05,
-                nms=dict(type="nms", iou_threshold=0.6),
-                max_per_img=100,
-            ),
-        )
+    return MODELS.build(_detector_cfg(head))
+
+
+def _detector_cfg(head: dict) -> dict:
+    """mmdet's GFL detector config with a ResNet-18 backbone and ``head``."""
+    return dict(
+        type="GFL",
+        data_preprocessor=dict(
+            type="DetDataPreprocessor",
+            mean=[123.675, 116.28, 103.53],
+            std=[58.395, 57.12, 57.375],
+            bgr_to_rgb=True,
+            pad_size_divisor=32,
+        ),
+        backbone=dict(
+            type="ResNet",
+            depth=18,
+            num_stages=4,
+            out_indices=(0, 1, 2, 3),
+            frozen_stages=-1,
+            norm_cfg=dict(type="BN", requires_grad=True),
+            norm_eval=True,
+            style="pytorch",
+        ),
+        neck=dict(
+            type="FPN",
+            in_channels=[64, 128, 256, 512],
+            out_channels=CHANNELS,
+            start_level=1,
+            add_extra_convs="on_output",
+            num_outs=5,
+        ),
+        bbox_head=head,
+        train_cfg=GFL_R50_TRAIN_CFG,
+        test_cfg=ConfigDict(
+            nms_pre=1000,
+            min_bbox_size=0,
+            score_thr=0.05,
+            nms=dict(type="nms", iou_threshold=0.6),
+            max_per_img=100,
+        ),
     )
 
 
@@ -951,3 +954,70 @@ def test_whole_detector_fuse_loss_and_predict():
             torch.testing.assert_close(
                 g.pred_instances[key], w.pred_instances[key], rtol=1e-5, atol=1e-4
             )
+
+
+def test_fuse_hook_fuses_a_config_built_run(tmp_path) -> None:
+    """``custom_hooks=[dict(type='FuseGFLOpsHook')]`` in a config: a real mmengine Runner trains
+    mmdet's GFL detector with the fused losses *and* the fused Integral (which no config key
+    reaches), fuses the EMA copy too (EMAHook listed first: the priority orders them), and
+    writes checkpoints that load into a stock detector with ``strict=True``."""
+    import cv2
+    import torch.multiprocessing as mp
+    from mmengine.dataset import pseudo_collate
+    from mmengine.runner import Runner
+    from torch.utils.data import DataLoader
+
+    size = 128
+    _, gts, _ = _batch(batch=4, boxes=6, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    data = []
+    for gt in gts:
+        sample = DetDataSample()
+        scale = size / IMG
+        sample.gt_instances = InstanceData(
+            bboxes=(gt.bboxes * scale).clamp(0, size - 1), labels=gt.labels
+        )
+        sample.set_metainfo(
+            dict(img_shape=(size, size), ori_shape=(size, size), scale_factor=(1.0, 1.0))
+        )
+        image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=gen)
+        data.append(dict(inputs=image, data_samples=sample))
+    head = _head_cfg()
+    head.pop("train_cfg")
+    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+    runner = Runner(
+        model=_detector_cfg(head),
+        work_dir=str(tmp_path),
+        train_dataloader=DataLoader(data, batch_size=2, collate_fn=pseudo_collate),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=1e-3, momentum=0.9)),
+        train_cfg=dict(by_epoch=False, max_iters=2),
+        custom_hooks=[dict(type="EMAHook"), dict(type="FuseGFLOpsHook")],
+        default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=2, by_epoch=False)),
+        default_scope="mmdet",
+        # keep this process's settings (mmengine's defaults change the start method)
+        env_cfg=dict(
+            mp_cfg=dict(
+                mp_start_method=mp.get_start_method(allow_none=True) or "fork",
+                opencv_num_threads=cv2_threads,
+            )
+        ),
+        log_level="WARNING",
+    )
+    calls = []
+    integral = runner.model.bbox_head.integral
+    integral.register_forward_hook(lambda *_: calls.append(type(integral)))
+    try:
+        runner.train()
+    finally:
+        torch.set_num_threads(threads)
+    assert calls and set(calls) == {FusedIntegral}  # every training step ran the fused Integral
+    (ema,) = [h for h in runner.hooks if type(h).__name__ == "EMAHook"]
+    for model in (runner.model, ema.ema_model.module):
+        kinds = {type(m) for m in model.modules()}
+        assert {FusedQualityFocalLoss, FusedDistributionFocalLoss, FusedIntegral} <= kinds
+        assert not kinds & {QualityFocalLoss, DistributionFocalLoss, Integral}
+    ckpt = torch.load(tmp_path / "iter_2.pth", map_location="cpu", weights_only=False)
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        stock = _build_detector(copy.deepcopy(head))
+    stock.load_state_dict(ckpt["state_dict"], strict=True)
+    assert type(stock.bbox_head.integral) is Integral
