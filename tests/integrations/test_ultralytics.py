@@ -22,6 +22,7 @@ settings directory, no network, and undoes the process-wide changes after each t
 
 from __future__ import annotations
 
+import ast
 import atexit
 import copy
 import os
@@ -915,3 +916,62 @@ def test_export_onnx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         torch.onnx.export(head_model, (x,), str(dyn), dynamo=True, opset_version=18, verbose=False)
     assert onnx_domains(dyn) <= {"", "ai.onnx"}
     np.testing.assert_allclose(run_onnx(dyn, x), expected, rtol=0, atol=1e-4)
+
+
+def test_cli_console_script_is_installed() -> None:
+    """pip's install of gfl-ops puts ``gfl-yolo`` beside the interpreter (pyproject's
+    [project.scripts]); it answers as ``yolo`` does."""
+    script = Path(sys.executable).parent / "gfl-yolo"
+    assert script.exists(), f"{script}: reinstall gfl-ops (pip install --no-build-isolation -e .)"
+    out = subprocess.run(
+        [str(script), "version"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "YOLO_CONFIG_DIR": _CONFIG_DIR, "YOLO_OFFLINE": "1"},
+        check=True,
+    ).stdout
+    assert ultralytics.__version__ in out
+
+
+def test_cli_trains_and_validates_with_the_fused_ops(tmp_path: Path) -> None:
+    """``gfl-yolo`` / ``python -m gfl_ops.integrations.ultralytics`` is the ``yolo`` command with
+    patched models: ``train`` then ``val`` of the best checkpoint, in a fresh interpreter (the
+    CLI changes process-wide state), counting the fused ops' calls there."""
+    data = write_dataset(tmp_path / "data")
+    args = {k: v for k, v in TRAIN_ARGS.items() if k != "verbose"}
+    train = ["train", "model=yolov8n.yaml", f"data={data}", f"project={tmp_path / 'runs'}"]
+    train += ["name=cli"] + [f"{k}={v}" for k, v in args.items()]
+    best = tmp_path / "runs" / "cli" / "weights" / "best.pt"
+    val = ["val", f"model={best}", f"data={data}", "imgsz=64", "batch=2", "workers=0"]
+    val += ["device=cpu", "plots=False", f"project={tmp_path / 'runs'}", "name=cli_val"]
+    # one process per command: Ultralytics reads its arguments off sys.argv at import, as the
+    # real command does
+    code = (
+        "from gfl_ops import functional\n"
+        "calls = {'integral': 0, 'distribution_focal_loss': 0}\n"
+        "for name in calls:\n"
+        "    def counted(*a, _f=getattr(functional, name), _n=name, **k):\n"
+        "        calls[_n] += 1\n"
+        "        return _f(*a, **k)\n"
+        "    setattr(functional, name, counted)\n"
+        "from gfl_ops.integrations.ultralytics.__main__ import main\n"
+        "main()\n"
+        "print('CALLS', calls)\n"
+    )
+    counts = {}
+    for argv in (train, val):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "YOLO_CONFIG_DIR": _CONFIG_DIR, "YOLO_OFFLINE": "1"},
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (line,) = [line for line in proc.stdout.splitlines() if line.startswith("CALLS ")]
+        counts[argv[0]] = ast.literal_eval(line[len("CALLS ") :])
+    # training: the DFL loss and the loss's decoding every step, the head at validation
+    assert counts["train"]["distribution_focal_loss"] >= 2 and counts["train"]["integral"] >= 4
+    assert counts["val"]["integral"] >= 1 and counts["val"]["distribution_focal_loss"] == 0
+    assert_stock_checkpoint(best, "model")

@@ -24,8 +24,10 @@ the same process keeps running Ultralytics' own code):
   trainer builds a *new* DetectionModel (``get_model``), so patching the model object alone would
   be lost.  The fused trainer patches the model it builds or is given (hence also its EMA copy
   and resumed / DDP runs) and the best checkpoint it validates at the end; ``train()`` re-patches
-  ``yolo.model`` after reloading the trained checkpoint.  ``YOLO.tune()`` and the CLI are not
-  covered (they start trainers of their own).
+  ``yolo.model`` after reloading the trained checkpoint.  The ``yolo`` command's
+  equivalent is ``gfl-yolo`` (``python -m gfl_ops.integrations.ultralytics``, same arguments,
+  :mod:`~gfl_ops.integrations.ultralytics.__main__`); ``YOLO.tune()`` is not covered (it starts
+  a ``yolo train`` process per trial).
 
 Counting convention: Ultralytics' ``reg_max`` is the number of bins (16); gfl_ops' ``n`` is
 ``bins - 1`` (15).  Nothing to configure: the bins are read off the tensors.
