@@ -62,7 +62,7 @@ Deliberate differences from mmdet (everything else is mmdet's result, shape and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, Union
 
 import mmdet
 import torch
@@ -397,5 +397,5 @@ class FuseGFLOpsHook(Hook):
     def __init__(self, backend: str | None = None) -> None:
         self.backend = backend
 
-    def before_run(self, runner) -> None:  # noqa: ANN001 - mmengine's Runner
+    def before_run(self, runner: Any) -> None:  # runner: mmengine.runner.Runner
         fuse(runner.model, backend=self.backend)
