@@ -3,8 +3,8 @@
 ``scripts/check_framework_versions.py`` (``make test-versions``, part of ``make test``) runs each
 adapter's test file against every release listed here; the newest of each is the one pinned in
 requirements-dev.txt, which the main test suite runs.  docs/framework-versions.md has the
-results.  A test (tests/test_framework_versions.py) keeps this list, the script's matrix and
-the pins in agreement.
+results.  tests/integrations/test_framework_versions.py keeps this list, the script's matrix
+and the pins in agreement.
 """
 
 from __future__ import annotations
