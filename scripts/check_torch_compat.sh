@@ -13,6 +13,13 @@
 #   scripts/check_torch_compat.sh                   # the GPU machine's stack (below)
 #   COMPAT_SPEC="torch==2.12.0 torchvision==0.27.0" scripts/check_torch_compat.sh
 #
+# A torch built for another CUDA than the project's 13.0 (e.g. 2.6 with CUDA 12.4, from PyPI):
+#   COMPAT_DEPS=1 GFL_OPS_CPU_ONLY=1 WORK=/tmp/gfl-compat26 \
+#       COMPAT_SPEC="torch==2.6.0 torchvision==0.21.0 numpy<2.4" scripts/check_torch_compat.sh
+# COMPAT_DEPS=1 installs the spec with its dependencies (its own nvidia-* libraries, a few GB)
+# instead of over the project's CUDA 13 libraries; GFL_OPS_CPU_ONLY=1 builds the C++ kernels
+# only (nvcc 13.0 does not build for a CUDA 12 torch), so the CUDA kernels go untested there.
+#
 # Notes:
 # * torch's CUDA wheel is installed without its nvidia-* dependencies (several GB); the CUDA
 #   libraries of the project's .venv are put on LD_LIBRARY_PATH instead (same CUDA 13).
@@ -37,13 +44,19 @@ if [ ! -x "$WORK/venv/bin/python" ]; then
 fi
 VPY="$WORK/venv/bin/python"
 # shellcheck disable=SC2086  # the spec is a list of requirements
-"$VPY" -m pip install --quiet --no-deps $COMPAT_SPEC
+if [ "${COMPAT_DEPS:-0}" = 1 ]; then
+    "$VPY" -m pip install --quiet $COMPAT_SPEC
+else
+    "$VPY" -m pip install --quiet --no-deps $COMPAT_SPEC
+fi
 "$VPY" -m pip install --quiet filelock typing-extensions sympy networkx jinja2 fsspec \
     pillow scipy pytest hypothesis ninja setuptools wheel
 
-nvidia_libs=$(find "$MAIN_VENV"/lib/python3*/site-packages/nvidia -maxdepth 3 -type d -name lib \
-    2>/dev/null | sed "s|^|$PWD/|" | paste -sd:)
-export LD_LIBRARY_PATH="${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ "${COMPAT_DEPS:-0}" != 1 ]; then
+    nvidia_libs=$(find "$MAIN_VENV"/lib/python3*/site-packages/nvidia -maxdepth 3 -type d \
+        -name lib 2>/dev/null | sed "s|^|$PWD/|" | paste -sd:)
+    export LD_LIBRARY_PATH="${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 "$VPY" -c "import torch; print('compat torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 SRC="$WORK/src"

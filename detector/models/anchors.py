@@ -32,13 +32,13 @@ class Anchors(NamedTuple):
         return (self.boxes[:, :2] + self.boxes[:, 2:]) * 0.5
 
 
+# (torch.compiler.is_exporting exists from torch 2.7 on; before, is_compiling covers export)
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def _tracing() -> bool:
     """True inside torch.compile, torch.export or an ONNX export."""
-    return (
-        torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or torch.onnx.is_in_onnx_export()
-    )
+    return torch.compiler.is_compiling() or _is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 class AnchorGenerator:

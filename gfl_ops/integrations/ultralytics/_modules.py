@@ -24,16 +24,20 @@ from gfl_ops import functional
 
 from ._classes import T, _fused_subclass, _homed, _register, _stock_class
 
+# torch.compiler.is_exporting exists from torch 2.7 on; before, torch.export is not told apart
+# from torch.compile (the fused operator, which has a fake kernel, is then exported as is)
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
 
 def _exporting() -> bool:
     """Whether the module is being exported / traced rather than run (the graph must then hold
     standard ops only).  Both ``torch.onnx.export`` exporters (``dynamo=False``, which Ultralytics
     uses, and ``dynamo=True``) report ``is_in_onnx_export()`` (checked on torch 2.14);
-    ``torch.export`` reports ``is_exporting()``; ``torch.jit.trace`` (TorchScript, CoreML, ...)
-    ``is_tracing()``."""
+    ``torch.export`` reports ``is_exporting()`` (torch >= 2.7); ``torch.jit.trace`` (TorchScript,
+    CoreML, ...) ``is_tracing()``."""
     return (
         torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_exporting()
+        or _is_exporting()
         or torch.jit.is_tracing()
         or torch.jit.is_scripting()
     )
