@@ -142,6 +142,24 @@ def test_unavailable_reasons(monkeypatch):
         assert "CUDA" in backend.unavailable_reason("cuda")
 
 
+def test_too_old_triton_is_refused_with_a_reason(monkeypatch):
+    """Under Triton 3.0 (torch 2.4) the kernels gave wrong values: the backend says it cannot
+    run there, on every device, and the automatic choice takes another."""
+    import triton
+
+    from gfl_ops import _registry
+
+    monkeypatch.setattr(triton, "__version__", "3.0.0")
+    for device_type in ("cpu", "cuda"):
+        reason = triton_backend.BACKEND.unavailable_reason(device_type)
+        assert "Triton 3.0.0 is older than 3.2" in reason
+    assert "triton" not in _registry.available_backends("cpu")
+    with pytest.raises(RuntimeError, match="Triton 3.0.0 is older than 3.2"):
+        gfl_ops.integral(torch.randn(3, 17), backend="triton")
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    assert triton_backend.BACKEND.unavailable_reason(DEVICE) is None
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch heuristics at the sizes that matter, and correctness there
 # ----------------------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ Double backward is exact (:mod:`gfl_ops._second_order`); third order raises.  Dt
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from gfl_ops.triton import _common
@@ -62,6 +64,25 @@ from gfl_ops.triton import qfl as _qfl
 from gfl_ops.triton._common import KERNEL_DTYPES, LABEL_DTYPES, env_interpret_requested
 
 __all__ = ["BACKEND", "TritonBackend"]
+
+
+# The oldest Triton this backend is verified with (scripts/check_torch_compat.sh; README,
+# "Building"): under torch 2.4's Triton 3.0 its kernels gave wrong values in the interpreter,
+# and wrong values are worse than a backend that says it cannot run.
+MIN_TRITON = (3, 2)
+
+
+def _triton_too_old() -> str | None:
+    import triton
+
+    found = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+    if found < MIN_TRITON:
+        return (
+            f"Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the "
+            "oldest this backend is verified with (Triton 3.0 gave wrong values); upgrade torch "
+            "(and with it Triton), or use the cuda / cpu / reference backend"
+        )
+    return None
 
 
 def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -79,6 +100,9 @@ class TritonBackend:
     name = "triton"
 
     def unavailable_reason(self, device_type: str) -> str | None:
+        too_old = _triton_too_old()
+        if too_old is not None:
+            return too_old
         if device_type == "cuda":
             if not torch.cuda.is_available():
                 return "no CUDA device (torch.cuda.is_available() is False)"
