@@ -67,8 +67,8 @@ __all__ = ["BACKEND", "TritonBackend"]
 
 
 # The oldest Triton this backend is verified with (scripts/check_torch_compat.sh; README,
-# "Building"): under torch 2.4's Triton 3.0 its kernels gave wrong values in the interpreter,
-# and wrong values are worse than a backend that says it cannot run.
+# "Building"): under torch 2.4 / 2.5 (Triton 3.0 / 3.1) the interpreter returned outputs the
+# kernels never wrote, and wrong values are worse than a backend that says it cannot run.
 MIN_TRITON = (3, 2)
 
 
@@ -79,8 +79,9 @@ def _triton_too_old() -> str | None:
     if found < MIN_TRITON:
         return (
             f"Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the "
-            "oldest this backend is verified with (Triton 3.0 gave wrong values); upgrade torch "
-            "(and with it Triton), or use the cuda / cpu / reference backend"
+            "oldest this backend is verified with (under 3.0 and 3.1 it returned outputs its "
+            "kernels never wrote); upgrade torch (and with it Triton), or use the cuda / cpu / "
+            "reference backend"
         )
     return None
 
