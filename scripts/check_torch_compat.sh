@@ -66,6 +66,12 @@ cd "$SRC"
 MAX_JOBS=${MAX_JOBS:-2} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
     "$VPY" setup.py build_ext --inplace
 "$VPY" -c "import gfl_ops; print('gfl_ops backends:', gfl_ops.backend_status())"
+# tests/test_triton_compiled.py's ahead-of-time compiles use Triton internals of 3.6
+# (native_specialize_impl): with an older torch's Triton they cannot start
+older=()
+if [ "${COMPAT_DEPS:-0}" = 1 ]; then
+    older=(--ignore=tests/test_triton_compiled.py)
+fi
 "$VPY" -m pytest -q -p no:cacheprovider tests \
     --ignore=tests/integrations --ignore=tests/detector \
-    --ignore=tests/test_benchmarks.py --ignore=tests/test_cuda_compiled.py "$@"
+    --ignore=tests/test_benchmarks.py --ignore=tests/test_cuda_compiled.py "${older[@]}" "$@"
