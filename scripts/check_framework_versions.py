@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # benchmarks.csvio (run as a script, only scripts/ is on the path)
 CACHE = REPO / ".venv" / "framework-versions"
 TEST_FILES = {
     "mmdet": "tests/integrations/test_mmdet.py",
@@ -175,14 +176,11 @@ def installed_version(package: str) -> str:
 def report(outcomes: list[Outcome]) -> str:
     import torch
 
+    from benchmarks.csvio import git_commit
     from gfl_ops.integrations._versions import TESTED
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
-
-    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no").strip():
-        commit += " (with uncommitted changes)"
+    commit, dirty = git_commit()
+    commit = commit[:7] + (" (with uncommitted changes)" if dirty == "yes" else "")
     tested = "; ".join(f"{name} {', '.join(versions)}" for name, versions in TESTED.items())
     lines = [
         "# Framework releases the adapters are tested with",

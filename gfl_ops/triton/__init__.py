@@ -53,8 +53,6 @@ Double backward is exact (:mod:`gfl_ops._second_order`); third order raises.  Dt
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from gfl_ops.triton import _common
@@ -69,16 +67,16 @@ __all__ = ["BACKEND", "TritonBackend"]
 # The oldest Triton this backend is verified with (scripts/check_torch_compat.sh; README,
 # "Building"): under torch 2.4 / 2.5 (Triton 3.0 / 3.1) the interpreter returned outputs the
 # kernels never wrote, and wrong values are worse than a backend that says it cannot run.
-MIN_TRITON = (3, 2)
+MIN_TRITON = "3.2"
 
 
 def _triton_too_old() -> str | None:
     import triton
+    from torch.torch_version import TorchVersion  # torch's version comparison, for any package
 
-    found = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
-    if found < MIN_TRITON:
+    if TorchVersion(triton.__version__) < MIN_TRITON:
         return (
-            f"Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the "
+            f"Triton {triton.__version__} is older than {MIN_TRITON}, the "
             "oldest this backend is verified with (under 3.0 and 3.1 it returned outputs its "
             "kernels never wrote); upgrade torch (and with it Triton), or use the cuda / cpu / "
             "reference backend"

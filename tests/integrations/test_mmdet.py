@@ -18,10 +18,11 @@ test-only ``mmcv_ext_stub`` before mmdet's models are imported.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import mmcv_ext_stub
 import pytest
@@ -956,13 +957,33 @@ def test_whole_detector_fuse_loss_and_predict():
             )
 
 
+def _this_process_mp_cfg() -> dict:
+    """mmengine's ``env_cfg.mp_cfg`` that keeps this process's settings (its defaults force the
+    'fork' start method and set OpenCV's thread count for the whole test process)."""
+    import cv2
+    import torch.multiprocessing as mp
+
+    return dict(
+        mp_start_method=mp.get_start_method(allow_none=True) or "fork",
+        opencv_num_threads=cv2.getNumThreads(),
+    )
+
+
+@contextlib.contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """Restore torch's intra-op thread count after a Runner has run."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fuse_hook_fuses_a_config_built_run(tmp_path) -> None:
     """``custom_hooks=[dict(type='FuseGFLOpsHook')]`` in a config: a real mmengine Runner trains
     mmdet's GFL detector with the fused losses *and* the fused Integral (which no config key
     reaches), fuses the EMA copy too (EMAHook listed first: the priority orders them), and
     writes checkpoints that load into a stock detector with ``strict=True``."""
-    import cv2
-    import torch.multiprocessing as mp
     from mmengine.dataset import pseudo_collate
     from mmengine.runner import Runner
     from torch.utils.data import DataLoader
@@ -984,7 +1005,6 @@ def test_fuse_hook_fuses_a_config_built_run(tmp_path) -> None:
         data.append(dict(inputs=image, data_samples=sample))
     head = _head_cfg()
     head.pop("train_cfg")
-    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     runner = Runner(
         model=_detector_cfg(head),
         work_dir=str(tmp_path),
@@ -994,22 +1014,14 @@ def test_fuse_hook_fuses_a_config_built_run(tmp_path) -> None:
         custom_hooks=[dict(type="EMAHook"), dict(type="FuseGFLOpsHook")],
         default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=2, by_epoch=False)),
         default_scope="mmdet",
-        # keep this process's settings (mmengine's defaults change the start method)
-        env_cfg=dict(
-            mp_cfg=dict(
-                mp_start_method=mp.get_start_method(allow_none=True) or "fork",
-                opencv_num_threads=cv2_threads,
-            )
-        ),
+        env_cfg=dict(mp_cfg=_this_process_mp_cfg()),
         log_level="WARNING",
     )
     calls = []
     integral = runner.model.bbox_head.integral
     integral.register_forward_hook(lambda *_: calls.append(type(integral)))
-    try:
+    with _torch_threads_kept():
         runner.train()
-    finally:
-        torch.set_num_threads(threads)
     assert calls and set(calls) == {FusedIntegral}  # every training step ran the fused Integral
     (ema,) = [h for h in runner.hooks if type(h).__name__ == "EMAHook"]
     for model in (runner.model, ema.ema_model.module):
@@ -1070,8 +1082,6 @@ def test_mmdet_gfl_config_file_trains_fused(tmp_path) -> None:
     ResNet-18 without pretrained weights, 96-pixel images, one epoch of two iterations.)"""
     from pathlib import Path
 
-    import cv2
-    import torch.multiprocessing as mp
     from mmengine.config import Config
     from mmengine.runner import Runner
 
@@ -1105,20 +1115,14 @@ def test_mmdet_gfl_config_file_trains_fused(tmp_path) -> None:
     cfg.model.test_cfg.score_thr = 0.0  # two steps from init score ~0.01: keep some detections
     cfg.work_dir = str(tmp_path / "work")
     cfg.log_level = "WARNING"
-    cfg.env_cfg.mp_cfg = dict(
-        mp_start_method=mp.get_start_method(allow_none=True) or "fork",
-        opencv_num_threads=cv2.getNumThreads(),
-    )
-    threads = torch.get_num_threads()
-    try:
+    cfg.env_cfg.mp_cfg = _this_process_mp_cfg()
+    with _torch_threads_kept():
         runner = Runner.from_cfg(cfg)
         integral = runner.model.bbox_head.integral
         calls = []
         integral.register_forward_hook(lambda *_: calls.append(type(integral)))
         runner.train()
         metrics = runner.test()
-    finally:
-        torch.set_num_threads(threads)
     assert len(calls) >= 2 and set(calls) == {FusedIntegral}
     kinds = {type(m) for m in runner.model.modules()}
     assert {FusedQualityFocalLoss, FusedDistributionFocalLoss, FusedIntegral} <= kinds
