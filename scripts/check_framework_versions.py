@@ -6,7 +6,7 @@ bring the release they have, and the adapters build on framework internals (Ultr
 trainer and validator classes; mmdet's loss modules and ``weight_reduce_loss``) that change from
 release to release.  Each entry of MATRIX below is installed over the project's venv (``pip
 install --no-deps --target``, put first on ``PYTHONPATH``: the venv's torch, the build and
-everything else stay) and the adapter's whole test file runs against it.  Where a release's own
+everything else stay) and the adapter's whole test files run against it.  Where a release's own
 requirements exclude the venv's version of a dependency (Ultralytics 8.3.100 pins
 ``numpy<=2.1.1``), that dependency is installed alongside at a version the release accepts.
 
@@ -38,8 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # benchmarks.csvio (run as a script, only scripts/ is on the path)
 CACHE = REPO / ".venv" / "framework-versions"
 TEST_FILES = {
-    "mmdet": "tests/integrations/test_mmdet.py",
-    "ultralytics": "tests/integrations/test_ultralytics.py",
+    "mmdet": ("tests/integrations/test_mmdet.py", "tests/integrations/test_mmdet_detectors.py"),
+    "ultralytics": ("tests/integrations/test_ultralytics.py",),
 }
 # what a release predating a model legitimately skips (the pinned release runs those tests)
 NO_YOLO26 = r"has no YOLO26"
@@ -144,7 +144,7 @@ def run(entry: Entry) -> Outcome:
     }
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider"]
-        + [TEST_FILES[entry.framework]],
+        + list(TEST_FILES[entry.framework]),
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -187,7 +187,7 @@ def report(outcomes: list[Outcome]) -> str:
         "",
         "Written by `python scripts/check_framework_versions.py --report "
         "docs/framework-versions.md` (`make test-versions`; `make test`, hence CI, runs the same "
-        "check without writing this file).  Each row: the adapter's whole test file run against "
+        "check without writing this file).  Each row: the adapter's whole test files run against "
         "that release, installed over the project's venv.  The pinned releases "
         f"(mmdet {installed_version('mmdet')}, mmengine {installed_version('mmengine')}, "
         f"mmcv-lite {installed_version('mmcv-lite')}; ultralytics "
