@@ -43,6 +43,9 @@ TEST_FILES = {
 }
 # what a release predating a model legitimately skips (the pinned release runs those tests)
 NO_YOLO26 = r"has no YOLO26"
+# what a release whose own feature is broken skips: the stock tuner of 8.3.2xx-8.4.0 fails
+# every trial (checked by the test, not assumed)
+TUNER_BROKEN = r"own tuner fails every trial"
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,8 @@ MATRIX = (
         ("numpy==2.1.1", "pandas==2.2.3", "pytz", "tzdata"),
         (NO_YOLO26,),
     ),
-    Entry("ultralytics", "8.3.253", (), (NO_YOLO26,)),
-    Entry("ultralytics", "8.4.0"),
+    Entry("ultralytics", "8.3.253", (), (NO_YOLO26, TUNER_BROKEN)),
+    Entry("ultralytics", "8.4.0", (), (TUNER_BROKEN,)),
     Entry("ultralytics", "8.4.100"),
 )
 

@@ -25,7 +25,11 @@ from __future__ import annotations
 import ast
 import atexit
 import copy
+import importlib
+import inspect
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,6 +84,7 @@ from gfl_ops.integrations.ultralytics import (  # noqa: E402
     patch_trainer,
     unpatch,
 )
+from gfl_ops.integrations.ultralytics._tuning import FUSED_LAUNCH, fused_command  # noqa: E402
 
 if _OMP_BEFORE is None:  # ultralytics' default is for its own training runs, not this process
     os.environ.pop("OMP_NUM_THREADS", None)
@@ -975,3 +980,88 @@ def test_cli_trains_and_validates_with_the_fused_ops(tmp_path: Path) -> None:
     assert counts["train"]["distribution_focal_loss"] >= 2 and counts["train"]["integral"] >= 4
     assert counts["val"]["integral"] >= 1 and counts["val"]["distribution_focal_loss"] == 0
     assert_stock_checkpoint(best, "model")
+
+
+def test_tuner_launches_are_rewritten_and_nothing_else() -> None:
+    args = ["train", "model=yolov8n.yaml", "epochs=1"]
+    stock = [sys.executable, "-m", "ultralytics.cfg.__init__", *args]
+    assert fused_command(stock) == [*FUSED_LAUNCH, *args]
+    assert fused_command(("yolo", *args)) == [*FUSED_LAUNCH, *args]
+    for other in (
+        [sys.executable, "-m", "torch.distributed.run", "x.py"],
+        ["git", "status"],
+        "yolo",
+    ):
+        assert fused_command(other) is other
+
+
+# Counts the fused ops' calls in every Python process started with this file's folder on
+# PYTHONPATH (Python imports ``sitecustomize`` at start-up), for processes the test does not
+# start itself: the tuner's trials.
+_COUNTING_SITECUSTOMIZE = """
+import atexit, json, os, sys
+from gfl_ops import functional
+_calls = {"integral": 0, "distribution_focal_loss": 0}
+for _name in _calls:
+    def _counted(*a, _f=getattr(functional, _name), _n=_name, **k):
+        _calls[_n] += 1
+        return _f(*a, **k)
+    setattr(functional, _name, _counted)
+@atexit.register
+def _write():
+    with open(os.environ["GFL_OPS_TEST_CALLS"], "a") as f:
+        f.write(json.dumps({"argv": sys.argv, "calls": _calls}) + "\\n")
+"""
+
+
+def _stock_tuner_trials_fail() -> bool:
+    """Whether this release's own tuner fails every trial: 8.3.2xx-8.4.0 pass the trial's
+    ``save_dir`` to a CLI that rejects the key as unknown (fixed by 8.4.100)."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT, check_dict_alignment
+
+    tuner = importlib.import_module("ultralytics.engine.tuner")
+    if not re.search(r"""\[["']save_dir["']\]\s*=""", inspect.getsource(tuner)):
+        return False  # (8.3.1xx passes none; 8.4.1xx's CLI accepts it)
+    try:
+        check_dict_alignment(dict(DEFAULT_CFG_DICT), {"save_dir": "runs/trial"})
+    except (SyntaxError, SystemExit):
+        return True
+    return False
+
+
+def test_tune_trains_every_trial_with_the_fused_ops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``YOLO.tune()`` trains each trial in a new ``yolo train`` process; for a patched YOLO
+    that process is ``gfl-yolo train`` (its calls of the fused ops counted there)."""
+    if _stock_tuner_trials_fail():
+        pytest.skip(
+            f"ultralytics {ultralytics.__version__}'s own tuner fails every trial (its CLI "
+            "rejects the save_dir the tuner passes)"
+        )
+    data = write_dataset(tmp_path / "data")
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_COUNTING_SITECUSTOMIZE)
+    calls_file = tmp_path / "calls.jsonl"
+    path = [str(hooks), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
+    monkeypatch.setenv("GFL_OPS_TEST_CALLS", str(calls_file))
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    tuner = importlib.import_module("ultralytics.engine.tuner")
+    trainer = sys.modules[BaseTrainer.__module__]
+
+    yolo = patch(YOLO("yolov8n.yaml"))
+    args = {k: v for k, v in TRAIN_ARGS.items() if k != "verbose"}
+    yolo.tune(data=str(data), iterations=1, project=str(tmp_path / "runs"), name="tune", **args)
+
+    records = [json.loads(line) for line in calls_file.read_text().splitlines()]
+    trials = [r for r in records if "train" in r["argv"][1:2]]
+    assert len(trials) == 1, records
+    (trial,) = trials
+    assert trial["argv"][0].endswith(os.path.join("ultralytics", "__main__.py")), trial
+    assert trial["calls"]["distribution_focal_loss"] >= 2 and trial["calls"]["integral"] >= 4
+    # the launches are Ultralytics' own again, and the tuned model is still patched
+    for module in (tuner, trainer):  # (8.4.1xx's tuner leaves the launch to engine.trainer)
+        assert getattr(module, "subprocess", subprocess) is subprocess, module
+    assert is_patched(yolo)

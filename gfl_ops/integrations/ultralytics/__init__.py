@@ -26,8 +26,8 @@ the same process keeps running Ultralytics' own code):
   and resumed / DDP runs) and the best checkpoint it validates at the end; ``train()`` re-patches
   ``yolo.model`` after reloading the trained checkpoint.  The ``yolo`` command's
   equivalent is ``gfl-yolo`` (``python -m gfl_ops.integrations.ultralytics``, same arguments,
-  :mod:`~gfl_ops.integrations.ultralytics.__main__`); ``YOLO.tune()`` is not covered (it starts
-  a ``yolo train`` process per trial).
+  :mod:`~gfl_ops.integrations.ultralytics.__main__`).  ``tune()`` starts a ``yolo train`` process
+  per trial; a patched ``YOLO`` starts ``gfl-yolo train`` instead (``_tuning``).
 
 Counting convention: Ultralytics' ``reg_max`` is the number of bins (16); gfl_ops' ``n`` is
 ``bins - 1`` (15).  Nothing to configure: the bins are read off the tensors.
@@ -50,8 +50,9 @@ fused operator has no ONNX symbolic and would tie the exported artifact to gfl_o
 The adapter's parts, each a private module of this package: ``_classes`` (patching by switching
 an object's class: the registry of fused subclasses), ``_modules`` (:class:`FusedDFL`,
 :class:`FusedDFLoss` and the loss's decoding), ``_model`` (a ``DetectionModel`` patched and
-unpatched), ``_training`` (:func:`patch_trainer`, :class:`FusedYOLO`).  Every class they define
-is re-exported here, and names this module as its own (what pickles record).
+unpatched), ``_training`` (:func:`patch_trainer`, :class:`FusedYOLO`), ``_tuning`` (the tuner's
+trial processes started under ``gfl-yolo``).  Every class they define is re-exported here, and
+names this module as its own (what pickles record).
 """
 
 from __future__ import annotations

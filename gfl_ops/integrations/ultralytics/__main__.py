@@ -9,8 +9,7 @@ Every ``YOLO`` object the command makes holds a PyTorch detection model (detect,
 OBB) is patched (:func:`gfl_ops.integrations.ultralytics.patch`), so ``train`` runs the fused
 trainer, ``val`` / ``predict`` the fused head, and checkpoints stay stock.  Anything else
 (classification models, exported formats, the ``settings`` / ``solutions`` commands) runs as
-under ``yolo``.  Not covered: ``yolo tune``, which starts a separate ``yolo train`` process per
-trial.
+under ``yolo``.  ``gfl-yolo tune`` starts each trial as a ``gfl-yolo train`` process.
 
 How: Ultralytics' CLI (``ultralytics.cfg.entrypoint``, the same function ``yolo`` runs) imports
 ``YOLO`` from the ``ultralytics`` package when it builds the model; for the life of this

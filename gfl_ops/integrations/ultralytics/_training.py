@@ -5,7 +5,8 @@ alone would be lost.  A fused trainer (:func:`patch_trainer`, :class:`FusedDetec
 patches the model it builds or is given (hence also its EMA copy and resumed / DDP runs) and the
 best checkpoint it validates at the end, and writes its checkpoints with the stock classes.
 :class:`FusedYOLO` (a patched ``YOLO``) trains with such a trainer, re-patches ``yolo.model``
-after ``train()`` reloads it, and ``save()`` writes a stock checkpoint.
+after ``train()`` reloads it, tunes with each trial's process under ``gfl-yolo`` and writes a
+stock checkpoint in ``save()``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ except ImportError:  # releases before ~8.3.2xx name the same function attempt_l
 
 from ._classes import _fused_subclass, _homed, _register
 from ._model import _patch_detection_model, _patch_if_model, _stock_while
+from ._tuning import trials_run_fused
 
 
 @_homed
@@ -132,6 +134,14 @@ class _FusedYOLOMixin:
             if isinstance(self._modules.get("model"), DetectionModel):
                 _patch_detection_model(self.model)
                 self.predictor = None
+
+    def tune(self, *args: Any, **kwargs: Any) -> Any:
+        """``YOLO.tune`` whose trials train with the fused ops: Ultralytics starts each trial as
+        a ``yolo train`` process, which runs as ``gfl-yolo train`` instead
+        (:func:`~._tuning.trials_run_fused`).  The model is stock for the span of the call, so
+        that the base checkpoint the trials start from is a stock one."""
+        with trials_run_fused(), _stock_while(self._modules.get("model")):
+            return super().tune(*args, **kwargs)
 
     def save(self, filename: str | Path = "saved_model.pt") -> None:
         """``YOLO.save`` writing the stock classes (loadable without gfl_ops)."""
