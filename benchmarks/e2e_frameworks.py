@@ -1,21 +1,24 @@
-"""End to end in the frameworks: one training step of mmdetection's GFLHead and of YOLOv8n,
-stock against fused with gfl_ops' adapters (gfl_ops/integrations/).
+"""End to end in the frameworks: one training step of mmdetection's GFLHead and RTMDet head and
+of YOLOv8n, stock against fused with gfl_ops' adapters (gfl_ops/integrations/).
 
     python -m benchmarks.e2e_frameworks [--device cpu|cuda] [--steps 8] [--image PIXELS]
-                                        [--frameworks mmdet,ultralytics] [--out DIR]
+                                        [--frameworks mmdet,rtmdet,ultralytics] [--out DIR]
 
 What is measured, per framework, on the same weights and batch for both variants:
 
 * ``step_ms``: one whole training step -- forward, the framework's own loss, backward, SGD
-  update.  mmdetection: ``GFLHead`` built from the head of ``configs/gfl/gfl_r50_fpn_1x_coco.py``
-  (80 classes, 256 channels, 4 stacked convs, ATSS assigner) on FPN-shaped features of a batch
-  of 2 images of 800 x 800 (the backbone and neck are outside the part gfl_ops touches and
-  outside this measurement); Ultralytics: ``DetectionModel('yolov8n.yaml')``, the whole
-  network, batch 2 at 640 x 640 (its default training size).  8 ground-truth boxes per image.
+  update.  mmdetection (``mmdet``): ``GFLHead`` built from the head of
+  ``configs/gfl/gfl_r50_fpn_1x_coco.py`` (80 classes, 256 channels, 4 stacked convs, ATSS
+  assigner) on FPN-shaped features of a batch of 2 images of 800 x 800 (the backbone and neck
+  are outside the part gfl_ops touches and outside this measurement); ``rtmdet``: the
+  ``RTMDetSepBNHead`` of ``configs/rtmdet/rtmdet_l_8xb32-300e_coco.py`` (256 channels, strides
+  8-32, dynamic soft-label assigner; QFL is the only op fused there) at 640 x 640, likewise;
+  Ultralytics: ``DetectionModel('yolov8n.yaml')``, the whole network, batch 2 at 640 x 640 (its
+  default training size).  8 ground-truth boxes per image.
 * ``loss_ms``: forward + backward of the loss alone, from head outputs held fixed (detached
-  leaves): mmdetection's ``loss_by_feat`` (ATSS assignment, QFL, integral + GIoU, DFL), and
-  Ultralytics' ``v8DetectionLoss`` (task-aligned assignment, BCE, integral + CIoU, DFL).
-  ``loss_share = loss_ms / step_ms`` of the stock step.
+  leaves): mmdetection's ``loss_by_feat`` (GFL: ATSS assignment, QFL, integral + GIoU, DFL;
+  RTMDet: its assignment, QFL, GIoU), and Ultralytics' ``v8DetectionLoss`` (task-aligned
+  assignment, BCE, integral + CIoU, DFL).  ``loss_share = loss_ms / step_ms`` of the stock step.
 
 Each step alternates stock and fused (so drift of a shared machine hits both alike) and the
 median over ``--steps`` is reported, after one untimed warm-up step each.  Rows are written to
@@ -24,8 +27,8 @@ versions and commit.
 
 mmdetection needs mmcv's compiled ops to import its heads.  With mmcv-lite (no compiled ops),
 this script installs the test suite's stand-in for ``mmcv._ext``
-(tests/integrations/mmcv_ext_stub.py, whose every op raises), and says so: a GFLHead training
-step calls no compiled op.
+(tests/integrations/mmcv_ext_stub.py, whose every op raises), and says so: neither head's
+training step calls a compiled op.
 """
 
 from __future__ import annotations
@@ -173,21 +176,43 @@ def _gfl_head(device: torch.device):
     return MODELS.build(cfg).to(device).train()
 
 
-def bench_mmdet(device: torch.device, image: int, steps: int) -> tuple[list[dict], str]:
-    note = ensure_mmcv_ops()
+def _rtmdet_head(device: torch.device):
+    """RTMDet-L's head as mmdet's ``configs/rtmdet/rtmdet_l_8xb32-300e_coco.py`` builds it
+    (256 channels, 80 classes, strides 8 / 16 / 32, dynamic soft-label assigner), with BN for
+    its SyncBN, as mmengine's Runner has it on one device."""
+    import os
+
+    import mmdet
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+
+    register_all_modules()
+    configs = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs")
+    model = Config.fromfile(os.path.join(configs, "rtmdet", "rtmdet_l_8xb32-300e_coco.py")).model
+    head = model.bbox_head
+    head.update(train_cfg=model.train_cfg, test_cfg=model.test_cfg)
+    return revert_sync_batchnorm(MODELS.build(head)).to(device).train()
+
+
+def _bench_mmdet_head(
+    name: str, stock, strides: tuple[int, ...], device: torch.device, image: int, steps: int
+) -> list[dict]:
+    """One training step of an mmdet dense head (forward on FPN-shaped features, its
+    ``loss_by_feat``, backward, SGD), stock vs :func:`~gfl_ops.integrations.mmdet.fuse`."""
     import mmdet
     from mmengine.structures import InstanceData
 
     from gfl_ops.integrations.mmdet import fuse
 
-    torch.manual_seed(0)
-    stock = _gfl_head(device)
     fused = fuse(copy.deepcopy(stock))
     gen = torch.Generator().manual_seed(0)
     batch = 2
+    channels = stock.in_channels
     feats = [
-        torch.randn(batch, 256, image // s, image // s, generator=gen).to(device)
-        for s in (8, 16, 32, 64, 128)
+        torch.randn(batch, channels, image // s, image // s, generator=gen).to(device)
+        for s in strides
     ]
     gts = []
     for boxes in _boxes(batch, image, 8, gen):
@@ -199,7 +224,7 @@ def bench_mmdet(device: torch.device, image: int, steps: int) -> tuple[list[dict
         dict(img_shape=(image, image), pad_shape=(image, image), batch_input_shape=(image, image))
     ] * batch
 
-    def total(losses: dict) -> torch.Tensor:  # GFLHead's losses: tensors or per-level lists
+    def total(losses: dict) -> torch.Tensor:  # a head's losses: tensors or per-level lists
         return sum(v if isinstance(v, torch.Tensor) else sum(v) for v in losses.values())
 
     def fixed_loss(head) -> Callable[[], torch.Tensor]:
@@ -215,9 +240,26 @@ def bench_mmdet(device: torch.device, image: int, steps: int) -> tuple[list[dict
         steps,
         device,
     )
-    return _rows(
-        "mmdet GFLHead (gfl_r50_fpn_1x head)", step_ms, loss_ms, f"mmdet {mmdet.__version__}"
-    ), note
+    return _rows(name, step_ms, loss_ms, f"mmdet {mmdet.__version__}")
+
+
+def bench_mmdet(device: torch.device, image: int, steps: int) -> tuple[list[dict], str]:
+    note = ensure_mmcv_ops()
+    torch.manual_seed(0)
+    head = _gfl_head(device)
+    strides = (8, 16, 32, 64, 128)
+    rows = _bench_mmdet_head(
+        "mmdet GFLHead (gfl_r50_fpn_1x head)", head, strides, device, image, steps
+    )
+    return rows, note
+
+
+def bench_rtmdet(device: torch.device, image: int, steps: int) -> tuple[list[dict], str]:
+    note = ensure_mmcv_ops()
+    torch.manual_seed(0)
+    head = _rtmdet_head(device)
+    rows = _bench_mmdet_head("mmdet RTMDet-L head", head, (8, 16, 32), device, image, steps)
+    return rows, note
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +341,8 @@ def _rows(
     return rows
 
 
-BENCHES = {"mmdet": bench_mmdet, "ultralytics": bench_ultralytics}
-DEFAULT_IMAGE = {"mmdet": 800, "ultralytics": 640}
+BENCHES = {"mmdet": bench_mmdet, "rtmdet": bench_rtmdet, "ultralytics": bench_ultralytics}
+DEFAULT_IMAGE = {"mmdet": 800, "rtmdet": 640, "ultralytics": 640}
 
 
 def _markdown(rows: list[dict], meta: dict[str, str], notes: list[str], command: str) -> str:
@@ -335,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         "--image",
         type=int,
         default=None,
-        help="square image side in pixels (default: mmdet 800, ultralytics 640)",
+        help="square image side in pixels (default: mmdet 800, rtmdet and ultralytics 640)",
     )
-    ap.add_argument("--frameworks", default="mmdet,ultralytics")
+    ap.add_argument("--frameworks", default="mmdet,rtmdet,ultralytics")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
     device = torch.device(args.device)

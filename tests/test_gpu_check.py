@@ -58,7 +58,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
     # a dry run's files say so in their names (they must not replace committed results)
     assert (tmp_path / "report" / "gpu-sweep-cpu-dry-run.csv").exists()
     if FRAMEWORKS:
-        assert "GFLHead" in text and "YOLOv8n" in text  # the frameworks' table, in the report
+        assert "GFLHead" in text and "RTMDet" in text and "YOLOv8n" in text  # frameworks table
         assert list((tmp_path / "report").glob("e2e-frameworks-cpu-*-dry-run.csv"))
     else:
         assert "carry the wheels `make gpu-wheels` fetches" in text
