@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +84,7 @@ from gfl_ops.integrations.ultralytics import (  # noqa: E402
     patch_trainer,
     unpatch,
 )
+from gfl_ops.integrations.ultralytics._classes import WORKERS_ENV  # noqa: E402
 from gfl_ops.integrations.ultralytics._tuning import FUSED_LAUNCH, fused_command  # noqa: E402
 
 if _OMP_BEFORE is None:  # ultralytics' default is for its own training runs, not this process
@@ -727,9 +728,9 @@ def loss_parts(items: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch
     return dict(zip(("box_loss", "cls_loss", "dfl_loss"), items.unbind()))
 
 
-def assert_stock_checkpoint(path: Path, key: str) -> None:
+def assert_stock_checkpoint(path: Path, key: str, model_class: type = DetectionModel) -> None:
     """The checkpoint names no gfl_ops class and loads with Ultralytics' restricted
-    (weights_only) loader, as a stock model."""
+    (weights_only) loader, as a stock model of ``model_class``."""
     names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     assert not [n for n in names if "gfl_ops" in n], names
     ckpt, _ = torch_safe_load(path, safe_only=True)
@@ -738,11 +739,13 @@ def assert_stock_checkpoint(path: Path, key: str) -> None:
         # releases before ~8.4.1xx: their restricted loader stands in a placeholder for every
         # model class (theirs too), so the classes are read with the full loader
         model = torch_safe_load(path)[0][key]
-    assert type(model) is DetectionModel and type(model.model[-1].dfl) is DFL
+    assert type(model) is model_class and type(model.model[-1].dfl) is DFL
 
 
-def write_dataset(root: Path, n_train: int = 4, n_val: int = 2) -> Path:
-    """A tiny YOLO-format detection dataset: 128 px images with 3 coloured boxes each."""
+def write_dataset(root: Path, n_train: int = 4, n_val: int = 2, task: str = "detect") -> Path:
+    """A tiny YOLO-format dataset: 128 px images with 3 coloured boxes each, labelled for
+    ``task``: boxes (detect), the boxes' outlines as polygons (segment) or as oriented boxes
+    (obb, axis-aligned), or boxes with their 4 corners as keypoints (pose)."""
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("val", n_val)):
         (root / "images" / split).mkdir(parents=True)
@@ -755,15 +758,22 @@ def write_dataset(root: Path, n_train: int = 4, n_val: int = 2) -> Path:
                 x0, y0 = rng.integers(0, IMGSZ - 60, 2)
                 c = int(rng.integers(0, 2))
                 img[y0 : y0 + h, x0 : x0 + w] = (220, 40, 40) if c == 0 else (40, 220, 40)
-                lines.append(
-                    f"{c} {(x0 + w / 2) / IMGSZ:.6f} {(y0 + h / 2) / IMGSZ:.6f} "
-                    f"{w / IMGSZ:.6f} {h / IMGSZ:.6f}"
-                )
+                box = [(x0 + w / 2) / IMGSZ, (y0 + h / 2) / IMGSZ, w / IMGSZ, h / IMGSZ]
+                corners = [(x0, y0), (x0 + w, y0), (x0 + w, y0 + h), (x0, y0 + h)]
+                corners = [(x / IMGSZ, y / IMGSZ) for x, y in corners]
+                if task in ("segment", "obb"):
+                    values = [v for xy in corners for v in xy]
+                elif task == "pose":
+                    values = box + [v for x, y in corners for v in (x, y, 2)]
+                else:
+                    values = box
+                lines.append(f"{c} " + " ".join(f"{v:.6f}" for v in values))
             Image.fromarray(img).save(root / "images" / split / f"{i}.png")
             (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines) + "\n")
     data = root / "data.yaml"
+    extra = "kpt_shape: [4, 3]\nflip_idx: [1, 0, 3, 2]\n" if task == "pose" else ""
     data.write_text(
-        f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: green\n"
+        f"path: {root}\ntrain: images/train\nval: images/val\n{extra}names:\n  0: red\n  1: green\n"
     )
     return data
 
@@ -845,6 +855,73 @@ def test_train_runs_fused_ops(tmp_path: Path, calls: Calls) -> None:
         yolo.train(data=str(data), project=str(tmp_path / "runs"), name="again", **TRAIN_ARGS)
         assert is_patched(yolo.trainer.model) and is_patched(yolo)
         assert calls.dfl - before[1] >= 2 and calls.integral - before[0] >= 2
+
+
+class _Killed(Exception):
+    """Stands for the run being killed after an epoch's checkpoint was written."""
+
+
+def test_interrupted_training_resumes_fused(tmp_path: Path, calls: Calls) -> None:
+    """A run stopped after its first of two epochs (last.pt written) resumes with
+    ``patch(YOLO(last.pt)).train(resume=True)``: from epoch 2, with the fused ops, and its
+    checkpoints stay stock."""
+    data = write_dataset(tmp_path / "data")
+    yolo = patch(YOLO("yolov8n.yaml"))
+
+    def kill(trainer) -> None:
+        if trainer.epoch == 0:
+            raise _Killed
+
+    yolo.add_callback("on_fit_epoch_end", kill)
+    args = {**TRAIN_ARGS, "epochs": 2}
+    with pytest.raises(_Killed):
+        yolo.train(data=str(data), project=str(tmp_path / "runs"), name="run", **args)
+    last = tmp_path / "runs" / "run" / "weights" / "last.pt"
+    assert_stock_checkpoint(last, "ema")  # a run's checkpoint holds the EMA model (and no "model")
+    assert torch_safe_load(last)[0]["epoch"] == 0
+
+    resumed = patch(YOLO(str(last)))
+    before = calls.snapshot()
+    resumed.train(resume=True)
+    trainer = resumed.trainer
+    assert type(trainer) is FusedDetectionTrainer and trainer.start_epoch == 1
+    assert is_patched(trainer.model) and is_patched(trainer.ema.ema) and is_patched(resumed)
+    assert calls.dfl - before[1] >= 2 and calls.integral - before[0] >= 2
+    assert trainer.epoch == 1
+    assert_stock_checkpoint(last, "model")
+
+
+@pytest.mark.parametrize("task", ["segment", "pose", "obb"])
+def test_train_other_tasks_runs_fused_ops(tmp_path: Path, calls: Calls, task: str) -> None:
+    """Segment, pose and OBB models carry the same Detect head and DFL loss: ``train()`` of a
+    patched one runs its task's trainer made fused, with the fused ops, and writes stock
+    checkpoints.  (OBB keeps its own rotated-box decoding in the loss; its DFL term is fused.)"""
+    from ultralytics.nn.tasks import OBBModel, PoseModel
+
+    model_class = {"segment": SegmentationModel, "pose": PoseModel, "obb": OBBModel}[task]
+    # batches of 3: 8.4.0's segmentation loss takes a batch of 2 for a (proto, semseg) pair
+    data = write_dataset(tmp_path / "data", n_train=6, n_val=3, task=task)
+    yolo = patch(YOLO(f"yolov8n-{'seg' if task == 'segment' else task}.yaml"))
+    per_batch: list[tuple[int, int]] = []
+    yolo.add_callback("on_train_batch_end", lambda trainer: per_batch.append(calls.snapshot()))
+
+    args = {**TRAIN_ARGS, "batch": 3}
+    yolo.train(data=str(data), project=str(tmp_path / "runs"), name=task, **args)
+
+    trainer = yolo.trainer
+    assert type(trainer).__name__ == f"Fused{type(trainer).__mro__[2].__name__}"
+    assert isinstance(trainer.model, model_class)
+    for model in (trainer.model, trainer.ema.ema, yolo.model):
+        assert is_patched(model), type(model)
+    assert all(torch.isfinite(v).all() for v in loss_parts(trainer.tloss).values())
+    steps = [(0, 0)] + per_batch
+    assert len(per_batch) == 2
+    for (i0, d0), (i1, d1) in zip(steps, steps[1:]):
+        assert d1 - d0 >= 1, task  # the DFL loss term
+        assert i1 - i0 >= (0 if task == "obb" else 1), task  # the loss's box decoding
+    assert calls.integral > per_batch[-1][0]  # the head at validation
+    for ckpt in (trainer.best, trainer.last):
+        assert_stock_checkpoint(ckpt, "model", model_class)
 
 
 def test_trainer_built_by_user(tmp_path: Path, calls: Calls) -> None:
@@ -1014,6 +1091,22 @@ def _write():
 """
 
 
+@pytest.fixture
+def processes_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[dict]]:
+    """Counts the fused ops' calls in every Python process started during the test (a
+    ``sitecustomize`` on PYTHONPATH); returns a reader of the records, one per process that
+    ended: ``{"argv": sys.argv, "calls": {op: count}}``."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_COUNTING_SITECUSTOMIZE)
+    calls_file = tmp_path / "calls.jsonl"
+    path = [str(hooks), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
+    monkeypatch.setenv("GFL_OPS_TEST_CALLS", str(calls_file))
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    return lambda: [json.loads(line) for line in calls_file.read_text().splitlines()]
+
+
 def _stock_tuner_trials_fail() -> bool:
     """Whether this release's own tuner fails every trial: 8.3.2xx-8.4.0 pass the trial's
     ``save_dir`` to a CLI that rejects the key as unknown (fixed by 8.4.100)."""
@@ -1030,7 +1123,7 @@ def _stock_tuner_trials_fail() -> bool:
 
 
 def test_tune_trains_every_trial_with_the_fused_ops(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, processes_calls: Callable[[], list[dict]]
 ) -> None:
     """``YOLO.tune()`` trains each trial in a new ``yolo train`` process; for a patched YOLO
     that process is ``gfl-yolo train`` (its calls of the fused ops counted there)."""
@@ -1040,14 +1133,6 @@ def test_tune_trains_every_trial_with_the_fused_ops(
             "rejects the save_dir the tuner passes)"
         )
     data = write_dataset(tmp_path / "data")
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(_COUNTING_SITECUSTOMIZE)
-    calls_file = tmp_path / "calls.jsonl"
-    path = [str(hooks), os.environ.get("PYTHONPATH", "")]
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
-    monkeypatch.setenv("GFL_OPS_TEST_CALLS", str(calls_file))
-    monkeypatch.setenv("YOLO_OFFLINE", "1")
     tuner = importlib.import_module("ultralytics.engine.tuner")
     trainer = sys.modules[BaseTrainer.__module__]
 
@@ -1055,7 +1140,7 @@ def test_tune_trains_every_trial_with_the_fused_ops(
     args = {k: v for k, v in TRAIN_ARGS.items() if k != "verbose"}
     yolo.tune(data=str(data), iterations=1, project=str(tmp_path / "runs"), name="tune", **args)
 
-    records = [json.loads(line) for line in calls_file.read_text().splitlines()]
+    records = processes_calls()
     trials = [r for r in records if "train" in r["argv"][1:2]]
     assert len(trials) == 1, records
     (trial,) = trials
@@ -1065,3 +1150,95 @@ def test_tune_trains_every_trial_with_the_fused_ops(
     for module in (tuner, trainer):  # (8.4.1xx's tuner leaves the launch to engine.trainer)
         assert getattr(module, "subprocess", subprocess) is subprocess, module
     assert is_patched(yolo)
+
+
+def test_made_trainer_classes_are_found_in_the_processes_they_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``patch_trainer`` publishes a trainer class it makes (WORKERS_ENV), so that a process
+    started from this one -- a multi-GPU worker -- finds it by name; one defined in a function
+    cannot be imported there and is not published."""
+    from ultralytics.models.yolo.segment import SegmentationTrainer
+
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    made = patch_trainer(SegmentationTrainer)
+    code = (
+        "from gfl_ops.integrations.ultralytics import FusedSegmentationTrainer as made, "
+        "patch_trainer\n"
+        "from ultralytics.models.yolo.segment import SegmentationTrainer\n"
+        "assert made is patch_trainer(SegmentationTrainer), made\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert made.__name__ == "FusedSegmentationTrainer"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def local_class() -> type:
+        class LocalTrainer(DetectionTrainer):
+            pass
+
+        return LocalTrainer
+
+    local = patch_trainer(local_class())
+    assert local.__name__ not in os.environ[WORKERS_ENV]
+    adapter = sys.modules[patch.__module__]
+    with pytest.raises(AttributeError, match=local.__name__):
+        getattr(adapter, local.__name__)
+
+
+# a trainer class of the user's own, in a module of the user's project
+_USER_TRAINERS = """
+from ultralytics.models.yolo.detect import DetectionTrainer
+
+
+class MyTrainer(DetectionTrainer):
+    pass
+"""
+
+
+@pytest.mark.parametrize("trainer_class", ["FusedDetectionTrainer", "patch_trainer(MyTrainer)"])
+def test_ddp_worker_trains_with_the_fused_ops(
+    tmp_path: Path,
+    processes_calls: Callable[[], list[dict]],
+    monkeypatch: pytest.MonkeyPatch,
+    trainer_class: str,
+) -> None:
+    """Multi-GPU training: Ultralytics' trainer writes a worker script
+    (``ultralytics.utils.dist.generate_ddp_file``) that ``torch.distributed.run`` starts once per
+    GPU, and the worker rebuilds the trainer there -- by importing its class by name (releases up
+    to 8.4.1xx) or from a cloudpickle of the class and model (since).  A class that
+    ``patch_trainer`` makes at run time must be found there too.  No GPU here, so the script runs
+    as one process on the CPU (no process group: the trainer then trains in-process); what it
+    shows is that the rebuilt trainer trains with the fused ops."""
+    from ultralytics.utils.dist import generate_ddp_file
+
+    if trainer_class == "FusedDetectionTrainer":
+        cls = FusedDetectionTrainer
+    else:
+        project = tmp_path / "project"
+        project.mkdir()
+        (project / "user_trainers.py").write_text(_USER_TRAINERS)
+        monkeypatch.syspath_prepend(str(project))
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(project), os.environ["PYTHONPATH"]]))
+        monkeypatch.delenv(WORKERS_ENV, raising=False)
+        cls = patch_trainer(importlib.import_module("user_trainers").MyTrainer)
+        assert cls.__name__ == "FusedMyTrainer" and "FusedMyTrainer" in os.environ[WORKERS_ENV]
+    data = write_dataset(tmp_path / "data")
+    args = {k: v for k, v in TRAIN_ARGS.items() if k != "verbose"}
+    trainer = cls(
+        overrides=dict(
+            model="yolov8n.yaml", data=str(data), project=str(tmp_path / "runs"), name="ddp", **args
+        )
+    )
+    trainer.model = trainer.get_model(cfg="yolov8n.yaml", verbose=False)
+    script = generate_ddp_file(trainer)
+    try:
+        proc = subprocess.run(
+            [sys.executable, script], capture_output=True, text=True, timeout=600, cwd=tmp_path
+        )
+    finally:
+        for leftover in (Path(script), Path(script).with_suffix(".pt")):
+            leftover.unlink(missing_ok=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (worker,) = [r for r in processes_calls() if r["argv"][0] == script]
+    assert worker["calls"]["distribution_focal_loss"] >= 2 and worker["calls"]["integral"] >= 4
+    assert_stock_checkpoint(tmp_path / "runs" / "ddp" / "weights" / "last.pt", "model")

@@ -23,11 +23,13 @@ the same process keeps running Ultralytics' own code):
 * Given a ``YOLO`` object, ``train()`` runs a trainer made by :func:`patch_trainer`: Ultralytics'
   trainer builds a *new* DetectionModel (``get_model``), so patching the model object alone would
   be lost.  The fused trainer patches the model it builds or is given (hence also its EMA copy
-  and resumed / DDP runs) and the best checkpoint it validates at the end; ``train()`` re-patches
-  ``yolo.model`` after reloading the trained checkpoint.  The ``yolo`` command's
-  equivalent is ``gfl-yolo`` (``python -m gfl_ops.integrations.ultralytics``, same arguments,
-  :mod:`~gfl_ops.integrations.ultralytics.__main__`).  ``tune()`` starts a ``yolo train`` process
-  per trial; a patched ``YOLO`` starts ``gfl-yolo train`` instead (``_tuning``).
+  and resumed / DDP runs: a multi-GPU worker rebuilds the trainer from its class, which is
+  published for it when made at run time, see ``_classes``) and the best checkpoint it validates
+  at the end; ``train()`` re-patches ``yolo.model`` after reloading the trained checkpoint.  The
+  ``yolo`` command's equivalent is ``gfl-yolo`` (``python -m gfl_ops.integrations.ultralytics``,
+  same arguments, :mod:`~gfl_ops.integrations.ultralytics.__main__`).  ``tune()`` starts a
+  ``yolo train`` process per trial; a patched ``YOLO`` starts ``gfl-yolo train`` instead
+  (``_tuning``).
 
 Counting convention: Ultralytics' ``reg_max`` is the number of bins (16); gfl_ops' ``n`` is
 ``bins - 1`` (15).  Nothing to configure: the bins are read off the tensors.
@@ -98,7 +100,7 @@ try:  # Ultralytics' internals that the adapter builds on (checked for each test
     )
     from ultralytics.utils.tal import dist2bbox  # noqa: F401
 
-    from ._classes import T, _fused_subclass, _stock_class
+    from ._classes import T, _fused_subclass, _published_base, _stock_class
     from ._model import (
         FusedDetectionModel,
         _FusedModel,
@@ -193,6 +195,17 @@ def unpatch(model: T) -> T:
         "unpatch() takes an ultralytics YOLO object or a DetectionModel, got "
         f"{type(model).__name__}"
     )
+
+
+def __getattr__(name: str) -> Any:
+    """A fused trainer class made in the process that started this one (a multi-GPU worker
+    importing its trainer class by name, or unpickling it): made again here."""
+    base = _published_base(name)
+    if base is not None:
+        cls = patch_trainer(base)
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_patched(model: Any) -> bool:

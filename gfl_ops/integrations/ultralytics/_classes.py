@@ -11,6 +11,9 @@ Every class the adapter defines or makes has the public module,
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
 import sys
 from typing import TypeVar
 
@@ -41,9 +44,8 @@ def _fused_subclass(base: type, mixin: type, by_name: bool = True) -> type:
 
     ``by_name``: put a made class in the public module's namespace, so that pickle finds it by
     name (models, losses: ``torch.save``); the Ultralytics task classes have theirs made at
-    import, so other processes find them too.  Trainer classes are left out: Ultralytics' DDP
-    launcher cloudpickles ``type(trainer)``, which works for a made class only by value, i.e. when
-    it is not found by name."""
+    import, so other processes find them too.  Trainer classes (``by_name=False``) are instead
+    published for the processes this one starts (:func:`_publish_for_workers`)."""
     if issubclass(base, mixin):
         return base
     cls = _FUSED.get((base, mixin))
@@ -64,7 +66,50 @@ def _fused_subclass(base: type, mixin: type, by_name: bool = True) -> type:
         _register(cls, base, mixin)
         if by_name:
             setattr(home, name, cls)
+    if not by_name:  # (each time: the environment is the caller's to change in between)
+        _publish_for_workers(cls, base)
     return cls
+
+
+# Multi-GPU training: Ultralytics starts one worker process per GPU, which rebuilds the trainer
+# from its class -- imported by name (``from <module> import <name>``, releases up to 8.4.1xx)
+# or from a cloudpickle of it (since).  A trainer class made here at run time exists in no other
+# process, so each one is published in this environment variable (inherited by the workers) as
+# name -> the class it extends, and the public module's ``__getattr__`` makes it again there on
+# first lookup (:func:`_published_base`).  Classes defined in a script (``__main__``) or a
+# function cannot be imported elsewhere and are not published: cloudpickle sends those by value,
+# and a release that imports by name cannot start them, patched or not.
+WORKERS_ENV = "GFL_OPS_ULTRALYTICS_TRAINERS"
+
+
+def _published() -> dict[str, str]:
+    try:
+        entries = json.loads(os.environ.get(WORKERS_ENV, "{}"))
+    except ValueError:
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _publish_for_workers(cls: type, base: type) -> None:
+    if base.__module__ == "__main__" or "<locals>" in base.__qualname__:
+        return
+    entries = _published()
+    while entries.get(cls.__name__, None) not in (None, f"{base.__module__}:{base.__qualname__}"):
+        cls.__name__ = cls.__qualname__ = cls.__name__ + "_"  # same-named bases elsewhere
+    entries[cls.__name__] = f"{base.__module__}:{base.__qualname__}"
+    os.environ[WORKERS_ENV] = json.dumps(entries, sort_keys=True)
+
+
+def _published_base(name: str) -> type | None:
+    """The class that the published fused class ``name`` extends (imported), or None."""
+    spec = _published().get(name)
+    if not isinstance(spec, str) or ":" not in spec:
+        return None
+    module_name, qualname = spec.split(":", 1)
+    obj: object = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, type) else None
 
 
 def _stock_class(cls: type) -> type:
