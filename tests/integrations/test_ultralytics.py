@@ -1183,6 +1183,10 @@ def test_made_trainer_classes_are_found_in_the_processes_they_start(
     adapter = sys.modules[patch.__module__]
     with pytest.raises(AttributeError, match=local.__name__):
         getattr(adapter, local.__name__)
+    # published by a process whose trainer module this one cannot import: said so, by name
+    monkeypatch.setenv(WORKERS_ENV, json.dumps({"FusedGone": "no_such_module:Gone"}))
+    with pytest.raises(AttributeError, match="FusedGone.*no_such_module:Gone"):
+        adapter.FusedGone  # noqa: B018  (the lookup is the test)
 
 
 # a trainer class of the user's own, in a module of the user's project

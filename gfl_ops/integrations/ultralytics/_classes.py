@@ -106,9 +106,15 @@ def _published_base(name: str) -> type | None:
     if not isinstance(spec, str) or ":" not in spec:
         return None
     module_name, qualname = spec.split(":", 1)
-    obj: object = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
+    try:
+        obj: object = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:  # an AttributeError: what a failed lookup is
+        raise AttributeError(
+            f"{name}: the process that started this one made it from {spec}, which cannot be "
+            f"imported here ({err})"
+        ) from err
     return obj if isinstance(obj, type) else None
 
 
