@@ -1199,7 +1199,10 @@ class MyTrainer(DetectionTrainer):
 """
 
 
-@pytest.mark.parametrize("trainer_class", ["FusedDetectionTrainer", "patch_trainer(MyTrainer)"])
+@pytest.mark.parametrize(
+    "trainer_class",
+    ["FusedDetectionTrainer", "patch_trainer(MyTrainer)", "patch_trainer(script's class)"],
+)
 def test_ddp_worker_trains_with_the_fused_ops(
     tmp_path: Path,
     processes_calls: Callable[[], list[dict]],
@@ -1217,6 +1220,18 @@ def test_ddp_worker_trains_with_the_fused_ops(
 
     if trainer_class == "FusedDetectionTrainer":
         cls = FusedDetectionTrainer
+    elif trainer_class == "patch_trainer(script's class)":
+        # a class defined in the user's training script: importable nowhere else, so a worker
+        # can only get it by value -- which releases that import the class by name cannot do,
+        # patched or not
+        if "cloudpickle" not in inspect.getsource(generate_ddp_file):
+            pytest.skip(
+                f"ultralytics {ultralytics.__version__}'s DDP worker imports the trainer class "
+                "by name: a class defined in a script cannot be found there"
+            )
+        script_class = type("ScriptTrainer", (DetectionTrainer,), {"__module__": "__main__"})
+        cls = patch_trainer(script_class)
+        assert cls.__name__ not in os.environ.get(WORKERS_ENV, "")
     else:
         project = tmp_path / "project"
         project.mkdir()
