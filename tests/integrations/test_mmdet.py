@@ -36,6 +36,13 @@ from mmdet.models.dense_heads.gfl_head import Integral  # noqa: E402
 from mmdet.models.losses import DistributionFocalLoss, QualityFocalLoss  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.structures import DetDataSample  # noqa: E402
+from mmdet_testing import (  # noqa: E402
+    assert_losses_equal,
+    assert_predictions_equal,
+    data_samples,
+    rel_l2,
+    total,
+)
 from mmengine.config import ConfigDict  # noqa: E402
 from mmengine.registry import DefaultScope  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
@@ -128,11 +135,7 @@ def _assert_same(
         torch.testing.assert_close(
             a, b, rtol=tol["rtol"], atol=atol, msg=lambda m, i=i: f"{what} grad {i}: {m}"
         )
-        assert _rel_l2(a, b) <= tol["rtol"], f"{what} grad {i}: relative L2 {_rel_l2(a, b)}"
-
-
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+        assert rel_l2(a, b) <= tol["rtol"], f"{what} grad {i}: relative L2 {rel_l2(a, b)}"
 
 
 def _qfl_inputs(n: int, c: int, dtype: torch.dtype, activated: bool, seed: int = 0):
@@ -763,19 +766,6 @@ def _head_losses(head: GFLHead, batch) -> dict[str, list[torch.Tensor]]:
     return head.loss_by_feat(*head(feats), gts, metas)
 
 
-def _total(losses: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-    return sum(sum(v) for v in losses.values())
-
-
-def _assert_losses_equal(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for key in want:
-        for level, (g, w) in enumerate(zip(got[key], want[key])):
-            torch.testing.assert_close(
-                g, w, rtol=1e-5, atol=1e-7, msg=lambda m, k=key, i=level: f"{k}[{i}]: {m}"
-            )
-
-
 @pytest.fixture(scope="module")
 def mmdet_gfl_heads() -> tuple[GFLHead, GFLHead]:
     """(stock GFLHead, deepcopy of it converted by ``fuse``), one init."""
@@ -800,23 +790,23 @@ def test_gfl_head_losses_gradients_and_sgd_match_mmdet(mmdet_gfl_heads):
     assert ((labels >= 0) & (labels < 80)).sum() >= 100
 
     got = _head_losses(fused, batch)
-    _assert_losses_equal(got, want)
-    _total(want).backward()
-    _total(got).backward()
+    assert_losses_equal(got, want)
+    total(want).backward()
+    total(got).backward()
     for (name, p_s), p_f in zip(stock.named_parameters(), fused.parameters()):
         assert p_s.grad is not None and p_f.grad is not None, name
-        assert _rel_l2(p_f.grad, p_s.grad) <= 1e-4, name
+        assert rel_l2(p_f.grad, p_s.grad) <= 1e-4, name
 
     # three SGD steps from the same init
     opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (stock, fused)]
     for _ in range(3):
         for model, opt in zip((stock, fused), opts):
             opt.zero_grad()
-            _total(_head_losses(model, batch)).backward()
+            total(_head_losses(model, batch)).backward()
             opt.step()
     for (name, p_s), p_f in zip(stock.named_parameters(), fused.parameters()):
-        assert _rel_l2(p_f.detach(), p_s.detach()) <= 1e-4, name
-    _assert_losses_equal(_head_losses(fused, batch), _head_losses(stock, batch))
+        assert rel_l2(p_f.detach(), p_s.detach()) <= 1e-4, name
+    assert_losses_equal(_head_losses(fused, batch), _head_losses(stock, batch))
 
 
 def test_gfl_head_state_dicts_and_strict_loading(mmdet_gfl_heads):
@@ -842,7 +832,7 @@ def test_gfl_head_built_from_fused_config_types(mmdet_gfl_heads):
     assert type(head.integral) is Integral  # mmdet builds it directly: fuse() converts it
     head.load_state_dict(stock.state_dict(), strict=True)
     batch = _batch(seed=5)
-    _assert_losses_equal(_head_losses(head, batch), _head_losses(stock, batch))
+    assert_losses_equal(_head_losses(head, batch), _head_losses(stock, batch))
 
 
 # --------------------------------------------------------------------------------------------
@@ -902,26 +892,11 @@ def _detector_cfg(head: dict) -> dict:
     )
 
 
-def _detector_inputs(size: int, seed: int) -> tuple[torch.Tensor, list[DetDataSample]]:
+def _detector_inputs(size: int, seed: int) -> tuple[torch.Tensor, list]:
     """A batch of 2 images of ``size`` pixels and their data samples (ground truth, metas)."""
     _, gts, _ = _batch(batch=2, boxes=6, seed=seed)
     gen = torch.Generator().manual_seed(4)
-    inputs = torch.randn(2, 3, size, size, generator=gen)
-    samples = []
-    for gt in gts:
-        sample = DetDataSample()
-        sample.gt_instances = InstanceData(bboxes=gt.bboxes.clamp(0, size - 1), labels=gt.labels)
-        sample.set_metainfo(
-            dict(
-                img_shape=(size, size),
-                ori_shape=(size, size),
-                pad_shape=(size, size),
-                batch_input_shape=(size, size),
-                scale_factor=(1.0, 1.0),
-            )
-        )
-        samples.append(sample)
-    return inputs, samples
+    return torch.randn(2, 3, size, size, generator=gen), data_samples(gts, size)
 
 
 def test_whole_detector_fuse_loss_and_predict():
@@ -946,19 +921,9 @@ def test_whole_detector_fuse_loss_and_predict():
     stock.train()
     fused.train()
     want, got = stock.loss(inputs, samples), fused.loss(inputs, samples)
-    _assert_losses_equal(got, want)
+    assert_losses_equal(got, want)
 
-    stock.eval()
-    fused.eval()
-    with torch.no_grad():
-        want = stock.predict(inputs, samples, rescale=False)
-        got = fused.predict(inputs, samples, rescale=False)
-    for g, w in zip(got, want):
-        assert len(w.pred_instances) > 0
-        for key in ("labels", "scores", "bboxes"):
-            torch.testing.assert_close(
-                g.pred_instances[key], w.pred_instances[key], rtol=1e-5, atol=1e-4
-            )
+    assert_predictions_equal(fused, stock, inputs, samples, rtol=1e-5, atol=1e-4)
 
 
 def test_whole_detector_under_autocast():
@@ -971,7 +936,7 @@ def test_whole_detector_under_autocast():
     fused = fuse(copy.deepcopy(stock))
     float32_step = copy.deepcopy(stock)
     inputs, samples = _detector_inputs(size=256, seed=9)
-    _total(float32_step.loss(inputs, samples)).backward()
+    total(float32_step.loss(inputs, samples)).backward()
 
     def flat_grad(model: torch.nn.Module) -> torch.Tensor:
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -980,14 +945,14 @@ def test_whole_detector_under_autocast():
     for name, model in (("stock", stock), ("fused", fused)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             losses[name] = model.loss(inputs, samples)
-        _total(losses[name]).backward()
+        total(losses[name]).backward()
         assert torch.isfinite(flat_grad(model)).all(), name
     for key in losses["stock"]:
         for g, w in zip(losses["fused"][key], losses["stock"][key]):
             assert torch.isfinite(g), key
             torch.testing.assert_close(g.float(), w.float(), rtol=1e-2, atol=1e-4)
-    amp_vs_float32 = _rel_l2(flat_grad(stock), flat_grad(float32_step))
-    fused_vs_stock = _rel_l2(flat_grad(fused), flat_grad(stock))
+    amp_vs_float32 = rel_l2(flat_grad(stock), flat_grad(float32_step))
+    fused_vs_stock = rel_l2(flat_grad(fused), flat_grad(stock))
     assert fused_vs_stock < 0.5 * amp_vs_float32, (fused_vs_stock, amp_vs_float32)
 
 

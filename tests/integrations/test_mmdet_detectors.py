@@ -32,8 +32,14 @@ mmcv_ext_stub.install()  # before anything imports mmdet.models (which imports m
 
 import mmdet  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
-from mmdet.structures import DetDataSample  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
+from mmdet_testing import (  # noqa: E402
+    assert_losses_equal,
+    assert_predictions_equal,
+    data_samples,
+    rel_l2,
+    total,
+)
 from mmengine.config import Config  # noqa: E402
 from mmengine.logging import MessageHub  # noqa: E402
 from mmengine.model import revert_sync_batchnorm  # noqa: E402
@@ -69,10 +75,6 @@ def _build(model_cfg) -> torch.nn.Module:
         return revert_sync_batchnorm(MODELS.build(model_cfg))
 
 
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def _gt_instances(
     gen: torch.Generator, boxes: int = 6, size: int = SIZE, spread: float = 2.5
 ) -> InstanceData:
@@ -87,34 +89,7 @@ def _gt_instances(
 def _images_and_samples(seed: int, batch: int = 2):
     gen = torch.Generator().manual_seed(seed)
     inputs = torch.rand(batch, 3, SIZE, SIZE, generator=gen) * 255
-    samples = []
-    for _ in range(batch):
-        sample = DetDataSample()
-        sample.gt_instances = _gt_instances(gen)
-        sample.set_metainfo(
-            dict(
-                img_shape=(SIZE, SIZE),
-                ori_shape=(SIZE, SIZE),
-                pad_shape=(SIZE, SIZE),
-                batch_input_shape=(SIZE, SIZE),
-                scale_factor=(1.0, 1.0),
-            )
-        )
-        samples.append(sample)
-    return inputs, samples
-
-
-def _total(losses: dict) -> torch.Tensor:
-    return sum(sum(v) if isinstance(v, (list, tuple)) else v for v in losses.values())
-
-
-def _assert_losses_equal(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for key in want:
-        for level, (g, w) in enumerate(zip(got[key], want[key])):
-            torch.testing.assert_close(
-                g, w, rtol=1e-5, atol=1e-7, msg=lambda m, k=key, i=level: f"{k}[{i}]: {m}"
-            )
+    return inputs, data_samples([_gt_instances(gen) for _ in range(batch)], SIZE)
 
 
 def _assert_same_parameters(fused: torch.nn.Module, stock: torch.nn.Module, attr: str) -> None:
@@ -123,7 +98,7 @@ def _assert_same_parameters(fused: torch.nn.Module, stock: torch.nn.Module, attr
         if attr == "grad" and b is None:
             assert a is None, name
             continue
-        assert _rel_l2(a.detach(), b.detach()) <= 1e-4, name
+        assert rel_l2(a.detach(), b.detach()) <= 1e-4, name
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,9 +166,9 @@ def test_rtmdet_losses_gradients_and_sgd_match_mmdet(rtmdet_tiny):
     # the comparison means something: a box loss on every level, i.e. positives there
     assert all(float(w) > 0 for w in want["loss_bbox"]), want
     got = fused.loss(inputs, samples)
-    _assert_losses_equal(got, want)
-    _total(want).backward()
-    _total(got).backward()
+    assert_losses_equal(got, want)
+    total(want).backward()
+    total(got).backward()
     _assert_same_parameters(fused, stock, "grad")
 
     # Three SGD steps.  A whole detector in training mode (batch-norm statistics, SiLU, the
@@ -206,14 +181,14 @@ def test_rtmdet_losses_gradients_and_sgd_match_mmdet(rtmdet_tiny):
     for _ in range(3):
         for model, opt in zip(models, opts):
             opt.zero_grad()
-            _total(model.loss(inputs, samples)).backward()
+            total(model.loss(inputs, samples)).backward()
             opt.step()
-    fused_drift = _rel_l2(_flat(fused, "data"), _flat(stock, "data"))
-    rounding_drift = _rel_l2(_flat(rounded, "data"), _flat(stock, "data"))
+    fused_drift = rel_l2(_flat(fused, "data"), _flat(stock, "data"))
+    rounding_drift = rel_l2(_flat(rounded, "data"), _flat(stock, "data"))
     assert fused_drift <= 1e-4 and fused_drift < rounding_drift, (fused_drift, rounding_drift)
-    want = float(_total(stock.loss(inputs, samples)))
-    fused_off = abs(float(_total(fused.loss(inputs, samples))) - want) / want
-    rounding_off = abs(float(_total(rounded.loss(inputs, samples))) - want) / want
+    want = float(total(stock.loss(inputs, samples)))
+    fused_off = abs(float(total(fused.loss(inputs, samples))) - want) / want
+    rounding_off = abs(float(total(rounded.loss(inputs, samples))) - want) / want
     assert fused_off <= 1e-2 and fused_off < 2 * rounding_off, (fused_off, rounding_off)
 
 
@@ -236,21 +211,12 @@ def test_rtmdet_built_from_a_fused_config_and_checkpoints(rtmdet_tiny):
     from_config.train()
     stock = copy.deepcopy(stock).train()
     inputs, samples = _images_and_samples(seed=4)
-    _assert_losses_equal(from_config.loss(inputs, samples), stock.loss(inputs, samples))
+    assert_losses_equal(from_config.loss(inputs, samples), stock.loss(inputs, samples))
 
 
 def test_rtmdet_predictions_equal(rtmdet_tiny):
     stock, fused, _ = rtmdet_tiny
-    stock.eval()
-    fused.eval()
-    inputs, samples = _images_and_samples(seed=5)
-    with torch.no_grad():
-        want = stock.predict(inputs, samples, rescale=False)
-        got = fused.predict(inputs, samples, rescale=False)
-    for g, w in zip(got, want):
-        assert len(w.pred_instances) > 0
-        for key in ("labels", "scores", "bboxes"):
-            torch.testing.assert_close(g.pred_instances[key], w.pred_instances[key])
+    assert_predictions_equal(fused, stock, *_images_and_samples(seed=5))
 
 
 def test_rtmdet_under_autocast(rtmdet_tiny):
@@ -260,21 +226,21 @@ def test_rtmdet_under_autocast(rtmdet_tiny):
     stock, fused = (copy.deepcopy(m).train() for m in rtmdet_tiny[:2])
     inputs, samples = _images_and_samples(seed=6)
     float32_step = copy.deepcopy(stock)
-    _total(float32_step.loss(inputs, samples)).backward()
+    total(float32_step.loss(inputs, samples)).backward()
     grads = {}
     losses = {}
     for name, model in (("stock", stock), ("fused", fused)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             losses[name] = model.loss(inputs, samples)
-        _total(losses[name]).backward()
+        total(losses[name]).backward()
         grads[name] = _flat(model, "grad")
         assert torch.isfinite(grads[name]).all(), name
     for key in losses["stock"]:
         for g, w in zip(losses["fused"][key], losses["stock"][key]):
             assert g.dtype == w.dtype and torch.isfinite(g), key
             torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
-    amp_vs_float32 = _rel_l2(grads["stock"], _flat(float32_step, "grad"))
-    fused_vs_stock = _rel_l2(grads["fused"], grads["stock"])
+    amp_vs_float32 = rel_l2(grads["stock"], _flat(float32_step, "grad"))
+    fused_vs_stock = rel_l2(grads["fused"], grads["stock"])
     assert fused_vs_stock < 0.2 * amp_vs_float32, (fused_vs_stock, amp_vs_float32)
 
 
@@ -336,10 +302,10 @@ def test_tood_head_activated_qfl_losses_and_gradients_match_mmdet():
         got = fused.loss_by_feat(f_scores, f_boxes, gts, metas)
         # positives on several of the five levels
         assert sum(float(w) > 0 for w in want["loss_bbox"]) >= 3, (epoch, want)
-        _assert_losses_equal(got, want)
-        _total(want).backward()
-        _total(got).backward()
+        assert_losses_equal(got, want)
+        total(want).backward()
+        total(got).backward()
         for g, w in zip(f_scores + f_boxes, scores + boxes):
-            assert _rel_l2(g.grad, w.grad) <= 1e-4, epoch
+            assert rel_l2(g.grad, w.grad) <= 1e-4, epoch
         # the fused QFL ran on every level once the warm-up was over
         assert len(qfl_calls) == (0 if epoch < stock.initial_epoch else 5), epoch
