@@ -212,8 +212,9 @@ def detector_step(device: torch.device, dry_run: bool) -> str:
 
 def frameworks_step(step: Step, args: argparse.Namespace, out_dir: Path) -> None:
     """benchmarks.e2e_frameworks (mmdetection's GFLHead and RTMDet head and YOLOv8n, stock vs
-    fused, one training step each) where both frameworks import: the lent GPU machine has neither, so they
-    travel as wheels (make gpu-wheels; benchmarks/README.md, "The GPU check")."""
+    fused, one training step each) where both frameworks import: the lent GPU machine has
+    neither, so they travel as wheels (make gpu-wheels; benchmarks/README.md, "The GPU
+    check")."""
     if args.quick:
         step.status, step.detail = "skipped", "full run only (make gpu-check without QUICK)"
         return
