@@ -18,11 +18,10 @@ test-only ``mmcv_ext_stub`` before mmdet's models are imported.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import mmcv_ext_stub
 import pytest
@@ -41,7 +40,11 @@ from mmdet_testing import (  # noqa: E402
     assert_predictions_equal,
     data_samples,
     rel_l2,
+    this_process_mp_cfg,
+    tiny_coco_run,
+    torch_threads_kept,
     total,
+    train_and_test,
 )
 from mmengine.config import ConfigDict  # noqa: E402
 from mmengine.registry import DefaultScope  # noqa: E402
@@ -956,28 +959,6 @@ def test_whole_detector_under_autocast():
     assert fused_vs_stock < 0.5 * amp_vs_float32, (fused_vs_stock, amp_vs_float32)
 
 
-def _this_process_mp_cfg() -> dict:
-    """mmengine's ``env_cfg.mp_cfg`` that keeps this process's settings (its defaults force the
-    'fork' start method and set OpenCV's thread count for the whole test process)."""
-    import cv2
-    import torch.multiprocessing as mp
-
-    return dict(
-        mp_start_method=mp.get_start_method(allow_none=True) or "fork",
-        opencv_num_threads=cv2.getNumThreads(),
-    )
-
-
-@contextlib.contextmanager
-def _torch_threads_kept() -> Iterator[None]:
-    """Restore torch's intra-op thread count after a Runner has run."""
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_fuse_hook_fuses_a_config_built_run(tmp_path) -> None:
     """``custom_hooks=[dict(type='FuseGFLOpsHook')]`` in a config: a real mmengine Runner trains
     mmdet's GFL detector with the fused losses *and* the fused Integral (which no config key
@@ -1013,13 +994,13 @@ def test_fuse_hook_fuses_a_config_built_run(tmp_path) -> None:
         custom_hooks=[dict(type="EMAHook"), dict(type="FuseGFLOpsHook")],
         default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=2, by_epoch=False)),
         default_scope="mmdet",
-        env_cfg=dict(mp_cfg=_this_process_mp_cfg()),
+        env_cfg=dict(mp_cfg=this_process_mp_cfg()),
         log_level="WARNING",
     )
     calls = []
     integral = runner.model.bbox_head.integral
     integral.register_forward_hook(lambda *_: calls.append(type(integral)))
-    with _torch_threads_kept():
+    with torch_threads_kept():
         runner.train()
     assert calls and set(calls) == {FusedIntegral}  # every training step ran the fused Integral
     (ema,) = [h for h in runner.hooks if type(h).__name__ == "EMAHook"]
@@ -1034,44 +1015,6 @@ def test_fuse_hook_fuses_a_config_built_run(tmp_path) -> None:
     assert type(stock.bbox_head.integral) is Integral
 
 
-COCO_SUBSET = ("person", "bicycle", "car")
-
-
-def _write_coco(root, n_images: int = 4, size: int = 96) -> None:
-    """A tiny COCO-format dataset: ``images/`` and ``train.json`` / ``val.json`` (the same
-    images), 2-4 boxes of three COCO classes per image."""
-    import json
-
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    images, annotations = [], []
-    for i in range(n_images):
-        pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-        for _ in range(int(rng.integers(2, 5))):
-            w, h = (int(v) for v in rng.integers(16, 48, 2))
-            x, y = (int(v) for v in rng.integers(0, size - 48, 2))
-            pixels[y : y + h, x : x + w] = rng.integers(120, 255, 3, dtype=np.uint8)
-            annotations.append(
-                dict(
-                    id=len(annotations) + 1,
-                    image_id=i + 1,
-                    category_id=int(rng.integers(1, 4)),
-                    bbox=[x, y, w, h],
-                    area=w * h,
-                    iscrowd=0,
-                )
-            )
-        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        images.append(dict(id=i + 1, file_name=f"{i}.png", width=size, height=size))
-    categories = [dict(id=k + 1, name=name) for k, name in enumerate(COCO_SUBSET)]
-    coco = dict(images=images, annotations=annotations, categories=categories)
-    for split in ("train", "val"):
-        (root / f"{split}.json").write_text(json.dumps(coco))
-
-
 def test_mmdet_gfl_config_file_trains_fused(tmp_path) -> None:
     """mmdet's own ``configs/gfl/gfl_r50_fpn_1x_coco.py`` (the file shipped in the mmdet
     package), with the lines a user adds -- the import, the two loss types, the hook -- runs in
@@ -1082,7 +1025,6 @@ def test_mmdet_gfl_config_file_trains_fused(tmp_path) -> None:
     from pathlib import Path
 
     from mmengine.config import Config
-    from mmengine.runner import Runner
 
     cfg = Config.fromfile(Path(mmdet.__file__).parent / ".mim/configs/gfl/gfl_r50_fpn_1x_coco.py")
     # what a user adds
@@ -1091,37 +1033,18 @@ def test_mmdet_gfl_config_file_trains_fused(tmp_path) -> None:
     cfg.model.bbox_head.loss_dfl.type = "FusedDistributionFocalLoss"
     cfg.custom_hooks = [dict(type="FuseGFLOpsHook")]
     # what makes it a CPU test
-    _write_coco(tmp_path / "coco")
-    cfg.model.backbone.update(depth=18, init_cfg=None)
-    cfg.model.bbox_head.num_classes = len(COCO_SUBSET)
-    cfg.model.neck.in_channels = [64, 128, 256, 512]
-    for loader, ann in (("train_dataloader", "train.json"), ("val_dataloader", "val.json")):
-        cfg[loader].update(num_workers=0, persistent_workers=False, batch_size=2)
-        cfg[loader].dataset.update(
-            data_root=str(tmp_path / "coco"),
-            ann_file=ann,
-            data_prefix=dict(img="images/"),
-            metainfo=dict(classes=COCO_SUBSET),
-        )
-        for step in cfg[loader].dataset.pipeline:
+
+    def shrink(pipeline: list) -> None:
+        for step in pipeline:
             if step.type == "Resize":
                 step.scale = (96, 96)
+
+    tiny_coco_run(cfg, tmp_path, shrink)
+    cfg.model.backbone.update(depth=18, init_cfg=None)
+    cfg.model.neck.in_channels = [64, 128, 256, 512]
     cfg.train_dataloader.dataset.filter_cfg = dict(filter_empty_gt=True, min_size=8)
-    cfg.test_dataloader = cfg.val_dataloader
-    cfg.val_evaluator.ann_file = cfg.test_evaluator.ann_file = str(tmp_path / "coco/val.json")
-    cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=1, val_interval=1)
-    cfg.param_scheduler = []
     cfg.model.test_cfg.score_thr = 0.0  # two steps from init score ~0.01: keep some detections
-    cfg.work_dir = str(tmp_path / "work")
-    cfg.log_level = "WARNING"
-    cfg.env_cfg.mp_cfg = _this_process_mp_cfg()
-    with _torch_threads_kept():
-        runner = Runner.from_cfg(cfg)
-        integral = runner.model.bbox_head.integral
-        calls = []
-        integral.register_forward_hook(lambda *_: calls.append(type(integral)))
-        runner.train()
-        metrics = runner.test()
+    runner, calls, metrics = train_and_test(cfg, lambda model: model.bbox_head.integral)
     assert len(calls) >= 2 and set(calls) == {FusedIntegral}
     kinds = {type(m) for m in runner.model.modules()}
     assert {FusedQualityFocalLoss, FusedDistributionFocalLoss, FusedIntegral} <= kinds

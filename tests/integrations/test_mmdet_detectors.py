@@ -38,7 +38,9 @@ from mmdet_testing import (  # noqa: E402
     assert_predictions_equal,
     data_samples,
     rel_l2,
+    tiny_coco_run,
     total,
+    train_and_test,
 )
 from mmengine.config import Config  # noqa: E402
 from mmengine.logging import MessageHub  # noqa: E402
@@ -242,6 +244,39 @@ def test_rtmdet_under_autocast(rtmdet_tiny):
     amp_vs_float32 = rel_l2(grads["stock"], _flat(float32_step, "grad"))
     fused_vs_stock = rel_l2(grads["fused"], grads["stock"])
     assert fused_vs_stock < 0.2 * amp_vs_float32, (fused_vs_stock, amp_vs_float32)
+
+
+def _shrink_images(pipeline: list, side: int) -> None:
+    """Scale a pipeline's image sizes from RTMDet's 640 (and 1280) pixels to ``side``."""
+    for step in pipeline:
+        for key in ("img_scale", "scale", "crop_size", "size"):
+            if isinstance(step.get(key), (tuple, list)):
+                step[key] = tuple(side * v // 640 for v in step[key])
+
+
+def test_rtmdet_config_file_trains_fused_with_the_hook(tmp_path) -> None:
+    """mmdet's own ``configs/rtmdet/rtmdet_tiny_8xb32-300e_coco.py`` with the two lines a user
+    adds (the import, ``FuseGFLOpsHook`` appended to the config's own custom hooks) runs in
+    mmengine's Runner as ``tools/train.py`` runs it: RTMDet's own pipeline (mosaic, mix-up),
+    its EMA hook (ExpMomentumEMA), the real COCO dataset and evaluator on a tiny COCO-format
+    dataset.  Every training step runs the fused QFL, in the model and its EMA copy.  (Shrunk
+    for a CPU test: 96-pixel images, one epoch of two iterations.)"""
+    from mmengine.hooks import EMAHook
+
+    cfg = _config("rtmdet/rtmdet_tiny_8xb32-300e_coco.py")
+    # what a user adds
+    cfg.custom_imports = dict(imports=["gfl_ops.integrations.mmdet"], allow_failed_imports=False)
+    cfg.custom_hooks.append(dict(type="FuseGFLOpsHook"))
+    # what makes it a CPU test
+    tiny_coco_run(cfg, tmp_path, lambda pipeline: _shrink_images(pipeline, 96))
+    for hook in cfg.custom_hooks:
+        _shrink_images(hook.get("switch_pipeline", []), 96)
+    runner, calls, metrics = train_and_test(cfg, lambda model: model.bbox_head.loss_cls)
+    # 3 levels x 2 iterations, every one fused
+    assert len(calls) >= 6 and set(calls) == {FusedQualityFocalLoss}
+    (ema,) = [h for h in runner.hooks if isinstance(h, EMAHook)]
+    assert type(ema.ema_model.module.bbox_head.loss_cls) is FusedQualityFocalLoss
+    assert "coco/bbox_mAP" in metrics  # pycocotools evaluated the fused model's detections
 
 
 # --------------------------------------------------------------------------------------------

@@ -139,7 +139,9 @@ class _FusedYOLOMixin:
         """``YOLO.tune`` whose trials train with the fused ops: Ultralytics starts each trial as
         a ``yolo train`` process, which runs as ``gfl-yolo train`` instead
         (:func:`~._tuning.trials_run_fused`).  The model is stock for the span of the call, so
-        that the base checkpoint the trials start from is a stock one."""
+        that the base checkpoint the trials start from is a stock one.  (``use_ray=True``: Ray's
+        trials call ``train()`` on a copy of this patched object, i.e. the fused trainer; not
+        tested here, Ray is not installed.)"""
         with trials_run_fused(), _stock_while(self._modules.get("model")):
             return super().tune(*args, **kwargs)
 
