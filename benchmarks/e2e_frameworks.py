@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -197,22 +198,30 @@ def _rtmdet_head(device: torch.device):
 
 
 def _bench_mmdet_head(
-    name: str, stock, strides: tuple[int, ...], device: torch.device, image: int, steps: int
-) -> list[dict]:
-    """One training step of an mmdet dense head (forward on FPN-shaped features, its
-    ``loss_by_feat``, backward, SGD), stock vs :func:`~gfl_ops.integrations.mmdet.fuse`."""
+    name: str,
+    build_head: Callable[[torch.device], Any],
+    device: torch.device,
+    image: int,
+    steps: int,
+) -> tuple[list[dict], str]:
+    """One training step of an mmdet dense head (forward on FPN-shaped features at the strides of
+    its prior generator, its ``loss_by_feat``, backward, SGD), stock vs
+    :func:`~gfl_ops.integrations.mmdet.fuse`; the rows and the note on mmcv's compiled ops."""
+    note = ensure_mmcv_ops()  # before mmdet's models are imported
     import mmdet
     from mmengine.structures import InstanceData
 
     from gfl_ops.integrations.mmdet import fuse
 
+    torch.manual_seed(0)
+    stock = build_head(device)
     fused = fuse(copy.deepcopy(stock))
     gen = torch.Generator().manual_seed(0)
     batch = 2
     channels = stock.in_channels
     feats = [
         torch.randn(batch, channels, image // s, image // s, generator=gen).to(device)
-        for s in strides
+        for s, _ in stock.prior_generator.strides
     ]
     gts = []
     for boxes in _boxes(batch, image, 8, gen):
@@ -240,26 +249,16 @@ def _bench_mmdet_head(
         steps,
         device,
     )
-    return _rows(name, step_ms, loss_ms, f"mmdet {mmdet.__version__}")
+    return _rows(name, step_ms, loss_ms, f"mmdet {mmdet.__version__}"), note
 
 
 def bench_mmdet(device: torch.device, image: int, steps: int) -> tuple[list[dict], str]:
-    note = ensure_mmcv_ops()
-    torch.manual_seed(0)
-    head = _gfl_head(device)
-    strides = (8, 16, 32, 64, 128)
-    rows = _bench_mmdet_head(
-        "mmdet GFLHead (gfl_r50_fpn_1x head)", head, strides, device, image, steps
-    )
-    return rows, note
+    name = "mmdet GFLHead (gfl_r50_fpn_1x head)"
+    return _bench_mmdet_head(name, _gfl_head, device, image, steps)
 
 
 def bench_rtmdet(device: torch.device, image: int, steps: int) -> tuple[list[dict], str]:
-    note = ensure_mmcv_ops()
-    torch.manual_seed(0)
-    head = _rtmdet_head(device)
-    rows = _bench_mmdet_head("mmdet RTMDet-L head", head, (8, 16, 32), device, image, steps)
-    return rows, note
+    return _bench_mmdet_head("mmdet RTMDet-L head", _rtmdet_head, device, image, steps)
 
 
 # --------------------------------------------------------------------------------------------

@@ -149,7 +149,11 @@ def test_too_old_triton_is_refused_with_a_reason(monkeypatch):
 
     from gfl_ops import _registry
 
+    # the check is cached per process (the installed Triton does not change): clear it around
+    # each pretended version
+    check = triton_backend._triton_too_old
     monkeypatch.setattr(triton, "__version__", "3.0.0")
+    check.cache_clear()
     for device_type in ("cpu", "cuda"):
         reason = triton_backend.BACKEND.unavailable_reason(device_type)
         assert "Triton 3.0.0 is older than 3.2" in reason
@@ -157,7 +161,10 @@ def test_too_old_triton_is_refused_with_a_reason(monkeypatch):
     with pytest.raises(RuntimeError, match="Triton 3.0.0 is older than 3.2"):
         gfl_ops.integral(torch.randn(3, 17), backend="triton")
     monkeypatch.setattr(triton, "__version__", "3.2.0")
+    check.cache_clear()
     assert triton_backend.BACKEND.unavailable_reason(DEVICE) is None
+    monkeypatch.undo()
+    check.cache_clear()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ Double backward is exact (:mod:`gfl_ops._second_order`); third order raises.  Dt
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from gfl_ops.triton import _common
@@ -70,6 +72,7 @@ __all__ = ["BACKEND", "TritonBackend"]
 MIN_TRITON = "3.2"
 
 
+@functools.cache  # the installed Triton does not change while the process runs
 def _triton_too_old() -> str | None:
     import triton
     from torch.torch_version import TorchVersion  # torch's version comparison, for any package

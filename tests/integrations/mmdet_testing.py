@@ -8,6 +8,7 @@ Import it after ``mmcv_ext_stub.install()``: it imports mmdet's structures.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -18,6 +19,33 @@ from mmengine.structures import InstanceData
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| (b's norm floored at 1e-12: a zero ``b`` compares absolutely)."""
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def flat(model: torch.nn.Module, attr: str) -> torch.Tensor:
+    """All of ``model``'s parameters' ``attr`` (``"data"`` or ``"grad"``; parameters without a
+    gradient left out) as one vector."""
+    tensors = (getattr(p, attr) for p in model.parameters())
+    return torch.cat([t.detach().flatten() for t in tensors if t is not None])
+
+
+def autocast_steps(
+    stock: torch.nn.Module, fused: torch.nn.Module, inputs: torch.Tensor, samples: list
+) -> tuple[dict, float, float]:
+    """One loss + backward of each detector under bf16 autocast (what AMP runs on a CPU), and of
+    a float32 copy of ``stock``; the gradients must be finite.
+
+    Returns (the autocast losses by "stock" / "fused", the fused gradients' relative L2 distance
+    from stock's, the stock autocast gradients' distance from the float32 ones)."""
+    float32_step = copy.deepcopy(stock)
+    total(float32_step.loss(inputs, samples)).backward()
+    losses = {}
+    for name, model in (("stock", stock), ("fused", fused)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[name] = model.loss(inputs, samples)
+        total(losses[name]).backward()
+        assert torch.isfinite(flat(model, "grad")).all(), name
+    fused_vs_stock = rel_l2(flat(fused, "grad"), flat(stock, "grad"))
+    return losses, fused_vs_stock, rel_l2(flat(stock, "grad"), flat(float32_step, "grad"))
 
 
 def total(losses: dict) -> torch.Tensor:

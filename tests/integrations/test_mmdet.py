@@ -38,6 +38,7 @@ from mmdet.structures import DetDataSample  # noqa: E402
 from mmdet_testing import (  # noqa: E402
     assert_losses_equal,
     assert_predictions_equal,
+    autocast_steps,
     data_samples,
     rel_l2,
     this_process_mp_cfg,
@@ -937,25 +938,12 @@ def test_whole_detector_under_autocast():
     stock = _gfl_detector().train()
     _spread_outputs(stock.bbox_head)
     fused = fuse(copy.deepcopy(stock))
-    float32_step = copy.deepcopy(stock)
     inputs, samples = _detector_inputs(size=256, seed=9)
-    total(float32_step.loss(inputs, samples)).backward()
-
-    def flat_grad(model: torch.nn.Module) -> torch.Tensor:
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    losses = {}
-    for name, model in (("stock", stock), ("fused", fused)):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            losses[name] = model.loss(inputs, samples)
-        total(losses[name]).backward()
-        assert torch.isfinite(flat_grad(model)).all(), name
+    losses, fused_vs_stock, amp_vs_float32 = autocast_steps(stock, fused, inputs, samples)
     for key in losses["stock"]:
         for g, w in zip(losses["fused"][key], losses["stock"][key]):
             assert torch.isfinite(g), key
             torch.testing.assert_close(g.float(), w.float(), rtol=1e-2, atol=1e-4)
-    amp_vs_float32 = rel_l2(flat_grad(stock), flat_grad(float32_step))
-    fused_vs_stock = rel_l2(flat_grad(fused), flat_grad(stock))
     assert fused_vs_stock < 0.5 * amp_vs_float32, (fused_vs_stock, amp_vs_float32)
 
 

@@ -36,7 +36,9 @@ from mmdet.utils import register_all_modules  # noqa: E402
 from mmdet_testing import (  # noqa: E402
     assert_losses_equal,
     assert_predictions_equal,
+    autocast_steps,
     data_samples,
+    flat,
     rel_l2,
     tiny_coco_run,
     total,
@@ -146,10 +148,6 @@ def test_rtmdet_fuse_converts_its_quality_focal_loss(rtmdet_tiny):
     )
 
 
-def _flat(model: torch.nn.Module, attr: str) -> torch.Tensor:
-    return torch.cat([getattr(p, attr).detach().flatten() for p in model.parameters()])
-
-
 def test_rtmdet_losses_gradients_and_sgd_match_mmdet(rtmdet_tiny):
     stock, fused, _ = (copy.deepcopy(m) for m in rtmdet_tiny)
     # the control for the SGD steps below: the stock model with its weights moved by float32
@@ -185,8 +183,8 @@ def test_rtmdet_losses_gradients_and_sgd_match_mmdet(rtmdet_tiny):
             opt.zero_grad()
             total(model.loss(inputs, samples)).backward()
             opt.step()
-    fused_drift = rel_l2(_flat(fused, "data"), _flat(stock, "data"))
-    rounding_drift = rel_l2(_flat(rounded, "data"), _flat(stock, "data"))
+    fused_drift = rel_l2(flat(fused, "data"), flat(stock, "data"))
+    rounding_drift = rel_l2(flat(rounded, "data"), flat(stock, "data"))
     assert fused_drift <= 1e-4 and fused_drift < rounding_drift, (fused_drift, rounding_drift)
     want = float(total(stock.loss(inputs, samples)))
     fused_off = abs(float(total(fused.loss(inputs, samples))) - want) / want
@@ -227,22 +225,11 @@ def test_rtmdet_under_autocast(rtmdet_tiny):
     less than mixed precision itself makes it differ from the float32 step."""
     stock, fused = (copy.deepcopy(m).train() for m in rtmdet_tiny[:2])
     inputs, samples = _images_and_samples(seed=6)
-    float32_step = copy.deepcopy(stock)
-    total(float32_step.loss(inputs, samples)).backward()
-    grads = {}
-    losses = {}
-    for name, model in (("stock", stock), ("fused", fused)):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            losses[name] = model.loss(inputs, samples)
-        total(losses[name]).backward()
-        grads[name] = _flat(model, "grad")
-        assert torch.isfinite(grads[name]).all(), name
+    losses, fused_vs_stock, amp_vs_float32 = autocast_steps(stock, fused, inputs, samples)
     for key in losses["stock"]:
         for g, w in zip(losses["fused"][key], losses["stock"][key]):
             assert g.dtype == w.dtype and torch.isfinite(g), key
             torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
-    amp_vs_float32 = rel_l2(grads["stock"], _flat(float32_step, "grad"))
-    fused_vs_stock = rel_l2(grads["fused"], grads["stock"])
     assert fused_vs_stock < 0.2 * amp_vs_float32, (fused_vs_stock, amp_vs_float32)
 
 

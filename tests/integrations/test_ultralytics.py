@@ -22,7 +22,6 @@ settings directory, no network, and undoes the process-wide changes after each t
 
 from __future__ import annotations
 
-import ast
 import atexit
 import copy
 import importlib
@@ -1016,62 +1015,6 @@ def test_cli_console_script_is_installed() -> None:
     assert ultralytics.__version__ in out
 
 
-def test_cli_trains_and_validates_with_the_fused_ops(tmp_path: Path) -> None:
-    """``gfl-yolo`` / ``python -m gfl_ops.integrations.ultralytics`` is the ``yolo`` command with
-    patched models: ``train`` then ``val`` of the best checkpoint, in a fresh interpreter (the
-    CLI changes process-wide state), counting the fused ops' calls there."""
-    data = write_dataset(tmp_path / "data")
-    args = {k: v for k, v in TRAIN_ARGS.items() if k != "verbose"}
-    train = ["train", "model=yolov8n.yaml", f"data={data}", f"project={tmp_path / 'runs'}"]
-    train += ["name=cli"] + [f"{k}={v}" for k, v in args.items()]
-    best = tmp_path / "runs" / "cli" / "weights" / "best.pt"
-    val = ["val", f"model={best}", f"data={data}", "imgsz=64", "batch=2", "workers=0"]
-    val += ["device=cpu", "plots=False", f"project={tmp_path / 'runs'}", "name=cli_val"]
-    # one process per command: Ultralytics reads its arguments off sys.argv at import, as the
-    # real command does
-    code = (
-        "from gfl_ops import functional\n"
-        "calls = {'integral': 0, 'distribution_focal_loss': 0}\n"
-        "for name in calls:\n"
-        "    def counted(*a, _f=getattr(functional, name), _n=name, **k):\n"
-        "        calls[_n] += 1\n"
-        "        return _f(*a, **k)\n"
-        "    setattr(functional, name, counted)\n"
-        "from gfl_ops.integrations.ultralytics.__main__ import main\n"
-        "main()\n"
-        "print('CALLS', calls)\n"
-    )
-    counts = {}
-    for argv in (train, val):
-        proc = subprocess.run(
-            [sys.executable, "-c", code, *argv],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "YOLO_CONFIG_DIR": _CONFIG_DIR, "YOLO_OFFLINE": "1"},
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        (line,) = [line for line in proc.stdout.splitlines() if line.startswith("CALLS ")]
-        counts[argv[0]] = ast.literal_eval(line[len("CALLS ") :])
-    # training: the DFL loss and the loss's decoding every step, the head at validation
-    assert counts["train"]["distribution_focal_loss"] >= 2 and counts["train"]["integral"] >= 4
-    assert counts["val"]["integral"] >= 1 and counts["val"]["distribution_focal_loss"] == 0
-    assert_stock_checkpoint(best, "model")
-
-
-def test_tuner_launches_are_rewritten_and_nothing_else() -> None:
-    args = ["train", "model=yolov8n.yaml", "epochs=1"]
-    stock = [sys.executable, "-m", "ultralytics.cfg.__init__", *args]
-    assert fused_command(stock) == [*FUSED_LAUNCH, *args]
-    assert fused_command(("yolo", *args)) == [*FUSED_LAUNCH, *args]
-    for other in (
-        [sys.executable, "-m", "torch.distributed.run", "x.py"],
-        ["git", "status"],
-        "yolo",
-    ):
-        assert fused_command(other) is other
-
-
 # Counts the fused ops' calls in every Python process started with this file's folder on
 # PYTHONPATH (Python imports ``sitecustomize`` at start-up), for processes the test does not
 # start itself: the tuner's trials.
@@ -1103,8 +1046,45 @@ def processes_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable
     path = [str(hooks), os.environ.get("PYTHONPATH", "")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
     monkeypatch.setenv("GFL_OPS_TEST_CALLS", str(calls_file))
-    monkeypatch.setenv("YOLO_OFFLINE", "1")
     return lambda: [json.loads(line) for line in calls_file.read_text().splitlines()]
+
+
+def test_cli_trains_and_validates_with_the_fused_ops(
+    tmp_path: Path, processes_calls: Callable[[], list[dict]]
+) -> None:
+    """``gfl-yolo`` / ``python -m gfl_ops.integrations.ultralytics`` is the ``yolo`` command with
+    patched models: ``train`` then ``val`` of the best checkpoint, in a fresh interpreter (the
+    CLI changes process-wide state), counting the fused ops' calls there."""
+    data = write_dataset(tmp_path / "data")
+    args = {k: v for k, v in TRAIN_ARGS.items() if k != "verbose"}
+    train = ["train", "model=yolov8n.yaml", f"data={data}", f"project={tmp_path / 'runs'}"]
+    train += ["name=cli"] + [f"{k}={v}" for k, v in args.items()]
+    best = tmp_path / "runs" / "cli" / "weights" / "best.pt"
+    val = ["val", f"model={best}", f"data={data}", "imgsz=64", "batch=2", "workers=0"]
+    val += ["device=cpu", "plots=False", f"project={tmp_path / 'runs'}", "name=cli_val"]
+    # one process per command: Ultralytics reads its arguments off sys.argv at import, as the
+    # real command does
+    for argv in (train, val):
+        proc = subprocess.run([*FUSED_LAUNCH, *argv], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = {r["argv"][1]: r["calls"] for r in processes_calls()}
+    # training: the DFL loss and the loss's decoding every step, the head at validation
+    assert counts["train"]["distribution_focal_loss"] >= 2 and counts["train"]["integral"] >= 4
+    assert counts["val"]["integral"] >= 1 and counts["val"]["distribution_focal_loss"] == 0
+    assert_stock_checkpoint(best, "model")
+
+
+def test_tuner_launches_are_rewritten_and_nothing_else() -> None:
+    args = ["train", "model=yolov8n.yaml", "epochs=1"]
+    stock = [sys.executable, "-m", "ultralytics.cfg.__init__", *args]
+    assert fused_command(stock) == [*FUSED_LAUNCH, *args]
+    assert fused_command(("yolo", *args)) == [*FUSED_LAUNCH, *args]
+    for other in (
+        [sys.executable, "-m", "torch.distributed.run", "x.py"],
+        ["git", "status"],
+        "yolo",
+    ):
+        assert fused_command(other) is other
 
 
 def _stock_tuner_trials_fail() -> bool:
