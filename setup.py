@@ -8,8 +8,11 @@ Environment:
                           driver JIT-compiles on newer GPUs (e.g. "8.9;9.0;10.0+PTX" for others)
   MAX_JOBS                parallel compile jobs (ninja)
 
-Build against the installed torch: ``pip install --no-build-isolation -e .``.  CUDA sources are
-compiled even on a machine without a GPU, so CI catches CUDA compile errors.
+The extension is compiled against the torch that is installed: ``pip install .`` finds it through
+the in-tree build backend (build_backend/torch_matched_build.py), ``pip install
+--no-build-isolation -e .`` imports it directly.  The wheel then requires exactly that torch, and
+gfl_ops/_build_info.py records it for the check at import.  CUDA sources are compiled even on a
+machine without a GPU, so CI catches CUDA compile errors.
 """
 
 from __future__ import annotations
@@ -127,10 +130,49 @@ def _extensions():
     ]
 
 
+BUILD_INFO = "_build_info.py"
+
+
+def _build_info_text(torch) -> str:
+    return (
+        '"""Written by setup.py when gfl_ops._C is compiled: the torch it was compiled against.\n\n'
+        "gfl_ops._extension compares it with the torch being imported before it loads _C: an\n"
+        'extension runs only with the torch it was built for."""\n\n'
+        f"TORCH_VERSION = {str(torch.__version__)!r}\n"
+        f"TORCH_CUDA = {torch.version.cuda!r}\n"
+    )
+
+
 def _cmdclass():
+    import torch
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    base = BuildExtension.with_options(no_python_abi_suffix=False)
+
+    class BuildExtensionRecordingTorch(base):
+        """torch's BuildExtension, then gfl_ops/_build_info.py beside the compiled _C."""
+
+        def run(self):
+            super().run()
+            text = _build_info_text(torch)
+            # beside the _C this run made: the checkout (editable, build_ext --inplace) or the
+            # build folder the wheel is packed from (never both: a wheel build must not relabel
+            # a checkout's in-place _C)
+            folder = os.path.join(ROOT if self.inplace else self.build_lib, "gfl_ops")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, BUILD_INFO), "w") as handle:
+                handle.write(text)
+
+    return {"build_ext": BuildExtensionRecordingTorch}
+
+
+def _install_requires() -> list[str]:
+    """The torch this build compiles against, exactly: the extension loads into no other (pip
+    then keeps, or installs, the matching torch beside the wheel).  Local labels such as +cu130
+    are not part of the pin (pip matches 2.14.1 to 2.14.1+cu130)."""
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", "numpy"]
 
 
 setup(
@@ -138,6 +180,7 @@ setup(
     # `python -m detector.main_job` from the repository root; listed here it would install a
     # top-level package named `detector` into every environment that installs gfl-ops.
     packages=find_packages(include=["gfl_ops", "gfl_ops.*"]),
+    install_requires=_install_requires(),
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
 )

@@ -14,27 +14,54 @@ import torch
 
 REBUILD_HINT = (
     "Rebuild it against the installed torch with: "
-    "pip install --no-build-isolation -e .   (from the gfl-ops checkout)"
+    "pip install --no-build-isolation -e .   (from the gfl-ops checkout), or reinstall the "
+    "package: pip install --force-reinstall --no-deps --no-cache-dir <where gfl-ops came from>"
 )
 
-_error: str | None = None
-_C = None
 
-try:
-    _C = importlib.import_module("gfl_ops._C")
-except ImportError as exc:
-    message = str(exc)
-    if "No module named" in message:
-        _error = f"the compiled extension gfl_ops._C is not built. {REBUILD_HINT}"
-    elif "undefined symbol" in message or "version" in message.lower():
-        _error = (
-            f"gfl_ops._C was built for another torch/CUDA than the installed torch "
-            f"{torch.__version__} (CUDA {torch.version.cuda}): {message}. {REBUILD_HINT}"
-        )
-    else:
-        _error = f"gfl_ops._C failed to load: {message}. {REBUILD_HINT}"
-except OSError as exc:  # a missing shared library (e.g. libcudart) surfaces as OSError
-    _error = f"gfl_ops._C failed to load: {exc}. {REBUILD_HINT}"
+def _torch_mismatch() -> str | None:
+    """Why _C must not be loaded into this torch, from the record setup.py wrote when it compiled
+    _C (gfl_ops/_build_info.py); None when they match or there is no record (an older build:
+    then the import itself is the check)."""
+    try:
+        from gfl_ops import _build_info
+    except ImportError:
+        return None
+    built = (_build_info.TORCH_VERSION, _build_info.TORCH_CUDA)
+    running = (str(torch.__version__), torch.version.cuda)
+    if built == running:
+        return None
+    # Checked before loading: a library built for other torch headers can load without a missing
+    # symbol and still disagree with this torch about its types' layout.
+    return (
+        f"gfl_ops._C was compiled against torch {built[0]} (CUDA {built[1]}) but this is torch "
+        f"{running[0]} (CUDA {running[1]}); an extension runs only with the torch it was "
+        f"compiled for, so it was not loaded. {REBUILD_HINT}"
+    )
+
+
+def _load() -> tuple[object | None, str | None]:
+    """(the loaded _C, None) or (None, why it is not loaded)."""
+    mismatch = _torch_mismatch()
+    if mismatch is not None:
+        return None, mismatch
+    try:
+        return importlib.import_module("gfl_ops._C"), None
+    except ImportError as exc:
+        message = str(exc)
+        if "No module named" in message:
+            return None, f"the compiled extension gfl_ops._C is not built. {REBUILD_HINT}"
+        if "undefined symbol" in message or "version" in message.lower():
+            return None, (
+                f"gfl_ops._C was built for another torch/CUDA than the installed torch "
+                f"{torch.__version__} (CUDA {torch.version.cuda}): {message}. {REBUILD_HINT}"
+            )
+        return None, f"gfl_ops._C failed to load: {message}. {REBUILD_HINT}"
+    except OSError as exc:  # a missing shared library (e.g. libcudart) surfaces as OSError
+        return None, f"gfl_ops._C failed to load: {exc}. {REBUILD_HINT}"
+
+
+_C, _error = _load()
 
 
 def extension_loaded() -> bool:

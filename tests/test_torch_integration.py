@@ -305,6 +305,43 @@ def test_import_without_compiled_extension_explains_and_falls_back():
     assert "ERR gfl_ops backend 'cpu' cannot run" in result.stdout
 
 
+def test_extension_compiled_for_another_torch_is_not_loaded():
+    """setup.py records the torch it compiled _C against (gfl_ops/_build_info.py); a different
+    torch at import leaves _C unloaded -- a library built for other torch headers may load and
+    still disagree about layouts -- says both versions and how to rebuild, and the automatic
+    choice falls back, with its warning, to the reference formulas."""
+    code = (
+        "import sys, types\n"
+        "record = types.ModuleType('gfl_ops._build_info')\n"
+        "record.TORCH_VERSION, record.TORCH_CUDA = '2.99.0+cu999', '99.9'\n"
+        "sys.modules['gfl_ops._build_info'] = record\n"
+        "import torch, gfl_ops\n"
+        "assert not gfl_ops.extension_loaded()\n"
+        "assert 'gfl_ops._C' not in sys.modules\n"
+        "print(gfl_ops.extension_error())\n"
+        "x = torch.randn(4, 3, requires_grad=True)\n"
+        "gfl_ops.quality_focal_loss(x, (torch.tensor([0, 3, 1, 2]), torch.rand(4))).backward()\n"
+    )
+    result = _fresh_interpreter(code)
+    assert result.returncode == 0, result.stderr
+    assert "compiled against torch 2.99.0+cu999 (CUDA 99.9)" in result.stdout
+    assert f"but this is torch {torch.__version__}" in result.stdout
+    assert "pip install --no-build-isolation -e ." in result.stdout
+    assert "so the automatic choice is the 'reference' backend" in result.stderr
+
+
+def test_build_records_the_torch_it_compiled_against():
+    """The checkout's in-place build wrote its record, and it names this torch."""
+    if not gfl_ops.extension_loaded():
+        pytest.fail(f"gfl_ops._C is not loaded: {gfl_ops.extension_error()}")
+    from gfl_ops import _build_info
+
+    assert (_build_info.TORCH_VERSION, _build_info.TORCH_CUDA) == (
+        str(torch.__version__),
+        torch.version.cuda,
+    )
+
+
 @needs_ext
 def test_operators_complete_right_after_import():
     """In a fresh interpreter, ``import gfl_ops`` alone gives the raw operators their autograd and

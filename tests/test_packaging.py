@@ -1,0 +1,178 @@
+"""What a user meets at ``pip install``: gfl_ops._C is compiled against *their* torch.
+
+A plain ``pip install`` builds in an isolated environment; the in-tree backend
+(build_backend/torch_matched_build.py) finds the torch of the environment being installed into
+and compiles against it, instead of whatever torch the index would put in the build
+environment.  The end-to-end test installs a copy of the checkout into a fresh virtual env as a
+user does, with the index closed to everything but the build tools, so that a build asking for
+its own torch fails outright.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "build_backend"))
+import torch_matched_build  # noqa: E402  (the in-tree backend, as pip imports it)
+
+sys.path.remove(str(ROOT / "build_backend"))
+
+
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("timeout", 1800)
+    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert result.returncode == 0, f"{cmd}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend's decisions, without a build
+
+
+def test_backend_asks_for_no_torch_when_one_is_importable():
+    assert torch_matched_build.get_requires_for_build_wheel() == ["ninja"]
+    assert torch_matched_build.get_requires_for_build_editable() == ["ninja"]
+    assert torch_matched_build.get_requires_for_build_sdist() == []
+
+
+def test_backend_asks_for_a_torch_only_when_none_is_installed(monkeypatch):
+    monkeypatch.setattr(torch_matched_build, "_torch_importable_here", lambda: False)
+    monkeypatch.setattr(torch_matched_build, "installed_torch_site", lambda: None)
+    assert torch_matched_build.get_requires_for_build_wheel() == ["ninja", "torch>=2.4"]
+    assert torch_matched_build.get_requires_for_build_sdist() == ["torch>=2.4"]
+
+
+def test_backend_finds_the_torch_that_pip_isolation_hides(tmp_path):
+    """pip's default isolation runs the hooks in the target interpreter with PYTHONPATH pointing
+    at a sitecustomize that drops the target's site-packages (and the build environment's own
+    setuptools in their place); the probe must see past it to the target's torch."""
+    import setuptools
+
+    isolation = tmp_path / "isolation"
+    isolation.mkdir()
+    (isolation / "sitecustomize.py").write_text(
+        "import sys\nsys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
+    )
+    site = Path(setuptools.__file__).parents[1]
+    for name in ("setuptools", "_distutils_hack", "pkg_resources"):
+        if (site / name).exists():
+            (isolation / name).symlink_to(site / name)
+    code = (
+        "import importlib.util, sys\n"
+        "assert importlib.util.find_spec('torch') is None, 'the emulated isolation leaks torch'\n"
+        f"sys.path.insert(0, {str(ROOT / 'build_backend')!r})\n"
+        "import torch_matched_build as backend\n"
+        "print(backend.installed_torch_site())\n"
+        "print(backend.get_requires_for_build_wheel())\n"
+        "import torch\n"
+        "print(torch.__file__)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(isolation), PYTHONNOUSERSITE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    found, requires, imported = result.stdout.strip().splitlines()
+    assert found == str(Path(torch.__file__).parents[1])
+    assert requires == "['ninja']"  # no torch asked of the build environment
+    assert imported == torch.__file__  # and setup.py would import the target's torch
+
+
+def test_backend_probe_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("GFL_OPS_BUILD_TORCH", "isolated")
+    assert torch_matched_build.installed_torch_site() is None
+
+
+def test_backend_ignores_a_torch_for_another_python(monkeypatch, tmp_path):
+    """An activated env of another Python (VIRTUAL_ENV) cannot lend this build its torch."""
+    other = tmp_path / "bin" / "python"
+    other.parent.mkdir()
+    other.write_text(
+        '#!/bin/sh\necho \'{"site": "/elsewhere", "python": [2, 7]}\'\n', encoding="utf-8"
+    )
+    other.chmod(0o755)
+    monkeypatch.setenv("VIRTUAL_ENV", str(tmp_path))
+    assert torch_matched_build._probe(str(other)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the real thing: pip install of a clone into a fresh virtual env
+
+
+def _base_python() -> str:
+    """An interpreter to make a fresh venv from (not this venv's own python: its venv would)."""
+    return getattr(sys, "_base_executable", sys.executable)
+
+
+@pytest.mark.slow
+def test_plain_pip_install_compiles_against_the_installed_torch(tmp_path):
+    """``pip install <checkout>`` with default isolation, into a venv that has this torch: the
+    build environment gets only setuptools and ninja (the index offers nothing else), the
+    extension loads, the wheel pins that torch and records it for the check at import."""
+    # the checkout as a user's copy of it: tracked and untracked files, no build products
+    source = tmp_path / "gfl-ops"
+    listed = _run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT).stdout.split("\n")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+
+    venv = tmp_path / "venv"
+    _run([_base_python(), "-m", "venv", str(venv)])
+    python = str(venv / "bin" / "python")
+    # the user's torch: the version this checkout runs, from the same wheels / index
+    pip = [python, "-m", "pip"]
+    _run([*pip, "install", "--quiet", f"torch=={torch.__version__.split('+')[0]}", "numpy"])
+    wheelhouse = tmp_path / "wheelhouse"
+    _run([*pip, "download", "--quiet", "--dest", str(wheelhouse), "setuptools>=77", "ninja"])
+    env = dict(os.environ, GFL_OPS_CPU_ONLY="1", MAX_JOBS="2")
+    env.pop("PYTHONPATH", None)
+    install = _run(
+        [*pip, "install", "-v", "--no-index", "--find-links", str(wheelhouse), str(source)],
+        env=env,
+        cwd=tmp_path,
+    )
+    assert "compiling against the installed torch" in install.stderr + install.stdout
+
+    check = _run(
+        [
+            python,
+            "-c",
+            "import torch, gfl_ops, gfl_ops._build_info as b\n"
+            "assert gfl_ops.extension_loaded(), gfl_ops.extension_error()\n"
+            "print(b.TORCH_VERSION, b.TORCH_CUDA)\n"
+            "x = torch.randn(6, 17, requires_grad=True)\n"
+            "gfl_ops.distribution_focal_loss(x, torch.rand(6) * 16, backend='cpu').backward()\n"
+            "import importlib.metadata as m\n"
+            "print(m.requires('gfl-ops'))\n",
+        ],
+        env=env,
+        cwd=tmp_path,
+    )
+    built, requires = check.stdout.strip().splitlines()
+    assert built == f"{torch.__version__} {torch.version.cuda}"
+    assert f"torch=={torch.__version__.split('+')[0]}" in requires
+
+
+def test_sdist_carries_the_build_backend(tmp_path):
+    """An sdist must hold the in-tree backend (pyproject's backend-path) or it cannot build."""
+    code = (
+        "import sys; sys.path.insert(0, 'build_backend'); import torch_matched_build as b; "
+        f"print(b.build_sdist({str(tmp_path)!r}))"
+    )
+    result = _run([sys.executable, "-c", code], cwd=ROOT)
+    sdist = tmp_path / result.stdout.strip().splitlines()[-1]
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    assert "build_backend/torch_matched_build.py" in names
+    assert "gfl_ops/_build_info.py" not in names
+    assert "csrc/cuda/qfl_kernel.cuh" in names
