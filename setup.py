@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -66,6 +67,76 @@ def _cuda_config(torch) -> tuple[bool, str]:
     return True, f"nvcc at {CUDA_HOME}, torch CUDA {torch.version.cuda}"
 
 
+def _cuda_archs():
+    """gfl_ops/_cuda_archs.py, loaded by path: the package itself is what is being built."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gfl_ops_build_cuda_archs", os.path.join(ROOT, "gfl_ops", "_cuda_archs.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gencode_flags(arch_list: str) -> list[str]:
+    """nvcc's -gencode flags for ``arch_list``, as torch's extension build derives them."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    try:
+        return _get_cuda_arch_flags()
+    finally:
+        if saved is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+
+
+def _nvcc_archs() -> set[str]:
+    """The compute_XY targets this nvcc can compile ("75", "80", ...; empty if it won't say)."""
+    import subprocess
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    try:
+        out = subprocess.run(
+            [os.path.join(CUDA_HOME, "bin", "nvcc"), "--list-gpu-arch"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError, TypeError):
+        return set()
+    return set(re.findall(r"compute_(\d+)", out))
+
+
+def _default_arch_list(torch) -> str:
+    """DEFAULT_ARCH_LIST, plus an entry for each GPU this build machine shows that it would not
+    run on (a T4, sm_75, say) and that nvcc can compile for (CUDA 13 dropped sm_70 and older:
+    those GPUs run the Triton or reference backend instead, and the build says so)."""
+    if not torch.cuda.is_available():
+        return DEFAULT_ARCH_LIST
+    archs = _cuda_archs()
+    sass, ptx = archs.targets_from_gencode(_gencode_flags(DEFAULT_ARCH_LIST))
+    supported = _nvcc_archs()
+    capabilities = []
+    for index in range(torch.cuda.device_count()):
+        capability = tuple(torch.cuda.get_device_capability(index))
+        if archs.runs_on(capability, sass, ptx):
+            continue
+        if f"{capability[0]}{capability[1]}" in supported:
+            capabilities.append(capability)
+        else:
+            print(
+                f"gfl-ops build: cuda:{index} ({torch.cuda.get_device_name(index)}, compute "
+                f"capability {archs.arch_list_entry(capability)}) is not a target of this nvcc; "
+                "the CUDA kernels will not run on it"
+            )
+    return archs.extend_arch_list(DEFAULT_ARCH_LIST, capabilities, sass, ptx)
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
@@ -94,7 +165,8 @@ def _extensions():
         link_flags.append("-fopenmp")
     define_macros = []
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(torch)
         sources += ["csrc/cuda/ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("GFL_WITH_CUDA", None))
     print("gfl-ops build configuration:")
@@ -133,13 +205,22 @@ def _extensions():
 BUILD_INFO = "_build_info.py"
 
 
-def _build_info_text(torch) -> str:
+def _build_info_text(torch, with_cuda: bool) -> str:
+    sass, ptx = (
+        _cuda_archs().targets_from_gencode(_gencode_flags(os.environ["TORCH_CUDA_ARCH_LIST"]))
+        if with_cuda
+        else ((), ())
+    )
     return (
-        '"""Written by setup.py when gfl_ops._C is compiled: the torch it was compiled against.\n\n'
-        "gfl_ops._extension compares it with the torch being imported before it loads _C: an\n"
-        'extension runs only with the torch it was built for."""\n\n'
+        '"""Written by setup.py when gfl_ops._C is compiled: the torch it was compiled against\n'
+        "and the GPU targets of its CUDA kernels.\n\n"
+        "gfl_ops._extension compares the torch with the one being imported before it loads _C\n"
+        "(an extension runs only with the torch it was built for); gfl_ops._cuda_archs checks\n"
+        'the targets against the visible GPUs."""\n\n'
         f"TORCH_VERSION = {str(torch.__version__)!r}\n"
         f"TORCH_CUDA = {torch.version.cuda!r}\n"
+        f"CUDA_SASS = {sass!r}\n"
+        f"CUDA_PTX = {ptx!r}\n"
     )
 
 
@@ -154,7 +235,10 @@ def _cmdclass():
 
         def run(self):
             super().run()
-            text = _build_info_text(torch)
+            with_cuda = any(
+                name == "GFL_WITH_CUDA" for ext in self.extensions for name, _ in ext.define_macros
+            )
+            text = _build_info_text(torch, with_cuda)
             # beside the _C this run made: the checkout (editable, build_ext --inplace) or the
             # build folder the wheel is packed from (never both: a wheel build must not relabel
             # a checkout's in-place _C)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from gfl_ops import _reduced_loss
+from gfl_ops import _cuda_archs, _reduced_loss
 from gfl_ops._extension import cuda_compiled, extension_error, extension_loaded
 from gfl_ops._second_order import register_gradient_autograd
 
@@ -145,6 +145,8 @@ class _CppBackend:
                 )
             if not torch.cuda.is_available():
                 return "no CUDA device is available"
+            # a GPU the build has no code for would fail at the first launch ("no kernel image")
+            return _cuda_archs.unrunnable_reason()
         return None
 
     def _call(self, name: str, pred: torch.Tensor, *args) -> torch.Tensor:

@@ -360,6 +360,18 @@ def test_default_arch_list_has_sass_for_a100_h100_and_ptx_for_the_newest():
     )
 
 
+def test_build_record_names_the_embedded_targets():
+    """gfl_ops/_build_info.py's CUDA_SASS / CUDA_PTX, which decide at run time whether the CUDA
+    kernels can run on a GPU (gfl_ops/_cuda_archs.py), say what the binary really holds."""
+    if os.environ.get(EXTENSION_ENV):
+        pytest.skip(f"{EXTENSION_ENV} names another build than the record describes")
+    c = compiled()
+    from gfl_ops import _build_info
+
+    assert {f"sm_{t}" for t in _build_info.CUDA_SASS} == {a for _, a in c.elf}
+    assert {f"sm_{t}" for t in _build_info.CUDA_PTX} == {a for _, a in c.ptx}
+
+
 def test_architectures_embedded():
     c = compiled()
     text, sass, ptx = expected_archs()
