@@ -42,29 +42,54 @@ def _locate_cuda_home() -> None:
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
-_locate_cuda_home()
-
-
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def _cuda_config(torch) -> tuple[bool, str]:
-    """(compile CUDA?, reason) from the environment and the installed torch."""
-    from torch.utils.cpp_extension import CUDA_HOME
+def _nvcc_version(nvcc: str) -> tuple[int, int] | None:
+    """(major, minor) of ``nvcc --version`` ("Cuda compilation tools, release 13.0, ..."); None
+    when it cannot be run or read."""
+    import subprocess
 
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out.stdout)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def _cuda_config(torch, cuda_home: str | None) -> tuple[bool, str]:
+    """(compile CUDA?, reason) from the environment, the installed torch and the CUDA toolkit at
+    ``cuda_home``.
+
+    A toolkit of another major version than torch's CUDA is passed over, with the reason (torch's
+    extension build refuses it and the whole install would fail: common with a system CUDA 13
+    beside a torch built for CUDA 12); the C++ CPU kernels are built, and on GPUs the Triton
+    backend runs.  FORCE_CUDA=1 builds anyway.
+    """
     if _flag("GFL_OPS_CPU_ONLY"):
         return False, "GFL_OPS_CPU_ONLY=1"
-    nvcc = CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+    found = nvcc is not None and os.path.exists(nvcc)
     if _flag("FORCE_CUDA"):
-        if not nvcc:
+        if not found:
             sys.exit("gfl-ops build: FORCE_CUDA=1 but no nvcc was found (set CUDA_HOME)")
         return True, "FORCE_CUDA=1"
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is not a CUDA build"
-    if not nvcc:
+    if not found:
         return False, "nvcc not found (set CUDA_HOME to compile the CUDA kernels)"
-    return True, f"nvcc at {CUDA_HOME}, torch CUDA {torch.version.cuda}"
+    version = _nvcc_version(nvcc)
+    torch_major = int(torch.version.cuda.split(".")[0])
+    if version is not None and version[0] != torch_major:
+        return False, (
+            f"nvcc {version[0]}.{version[1]} at {cuda_home} is not torch's CUDA "
+            f"{torch.version.cuda}, and torch builds no extension across CUDA major versions: "
+            f"set CUDA_HOME to a CUDA {torch_major}.x toolkit for the CUDA kernels (meanwhile "
+            "the Triton backend runs on GPUs), or FORCE_CUDA=1 to try anyway"
+        )
+    return True, f"nvcc at {cuda_home}, torch CUDA {torch.version.cuda}"
 
 
 def _cuda_archs():
@@ -139,9 +164,9 @@ def _default_arch_list(torch) -> str:
 
 def _extensions():
     import torch
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    with_cuda, reason = _cuda_config(torch)
+    with_cuda, reason = _cuda_config(torch, CUDA_HOME)
     # The DEFAULT build of the CPU kernels is listed before the AVX2 one so that the linker keeps
     # the portable copies of shared inline functions.
     sources = [
@@ -259,12 +284,15 @@ def _install_requires() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", "numpy"]
 
 
-setup(
-    # The distribution is gfl_ops alone.  detector/ (like benchmarks/) runs from a checkout,
-    # `python -m detector.main_job` from the repository root; listed here it would install a
-    # top-level package named `detector` into every environment that installs gfl-ops.
-    packages=find_packages(include=["gfl_ops", "gfl_ops.*"]),
-    install_requires=_install_requires(),
-    ext_modules=_extensions(),
-    cmdclass=_cmdclass(),
-)
+# Run as a script (pip / setuptools' build backend run it as __main__); importable for the tests.
+if __name__ == "__main__":
+    _locate_cuda_home()
+    setup(
+        # The distribution is gfl_ops alone.  detector/ (like benchmarks/) runs from a checkout,
+        # `python -m detector.main_job` from the repository root; listed here it would install a
+        # top-level package named `detector` into every environment that installs gfl-ops.
+        packages=find_packages(include=["gfl_ops", "gfl_ops.*"]),
+        install_requires=_install_requires(),
+        ext_modules=_extensions(),
+        cmdclass=_cmdclass(),
+    )

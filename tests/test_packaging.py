@@ -11,10 +11,12 @@ its own torch fails outright.
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import subprocess
 import sys
 import tarfile
+import types
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,61 @@ def test_sdist_carries_the_build_backend(tmp_path):
     assert "build_backend/torch_matched_build.py" in names
     assert "gfl_ops/_build_info.py" not in names
     assert "csrc/cuda/qfl_kernel.cuh" in names
+
+
+# ---------------------------------------------------------------------------------------------
+# setup.py's choice of CUDA toolkit
+
+
+@pytest.fixture(scope="module")
+def setup_py() -> dict:
+    """setup.py's functions, without running setup()."""
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="gfl_ops_setup_under_test")
+
+
+def _toolkit(tmp_path: Path, release: str) -> str:
+    """A CUDA_HOME whose bin/nvcc reports ``release``."""
+    nvcc = tmp_path / f"cuda-{release}" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(
+        "#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+        f"echo 'Cuda compilation tools, release {release}, V{release}.1'\n"
+    )
+    nvcc.chmod(0o755)
+    return str(nvcc.parents[1])
+
+
+def _torch(cuda: str | None):
+    return types.SimpleNamespace(__version__="2.14.1", version=types.SimpleNamespace(cuda=cuda))
+
+
+def test_setup_builds_cuda_kernels_with_a_matching_toolkit(setup_py, tmp_path, monkeypatch):
+    for name in ("GFL_OPS_CPU_ONLY", "FORCE_CUDA"):
+        monkeypatch.delenv(name, raising=False)
+    with_cuda, reason = setup_py["_cuda_config"](_torch("13.0"), _toolkit(tmp_path, "13.2"))
+    assert with_cuda, reason
+
+
+def test_setup_passes_over_a_toolkit_of_another_cuda_major(setup_py, tmp_path, monkeypatch):
+    """torch's extension build refuses nvcc of another CUDA major version than torch's, which
+    would fail the whole install (a system CUDA 13 beside a torch for CUDA 12, say): the CUDA
+    kernels are left out with the reason, and FORCE_CUDA=1 still tries."""
+    for name in ("GFL_OPS_CPU_ONLY", "FORCE_CUDA"):
+        monkeypatch.delenv(name, raising=False)
+    home = _toolkit(tmp_path, "13.0")
+    with_cuda, reason = setup_py["_cuda_config"](_torch("12.6"), home)
+    assert not with_cuda
+    assert f"nvcc 13.0 at {home} is not torch's CUDA 12.6" in reason
+    assert "CUDA 12.x toolkit" in reason
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    assert setup_py["_cuda_config"](_torch("12.6"), home)[0]
+
+
+def test_setup_without_nvcc_or_cuda_torch_builds_cpu_kernels(setup_py, tmp_path, monkeypatch):
+    for name in ("GFL_OPS_CPU_ONLY", "FORCE_CUDA"):
+        monkeypatch.delenv(name, raising=False)
+    assert setup_py["_cuda_config"](_torch("13.0"), None) == (
+        False,
+        "nvcc not found (set CUDA_HOME to compile the CUDA kernels)",
+    )
+    assert not setup_py["_cuda_config"](_torch(None), _toolkit(tmp_path, "13.0"))[0]
