@@ -231,11 +231,13 @@ BUILD_INFO = "_build_info.py"
 
 
 def _build_info_text(torch, with_cuda: bool) -> str:
-    sass, ptx = (
-        _cuda_archs().targets_from_gencode(_gencode_flags(os.environ["TORCH_CUDA_ARCH_LIST"]))
-        if with_cuda
-        else ((), ())
-    )
+    sass, ptx = (), ()  # empty: no CUDA code, or not known (then nothing is checked at run time)
+    if with_cuda:
+        try:
+            flags = _gencode_flags(os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
+            sass, ptx = _cuda_archs().targets_from_gencode(flags)
+        except Exception as exc:  # noqa: BLE001 - the record must not fail a finished build
+            print(f"gfl-ops build: the CUDA targets are not recorded ({exc})")
     return (
         '"""Written by setup.py when gfl_ops._C is compiled: the torch it was compiled against\n'
         "and the GPU targets of its CUDA kernels.\n\n"
