@@ -166,8 +166,9 @@ _warned_fallback: set[str] = set()
 
 def _warn_slow_fallback(preferred: str, device_type: str) -> None:
     """Once per device type: ``auto`` is running the eager reference formulas (same values, much
-    slower) because the compiled backend cannot run, typically an extension built against another
-    torch (an isolated ``pip install .``).  Silent, that would look like gfl_ops being slow."""
+    slower) because the compiled backend cannot run: an extension compiled for another torch than
+    the one installed since, or a GPU its CUDA code does not cover (with no Triton).  Silent,
+    that would look like gfl_ops being slow."""
     if device_type in _warned_fallback:
         return
     _warned_fallback.add(device_type)
