@@ -110,6 +110,18 @@ def test_backend_ignores_a_torch_for_another_python(monkeypatch, tmp_path):
 # the real thing: pip install of a clone into a fresh virtual env
 
 
+# the files pip needs to build and install gfl-ops from source (pyproject names README.md)
+BUILD_INPUTS = (
+    "pyproject.toml",
+    "setup.py",
+    "MANIFEST.in",
+    "README.md",
+    "build_backend",
+    "csrc",
+    "gfl_ops",
+)
+
+
 def _base_python() -> str:
     """An interpreter to make a fresh venv from (not this venv's own python: its venv would)."""
     return getattr(sys, "_base_executable", sys.executable)
@@ -120,11 +132,13 @@ def test_plain_pip_install_compiles_against_the_installed_torch(tmp_path):
     """``pip install <checkout>`` with default isolation, into a venv that has this torch: the
     build environment gets only setuptools and ninja (the index offers nothing else), the
     extension loads, the wheel pins that torch and records it for the check at import."""
-    # the checkout as a user's copy of it: tracked and untracked files, no build products
+    # what a source install needs, as the checkout has it now, without its build products
     source = tmp_path / "gfl-ops"
-    listed = _run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT).stdout.split("\n")
-    for name in filter(None, listed):
-        if (ROOT / name).is_file():
+    build_products = shutil.ignore_patterns("*.so", "_build_info.py", "__pycache__")
+    for name in BUILD_INPUTS:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=build_products)
+        else:
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
 
