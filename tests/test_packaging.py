@@ -250,3 +250,26 @@ def test_setup_without_nvcc_or_cuda_torch_builds_cpu_kernels(setup_py, tmp_path,
         "nvcc not found (set CUDA_HOME to compile the CUDA kernels)",
     )
     assert not setup_py["_cuda_config"](_torch(None), _toolkit(tmp_path, "13.0"))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# another host architecture
+
+
+@pytest.mark.slow
+def test_cpp_sources_compile_for_aarch64(tmp_path):
+    """Every C++ source compiles for aarch64 Linux (GH200, Graviton) against this torch's headers:
+    x86-only code outside its guards would break `pip install` on an ARM host
+    (scripts/check_aarch64_compile.sh: zig's clang, compile only)."""
+    env = dict(os.environ, PY=sys.executable, WORK=str(tmp_path))
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "check_aarch64_compile.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
+    assert len(compiled) == len(list(ROOT.glob("csrc/*.cpp")) + list(ROOT.glob("csrc/cpu/*.cpp")))
