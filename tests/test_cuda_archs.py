@@ -67,7 +67,12 @@ def visible_gpu(monkeypatch):
     recorded with the default targets."""
 
     def show(capability: tuple[int, int], name: str):
-        record = types.SimpleNamespace(CUDA_SASS=DEFAULT[0], CUDA_PTX=DEFAULT[1])
+        record = types.SimpleNamespace(
+            TORCH_VERSION=str(torch.__version__),
+            TORCH_CUDA=torch.version.cuda,
+            CUDA_SASS=DEFAULT[0],
+            CUDA_PTX=DEFAULT[1],
+        )
         monkeypatch.setitem(sys.modules, "gfl_ops._build_info", record)
         monkeypatch.setattr(gfl_ops, "_build_info", record, raising=False)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -103,3 +108,21 @@ def test_cuda_backend_stays_on_a_gpu_the_build_covers(visible_gpu):
         pytest.skip(f"gfl_ops._C not loaded: {_extension.extension_error()}")
     visible_gpu((8, 9), "NVIDIA L4")
     assert gfl_ops.backend_status("cuda")["cuda"] == "available"
+
+
+def test_report_says_which_gpus_the_kernels_cover(visible_gpu):
+    """``python -m gfl_ops`` (gfl_ops/__main__.py) names each GPU and whether the CUDA kernels
+    run on it, and what the automatic choice will run there."""
+    if not _extension.extension_loaded():
+        pytest.skip(f"gfl_ops._C not loaded: {_extension.extension_error()}")
+    from gfl_ops import __main__ as diagnose
+
+    visible_gpu((7, 5), "Tesla T4")
+    text = diagnose.report()
+    assert "GPU cuda:0: Tesla T4, compute capability 7.5: the CUDA kernels DO NOT run on it" in text
+    assert "qfl -> cuda" not in text.split("backends for cuda tensors:")[1]
+    _cuda_archs.unrunnable_reason.cache_clear()
+    visible_gpu((9, 0), "NVIDIA H100 80GB HBM3")
+    text = diagnose.report()
+    assert "compute capability 9.0: the CUDA kernels run on it" in text
+    assert "qfl -> cuda, qfl_dense -> cuda, dfl -> cuda, integral -> cuda" in text

@@ -330,6 +330,24 @@ def test_extension_compiled_for_another_torch_is_not_loaded():
     assert "so the automatic choice is the 'reference' backend" in result.stderr
 
 
+def test_python_m_gfl_ops_reports_the_installation():
+    """``python -m gfl_ops``: versions, the build's record and every backend's state, in one
+    screen for a bug report."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gfl_ops"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"torch {torch.__version__}" in out
+    if gfl_ops.extension_loaded():
+        assert f"compiled against torch {torch.__version__}" in out
+        assert f"CPU kernels: {_extension.cpu_kernel_isa()} build" in out
+    else:
+        assert "compiled extension: NOT LOADED" in out
+    assert "backends for cpu tensors:" in out and "backends for cuda tensors:" in out
+    assert "automatic choice: qfl -> " in out
+
+
 def test_build_records_the_torch_it_compiled_against():
     """The checkout's in-place build wrote its record, and it names this torch."""
     if not gfl_ops.extension_loaded():
