@@ -25,6 +25,7 @@ same kernel writes the loss (forward), the gradient scaled by ``grad_output`` (b
 recomputed), or both (fused mode): the flags are ``tl.constexpr`` so dead outputs cost nothing.
 """
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -73,6 +74,13 @@ def qfl_config(num_rows: int, num_classes: int, dtype: torch.dtype) -> RowConfig
     return row_block(qfl_block_c(num_classes), num_rows, dtype)
 
 
+# ATen's EPSILON in binary_cross_entropy's gradient is the *float* 1e-12 in every dtype
+# (9.99999996e-13; csrc/gfl_math.h uses 1e-12f to match).  Spelled out: a bare 1e-12 literal
+# meets float64 math as that float under Triton 3.8 but as the exact double under 3.9, which
+# moved float64 gradients by 4e-9 relative from torch's where p (1 - p) < 1e-12.
+BCE_EPS = tl.constexpr(float(np.float32(1e-12)))
+
+
 @triton.jit
 def _qfl_terms(x, y, beta, BETA_MODE: tl.constexpr, ACTIVATED: tl.constexpr):
     """Element loss and d loss / d pred, in the dtype of ``x`` (the opmath dtype)."""
@@ -86,7 +94,7 @@ def _qfl_terms(x, y, beta, BETA_MODE: tl.constexpr, ACTIVATED: tl.constexpr):
         log_p = tl.maximum(tl.log(p), -100.0, propagate_nan=tl.PropagateNan.ALL)
         log1m_p = tl.maximum(log1m_p, -100.0, propagate_nan=tl.PropagateNan.ALL)
         bce = -(y * log_p + (1.0 - y) * log1m_p)
-        dbce = d / tl.maximum(p * (1.0 - p), 1e-12)  # torch's EPSILON
+        dbce = d / tl.maximum(p * (1.0 - p), tl.cast(BCE_EPS, x.dtype))
         dsig = 1.0
     else:
         e = tl.exp(-tl.abs(x))
