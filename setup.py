@@ -119,15 +119,13 @@ def _gencode_flags(arch_list: str) -> list[str]:
             os.environ["TORCH_CUDA_ARCH_LIST"] = saved
 
 
-def _nvcc_archs() -> set[str]:
+def _nvcc_archs(cuda_home: str) -> set[str]:
     """The compute_XY targets this nvcc can compile ("75", "80", ...; empty if it won't say)."""
     import subprocess
 
-    from torch.utils.cpp_extension import CUDA_HOME
-
     try:
         out = subprocess.run(
-            [os.path.join(CUDA_HOME, "bin", "nvcc"), "--list-gpu-arch"],
+            [os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -137,7 +135,7 @@ def _nvcc_archs() -> set[str]:
     return set(re.findall(r"compute_(\d+)", out))
 
 
-def _default_arch_list(torch) -> str:
+def _default_arch_list(torch, cuda_home: str) -> str:
     """DEFAULT_ARCH_LIST, plus an entry for each GPU this build machine shows that it would not
     run on (a T4, sm_75, say) and that nvcc can compile for (CUDA 13 dropped sm_70 and older:
     those GPUs run the Triton or reference backend instead, and the build says so)."""
@@ -145,15 +143,13 @@ def _default_arch_list(torch) -> str:
         return DEFAULT_ARCH_LIST
     archs = _cuda_archs()
     sass, ptx = archs.targets_from_gencode(_gencode_flags(DEFAULT_ARCH_LIST))
-    supported = _nvcc_archs()
-    capabilities = []
+    supported = _nvcc_archs(cuda_home)
+    capabilities = []  # the ones nvcc can compile for; extend_arch_list keeps the uncovered
     for index in range(torch.cuda.device_count()):
         capability = tuple(torch.cuda.get_device_capability(index))
-        if archs.runs_on(capability, sass, ptx):
-            continue
         if f"{capability[0]}{capability[1]}" in supported:
             capabilities.append(capability)
-        else:
+        elif not archs.runs_on(capability, sass, ptx):
             print(
                 f"gfl-ops build: cuda:{index} ({torch.cuda.get_device_name(index)}, compute "
                 f"capability {archs.arch_list_entry(capability)}) is not a target of this nvcc; "
@@ -191,7 +187,7 @@ def _extensions():
     define_macros = []
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(torch)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(torch, CUDA_HOME)
         sources += ["csrc/cuda/ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("GFL_WITH_CUDA", None))
     print("gfl-ops build configuration:")

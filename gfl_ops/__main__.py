@@ -29,28 +29,19 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
-def _record():
-    """gfl_ops/_build_info.py (what setup.py compiled), or None for a build without one."""
-    try:
-        from gfl_ops import _build_info
-    except ImportError:
-        return None
-    return _build_info
-
-
-def _targets(record) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return tuple(getattr(record, "CUDA_SASS", ())), tuple(getattr(record, "CUDA_PTX", ()))
-
-
 def _build_lines() -> list[str]:
     if not _extension.extension_loaded():
         return [f"compiled extension: NOT LOADED: {_extension.extension_error()}"]
     lines = ["compiled extension: loaded"]
-    record = _record()
+    record = _extension.build_record()
     if record is None:
         return lines + ["  built by a setup.py that kept no record of its torch"]
     lines.append(f"  compiled against torch {record.TORCH_VERSION} (CUDA {record.TORCH_CUDA})")
-    cuda = _cuda_archs.describe(*_targets(record)) if _extension.cuda_compiled() else "not built"
+    cuda = (
+        _cuda_archs.describe(*_cuda_archs.recorded_targets())
+        if _extension.cuda_compiled()
+        else "not built"
+    )
     lines.append(f"  CUDA kernels: {cuda}")
     lines.append(
         f"  CPU kernels: {_extension.cpu_kernel_isa()} build, "
@@ -62,7 +53,7 @@ def _build_lines() -> list[str]:
 def _gpu_lines() -> list[str]:
     if not torch.cuda.is_available():
         return ["GPUs: none visible"]
-    sass, ptx = _targets(_record())
+    sass, ptx = _cuda_archs.recorded_targets()
     lines = []
     for index in range(torch.cuda.device_count()):
         capability = tuple(torch.cuda.get_device_capability(index))

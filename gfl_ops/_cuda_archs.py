@@ -17,8 +17,9 @@ available"; :func:`unrunnable_reason` says so before any launch, so that the aut
 choice passes over the CUDA kernels on such a GPU (a T4, sm_75, with the default build) and an
 explicit ``backend='cuda'`` gets a clear error naming the GPU and the rebuild.
 
-This module imports nothing but ``re`` and ``functools`` at load, so setup.py can load it by
-path to extend the default arch list with the GPUs it sees.
+This module imports nothing but ``re`` and ``functools`` at load (gfl_ops and torch only inside
+the functions that read the build), so setup.py can load it by path to extend the default arch
+list with the GPUs it sees.
 """
 
 from __future__ import annotations
@@ -93,18 +94,23 @@ def extend_arch_list(arch_list: str, capabilities: list[tuple[int, int]], sass, 
     return ";".join([arch_list, *extra]) if extra else arch_list
 
 
+def recorded_targets() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(SASS, PTX) targets of the loaded build's record; empty when it has none."""
+    from gfl_ops._extension import build_record
+
+    record = build_record()
+    return tuple(getattr(record, "CUDA_SASS", ())), tuple(getattr(record, "CUDA_PTX", ()))
+
+
 @functools.cache
 def unrunnable_reason() -> str | None:
     """Why the compiled CUDA kernels cannot run on a visible GPU; None when they run on every
     one (or nothing is known: no GPU, a build without the record)."""
     import torch
 
-    try:
-        from gfl_ops import _build_info
-    except ImportError:
-        return None
-    sass = tuple(getattr(_build_info, "CUDA_SASS", ()))
-    ptx = tuple(getattr(_build_info, "CUDA_PTX", ()))
+    from gfl_ops._extension import REBUILD_HINT
+
+    sass, ptx = recorded_targets()
     if not (sass or ptx) or not torch.cuda.is_available():
         return None
     for index in range(torch.cuda.device_count()):
@@ -115,9 +121,8 @@ def unrunnable_reason() -> str | None:
         entry = arch_list_entry(capability)
         return (
             f"gfl_ops._C holds {describe(sass, ptx)}, none of which runs on cuda:{index} "
-            f"({name}, compute capability {entry}); rebuild for it with "
-            f'TORCH_CUDA_ARCH_LIST="{entry}" (or "{entry};8.0;9.0+PTX"): '
-            f"pip install --no-build-isolation -e . from the checkout, or "
-            f"pip install --force-reinstall --no-deps --no-cache-dir <where gfl-ops came from>"
+            f"({name}, compute capability {entry}). Set "
+            f'TORCH_CUDA_ARCH_LIST="{entry}" (or "{entry};8.0;9.0+PTX") for the build. '
+            f"{REBUILD_HINT}"
         )
     return None

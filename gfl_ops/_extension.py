@@ -19,15 +19,24 @@ REBUILD_HINT = (
 )
 
 
-def _torch_mismatch() -> str | None:
-    """Why _C must not be loaded into this torch, from the record setup.py wrote when it compiled
-    _C (gfl_ops/_build_info.py); None when they match or there is no record (an older build:
-    then the import itself is the check)."""
+def build_record():
+    """gfl_ops/_build_info.py, the record setup.py writes beside _C (the torch it was compiled
+    against, ``TORCH_VERSION`` / ``TORCH_CUDA``, and its GPU targets, ``CUDA_SASS`` /
+    ``CUDA_PTX``); None for a build without one (never built, or by an older setup.py)."""
     try:
         from gfl_ops import _build_info
     except ImportError:
         return None
-    built = (_build_info.TORCH_VERSION, _build_info.TORCH_CUDA)
+    return _build_info
+
+
+def _torch_mismatch() -> str | None:
+    """Why _C must not be loaded into this torch, from :func:`build_record`; None when they match
+    or there is no record (then the import itself is the check)."""
+    record = build_record()
+    if record is None:
+        return None
+    built = (record.TORCH_VERSION, record.TORCH_CUDA)
     running = (str(torch.__version__), torch.version.cuda)
     if built == running:
         return None

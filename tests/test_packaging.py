@@ -273,3 +273,24 @@ def test_cpp_sources_compile_for_aarch64(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
     assert len(compiled) == len(list(ROOT.glob("csrc/*.cpp")) + list(ROOT.glob("csrc/cpu/*.cpp")))
+
+
+def test_setup_default_arch_list_adds_the_build_machines_gpu(setup_py, tmp_path):
+    """A GPU the default targets miss is added when nvcc compiles for it (a T4, 7.5); one that
+    nvcc 13 no longer targets (a V100, 7.0) is only reported; covered ones add nothing."""
+    home = Path(_toolkit(tmp_path, "13.0"))
+    (home / "bin" / "nvcc").write_text(
+        "#!/bin/sh\necho 'compute_75'; echo 'compute_80'; echo 'compute_89'; echo 'compute_90'\n"
+    )
+    gpus = [(7, 5), (7, 0), (8, 9), (9, 0), (7, 5)]
+    fake = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(
+            is_available=lambda: True,
+            device_count=lambda: len(gpus),
+            get_device_capability=lambda i: gpus[i],
+            get_device_name=lambda i: f"gpu{i}",
+        )
+    )
+    assert setup_py["_default_arch_list"](fake, str(home)) == "8.0;9.0+PTX;7.5"
+    fake.cuda.is_available = lambda: False
+    assert setup_py["_default_arch_list"](fake, str(home)) == "8.0;9.0+PTX"
