@@ -8,8 +8,8 @@ The benchmark preset of ``make gpu-check`` times the sizes detectors use (QFL at
 classes, DFL and the integral at 8 / 17 / 33 bins) against eager and ``torch.compile``.  The
 kernels have more launch modes than that, each with its own bandwidth bound on paper
 (benchmarks/cuda_rows_kernel.md, benchmarks/cuda_qfl_kernel.md): every bin count 2..64, the
-bounded and runtime-count rows kernels, QFL on probabilities, beta 0 / 1 / general, the dense
-form, each forward, fused (forward writing the gradient) and backward.  This module closes the
+compiled-count and runtime-count rows kernels, QFL on probabilities, beta 0 / 1 / general, the
+dense form, each forward, fused (forward writing the gradient) and backward.  This module closes the
 loop between paper and GPU:
 
 * ``paper`` (a CPU machine with nvcc; benchmarks/paper_bounds.py): every case's bound counted

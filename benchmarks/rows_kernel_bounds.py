@@ -53,6 +53,8 @@ BANDWIDTHS = {  # bytes/s: datasheet HBM bandwidth, and the device-to-device cop
 }
 DTYPES = {"fp32": ("f", 4), "bf16": ("13__nv_bfloat16", 2), "fp16": ("6__half", 2)}
 ACC = 4  # opmath bytes of the three
+# the bin counts with kernels compiled for them (rows_compiled_count; float opmath)
+COMPILED_COUNTS = frozenset(range(2, 18)) | {33}
 
 
 # ---- the new kernel's geometry (csrc/cuda/softmax_rows_kernel.cuh, rows_geometry)
@@ -64,10 +66,15 @@ def rows_geometry(bins: int, acc: int = ACC):
         vec *= 2
     row_bytes = pitch * acc
     tile = 256
+    while tile < 1024 and tile * bins < 2048:
+        tile *= 2
     while tile > 32 and tile * row_bytes > 32 * 1024:
         tile //= 2
-    phased = acc == 4 and bins in (17, 33)  # rows_compiled_count and odd: 4 rows per thread
-    rpt = 4 if phased else (tile // 64 if tile >= 64 else 1)
+    if acc == 4 and bins in COMPILED_COUNTS and bins % 2 == 1:  # TileRow's kPhased
+        rpt = 12 if tile > 256 else 4
+        tile = 64 * rpt if tile > 256 else tile
+    else:
+        rpt = tile // 64 if tile >= 64 else 1
     return pitch, vec, tile, rpt, tile // rpt, tile * row_bytes
 
 
@@ -133,7 +140,7 @@ def main(argv=None) -> int:
         "--generic",
         action="store_true",
         help="the runtime-bin-count tile kernel even where the launcher has one "
-        "compiled for the bin count (or, up to 16 bins, one bounded by it)",
+        "compiled for the bin count",
     )
     ap.add_argument("--ops", default="integral,dfl,scale_rows")
     args = ap.parse_args(argv)
@@ -216,16 +223,12 @@ def measure(op, mode, dname, mangled, s, bins, new, sass, res, decide_at, generi
         elems = min(total_elems, 256 * per_thread)
     elif new:
         pitch, vec, tile, rpt, block, smem = rows_geometry(bins)
-        # the launcher's choice (with_rows_tile_kernel): a compile-time count, else at most
-        # 4 / 8 / 12 / 16 bins in registers (kBins < 0, bin by bin), else the runtime-count kernel
-        fixed = not generic and bins in (8, 16, 17, 33) and (bins % 2 == 0 or rpt % 4 == 0)
+        # the launcher's choice (with_rows_tile_kernel): a compile-time count, else the
+        # runtime-count kernel
+        fixed = not generic and bins in COMPILED_COUNTS and (bins % 2 == 0 or rpt % 4 == 0)
         kb = bins if fixed else 0
-        if not fixed and not generic and 3 <= bins <= 16 and bins != 4:
-            kb, vec = -next(k for k in (4, 8, 12, 16) if bins <= k), 1
-        kb_mangled = f"n{-kb}" if kb < 0 else str(kb)  # Itanium: negative literals take an n
         name = (
-            f"_ZN3gfl4cuda24softmax_rows_tile_kernelI{mangled}Lb{int(op == 'dfl')}"
-            f"ELi{kb_mangled}ELi{vec}E"
+            f"_ZN3gfl4cuda24softmax_rows_tile_kernelI{mangled}Lb{int(op == 'dfl')}ELi{kb}ELi{vec}E"
         )
         target, scale, out, grad = pointers(op, mode)
         params = (

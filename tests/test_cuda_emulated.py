@@ -323,11 +323,47 @@ def test_emulated_dfl_kernel(emu, m, bins, dtype, variant, scale_kind, seed):
 
 
 # the bin counts that get a compile-time instantiation (softmax_rows_kernel.cuh,
-# with_rows_tile_kernel), which keeps the row in registers instead of shared memory
-FIXED_BINS = (8, 16, 17, 33)
-# the counts that get the kernel for at most 4 / 8 / 12 / 16 bins, row in registers (same place)
-BOUNDED_BINS = (3, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15)
+# rows_compiled_count), which keeps the row in registers instead of shared memory
+FIXED_BINS = (*range(2, 18), 33)
 OPS = pytest.mark.parametrize("dfl", [False, True], ids=["integral", "dfl"])
+
+
+def _rows_geometry(emu, bins: int, acc: int) -> dict[str, int]:
+    out = (ctypes.c_int * 6)()
+    emu.gfl_emu_rows_geometry(ctypes.c_int64(bins), ctypes.c_int(acc), out)
+    return dict(zip(("tiled", "pitch", "vec", "block", "rows_per_thread", "compiled"), out))
+
+
+def test_rows_geometry_invariants_and_the_bounds_scripts_mirror(emu):
+    """For every bin count up to past the tile limit, float and double opmath: what the kernels
+    assume of the launcher's geometry (blocks of 32..kBlock threads, a tile in 32 KB, elements of
+    a tile indexable by RowOf's 32-bit multiply, a multiple of 4 rows per thread for the odd
+    compiled counts), shared-memory accesses free of bank conflicts (consecutive threads' rows
+    an odd number of access units apart: kVec elements, or 16 bytes for the odd compiled counts,
+    whose threads take groups of 4 adjacent rows), and the counts compiled in; and that
+    benchmarks/rows_kernel_bounds.py, whose on-paper figures assume it, mirrors it exactly."""
+    from benchmarks import rows_kernel_bounds as rkb
+
+    for acc in (4, 8):
+        for bins in range(2, 300):
+            g = _rows_geometry(emu, bins, acc)
+            assert g["compiled"] == (acc == 4 and (2 <= bins <= 17 or bins == 33)), bins
+            if not g["tiled"]:
+                pitch = bins + 16 // acc if bins % (32 // acc) == 0 else bins  # rows_pitch
+                assert 32 * pitch * acc > 32 * 1024, f"bins={bins}: short rows left untiled"
+                continue
+            block, rpt, pitch, vec = g["block"], g["rows_per_thread"], g["pitch"], g["vec"]
+            tile_rows = block * rpt
+            what = f"bins={bins} acc={acc} {g}"
+            assert block % 32 == 0 and 32 <= block <= 256, what
+            assert tile_rows * pitch * acc <= 32 * 1024, what
+            assert tile_rows * bins < 2**13 and bins < 2**8, what  # RowOf's exact range
+            if g["compiled"] and vec == 1:  # TileRow's kPhased
+                assert rpt % 4 == 0 and (rpt * bins // 4) % 2 == 1, what
+            else:
+                assert (pitch // vec) % 2 == 1 and vec * acc <= 16 and bins % vec == 0, what
+            if acc == 4:
+                assert rkb.rows_geometry(bins)[:4] == (pitch, vec, tile_rows, rpt), what
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -336,15 +372,15 @@ def test_emulated_rows_kernel_every_bin_count(emu, dtype, dfl):
     """Every bin count 2..64 (every shared-memory access width, rows with and without the pad,
     the compile-time bin counts), 37 rows: a partial tile, and a tail after the last whole 16
     bytes of the staged loads and stores for most counts.  Value and row-scaled gradient against
-    the float64 reference; at the compile-time and bounded bin counts (float opmath) the
-    runtime-count kernel gives the same bits."""
+    the float64 reference; at the compile-time bin counts (float opmath) the runtime-count
+    kernel gives the same bits."""
     for bins in range(2, 65):
         pred, target, scale = _rows_inputs(37, bins, dtype, seed=bins)
         target = target if dfl else None
         out, grad = run_rows(emu, pred, dfl=dfl, target=target, scale=scale, stride=1)
         ref, ref_grad = _rows_reference(pred, dfl, target, scale, 1)
         _assert_rows_close(out, grad, ref, ref_grad, dfl, dtype, f"bins={bins} {dtype}")
-        if bins in FIXED_BINS + BOUNDED_BINS:
+        if bins in FIXED_BINS:
             generic = run_rows(emu, pred, dfl=dfl, target=target, scale=scale, stride=1, variant=1)
             assert torch.equal(generic[0], out) and torch.equal(generic[1], grad), bins
 

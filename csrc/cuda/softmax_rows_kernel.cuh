@@ -10,11 +10,10 @@
 // -- no lane idles whatever the bin count, and there are no shuffles -- and leaves each row's
 // gradient in place, which the block stores with coalesced 16-byte stores.  Each logit is read
 // from global memory once, each gradient written once, and the exp of each logit computed once.
-// The common bin counts get kernels compiled for their count, which keep the row in registers,
-// and the other counts from 3 to 16 kernels for at most 4 / 8 / 12 / 16 bins that do the same
-// (with_rows_tile_kernel below); rows too long for a tile take a warp per row
-// (softmax_rows_warp_kernel).  benchmarks/cuda_rows_kernel.md has the instruction counts and
-// the bandwidth bound they give.
+// The counts 2..17 and 33 get kernels compiled for their count, which keep the row in registers
+// (with_rows_tile_kernel below), the others a kernel for a runtime count that keeps it in shared
+// memory; rows too long for a tile take a warp per row (softmax_rows_warp_kernel).
+// benchmarks/cuda_rows_kernel.md has the instruction counts and the bandwidth bound they give.
 //
 // The per-row math is gfl_math.h's and the CPU kernel's (csrc/cpu/kernels_impl.h), in the same
 // order: the row max (for the integral also its lowest bin p, the pivot), sum_j e_j with
@@ -44,7 +43,7 @@ namespace gfl::cuda {
 // two dividing bins, up to 16 bytes, and rows that are a multiple of 32 bytes (float bins 8, 16,
 // 24, ...; double 4, 8, ...) get one 16-byte pad, which makes pitch / kVec odd; consecutive
 // threads take consecutive rows.  (The kernels compiled for an odd count instead give each thread
-// 4 adjacent rows and read them 16 bytes at a time: TileRow's kPhased.)
+// groups of 4 adjacent rows and read them 16 bytes at a time: TileRow's kPhased.)
 constexpr int rows_vec(int64_t bins, int acc_size) {
   int vec = 1;
   while (vec * acc_size < 16 && bins % (2 * vec) == 0) vec *= 2;
@@ -67,11 +66,13 @@ struct RowsGeometry {
   int rows_per_thread;  // a tile is block * rows_per_thread rows
 };
 
-// The bin counts with kernels compiled for them (with_rows_tile_kernel; float opmath only): 8, 16
-// (reg_max 7, Ultralytics' 16 bins), 17 (mmdetection's GFL) and 32 + 1.  The odd ones take rows
-// 4 t .. 4 t + 3 (TileRow's kPhased), so their tiles need a multiple of 4 rows per thread.
+// The bin counts with kernels compiled for them (with_rows_tile_kernel; float opmath only): every
+// count from 2 to 17 -- 8 is reg_max 7 (NanoDet, PicoDet), 16 Ultralytics', 17 mmdetection's GFL;
+// the short ones need the row in registers to reach their bandwidth (benchmarks/
+// cuda_rows_kernel.md, Table 4) -- and 32 + 1.  The odd ones take groups of 4 adjacent rows
+// (TileRow's kPhased), so their tiles need a multiple of 4 rows per thread.
 constexpr bool rows_compiled_count(int64_t bins, int acc_size) {
-  return acc_size == 4 && (bins == 8 || bins == 16 || bins == 17 || bins == 33);
+  return acc_size == 4 && ((bins >= 2 && bins <= 17) || bins == 33);
 }
 
 // Tiles of 256 rows (fewer for long rows, at most kTileBytes) on blocks of 64 threads: four rows
@@ -84,7 +85,12 @@ constexpr bool rows_compiled_count(int64_t bins, int acc_size) {
 // with one warp per 128-row tile, shared memory holds 7-12 tiles per SM at 34-63 float bins,
 // i.e. 14-24 KB of loads in flight, near the 13-26 KB an H200 needs by Little's law
 // (benchmarks/cuda_rows_kernel.md, "Latency"); two warps double that, for 2-8% more issue slots
-// per element.  The compiled odd counts keep 4 rows per thread (rows_compiled_count).
+// per element.  Rows under 8 bins get longer tiles (up to 1024 rows: at least 2048 elements) and
+// so more rows per thread, over which the same per-warp and per-thread costs of a tile spread
+// (the 16-bit forward at 2, 3, 5, 7 bins, same kernels: 9-24% fewer issue slots per element).
+// The compiled odd counts take 4 rows per thread, or 12 for rows under 8 bins: a multiple of 4,
+// and an odd number of 4-row groups, so consecutive threads' rows stay an odd number of 16-byte
+// units apart (TileRow's kPhased).
 inline RowsGeometry rows_geometry(int64_t bins, int acc_size) {
   RowsGeometry g{false, 0, 1, kBlock, 1};
   const int64_t row_bytes = rows_pitch(bins, acc_size) * acc_size;
@@ -93,10 +99,19 @@ inline RowsGeometry rows_geometry(int64_t bins, int acc_size) {
   g.pitch = static_cast<int>(rows_pitch(bins, acc_size));
   g.vec = rows_vec(bins, acc_size);
   int tile_rows = 256;
+  while (tile_rows < 1024 && tile_rows * bins < 2048) tile_rows *= 2;
   while (tile_rows > 32 && tile_rows * row_bytes > kTileBytes) tile_rows /= 2;
   const bool phased = rows_compiled_count(bins, acc_size) && bins % 2 == 1;
-  g.rows_per_thread = phased ? 4 : (tile_rows >= 64 ? static_cast<int>(tile_rows / 64) : 1);
-  g.block = tile_rows / g.rows_per_thread;
+  if (phased && tile_rows > 256) {
+    g.rows_per_thread = 12;
+    g.block = 64;
+  } else if (phased) {
+    g.rows_per_thread = 4;
+    g.block = tile_rows / 4;
+  } else {
+    g.rows_per_thread = tile_rows >= 64 ? static_cast<int>(tile_rows / 64) : 1;
+    g.block = tile_rows / g.rows_per_thread;
+  }
   return g;
 }
 
@@ -325,51 +340,44 @@ __device__ __forceinline__ void store_tile(const acc_t* tile, int count, int pad
     dst[f] = from_opmath<scalar_t>(tile[f + row_of(f) * pad]);
 }
 
-// A thread's row of the tile, accessed kVec bins at a time.  With a compile-time bin count the row
-// is copied into registers once (every index is a constant after unrolling) and written back by
-// flush(); otherwise every pass reads and writes shared memory directly.
+// A thread's row of the tile, accessed kVec bins at a time.  With a compile-time bin count (kBins
+// > 0) the row is copied into registers once (every index is a constant after unrolling) and
+// written back by flush(); with a runtime one (kBins 0) every pass reads and writes shared memory
+// directly.
 //
-// kBins < 0: a runtime count of at most -kBins bins (kVec 1), held in -kBins registers as a
-// compile-time count would be, the bins past the row's end reading as -inf: exp(-inf - max) = 0,
-// so they add exact zeros to every sum (the results are those of the runtime-count kernel, bit
-// for bit) and flush() stores only the row's own bins.  Short rows at counts that are not
-// compiled in thus keep the register kernel's per-element cost, times -kBins / bins.
-//
-// kPhased: a compile-time bin count whose rows are not a whole number of 16-byte units (odd
-// counts: kVec = 1).  The copies then go by 16-byte accesses from the row's first 16-byte
-// boundary on, with single elements before it and after the last one (17 float bins: 5 to 8
-// accesses instead of 17).  kPhase is where the row starts, in elements past a 16-byte boundary:
-// a constant of the instantiation, so that every access is fixed at compile time.  The kernel
-// gives thread t the rows rows_per_thread * t + k with rows_per_thread a multiple of kA, so row k
-// of every thread starts at phase (k * bins) % kA, and consecutive threads' rows are 4 rows =
-// bins 16-byte units apart: the 16-byte accesses are conflict-free (the single ones 4-way).
+// kPhased: an odd compile-time bin count (kVec = 1).  The copies then go by 16-byte accesses
+// from the row's first 16-byte boundary on, with single elements before it and after the last
+// one (17 float bins: 5 to 8 accesses instead of 17).  kPhase is where the row starts, in
+// elements past a 16-byte boundary: a constant of the instantiation, so that every access is
+// fixed at compile time.  The kernel gives thread t the rows rows_per_thread * t + k with
+// rows_per_thread = 4 g (g = 1 or 3, rows_geometry), so row k of every thread starts at phase
+// (k * bins) % kA, and consecutive threads' rows are g * bins 16-byte units apart, an odd
+// number: the 16-byte accesses are conflict-free (the single ones 4-way).
 template <typename acc_t, int kBins, int kVec, int kPhase = 0>
 struct TileRow {
   using Vec = Pack<acc_t, kVec>;
-  static_assert(kBins % kVec == 0, "kVec divides the bin count");
-  static_assert(kBins >= 0 || kVec == 1, "a bounded runtime count goes bin by bin");
+  static_assert(kBins >= 0 && kBins % kVec == 0, "kVec divides the bin count");
   static constexpr int kA = 16 / sizeof(acc_t);  // elements per 16 bytes
-  static constexpr bool kPhased = kBins > 0 && kVec < kA;
-  static constexpr int kRegs = kBins > 0 ? kBins : (kBins < 0 ? -kBins : 1);
+  // Even counts go by their own access width (kVec >= 2), rows t + k * block of a tile: they are
+  // conflict-free that way (rows_vec), where 4 adjacent rows of 2 (mod 4) bins would be 2-way
+  // conflicted at any multiple of 4 rows per thread.
+  static constexpr bool kPhased = kBins > 0 && kVec == 1;
+  static constexpr int kRegs = kBins > 0 ? kBins : 1;
   acc_t* row;
-  int bins;  // the row's bins (kBins < 0)
   acc_t reg[kRegs];
 
   // kPhase: the row's start, in elements past a 16-byte boundary (the tile is 16-byte aligned)
-  __device__ __forceinline__ TileRow(acc_t* r, int row_bins) : row(r), bins(row_bins) {
+  __device__ __forceinline__ explicit TileRow(acc_t* r) : row(r) {
     if constexpr (kPhased) {
       copy<true>();
     } else if constexpr (kBins > 0) {
 #pragma unroll
       for (int j = 0; j < kBins; j += kVec)
         put_regs(j, load_pack(reinterpret_cast<const Vec*>(row + j)));
-    } else if constexpr (kBins < 0) {
-#pragma unroll
-      for (int j = 0; j < kRegs; ++j) reg[j] = j < bins ? row[j] : acc_t(-INFINITY);
     }
   }
   __device__ __forceinline__ Vec get(int j) const {
-    if constexpr (kBins != 0) {
+    if constexpr (kBins > 0) {
       Vec v;
 #pragma unroll
       for (int e = 0; e < kVec; ++e) v.v[e] = reg[j + e];
@@ -379,7 +387,7 @@ struct TileRow {
     }
   }
   __device__ __forceinline__ void put(int j, const Vec& v) {
-    if constexpr (kBins != 0) {
+    if constexpr (kBins > 0) {
       put_regs(j, v);
     } else {
       store_pack(reinterpret_cast<Vec*>(row + j), v);
@@ -392,10 +400,6 @@ struct TileRow {
     } else if constexpr (kBins > 0) {
 #pragma unroll
       for (int j = 0; j < kBins; j += kVec) store_pack(reinterpret_cast<Vec*>(row + j), get(j));
-    } else if constexpr (kBins < 0) {
-#pragma unroll
-      for (int j = 0; j < kRegs; ++j)
-        if (j < bins) row[j] = reg[j];
     }
   }
 
@@ -444,15 +448,13 @@ __device__ __forceinline__ void static_for(F&& f) {
   }
 }
 
-// Calls f(j) for j = 0, kVec, 2 kVec, ... < bins: fully unrolled for a compile-time bin count
-// (up to -kBins, past the row's end, for a bounded one: TileRow), unrolled by up to 4 elements
-// otherwise.
+// Calls f(j) for j = 0, kVec, 2 kVec, ... < bins: fully unrolled for a compile-time bin count,
+// unrolled by up to 4 elements otherwise.
 template <int kBins, int kVec, typename F>
 __device__ __forceinline__ void for_each_vec(int bins, F&& f) {
-  if constexpr (kBins != 0) {
-    constexpr int kEnd = kBins > 0 ? kBins : -kBins;
+  if constexpr (kBins > 0) {
 #pragma unroll
-    for (int j = 0; j < kEnd; j += kVec) f(j);
+    for (int j = 0; j < kBins; j += kVec) f(j);
   } else {
 #pragma unroll(kVec >= 4 ? 1 : 4 / kVec)
     for (int j = 0; j < bins; j += kVec) f(j);
@@ -483,7 +485,7 @@ __device__ __forceinline__ void tile_row(
   using O = Ops<acc_t>;  // logf for float, log for double (the exp is rows_exp)
   using Vec = Pack<acc_t, kVec>;
   const bool with_grad = io.with_grad;
-  TileRow<acc_t, kBins, kVec, kPhase> z(srow, bins);
+  TileRow<acc_t, kBins, kVec, kPhase> z(srow);
 
   // Pass 1: the max; the integral's pivot is its lowest bin (strict >: ties keep the lower bin;
   // NaNs fail the comparison and are skipped here, they reach the outputs through exp(NaN - max)).
@@ -535,7 +537,7 @@ __device__ __forceinline__ void tile_row(
       if constexpr (decltype(keep)::value) z.put(j, v);
     });
   };
-  if (kBins != 0 || with_grad) {
+  if (kBins > 0 || with_grad) {
     pass2(std::true_type{});
   } else {
     pass2(std::false_type{});
@@ -586,8 +588,7 @@ __device__ __forceinline__ void tile_row(
 }
 
 // kBins: the bin count as a constant (row in registers), 0 for a runtime count (row in shared
-// memory), or -K for a runtime count of at most K (row in K registers: TileRow); kVec =
-// rows_vec(bins, sizeof(opmath)) (1 for -K).  Launched with rows_geometry's block (any
+// memory); kVec = rows_vec(bins, sizeof(opmath)).  Launched with rows_geometry's block (any
 // multiple of 32 works) and rows_shared_bytes; `pitch` and `rows_per_thread` are
 // rows_geometry's.  The explicit minimum of 1 block per SM lets ptxas take the registers the
 // unrolled rows need (up to 128 for 33 bins); with no minimum it aimed lower and spilled.
@@ -650,38 +651,42 @@ __global__ void __launch_bounds__(kBlock, 1)
 }
 
 // Calls f(&kernel) with the tile kernel for this dtype, op and geometry: a compile-time bin count
-// for the common ones (reg_max 7, 15 -- Ultralytics' 16 bins --, 16 -- mmdetection's GFL, 17 bins
-// -- and 32) with float opmath, unless generic_only; the other counts from 3 to 16 but 4 the
-// kernel for at most 4, 8, 12 or 16 bins (row in registers, TileRow's kBins < 0: up to 30% fewer
-// issue slots per element than the runtime-count kernel, in 64 of 66 launches measured and
-// within 1% in the other two; at 2 and 4 bins it would lose some launches), the rest the
-// runtime-count kernel of the row's access width.  The odd counts' kernels take rows 4 t ..
-// 4 t + 3 (TileRow's kPhased), so they need rows_per_thread a multiple of 4.  The launcher and
-// the emulator both go through here (and benchmarks/rows_kernel_bounds.py mirrors the choice:
-// a kernel it names that was not compiled fails its lookup).
+// for 2..17 and 33 bins (rows_compiled_count: every count up to Ultralytics' 16 and mmdetection's
+// 17 bins, and reg_max 32) with float opmath, unless generic_only; the rest the runtime-count
+// kernel of the row's access width.  The odd counts' kernels take groups of 4 adjacent rows
+// (TileRow's kPhased), so they need rows_per_thread a multiple of 4.  The launcher and the
+// emulator both go through here (and benchmarks/rows_kernel_bounds.py mirrors the choice: a
+// kernel it names that was not compiled fails its lookup).
 template <typename scalar_t, bool kDfl, typename F>
 void with_rows_tile_kernel(int64_t bins, const RowsGeometry& g, bool generic_only, F&& f) {
   using acc_t = opmath_t<scalar_t>;
   constexpr int kAcc = sizeof(acc_t);
   if constexpr (kAcc == 4) {
     if (!generic_only && rows_compiled_count(bins, kAcc) &&
-        (bins % 2 == 0 || g.rows_per_thread % 4 == 0)) {
+        (rows_vec(bins, kAcc) > 1 || g.rows_per_thread % 4 == 0)) {
 #define GFL_FIXED_BINS(B) \
   case B: return f(&softmax_rows_tile_kernel<scalar_t, kDfl, B, rows_vec(B, kAcc)>)
       switch (bins) {
+        GFL_FIXED_BINS(2);
+        GFL_FIXED_BINS(3);
+        GFL_FIXED_BINS(4);
+        GFL_FIXED_BINS(5);
+        GFL_FIXED_BINS(6);
+        GFL_FIXED_BINS(7);
         GFL_FIXED_BINS(8);
+        GFL_FIXED_BINS(9);
+        GFL_FIXED_BINS(10);
+        GFL_FIXED_BINS(11);
+        GFL_FIXED_BINS(12);
+        GFL_FIXED_BINS(13);
+        GFL_FIXED_BINS(14);
+        GFL_FIXED_BINS(15);
         GFL_FIXED_BINS(16);
         GFL_FIXED_BINS(17);
         GFL_FIXED_BINS(33);
         default: break;
       }
 #undef GFL_FIXED_BINS
-    }
-    if (!generic_only && bins >= 3 && bins <= 16 && bins != 4) {
-      if (bins == 3) return f(&softmax_rows_tile_kernel<scalar_t, kDfl, -4, 1>);
-      if (bins <= 8) return f(&softmax_rows_tile_kernel<scalar_t, kDfl, -8, 1>);
-      if (bins <= 12) return f(&softmax_rows_tile_kernel<scalar_t, kDfl, -12, 1>);
-      return f(&softmax_rows_tile_kernel<scalar_t, kDfl, -16, 1>);
     }
   }
   switch (rows_vec(bins, kAcc)) {

@@ -235,4 +235,17 @@ int gfl_emu_scale_rows(const gfl::cuda::ScaleRowsLaunch* p, unsigned grid, unsig
   return status();
 }
 
+// The launcher's rows geometry (softmax_rows_kernel.cuh): out = {tiled, pitch, vec, block,
+// rows_per_thread, compiled count}, for the tests that hold it to its invariants and to the
+// bounds script's mirror of it.
+void gfl_emu_rows_geometry(int64_t bins, int acc_size, int* out) {
+  const gfl::cuda::RowsGeometry g = gfl::cuda::rows_geometry(bins, acc_size);
+  out[0] = g.tiled;
+  out[1] = g.pitch;
+  out[2] = g.vec;
+  out[3] = g.block;
+  out[4] = g.rows_per_thread;
+  out[5] = gfl::cuda::rows_compiled_count(bins, acc_size);
+}
+
 }  // extern "C"
