@@ -70,7 +70,7 @@ def rows_geometry(bins: int, acc: int = ACC):
         tile *= 2
     while tile > 32 and tile * row_bytes > 32 * 1024:
         tile //= 2
-    if acc == 4 and bins in COMPILED_COUNTS and bins % 2 == 1:  # TileRow's kPhased
+    if acc == 4 and bins in COMPILED_COUNTS and vec == 1:  # TileRow's kPhased
         rpt = 12 if tile > 256 else 4
         tile = 64 * rpt if tile > 256 else tile
     else:
@@ -225,7 +225,7 @@ def measure(op, mode, dname, mangled, s, bins, new, sass, res, decide_at, generi
         pitch, vec, tile, rpt, block, smem = rows_geometry(bins)
         # the launcher's choice (with_rows_tile_kernel): a compile-time count, else the
         # runtime-count kernel
-        fixed = not generic and bins in COMPILED_COUNTS and (bins % 2 == 0 or rpt % 4 == 0)
+        fixed = not generic and bins in COMPILED_COUNTS and (vec > 1 or rpt % 4 == 0)
         kb = bins if fixed else 0
         name = (
             f"_ZN3gfl4cuda24softmax_rows_tile_kernelI{mangled}Lb{int(op == 'dfl')}ELi{kb}ELi{vec}E"

@@ -101,7 +101,7 @@ inline RowsGeometry rows_geometry(int64_t bins, int acc_size) {
   int tile_rows = 256;
   while (tile_rows < 1024 && tile_rows * bins < 2048) tile_rows *= 2;
   while (tile_rows > 32 && tile_rows * row_bytes > kTileBytes) tile_rows /= 2;
-  const bool phased = rows_compiled_count(bins, acc_size) && bins % 2 == 1;
+  const bool phased = rows_compiled_count(bins, acc_size) && g.vec == 1;  // TileRow::kPhased
   if (phased && tile_rows > 256) {
     g.rows_per_thread = 12;
     g.block = 64;
