@@ -387,6 +387,39 @@ def test_emulated_rows_kernel_every_bin_count(emu, dtype, dfl):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@OPS
+def test_emulated_rows_kernel_rows_side_by_side(emu, dtype, dfl):
+    """The runtime-count kernel works through a thread's rows r and r + block side by side
+    (tile_row's kRows) and the rest one at a time.  Every count 2..64 at 200 rows (whole pairs,
+    then a partial last tile of pairs and single rows), also the runtime-count kernel at the
+    compiled counts, every third row with its max tied in the last bin: the reference's values,
+    and every row's bits the same as in a launch of blocks of 256 threads, where each thread takes
+    one row of these 200."""
+    for bins in range(2, 65):
+        pred, target, scale = _rows_inputs(200, bins, dtype, seed=3 * bins)
+        pred[::3, -1] = pred[::3].amax(dim=1)  # tied maxima: the pivot is the first of them
+        target = target if dfl else None
+        ref, ref_grad = _rows_reference(pred, dfl, target, scale, 1)
+        for variant in (0, 1) if bins in FIXED_BINS else (0,):
+            out, grad = run_rows(
+                emu, pred, dfl=dfl, target=target, scale=scale, stride=1, variant=variant
+            )
+            what = f"bins={bins} {dtype} variant={variant}"
+            _assert_rows_close(out, grad, ref, ref_grad, dfl, dtype, what)
+            alone = run_rows(
+                emu,
+                pred,
+                dfl=dfl,
+                target=target,
+                scale=scale,
+                stride=1,
+                variant=variant,
+                grid=(1, 256),
+            )
+            assert torch.equal(alone[0], out) and torch.equal(alone[1], grad), what
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bins", [2, 3, 8, 16, 17, 24, 33, 64])
 @OPS
 def test_emulated_rows_kernel_launch_modes(emu, dtype, bins, dfl):

@@ -3,7 +3,7 @@
 // tests/cuda_emulation can compile them for the host and run them on emulated blocks.
 //
 // The tile kernel (every bin count whose row fits a tile: 2..64 and well beyond): a block takes a
-// tile of up to 256 consecutive rows, each of its threads whole rows (4 for short rows; see
+// tile of 32 to 1024 consecutive rows, each of its threads whole rows (1 to 12; see
 // rows_geometry).  The tile's rows x bins logits are contiguous in memory, so the block copies
 // them into shared memory with coalesced 16-byte loads (single elements where the pointer is not
 // 16-byte aligned), converted to the opmath type; each thread then works through its rows there
@@ -12,7 +12,8 @@
 // from global memory once, each gradient written once, and the exp of each logit computed once.
 // The counts 2..17 and 33 get kernels compiled for their count, which keep the row in registers
 // (with_rows_tile_kernel below), the others a kernel for a runtime count that keeps it in shared
-// memory; rows too long for a tile take a warp per row (softmax_rows_warp_kernel).
+// memory and works through two of a thread's rows side by side (tile_row's kRows); rows too long
+// for a tile take a warp per row (softmax_rows_warp_kernel).
 // benchmarks/cuda_rows_kernel.md has the instruction counts and the bandwidth bound they give.
 //
 // The per-row math is gfl_math.h's and the CPU kernel's (csrc/cpu/kernels_impl.h), in the same
@@ -57,6 +58,9 @@ constexpr int64_t rows_pitch(int64_t bins, int acc_size) {
 // A tile takes at most this much shared memory: a few tiles per SM keep tens of KB of loads in
 // flight, what HBM needs to reach its bandwidth.
 constexpr int64_t kTileBytes = 32 * 1024;
+
+// Rows a thread of the runtime-count kernel works through side by side (tile_row's kRows).
+constexpr int kRuntimeRows = 2;
 
 struct RowsGeometry {
   bool tiled;           // false: rows too long for a tile of 32; a warp per row instead
@@ -364,10 +368,13 @@ struct TileRow {
   static constexpr bool kPhased = kBins > 0 && kVec == 1;
   static constexpr int kRegs = kBins > 0 ? kBins : 1;
   acc_t* row;
+  acc_t* cur;  // a runtime count: the bins for_each_vec's pass is at (get / put of row + j)
   acc_t reg[kRegs];
 
   // kPhase: the row's start, in elements past a 16-byte boundary (the tile is 16-byte aligned)
-  __device__ __forceinline__ explicit TileRow(acc_t* r) : row(r) {
+  __device__ __forceinline__ void attach(acc_t* r) {
+    row = r;
+    cur = r;
     if constexpr (kPhased) {
       copy<true>();
     } else if constexpr (kBins > 0) {
@@ -383,16 +390,21 @@ struct TileRow {
       for (int e = 0; e < kVec; ++e) v.v[e] = reg[j + e];
       return v;
     } else {
-      return load_pack(reinterpret_cast<const Vec*>(row + j));
+      return load_pack(reinterpret_cast<const Vec*>(cur));  // cur is row + j
     }
   }
   __device__ __forceinline__ void put(int j, const Vec& v) {
     if constexpr (kBins > 0) {
       put_regs(j, v);
     } else {
-      store_pack(reinterpret_cast<Vec*>(row + j), v);
+      store_pack(reinterpret_cast<Vec*>(cur), v);
     }
   }
+  // A runtime count: for_each_vec's step to the next kVec bins, and back to bin 0 after a pass.
+  // (A pointer that walks the row: with row + j, nvcc recomputed both addresses from the index
+  // on every trip, 3-4 instructions per trip and row.)
+  __device__ __forceinline__ void advance() { cur += kVec; }
+  __device__ __forceinline__ void rewind() { cur = row; }
   // registers -> shared memory (there already for a runtime bin count)
   __device__ __forceinline__ void flush() {
     if constexpr (kPhased) {
@@ -448,16 +460,24 @@ __device__ __forceinline__ void static_for(F&& f) {
   }
 }
 
-// Calls f(j) for j = 0, kVec, 2 kVec, ... < bins: fully unrolled for a compile-time bin count,
-// unrolled by up to 4 elements otherwise.
-template <int kBins, int kVec, typename F>
-__device__ __forceinline__ void for_each_vec(int bins, F&& f) {
+// Calls f(j) for j = 0, kVec, 2 kVec, ... < bins: fully unrolled for a compile-time bin count;
+// otherwise unrolled to 4 kRows elements per trip (f takes kVec bins of kRows rows), which
+// spreads the trip's counter, compare, branch and pointer steps over them, with each row's
+// pointer advanced after each call (and rewound after the pass).
+template <int kBins, int kVec, int kRows, typename Row, typename F>
+__device__ __forceinline__ void for_each_vec(int bins, Row (&rows)[kRows], F&& f) {
   if constexpr (kBins > 0) {
 #pragma unroll
     for (int j = 0; j < kBins; j += kVec) f(j);
   } else {
 #pragma unroll(kVec >= 4 ? 1 : 4 / kVec)
-    for (int j = 0; j < bins; j += kVec) f(j);
+    for (int j = 0; j < bins; j += kVec) {
+      f(j);
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) rows[k].advance();
+    }
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) rows[k].rewind();
   }
 }
 
@@ -474,67 +494,98 @@ struct TileIo {
   bool with_scale;
 };
 
-// One row (row r of the tile, its logits at srow): its outputs, and its gradient (scaled by the
-// row's scale) left in place in the tile.  kPhase as TileRow's.
-template <typename scalar_t, bool kDfl, int kBins, int kVec, int kPhase = 0>
+// kRows rows of the tile -- row r + k * r_step, its logits at srow + k * s_step, k < kRows --
+// each one's outputs, and its gradient (scaled by the row's scale) left in place in the tile.
+// kPhase as TileRow's.  kRows > 1 (a runtime bin count only) works through the rows side by
+// side, bin by bin: the loop over the bins -- its counter, compare, branch and shared-memory
+// addresses, about a quarter of the issue slots of the 16-bit forward with one row -- is paid
+// once for kRows elements, and there is one remainder per kRows rows instead of one per row.
+// Each row's arithmetic and its order are those of the row alone, so the results are bitwise
+// those of kRows = 1.
+template <typename scalar_t, bool kDfl, int kBins, int kVec, int kPhase = 0, int kRows = 1>
 __device__ __forceinline__ void tile_row(
-    opmath_t<scalar_t>* srow, int bins, int r,
+    opmath_t<scalar_t>* srow, int s_step, int bins, int r, int r_step,
     const TileIo<opmath_t<scalar_t>,
                  typename std::conditional<kDfl, opmath_t<scalar_t>, scalar_t>::type>& io) {
   using acc_t = opmath_t<scalar_t>;
   using O = Ops<acc_t>;  // logf for float, log for double (the exp is rows_exp)
   using Vec = Pack<acc_t, kVec>;
+  static_assert(kRows == 1 || kBins == 0, "rows side by side: a runtime bin count only");
   const bool with_grad = io.with_grad;
-  TileRow<acc_t, kBins, kVec, kPhase> z(srow);
+  TileRow<acc_t, kBins, kVec, kPhase> z[kRows];
+#pragma unroll
+  for (int k = 0; k < kRows; ++k) z[k].attach(srow + k * s_step);
 
   // Pass 1: the max; the integral's pivot is its lowest bin (strict >: ties keep the lower bin;
   // NaNs fail the comparison and are skipped here, they reach the outputs through exp(NaN - max)).
-  acc_t zmax = -INFINITY;
-  int pivot = 0;
-  for_each_vec<kBins, kVec>(bins, [&](int j) {
-    const Vec v = z.get(j);
+  acc_t zmax[kRows];
+  int pivot[kRows];
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      if constexpr (kDfl) {
-        // no pivot: one max instruction, which also skips NaNs; it may pick +0 over -0 where the
-        // comparison keeps the first, which changes no result (z - max and max + log(sum) are
-        // the same for either zero)
-        zmax = fmax_skip_nan(zmax, v.v[e]);
-      } else if (v.v[e] > zmax) {
-        zmax = v.v[e];
-        pivot = j + e;
+  for (int k = 0; k < kRows; ++k) {
+    zmax[k] = -INFINITY;
+    pivot[k] = 0;
+  }
+  for_each_vec<kBins, kVec, kRows>(bins, z, [&](int j) {
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) {
+      const Vec v = z[k].get(j);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        if constexpr (kDfl) {
+          // no pivot: one max instruction, which also skips NaNs; it may pick +0 over -0 where
+          // the comparison keeps the first, which changes no result (z - max and max + log(sum)
+          // are the same for either zero)
+          zmax[k] = fmax_skip_nan(zmax[k], v.v[e]);
+        } else if (v.v[e] > zmax[k]) {
+          zmax[k] = v.v[e];
+          pivot[k] = j + e;
+        }
       }
     }
   });
-  const acc_t p = static_cast<acc_t>(pivot);
+  acc_t p[kRows];
+#pragma unroll
+  for (int k = 0; k < kRows; ++k) p[k] = static_cast<acc_t>(pivot[k]);
 
   // DFL: the target's two bins, read before pass 2 overwrites the logits with their exps.
-  int64_t l = 0;
-  acc_t w_l(0), w_r(0), z_l(0), z_r(0);
+  int64_t l[kRows];
+  acc_t w_l[kRows], w_r[kRows], z_l[kRows], z_r[kRows];
   if constexpr (kDfl) {
-    dfl_split(io.target[r], static_cast<int64_t>(bins - 1), l, w_l, w_r);
-    z_l = srow[l];
-    z_r = srow[l + 1];
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) {
+      dfl_split(io.target[r + k * r_step], static_cast<int64_t>(bins - 1), l[k], w_l[k], w_r[k]);
+      z_l[k] = srow[k * s_step + l[k]];
+      z_r[k] = srow[k * s_step + l[k] + 1];
+    }
   }
 
   // Pass 2: e_j, their sum and (integral) sum_j e_j (j - p), in bin order; e_j replaces z_j (in
   // shared memory only when a gradient follows, in registers always: it is free there).
-  acc_t sum(0), stat(0);
+  acc_t sum[kRows], stat[kRows];
   const auto pass2 = [&](auto keep) {
-    [[maybe_unused]] acc_t j_rel = -p;  // j - p, exact (the integral)
-    for_each_vec<kBins, kVec>(bins, [&](int j) {
-      Vec v = z.get(j);
+    [[maybe_unused]] acc_t j_rel[kRows];  // j - p, exact (the integral)
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        const acc_t e_j = rows_exp<scalar_t>(v.v[e] - zmax);
-        sum += e_j;
-        if constexpr (!kDfl) {
-          stat = O::fma(e_j, j_rel, stat);
-          j_rel += acc_t(1);
+    for (int k = 0; k < kRows; ++k) {
+      sum[k] = acc_t(0);
+      stat[k] = acc_t(0);
+      j_rel[k] = -p[k];
+    }
+    for_each_vec<kBins, kVec, kRows>(bins, z, [&](int j) {
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) {
+        Vec v = z[k].get(j);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const acc_t e_j = rows_exp<scalar_t>(v.v[e] - zmax[k]);
+          sum[k] += e_j;
+          if constexpr (!kDfl) {
+            stat[k] = O::fma(e_j, j_rel[k], stat[k]);
+            j_rel[k] += acc_t(1);
+          }
+          v.v[e] = e_j;
         }
-        v.v[e] = e_j;
+        if constexpr (decltype(keep)::value) z[k].put(j, v);
       }
-      if constexpr (decltype(keep)::value) z.put(j, v);
     });
   };
   if (kBins > 0 || with_grad) {
@@ -543,46 +594,76 @@ __device__ __forceinline__ void tile_row(
     pass2(std::false_type{});
   }
 
-  const acc_t inv_sum = reciprocal_of_sum(sum);
-  const acc_t scale =
-      (with_grad && io.with_scale) ? io.row_scale[r * io.row_scale_stride] : acc_t(1);
+  acc_t inv_sum[kRows], scale[kRows];
+#pragma unroll
+  for (int k = 0; k < kRows; ++k) {
+    inv_sum[k] = reciprocal_of_sum(sum[k]);
+    scale[k] = (with_grad && io.with_scale)
+                   ? io.row_scale[(r + k * r_step) * io.row_scale_stride]
+                   : acc_t(1);
+  }
   if constexpr (kDfl) {
-    if (io.with_out) io.out[r] = dfl_loss(zmax + O::log(sum), z_l, z_r, w_l, w_r);
+    if (io.with_out) {
+#pragma unroll
+      for (int k = 0; k < kRows; ++k)
+        io.out[r + k * r_step] =
+            dfl_loss(zmax[k] + O::log(sum[k]), z_l[k], z_r[k], w_l[k], w_r[k]);
+    }
     if (with_grad) {
       // dfl_grad(S_j, j, l, w_l, w_r) is S_j itself (S_j - 0 - 0) off the target's two bins;
       // those two are rewritten after the bulk, their e_j recomputed (the same exp of the same
       // argument: the same value)
-      for_each_vec<kBins, kVec>(bins, [&](int j) {
-        Vec v = z.get(j);
+      for_each_vec<kBins, kVec, kRows>(bins, z, [&](int j) {
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) v.v[e] = (v.v[e] * inv_sum) * scale;
-        z.put(j, v);
+        for (int k = 0; k < kRows; ++k) {
+          Vec v = z[k].get(j);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) v.v[e] = (v.v[e] * inv_sum[k]) * scale[k];
+          z[k].put(j, v);
+        }
       });
-      z.flush();
-      const acc_t fl = static_cast<acc_t>(l);
-      const acc_t s_l = rows_exp<scalar_t>(z_l - zmax) * inv_sum;
-      const acc_t s_r = rows_exp<scalar_t>(z_r - zmax) * inv_sum;
-      srow[l] = dfl_grad<acc_t>(s_l, fl, fl, w_l, w_r) * scale;
-      srow[l + 1] = dfl_grad<acc_t>(s_r, fl + acc_t(1), fl, w_l, w_r) * scale;
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) {
+        z[k].flush();
+        const acc_t fl = static_cast<acc_t>(l[k]);
+        const acc_t s_l = rows_exp<scalar_t>(z_l[k] - zmax[k]) * inv_sum[k];
+        const acc_t s_r = rows_exp<scalar_t>(z_r[k] - zmax[k]) * inv_sum[k];
+        acc_t* row = srow + k * s_step;
+        row[l[k]] = dfl_grad<acc_t>(s_l, fl, fl, w_l[k], w_r[k]) * scale[k];
+        row[l[k] + 1] = dfl_grad<acc_t>(s_r, fl + acc_t(1), fl, w_l[k], w_r[k]) * scale[k];
+      }
     }
   } else {
-    const acc_t y_rel = stat * inv_sum;  // y_hat - p
-    if (io.with_out) io.out[r] = from_opmath<scalar_t>(p + y_rel);
+    acc_t y_rel[kRows];  // y_hat - p
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) y_rel[k] = stat[k] * inv_sum[k];
+    if (io.with_out) {
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) io.out[r + k * r_step] = from_opmath<scalar_t>(p[k] + y_rel[k]);
+    }
     if (with_grad) {
       // dy_hat/dz_j * scale = e_j (c (j - p) - c (y_hat - p)), c = scale / sum
-      const acc_t c = inv_sum * scale;
-      const acc_t neg_c_y = -(c * y_rel);
-      acc_t j_rel = -p;
-      for_each_vec<kBins, kVec>(bins, [&](int j) {
-        Vec v = z.get(j);
+      acc_t c[kRows], neg_c_y[kRows], j_rel[kRows];
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          v.v[e] = integral_grad_scaled<acc_t>(v.v[e], j_rel, c, neg_c_y);
-          j_rel += acc_t(1);
+      for (int k = 0; k < kRows; ++k) {
+        c[k] = inv_sum[k] * scale[k];
+        neg_c_y[k] = -(c[k] * y_rel[k]);
+        j_rel[k] = -p[k];
+      }
+      for_each_vec<kBins, kVec, kRows>(bins, z, [&](int j) {
+#pragma unroll
+        for (int k = 0; k < kRows; ++k) {
+          Vec v = z[k].get(j);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            v.v[e] = integral_grad_scaled<acc_t>(v.v[e], j_rel[k], c[k], neg_c_y[k]);
+            j_rel[k] += acc_t(1);
+          }
+          z[k].put(j, v);
         }
-        z.put(j, v);
       });
-      z.flush();
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) z[k].flush();
     }
   }
 }
@@ -631,16 +712,24 @@ __global__ void __launch_bounds__(kBlock, 1)
           constexpr int kK = decltype(k)::value;
           const int r = static_cast<int>(threadIdx.x) * rows_per_thread + k0 + kK;
           if (r < rows) {
-            tile_row<scalar_t, kDfl, kBins, kVec, kK * kBins % Row::kA>(tile + r * pitch, bins,
-                                                                         r, io);
+            tile_row<scalar_t, kDfl, kBins, kVec, kK * kBins % Row::kA>(tile + r * pitch, 0,
+                                                                         bins, r, 0, io);
           }
         });
       }
     } else {
       // thread t: rows t + k * block (consecutive threads on consecutive rows: the kVec-wide
       // accesses are conflict-free)
-      for (int r = threadIdx.x; r < rows; r += blockDim.x)
-        tile_row<scalar_t, kDfl, kBins, kVec>(tile + r * pitch, bins, r, io);
+      int r = threadIdx.x;
+      if constexpr (kBins == 0) {
+        // a runtime count: kRuntimeRows rows side by side (rows r + k * block), then the rest
+        const int step = static_cast<int>(blockDim.x);
+        for (; r + (kRuntimeRows - 1) * step < rows; r += kRuntimeRows * step)
+          tile_row<scalar_t, kDfl, 0, kVec, 0, kRuntimeRows>(tile + r * pitch, step * pitch, bins,
+                                                             r, step, io);
+      }
+      for (; r < rows; r += blockDim.x)
+        tile_row<scalar_t, kDfl, kBins, kVec>(tile + r * pitch, 0, bins, r, 0, io);
     }
     if (grad) {
       __syncthreads();
