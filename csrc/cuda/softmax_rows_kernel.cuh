@@ -481,6 +481,20 @@ __device__ __forceinline__ void for_each_vec(int bins, Row (&rows)[kRows], F&& f
   }
 }
 
+// f(k, j, v) with v the kVec bins from bin j of row k, for every j and each of the kRows rows
+// (bin by bin, the rows in turn within a bin); kPut: v is written back to the row after f.
+template <bool kPut, int kBins, int kVec, int kRows, typename Row, typename F>
+__device__ __forceinline__ void for_each_row_vec(int bins, Row (&z)[kRows], F&& f) {
+  for_each_vec<kBins, kVec, kRows>(bins, z, [&](int j) {
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) {
+      auto v = z[k].get(j);
+      f(k, j, v);
+      if constexpr (kPut) z[k].put(j, v);
+    }
+  });
+}
+
 // Where a tile's rows read and write their per-row values: pointers advanced to the tile's first
 // row (null where absent), and what the launch asks for.
 template <typename acc_t, typename out_t>
@@ -525,21 +539,17 @@ __device__ __forceinline__ void tile_row(
     zmax[k] = -INFINITY;
     pivot[k] = 0;
   }
-  for_each_vec<kBins, kVec, kRows>(bins, z, [&](int j) {
+  for_each_row_vec<false, kBins, kVec>(bins, z, [&](int k, int j, const Vec& v) {
 #pragma unroll
-    for (int k = 0; k < kRows; ++k) {
-      const Vec v = z[k].get(j);
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        if constexpr (kDfl) {
-          // no pivot: one max instruction, which also skips NaNs; it may pick +0 over -0 where
-          // the comparison keeps the first, which changes no result (z - max and max + log(sum)
-          // are the same for either zero)
-          zmax[k] = fmax_skip_nan(zmax[k], v.v[e]);
-        } else if (v.v[e] > zmax[k]) {
-          zmax[k] = v.v[e];
-          pivot[k] = j + e;
-        }
+    for (int e = 0; e < kVec; ++e) {
+      if constexpr (kDfl) {
+        // no pivot: one max instruction, which also skips NaNs; it may pick +0 over -0 where the
+        // comparison keeps the first, which changes no result (z - max and max + log(sum) are
+        // the same for either zero)
+        zmax[k] = fmax_skip_nan(zmax[k], v.v[e]);
+      } else if (v.v[e] > zmax[k]) {
+        zmax[k] = v.v[e];
+        pivot[k] = j + e;
       }
     }
   });
@@ -570,21 +580,16 @@ __device__ __forceinline__ void tile_row(
       stat[k] = acc_t(0);
       j_rel[k] = -p[k];
     }
-    for_each_vec<kBins, kVec, kRows>(bins, z, [&](int j) {
+    for_each_row_vec<decltype(keep)::value, kBins, kVec>(bins, z, [&](int k, int, Vec& v) {
 #pragma unroll
-      for (int k = 0; k < kRows; ++k) {
-        Vec v = z[k].get(j);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          const acc_t e_j = rows_exp<scalar_t>(v.v[e] - zmax[k]);
-          sum[k] += e_j;
-          if constexpr (!kDfl) {
-            stat[k] = O::fma(e_j, j_rel[k], stat[k]);
-            j_rel[k] += acc_t(1);
-          }
-          v.v[e] = e_j;
+      for (int e = 0; e < kVec; ++e) {
+        const acc_t e_j = rows_exp<scalar_t>(v.v[e] - zmax[k]);
+        sum[k] += e_j;
+        if constexpr (!kDfl) {
+          stat[k] = O::fma(e_j, j_rel[k], stat[k]);
+          j_rel[k] += acc_t(1);
         }
-        if constexpr (decltype(keep)::value) z[k].put(j, v);
+        v.v[e] = e_j;
       }
     });
   };
@@ -613,14 +618,9 @@ __device__ __forceinline__ void tile_row(
       // dfl_grad(S_j, j, l, w_l, w_r) is S_j itself (S_j - 0 - 0) off the target's two bins;
       // those two are rewritten after the bulk, their e_j recomputed (the same exp of the same
       // argument: the same value)
-      for_each_vec<kBins, kVec, kRows>(bins, z, [&](int j) {
+      for_each_row_vec<true, kBins, kVec>(bins, z, [&](int k, int, Vec& v) {
 #pragma unroll
-        for (int k = 0; k < kRows; ++k) {
-          Vec v = z[k].get(j);
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) v.v[e] = (v.v[e] * inv_sum[k]) * scale[k];
-          z[k].put(j, v);
-        }
+        for (int e = 0; e < kVec; ++e) v.v[e] = (v.v[e] * inv_sum[k]) * scale[k];
       });
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
@@ -639,7 +639,8 @@ __device__ __forceinline__ void tile_row(
     for (int k = 0; k < kRows; ++k) y_rel[k] = stat[k] * inv_sum[k];
     if (io.with_out) {
 #pragma unroll
-      for (int k = 0; k < kRows; ++k) io.out[r + k * r_step] = from_opmath<scalar_t>(p[k] + y_rel[k]);
+      for (int k = 0; k < kRows; ++k)
+        io.out[r + k * r_step] = from_opmath<scalar_t>(p[k] + y_rel[k]);
     }
     if (with_grad) {
       // dy_hat/dz_j * scale = e_j (c (j - p) - c (y_hat - p)), c = scale / sum
@@ -650,16 +651,11 @@ __device__ __forceinline__ void tile_row(
         neg_c_y[k] = -(c[k] * y_rel[k]);
         j_rel[k] = -p[k];
       }
-      for_each_vec<kBins, kVec, kRows>(bins, z, [&](int j) {
+      for_each_row_vec<true, kBins, kVec>(bins, z, [&](int k, int, Vec& v) {
 #pragma unroll
-        for (int k = 0; k < kRows; ++k) {
-          Vec v = z[k].get(j);
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) {
-            v.v[e] = integral_grad_scaled<acc_t>(v.v[e], j_rel[k], c[k], neg_c_y[k]);
-            j_rel[k] += acc_t(1);
-          }
-          z[k].put(j, v);
+        for (int e = 0; e < kVec; ++e) {
+          v.v[e] = integral_grad_scaled<acc_t>(v.v[e], j_rel[k], c[k], neg_c_y[k]);
+          j_rel[k] += acc_t(1);
         }
       });
 #pragma unroll
