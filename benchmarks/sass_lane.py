@@ -296,11 +296,9 @@ class Lane:
                 self.setreg(a[1], None if lut2 is None else bool((lut2 >> idx) & 1))
         elif base == "P2R":  # Rd = (Rs & ~mask) | (P i as bit i, & mask): predicates saved
             src, mask = R(a[2]), R(a[3])
-            bits = [self.pred(f"P{i}") for i in range(7) if mask is not None and mask >> i & 1]
-            known = src is not None and mask is not None and None not in bits
-            packed = sum(
-                int(bool(self.pred(f"P{i}"))) << i for i in range(7) if known and mask >> i & 1
-            )
+            bits = {i: self.pred(f"P{i}") for i in range(7) if mask is not None and mask >> i & 1}
+            known = src is not None and mask is not None and None not in bits.values()
+            packed = sum(int(b) << i for i, b in bits.items()) if known else 0
             self.setreg(a[0], (src & ~mask) | packed if known else U)
         elif base in ("LDC", "ULDC"):
             off = self.const_offset(a[1])

@@ -564,8 +564,8 @@ __device__ __forceinline__ void tile_row(
 #pragma unroll
     for (int k = 0; k < kRows; ++k) {
       dfl_split(io.target[r + k * r_step], static_cast<int64_t>(bins - 1), l[k], w_l[k], w_r[k]);
-      z_l[k] = srow[k * s_step + l[k]];
-      z_r[k] = srow[k * s_step + l[k] + 1];
+      z_l[k] = z[k].row[l[k]];
+      z_r[k] = z[k].row[l[k] + 1];
     }
   }
 
@@ -628,9 +628,8 @@ __device__ __forceinline__ void tile_row(
         const acc_t fl = static_cast<acc_t>(l[k]);
         const acc_t s_l = rows_exp<scalar_t>(z_l[k] - zmax[k]) * inv_sum[k];
         const acc_t s_r = rows_exp<scalar_t>(z_r[k] - zmax[k]) * inv_sum[k];
-        acc_t* row = srow + k * s_step;
-        row[l[k]] = dfl_grad<acc_t>(s_l, fl, fl, w_l[k], w_r[k]) * scale[k];
-        row[l[k] + 1] = dfl_grad<acc_t>(s_r, fl + acc_t(1), fl, w_l[k], w_r[k]) * scale[k];
+        z[k].row[l[k]] = dfl_grad<acc_t>(s_l, fl, fl, w_l[k], w_r[k]) * scale[k];
+        z[k].row[l[k] + 1] = dfl_grad<acc_t>(s_r, fl + acc_t(1), fl, w_l[k], w_r[k]) * scale[k];
       }
     }
   } else {
