@@ -3,7 +3,11 @@
 #   make demo    virtual env + torch + build, then the main job (train/eval the detector on the
 #                embedded dataset, CPU)
 #   make test    virtual env + torch + build, then the whole test suite, then the adapters'
-#                tests against older mmdetection / Ultralytics releases (test-versions)
+#                tests against older mmdetection / Ultralytics releases (test-versions), then
+#                the core and adapter tests on the oldest torch supported (test-oldest-torch)
+#   make test-oldest-torch  only that: a scratch venv with torch 2.1 (mmdetection 3.x's usual),
+#                gfl-ops built there (CPU kernels) and its tests except the detector's
+#                (scripts/check_torch_compat.sh; ~3 GB of downloads, ~10 min)
 #   make test-versions  only that: scripts/check_framework_versions.py (REPORT=1 rewrites
 #                docs/framework-versions.md)
 #   make bench   the core benchmark targets on the CPU (benchmarks/README.md); bench-full,
@@ -31,8 +35,11 @@ MAX_JOBS ?= 2
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# the oldest torch gfl_ops supports (build_backend/torch_matched_build.py's TORCH_REQUIREMENT):
+# 2.1 takes numpy 1.x; its CUDA 12 build gets no kernels from this machine's nvcc 13 (CPU only)
+OLDEST_TORCH_SPEC ?= torch==2.1.2 torchvision==0.16.2 numpy<2
 
-.PHONY: setup build demo test test-versions bench bench-full bench-e2e bench-frameworks gpu-check gpu-wheels \
+.PHONY: setup build demo test test-versions test-oldest-torch bench bench-full bench-e2e bench-frameworks gpu-check gpu-wheels \
 	paper-bounds lint clean
 
 # gpu-check runs where the project's venv is usually absent (the lent GPU machine's python3)
@@ -63,9 +70,14 @@ demo: setup
 test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	$(PY) scripts/check_framework_versions.py
+	$(MAKE) test-oldest-torch
 
 test-versions: setup
 	$(PY) scripts/check_framework_versions.py $(if $(REPORT),--report docs/framework-versions.md)
+
+test-oldest-torch:
+	COMPAT_DEPS=1 GFL_OPS_CPU_ONLY=1 COMPAT_INTEGRATIONS=1 WORK=/tmp/gfl-compat-oldest \
+		COMPAT_SPEC="$(OLDEST_TORCH_SPEC)" PYTHON="$(PYTHON)" scripts/check_torch_compat.sh
 
 bench: setup
 	$(PY) -m benchmarks.run --device cpu --preset core-targets

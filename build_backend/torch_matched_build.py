@@ -18,7 +18,7 @@ Where the torch comes from, in order:
 3. an activated virtual env or conda env (``VIRTUAL_ENV`` / ``CONDA_PREFIX``): build frontends
    that make a separate venv for the build (uv, pip's ``venv-isolation``) leave no other trace of
    the target;
-4. otherwise ``torch>=2.4`` is installed in the build environment, and the wheel then requires
+4. otherwise ``torch>=2.1`` is installed in the build environment, and the wheel then requires
    exactly that torch (setup.py pins it), so pip installs the matching one beside it.
 
 A found torch is used only when it is for this Python (same major.minor).  Its folder is
@@ -37,7 +37,7 @@ from typing import Optional
 from setuptools import build_meta as _setuptools
 
 # torch versions gfl-ops supports (pyproject.toml's requirement when none is installed)
-TORCH_REQUIREMENT = "torch>=2.4"
+TORCH_REQUIREMENT = "torch>=2.1"
 _SKIP_PROBE_ENV = "GFL_OPS_BUILD_TORCH"
 
 # run in the probed interpreter: where its torch lives, and which Python it is

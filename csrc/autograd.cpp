@@ -29,10 +29,10 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <optional>
 #include <tuple>
 
 #include "autograd.h"
+#include "torch_compat.h"
 
 namespace gfl::autograd {
 
@@ -70,9 +70,9 @@ variable_list finish_forward(AutogradContext* ctx, LossAndGrad result, bool with
 // The forward's workspace scaled by grad_loss, handed out once; nullopt when the gradient must
 // be recomputed instead (no workspace, already handed out, or a backward under create_graph,
 // where the saved gradient would be a constant with no second-order term).
-std::optional<Tensor> take_workspace(AutogradContext* ctx, const Tensor& grad_loss) {
+gfl::optional<Tensor> take_workspace(AutogradContext* ctx, const Tensor& grad_loss) {
   auto it = ctx->saved_data.find("workspace");
-  if (it == ctx->saved_data.end() || c10::GradMode::is_enabled()) return std::nullopt;
+  if (it == ctx->saved_data.end() || c10::GradMode::is_enabled()) return gfl::nullopt;
   Tensor workspace = it->second.toTensor();
   ctx->saved_data.erase(it);
   // fp32 math, one rounding to the buffer's dtype; no autograd of their own is involved
@@ -104,7 +104,7 @@ variable_list pred_grad(AutogradContext* ctx, const Tensor& grad_loss, size_t n_
 
 // grad_scale is for callers that differentiate the reduced loss themselves (reduced_loss
 // below, which calls the operator below autograd): under autograd it would be silently wrong.
-void refuse_grad_scale(const std::optional<Tensor>& grad_scale, const Tensor& pred) {
+void refuse_grad_scale(const gfl::optional<Tensor>& grad_scale, const Tensor& pred) {
   TORCH_CHECK(!(grad_scale.has_value() && grad_scale->defined() &&
                 c10::GradMode::is_enabled() && pred.requires_grad()),
               "gfl_ops: grad_scale is for callers that differentiate the reduced loss "
@@ -117,10 +117,10 @@ LossAndGrad as_pair(variable_list out) { return {std::move(out[0]), std::move(ou
 struct QflNode : torch::autograd::Function<QflNode> {
   static variable_list forward(AutogradContext* ctx, const Tensor& pred, const Tensor& labels,
                                const Tensor& scores, double beta, bool activated, bool with_grad,
-                               const std::optional<Tensor>& grad_scale) {
+                               const gfl::optional<Tensor>& grad_scale) {
     static const auto op =
         find_op<LossAndGrad(const Tensor&, const Tensor&, const Tensor&, double, bool, bool,
-                            const std::optional<Tensor>&)>("gfl_ops::qfl");
+                            const gfl::optional<Tensor>&)>("gfl_ops::qfl");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["activated"] = activated;
@@ -142,10 +142,10 @@ struct QflNode : torch::autograd::Function<QflNode> {
 struct QflDenseNode : torch::autograd::Function<QflDenseNode> {
   static variable_list forward(AutogradContext* ctx, const Tensor& pred, const Tensor& target,
                                double beta, bool activated, bool with_grad,
-                               const std::optional<Tensor>& grad_scale) {
+                               const gfl::optional<Tensor>& grad_scale) {
     static const auto op =
         find_op<LossAndGrad(const Tensor&, const Tensor&, double, bool, bool,
-                            const std::optional<Tensor>&)>("gfl_ops::qfl_dense");
+                            const gfl::optional<Tensor>&)>("gfl_ops::qfl_dense");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["activated"] = activated;
@@ -166,9 +166,9 @@ struct QflDenseNode : torch::autograd::Function<QflDenseNode> {
 
 struct DflNode : torch::autograd::Function<DflNode> {
   static variable_list forward(AutogradContext* ctx, const Tensor& pred, const Tensor& target,
-                               bool with_grad, const std::optional<Tensor>& grad_scale) {
+                               bool with_grad, const gfl::optional<Tensor>& grad_scale) {
     static const auto op =
-        find_op<LossAndGrad(const Tensor&, const Tensor&, bool, const std::optional<Tensor>&)>(
+        find_op<LossAndGrad(const Tensor&, const Tensor&, bool, const gfl::optional<Tensor>&)>(
             "gfl_ops::dfl");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return finish_forward(ctx, op.call(pred, target, with_grad, grad_scale), with_grad,
@@ -199,7 +199,7 @@ struct IntegralNode : torch::autograd::Function<IntegralNode> {
 // The Autograd-key kernels: the operators' schemas (csrc/ops.cpp), one node each.
 LossAndGrad qfl_autograd(const Tensor& pred, const Tensor& labels, const Tensor& scores,
                          double beta, bool activated, bool with_grad,
-                         const std::optional<Tensor>& grad_scale) {
+                         const gfl::optional<Tensor>& grad_scale) {
   refuse_grad_scale(grad_scale, pred);
   return as_pair(
       QflNode::apply(pred, labels, scores, beta, activated, with_grad, grad_scale));
@@ -207,13 +207,13 @@ LossAndGrad qfl_autograd(const Tensor& pred, const Tensor& labels, const Tensor&
 
 LossAndGrad qfl_dense_autograd(const Tensor& pred, const Tensor& target, double beta,
                                bool activated, bool with_grad,
-                               const std::optional<Tensor>& grad_scale) {
+                               const gfl::optional<Tensor>& grad_scale) {
   refuse_grad_scale(grad_scale, pred);
   return as_pair(QflDenseNode::apply(pred, target, beta, activated, with_grad, grad_scale));
 }
 
 LossAndGrad dfl_autograd(const Tensor& pred, const Tensor& target, bool with_grad,
-                         const std::optional<Tensor>& grad_scale) {
+                         const gfl::optional<Tensor>& grad_scale) {
   refuse_grad_scale(grad_scale, pred);
   return as_pair(DflNode::apply(pred, target, with_grad, grad_scale));
 }
@@ -235,7 +235,7 @@ enum ReducedKind : int64_t { kReducedQfl = 0, kReducedQflDense = 1, kReducedDfl 
 // weight.  A plain loop: a TensorIterator multiply cost ~20 us a step at 32,000 rows with the
 // caches cold from the kernels' streams (fresh inputs), the loop a few.  Rounds as torch's
 // `weight * unit` does (unit cast to the loss dtype, one product).
-Tensor reduction_scale(const std::optional<Tensor>& weight, double unit, const Tensor& pred) {
+Tensor reduction_scale(const gfl::optional<Tensor>& weight, double unit, const Tensor& pred) {
   const auto dtype = at::toOpMathType(pred.scalar_type());
   const int64_t n = pred.size(0);
   if (!weight.has_value()) return at::scalar_tensor(unit, pred.options().dtype(dtype)).expand({n});
@@ -254,16 +254,16 @@ Tensor reduction_scale(const std::optional<Tensor>& weight, double unit, const T
 
 struct ReducedLossFunction : torch::autograd::Function<ReducedLossFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& pred, const Tensor& target,
-                        const std::optional<Tensor>& scores, const std::optional<Tensor>& weight,
+                        const gfl::optional<Tensor>& scores, const gfl::optional<Tensor>& weight,
                         double unit, int64_t kind, double beta, bool activated) {
     static const auto qfl = find_op<LossAndGrad(const Tensor&, const Tensor&, const Tensor&,
-                                                double, bool, bool, const std::optional<Tensor>&)>(
+                                                double, bool, bool, const gfl::optional<Tensor>&)>(
         "gfl_ops::qfl");
     static const auto qfl_dense =
         find_op<LossAndGrad(const Tensor&, const Tensor&, double, bool, bool,
-                            const std::optional<Tensor>&)>("gfl_ops::qfl_dense");
+                            const gfl::optional<Tensor>&)>("gfl_ops::qfl_dense");
     static const auto dfl =
-        find_op<LossAndGrad(const Tensor&, const Tensor&, bool, const std::optional<Tensor>&)>(
+        find_op<LossAndGrad(const Tensor&, const Tensor&, bool, const gfl::optional<Tensor>&)>(
             "gfl_ops::dfl");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Tensor scale = reduction_scale(weight, unit, pred);
@@ -328,8 +328,8 @@ struct ReducedLossFunction : torch::autograd::Function<ReducedLossFunction> {
 
 }  // namespace
 
-Tensor reduced_loss(const Tensor& pred, const Tensor& target, const std::optional<Tensor>& scores,
-                    const std::optional<Tensor>& weight, double unit, int64_t kind, double beta,
+Tensor reduced_loss(const Tensor& pred, const Tensor& target, const gfl::optional<Tensor>& scores,
+                    const gfl::optional<Tensor>& weight, double unit, int64_t kind, double beta,
                     bool activated) {
   return ReducedLossFunction::apply(pred, target, scores, weight, unit, kind, beta, activated);
 }

@@ -4,7 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include <optional>
+#include "torch_compat.h"
+
 
 namespace gfl::autograd {
 
@@ -22,8 +23,8 @@ bool is_plain(const at::Tensor& t);
 // The reduced loss sum_i l_i * weight_i * unit (0-d) of qfl (kind 0: target = labels, scores
 // given), qfl_dense (1) or dfl (2), fused gradient folded into the forward (see autograd.cpp).
 at::Tensor reduced_loss(const at::Tensor& pred, const at::Tensor& target,
-                        const std::optional<at::Tensor>& scores,
-                        const std::optional<at::Tensor>& weight, double unit, int64_t kind,
+                        const gfl::optional<at::Tensor>& scores,
+                        const gfl::optional<at::Tensor>& weight, double unit, int64_t kind,
                         double beta, bool activated);
 
 }  // namespace gfl::autograd

@@ -13,10 +13,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <optional>
 #include <tuple>
 
 #include "op_common.h"
+#include "torch_compat.h"
 
 namespace gfl {
 
@@ -25,7 +25,7 @@ using at::Tensor;
 template <class K>
 struct OpImpls {
   // grad_scale (N,), optional: multiplies each row of the gradient output
-  static void set_grad_scale(Tensor& row_scale, const std::optional<Tensor>& grad_scale,
+  static void set_grad_scale(Tensor& row_scale, const gfl::optional<Tensor>& grad_scale,
                              const Tensor& pred, bool with_grad) {
     if (!grad_scale.has_value() || !grad_scale->defined()) return;
     TORCH_CHECK(with_grad, "gfl_ops: grad_scale scales the gradient output, so it needs "
@@ -34,7 +34,7 @@ struct OpImpls {
   }
 
   static std::tuple<Tensor, Tensor> run_qfl(QflTensors t, bool with_grad,
-                                            const std::optional<Tensor>& grad_scale) {
+                                            const gfl::optional<Tensor>& grad_scale) {
     set_grad_scale(t.row_scale, grad_scale, t.pred, with_grad);
     const auto n = t.pred.size(0);
     // the kernels write every row's loss (no accumulation: no atomics), so no memset pass; only
@@ -60,7 +60,7 @@ struct OpImpls {
 
   static std::tuple<Tensor, Tensor> qfl(const Tensor& pred, const Tensor& labels,
                                         const Tensor& scores, double beta, bool activated,
-                                        bool with_grad, const std::optional<Tensor>& grad_scale) {
+                                        bool with_grad, const gfl::optional<Tensor>& grad_scale) {
     return run_qfl(prepare_qfl(pred, labels, scores, Tensor(), beta, activated), with_grad,
                    grad_scale);
   }
@@ -73,7 +73,7 @@ struct OpImpls {
 
   static std::tuple<Tensor, Tensor> qfl_dense(const Tensor& pred, const Tensor& target,
                                               double beta, bool activated, bool with_grad,
-                                              const std::optional<Tensor>& grad_scale) {
+                                              const gfl::optional<Tensor>& grad_scale) {
     TORCH_CHECK(target.defined(), "gfl_ops: target must be a tensor");
     return run_qfl(prepare_qfl(pred, Tensor(), Tensor(), target, beta, activated), with_grad,
                    grad_scale);
@@ -88,7 +88,7 @@ struct OpImpls {
 
   template <bool kDfl>
   static std::tuple<Tensor, Tensor> run_rows(RowTensors t, bool with_grad,
-                                             const std::optional<Tensor>& grad_scale) {
+                                             const gfl::optional<Tensor>& grad_scale) {
     set_grad_scale(t.row_scale, grad_scale, t.pred, with_grad);
     const auto out_dtype = kDfl ? opmath_dtype(t.pred) : t.pred.scalar_type();
     Tensor out = K::empty({t.pred.size(0)}, t.pred.options().dtype(out_dtype));
@@ -110,7 +110,7 @@ struct OpImpls {
   }
 
   static std::tuple<Tensor, Tensor> dfl(const Tensor& pred, const Tensor& target,
-                                        bool with_grad, const std::optional<Tensor>& grad_scale) {
+                                        bool with_grad, const gfl::optional<Tensor>& grad_scale) {
     TORCH_CHECK(target.defined(), "gfl_ops: target must be a tensor");
     return run_rows<true>(prepare_rows(pred, target), with_grad, grad_scale);
   }
@@ -121,7 +121,7 @@ struct OpImpls {
   }
 
   static std::tuple<Tensor, Tensor> integral(const Tensor& pred, bool with_grad) {
-    return run_rows<false>(prepare_rows(pred, Tensor()), with_grad, std::nullopt);
+    return run_rows<false>(prepare_rows(pred, Tensor()), with_grad, gfl::nullopt);
   }
 
   static Tensor integral_backward(const Tensor& grad_out, const Tensor& pred) {

@@ -12,11 +12,11 @@
 #include <array>
 #include <cstring>
 #include <initializer_list>
-#include <optional>
 #include <tuple>
 
 #include "autograd.h"
 #include "python_module.h"
+#include "torch_compat.h"
 
 namespace gfl::python {
 namespace {
@@ -66,8 +66,8 @@ class Args {
     }
   }
   const Tensor& tensor(int i) const { return tensors_[i]; }
-  std::optional<Tensor> optional_tensor(int i) const {
-    return tensors_[i].defined() ? std::optional<Tensor>(tensors_[i]) : std::nullopt;
+  gfl::optional<Tensor> optional_tensor(int i) const {
+    return tensors_[i].defined() ? gfl::optional<Tensor>(tensors_[i]) : gfl::nullopt;
   }
   int64_t integer(int i) const { return integers_[i]; }
   double number(int i) const { return numbers_[i]; }
@@ -98,10 +98,10 @@ PyObject* qfl_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                {"pred", "labels", "scores", "beta", "activated", "fused"});
   static const auto op =
       find_op<LossAndGrad(const Tensor&, const Tensor&, const Tensor&, double, bool, bool,
-                          const std::optional<Tensor>&)>("gfl_ops::qfl");
+                          const gfl::optional<Tensor>&)>("gfl_ops::qfl");
   return wrap_result([&] {
     return std::get<0>(op.call(a.tensor(0), a.tensor(1), a.tensor(2), a.number(3), a.flag(4),
-                               a.flag(5), std::nullopt));
+                               a.flag(5), gfl::nullopt));
   });
   END_HANDLE_TH_ERRORS
 }
@@ -112,10 +112,10 @@ PyObject* qfl_dense_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                {"pred", "target", "beta", "activated", "fused"});
   static const auto op =
       find_op<LossAndGrad(const Tensor&, const Tensor&, double, bool, bool,
-                          const std::optional<Tensor>&)>("gfl_ops::qfl_dense");
+                          const gfl::optional<Tensor>&)>("gfl_ops::qfl_dense");
   return wrap_result([&] {
     return std::get<0>(
-        op.call(a.tensor(0), a.tensor(1), a.number(2), a.flag(3), a.flag(4), std::nullopt));
+        op.call(a.tensor(0), a.tensor(1), a.number(2), a.flag(3), a.flag(4), gfl::nullopt));
   });
   END_HANDLE_TH_ERRORS
 }
@@ -124,10 +124,10 @@ PyObject* dfl_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   const Args a(args, nargs, "dfl_eager", "ttb", {"pred", "target", "fused"});
   static const auto op =
-      find_op<LossAndGrad(const Tensor&, const Tensor&, bool, const std::optional<Tensor>&)>(
+      find_op<LossAndGrad(const Tensor&, const Tensor&, bool, const gfl::optional<Tensor>&)>(
           "gfl_ops::dfl");
   return wrap_result(
-      [&] { return std::get<0>(op.call(a.tensor(0), a.tensor(1), a.flag(2), std::nullopt)); });
+      [&] { return std::get<0>(op.call(a.tensor(0), a.tensor(1), a.flag(2), gfl::nullopt)); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -167,7 +167,11 @@ PyObject* value_range(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   {
     pybind11::gil_scoped_release no_gil;
     // torch's own vectorised, NaN-propagating reduction, read back without Python in between
+#if GFL_TORCH_AT_LEAST(2, 2)
     const auto [min, max] = at::aminmax(t);
+#else  // no CPU aminmax for float16 before torch 2.2: a float32 copy (exact) there
+    const auto [min, max] = at::aminmax(t.scalar_type() == at::kHalf ? t.to(at::kFloat) : t);
+#endif
     lo = min.item<double>();
     hi = max.item<double>();
   }

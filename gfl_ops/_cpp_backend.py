@@ -29,6 +29,7 @@ import torch
 from gfl_ops import _cuda_archs, _reduced_loss
 from gfl_ops._extension import cuda_compiled, extension_error, extension_loaded
 from gfl_ops._second_order import register_gradient_autograd
+from gfl_ops._torch_compat import is_compiling, register_fake
 
 FUSED_GRAD = {"cpu": True, "cuda": False}
 
@@ -52,30 +53,30 @@ def _register() -> None:
         grad = pred.new_empty(pred.shape) if with_grad else pred.new_empty(0)
         return loss, grad
 
-    @torch.library.register_fake(lib + "qfl")
+    @register_fake(lib + "qfl")
     def _(pred, labels, scores, beta, activated, with_grad, grad_scale=None):
         return _loss_and_grad_fake(pred, with_grad, _opmath(pred.dtype))
 
-    @torch.library.register_fake(lib + "qfl_dense")
+    @register_fake(lib + "qfl_dense")
     def _(pred, target, beta, activated, with_grad, grad_scale=None):
         return _loss_and_grad_fake(pred, with_grad, _opmath(pred.dtype))
 
-    @torch.library.register_fake(lib + "dfl")
+    @register_fake(lib + "dfl")
     def _(pred, target, with_grad, grad_scale=None):
         return _loss_and_grad_fake(pred, with_grad, _opmath(pred.dtype))
 
-    @torch.library.register_fake(lib + "integral")
+    @register_fake(lib + "integral")
     def _(pred, with_grad):
         return _loss_and_grad_fake(pred, with_grad, pred.dtype)
 
     for name in ("qfl_backward", "qfl_dense_backward", "dfl_backward", "integral_backward"):
-        torch.library.register_fake(lib + name)(lambda grad, pred, *args: torch.empty_like(pred))
+        register_fake(lib + name)(lambda grad, pred, *args: torch.empty_like(pred))
 
-    @torch.library.register_fake(lib + "scale_rows")
+    @register_fake(lib + "scale_rows")
     def _(grad, row_scale):
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake(lib + "scale_rows_")
+    @register_fake(lib + "scale_rows_")
     def _(grad, row_scale):
         return None
 
@@ -153,7 +154,7 @@ class _CppBackend:
         """The operator's first output (loss or decoded value), gradient fused when needed and
         ``FUSED_GRAD`` says so."""
         with_grad = FUSED_GRAD[self.device_type] and _needs_grad(pred)
-        if torch.compiler.is_compiling():
+        if is_compiling():
             return getattr(_ops, name)(pred, *args, with_grad)[0]
         return _EAGER[name](pred, *args, with_grad)
 
@@ -172,7 +173,7 @@ class _CppBackend:
         traced code, or anything but ``pred`` requiring grad."""
         if not (
             FUSED_GRAD[self.device_type]
-            and not torch.compiler.is_compiling()
+            and not is_compiling()
             and _reduced_loss.applies(pred, weight, reduction, avg_factor, targets)
         ):
             return None

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from gfl_ops import reference
+from gfl_ops import _torch_compat, reference
 
 __all__ = ["gradient_vjp", "register_gradient_autograd", "LOSS_FORMULAS"]
 
@@ -108,4 +108,4 @@ def register_gradient_autograd(op: object, kind: str) -> None:
         grad_loss, pred, *rest = args
         return gradient_vjp(kind, grad_loss, pred, tuple(rest), grad_grad)
 
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    _torch_compat.register_autograd(op, backward, setup_context=setup_context)

@@ -35,6 +35,7 @@ import torch
 
 from gfl_ops import _registry, reference
 from gfl_ops._extension import _C
+from gfl_ops._torch_compat import is_compiling
 
 __all__ = [
     "quality_focal_loss",
@@ -67,7 +68,7 @@ def set_value_checks(enabled: bool) -> None:
 def _should_check_values(t: torch.Tensor, check_values: bool | None) -> bool:
     if not (_value_checks if check_values is None else check_values):
         return False
-    if torch.compiler.is_compiling():  # no host sync inside a compiled graph
+    if is_compiling():  # no host sync inside a compiled graph
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -187,7 +188,8 @@ def _weighted_loss(
 def _cpu_value_range(t: torch.Tensor) -> tuple[float, float]:
     if _C is not None:  # aminmax read straight into two floats, without Python in between
         return _C.value_range(t.detach())
-    lo, hi = torch.aminmax(t.detach())
+    # without _C: torch before 2.2 has no CPU aminmax for float16 (-> float32 is exact)
+    lo, hi = torch.aminmax(t.detach().float() if t.dtype == torch.float16 else t.detach())
     return lo.item(), hi.item()
 
 

@@ -20,6 +20,15 @@
 # instead of over the project's CUDA 13 libraries; GFL_OPS_CPU_ONLY=1 builds the C++ kernels
 # only (nvcc 13.0 does not build for a CUDA 12 torch), so the CUDA kernels go untested there.
 #
+# The oldest torch gfl-ops supports, 2.1 (what most mmdetection 3.x installs run: mmcv 2.1's
+# prebuilt wheels stop at torch 2.1), with the framework adapters' tests too (`make
+# test-oldest-torch`, part of `make test`):
+#   COMPAT_DEPS=1 GFL_OPS_CPU_ONLY=1 COMPAT_INTEGRATIONS=1 WORK=/tmp/gfl-compat21 \
+#       COMPAT_SPEC="torch==2.1.2 torchvision==0.16.2 numpy<2" scripts/check_torch_compat.sh
+# COMPAT_INTEGRATIONS=1 installs requirements-dev.txt's pinned mmdet / mmengine / mmcv-lite /
+# Ultralytics / ONNX packages beside that torch, installs gfl-ops editable (the adapters' CLI and
+# DDP tests start processes that import it) and runs tests/integrations as well.
+#
 # Notes:
 # * torch's CUDA wheel is installed without its nvidia-* dependencies (several GB); the CUDA
 #   libraries of the project's .venv are put on LD_LIBRARY_PATH instead (same CUDA 13).
@@ -27,8 +36,8 @@
 #   which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars").
 #   That only matters with TRITON_INTERPRET=1 (CPU tests); compiled kernels on a GPU do not
 #   use the interpreter.
-# * Left out: tests/integrations and tests/detector (mmdet / ultralytics / pycocotools are
-#   pinned to the main venv), tests/test_benchmarks.py (imports the framework peers) and
+# * Left out: tests/detector and tests/test_benchmarks.py (the detector and the benchmarks need
+#   torch >= 2.4 and pycocotools), tests/integrations unless COMPAT_INTEGRATIONS=1, and
 #   tests/test_cuda_compiled.py (asserts the default multi-arch build; this one is sm_90 only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +60,16 @@ else
 fi
 "$VPY" -m pip install --quiet filelock typing-extensions sympy networkx jinja2 fsspec \
     pillow scipy pytest hypothesis ninja setuptools wheel
+integrations=(--ignore=tests/integrations)
+if [ "${COMPAT_INTEGRATIONS:-0}" = 1 ]; then
+    # the main suite's pins, with the spec again so that nothing moves the torch (or numpy) under
+    # test
+    pins='^(mmdet|mmengine|mmcv-lite|ultralytics|cloudpickle|onnx|onnxruntime|onnxscript)\b'
+    frameworks=$(grep -E "$pins" requirements-dev.txt)
+    # shellcheck disable=SC2086
+    "$VPY" -m pip install --quiet $COMPAT_SPEC $frameworks
+    integrations=()
+fi
 
 if [ "${COMPAT_DEPS:-0}" != 1 ]; then
     nvidia_libs=$(find "$MAIN_VENV"/lib/python3*/site-packages/nvidia -maxdepth 3 -type d \
@@ -63,8 +82,13 @@ SRC="$WORK/src"
 rm -rf "$SRC" && mkdir -p "$SRC"
 git archive HEAD | tar -x -C "$SRC"
 cd "$SRC"
-MAX_JOBS=${MAX_JOBS:-2} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
-    "$VPY" setup.py build_ext --inplace
+if [ "${COMPAT_INTEGRATIONS:-0}" = 1 ]; then
+    MAX_JOBS=${MAX_JOBS:-2} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+        "$VPY" -m pip install --quiet --no-build-isolation --no-deps -e .
+else
+    MAX_JOBS=${MAX_JOBS:-2} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+        "$VPY" setup.py build_ext --inplace
+fi
 "$VPY" -c "import gfl_ops; print('gfl_ops backends:', gfl_ops.backend_status())"
 # tests/test_triton_compiled.py's ahead-of-time compiles use Triton internals of 3.6
 # (native_specialize_impl): with an older torch's Triton they cannot start
@@ -72,6 +96,5 @@ older=()
 if [ "${COMPAT_DEPS:-0}" = 1 ]; then
     older=(--ignore=tests/test_triton_compiled.py)
 fi
-"$VPY" -m pytest -q -p no:cacheprovider tests \
-    --ignore=tests/integrations --ignore=tests/detector \
+"$VPY" -m pytest -q -p no:cacheprovider tests "${integrations[@]}" --ignore=tests/detector \
     --ignore=tests/test_benchmarks.py --ignore=tests/test_cuda_compiled.py "${older[@]}" "$@"

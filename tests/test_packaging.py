@@ -49,8 +49,8 @@ def test_backend_asks_for_no_torch_when_one_is_importable():
 def test_backend_asks_for_a_torch_only_when_none_is_installed(monkeypatch):
     monkeypatch.setattr(torch_matched_build, "_torch_importable_here", lambda: False)
     monkeypatch.setattr(torch_matched_build, "installed_torch_site", lambda: None)
-    assert torch_matched_build.get_requires_for_build_wheel() == ["ninja", "torch>=2.4"]
-    assert torch_matched_build.get_requires_for_build_sdist() == ["torch>=2.4"]
+    assert torch_matched_build.get_requires_for_build_wheel() == ["ninja", "torch>=2.1"]
+    assert torch_matched_build.get_requires_for_build_sdist() == ["torch>=2.1"]
 
 
 def test_backend_finds_the_torch_that_pip_isolation_hides(tmp_path):

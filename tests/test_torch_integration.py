@@ -57,6 +57,11 @@ def _op_samples(device: str, dtype: torch.dtype):
 
 
 @needs_ext
+@pytest.mark.skipif(
+    not hasattr(torch.library, "opcheck"),
+    reason=f"torch.library.opcheck came with torch 2.4; this is {torch.__version__} "
+    "(test_fake_kernels_match_the_real_outputs checks the fake kernels on every torch)",
+)
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_every_operator(device, dtype):
@@ -66,6 +71,29 @@ def test_opcheck_every_operator(device, dtype):
         torch.library.opcheck(
             op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
         )
+
+
+@needs_ext
+@pytest.mark.parametrize("device", _devices())
+def test_fake_kernels_match_the_real_outputs(device):
+    """Every operator's fake kernel (gfl_ops._torch_compat.register_fake: torch's register_fake,
+    impl_abstract or a Meta kernel, by torch release) gives the real outputs' shapes, dtypes and
+    devices; what opcheck's test_faketensor asserts, also on a torch without opcheck."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for op, args in _op_samples(device, torch.float32):
+        real = op(*args)
+        with FakeTensorMode() as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = op(*fake_args)
+        real_outs = real if isinstance(real, tuple) else (real,)
+        fake_outs = fake if isinstance(fake, tuple) else (fake,)
+        assert len(real_outs) == len(fake_outs), op
+        for r, f in zip(real_outs, fake_outs):
+            if r is None:
+                assert f is None, op
+                continue
+            assert (f.shape, f.dtype, f.device) == (r.shape, r.dtype, r.device), op
 
 
 def _loss_step(pred_cls, labels, scores, pred_reg, dfl_target, backend):
@@ -261,6 +289,13 @@ def test_cuda_kernels_compiled_when_build_had_cuda():
     )
     if not expect_cuda:
         pytest.skip("this build environment has no nvcc / CUDA torch: CUDA kernels not expected")
+    version = subprocess.run(
+        [os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True, text=True
+    ).stdout
+    nvcc_major = version.split("release ")[1].split(".")[0] if "release " in version else None
+    if nvcc_major != torch.version.cuda.split(".")[0]:
+        # setup.py leaves the CUDA kernels out there: torch builds no extension across majors
+        pytest.skip(f"nvcc {nvcc_major} is not torch's CUDA {torch.version.cuda}")
     assert _extension.cuda_compiled(), "nvcc and CUDA torch present but _C has no CUDA kernels"
     # the CUDA kernels are registered with the dispatcher
     assert torch._C._dispatch_has_kernel_for_dispatch_key("gfl_ops::qfl", "CUDA")

@@ -9,6 +9,8 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "../torch_compat.h"
+
 namespace gfl::cpu {
 namespace {
 
@@ -24,23 +26,20 @@ class BufferCache final : public c10::Allocator {
     return *cache;
   }
 
-  c10::DataPtr allocate(size_t bytes) override {
-    void* p = take(static_cast<int64_t>(bytes));
-    if (p == nullptr) {
-      p = c10::alloc_cpu(bytes);
-      std::lock_guard<std::mutex> guard(mutex_);
-      live_[p] = static_cast<int64_t>(bytes);
-      live_bytes_ += static_cast<int64_t>(bytes);
-    }
-    report(p, static_cast<int64_t>(bytes));
-    return {p, p, &BufferCache::release, c10::Device(c10::DeviceType::CPU)};
-  }
-
-  c10::DeleterFnPtr raw_deleter() const override { return &BufferCache::release; }
+#if GFL_TORCH_AT_LEAST(2, 3)
+  c10::DataPtr allocate(size_t bytes) override { return allocate_block(bytes); }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
+#else
+  // before torch 2.3 allocate was const; the cache is one mutable object on the heap
+  c10::DataPtr allocate(size_t bytes) const override {
+    return const_cast<BufferCache*>(this)->allocate_block(bytes);
+  }
+#endif
+
+  c10::DeleterFnPtr raw_deleter() const override { return &BufferCache::release; }
 
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> guard(mutex_);
@@ -78,6 +77,18 @@ class BufferCache final : public c10::Allocator {
     void* ptr;
     int64_t bytes;
   };
+
+  c10::DataPtr allocate_block(size_t bytes) {
+    void* p = take(static_cast<int64_t>(bytes));
+    if (p == nullptr) {
+      p = c10::alloc_cpu(bytes);
+      std::lock_guard<std::mutex> guard(mutex_);
+      live_[p] = static_cast<int64_t>(bytes);
+      live_bytes_ += static_cast<int64_t>(bytes);
+    }
+    report(p, static_cast<int64_t>(bytes));
+    return {p, p, &BufferCache::release, c10::Device(c10::DeviceType::CPU)};
+  }
 
   static void release(void* p) { instance().give_back(p); }
 
@@ -170,7 +181,7 @@ at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options)
   TORCH_INTERNAL_ASSERT(options.device().is_cpu());
   return at::detail::empty_generic(sizes, &BufferCache::instance(),
                                    c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   options.dtype().toScalarType(), std::nullopt);
+                                   options.dtype().toScalarType(), gfl::nullopt);
 }
 
 std::vector<int64_t> buffer_cache_stats() { return BufferCache::instance().stats(); }

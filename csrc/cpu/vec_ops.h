@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "../gfl_math.h"
+#include "../torch_compat.h"
 
 namespace gfl {
 
@@ -67,7 +68,11 @@ inline V exp_nonpositive(const V& x) {
     return _mm512_scalef_ps(p, n);
   }
 #endif
+#if GFL_TORCH_AT_LEAST(2, 3)
   return x.exp_u20();
+#else
+  return x.exp();  // exp_u20 came with torch 2.3; Sleef's 1-ulp exp before
+#endif
 }
 
 }  // namespace gfl

@@ -57,7 +57,13 @@ import functools
 
 import torch
 
-from gfl_ops.triton import _common
+if not hasattr(torch.library, "custom_op"):  # the registry reports this as the reason
+    raise ImportError(
+        f"the triton backend registers its kernels with torch.library.custom_op, which torch "
+        f"{torch.__version__} lacks; it needs torch >= 2.6 (Triton >= 3.2)"
+    )
+
+from gfl_ops.triton import _common  # noqa: E402
 from gfl_ops.triton import dfl as _dfl
 from gfl_ops.triton import integral as _integral
 from gfl_ops.triton import qfl as _qfl

@@ -125,23 +125,27 @@ def _process_state() -> Iterator[None]:
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
-    fill = torch.utils.deterministic.fill_uninitialized_memory
+    # torch.utils.deterministic (2.2) and the weights_only allow-list (2.5) are absent before
+    deterministic_utils = getattr(torch.utils, "deterministic", None)
+    fill = deterministic_utils.fill_uninitialized_memory if deterministic_utils else None
     cudnn = torch.backends.cudnn.deterministic
     rng = torch.get_rng_state(), np.random.get_state()
-    safe_globals = torch.serialization.get_safe_globals()  # Ultralytics' safe load adds to them
+    get_safe_globals = getattr(torch.serialization, "get_safe_globals", None)
+    safe_globals = get_safe_globals() if get_safe_globals else None  # Ultralytics' load adds
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-        torch.utils.deterministic.fill_uninitialized_memory = fill
+        if deterministic_utils is not None:
+            deterministic_utils.fill_uninitialized_memory = fill
         torch.backends.cudnn.deterministic = cudnn
         torch.set_rng_state(rng[0])
         np.random.set_state(rng[1])
         os.environ.clear()
         os.environ.update(env)
-        if torch.serialization.get_safe_globals() != safe_globals:
+        if get_safe_globals is not None and get_safe_globals() != safe_globals:
             torch.serialization.clear_safe_globals()
             torch.serialization.add_safe_globals(safe_globals)
 
@@ -727,11 +731,30 @@ def loss_parts(items: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch
     return dict(zip(("box_loss", "cls_loss", "dfl_loss"), items.unbind()))
 
 
+def checkpoint_globals(path: Path) -> list[str]:
+    """Classes and functions a torch checkpoint's pickle names: torch's listing of those outside
+    its weights_only allow-list (torch >= 2.5), else every GLOBAL opcode of torch.save's
+    protocol-2 pickle, read with pickletools."""
+    if hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        (pkl,) = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        data = archive.read(pkl)
+    names = []
+    for op, arg, _ in pickletools.genops(data):
+        assert op.name != "STACK_GLOBAL", f"{path}: a protocol >= 4 pickle, not torch.save's"
+        if op.name == "GLOBAL":
+            names.append(arg.replace(" ", "."))
+    return names
+
+
 def assert_stock_checkpoint(path: Path, key: str, model_class: type = DetectionModel) -> None:
     """The checkpoint names no gfl_ops class and loads with Ultralytics' restricted
     (weights_only) loader, as a stock model of ``model_class``."""
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    assert not [n for n in names if "gfl_ops" in n], names
+    assert not [n for n in checkpoint_globals(path) if "gfl_ops" in n], path
     ckpt, _ = torch_safe_load(path, safe_only=True)
     model = ckpt[key]
     if type(model).__name__ == "SafeClass":
@@ -985,6 +1008,8 @@ def test_export_onnx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         expected = model(x)[0].numpy()
     np.testing.assert_allclose(run_onnx(path, x), expected, rtol=0, atol=1e-4)
 
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        return  # torch < 2.5: the TorchScript exporter above is the only one
     # torch's dynamo exporter on the patched model (export mode head: one output tensor);
     # a copy, as Ultralytics does: the head caches tensors made during export
     head_model = copy.deepcopy(model)

@@ -21,6 +21,7 @@ from ultralytics.utils.tal import dist2bbox
 # The module, not its functions: the fused ops are looked up at call time (the tests count calls
 # by wrapping these entry points).
 from gfl_ops import functional
+from gfl_ops._torch_compat import is_compiling
 
 from ._classes import T, _fused_subclass, _homed, _register, _stock_class
 
@@ -92,7 +93,7 @@ class FusedDFL(DFL):
         return stock
 
     def _weight_is_integral(self) -> bool:
-        if torch.compiler.is_compiling():
+        if is_compiling():
             return self._integral_weight
         w = self.conv.weight
         # (inference tensors, e.g. loaded under torch.inference_mode, have no version counter)
