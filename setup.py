@@ -27,6 +27,9 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# the oldest torch the sources compile against (csrc/torch_compat.h; `make test-oldest-torch`);
+# build_backend/torch_matched_build.py's TORCH_REQUIREMENT says the same to pip
+MIN_TORCH = (2, 1)
 
 
 def _locate_cuda_home() -> None:
@@ -158,10 +161,23 @@ def _default_arch_list(torch, cuda_home: str) -> str:
     return archs.extend_arch_list(DEFAULT_ARCH_LIST, capabilities, sass, ptx)
 
 
+def _require_supported_torch(torch) -> None:
+    """Stop with a message that names the torch found, rather than with compiler errors, when it
+    is older than ``MIN_TORCH``."""
+    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    if match and tuple(int(p) for p in match.groups()) < MIN_TORCH:
+        wanted = ".".join(map(str, MIN_TORCH))
+        raise SystemExit(
+            f"gfl-ops needs torch >= {wanted}; this environment has torch {torch.__version__}. "
+            f"Upgrade it (pip install 'torch>={wanted}') and install gfl-ops again."
+        )
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
+    _require_supported_torch(torch)
     with_cuda, reason = _cuda_config(torch, CUDA_HOME)
     # The DEFAULT build of the CPU kernels is listed before the AVX2 one so that the linker keeps
     # the portable copies of shared inline functions.

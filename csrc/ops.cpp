@@ -14,12 +14,18 @@
 
 #include "cpu/buffer_cache.h"
 #include "python_module.h"
+#include "torch_compat.h"
 
 namespace gfl::cpu {
 std::string cpu_kernel_isa();  // ops_cpu.cpp
 }
 
 TORCH_LIBRARY(gfl_ops, m) {
+#if GFL_TORCH_AT_LEAST(2, 2) && !GFL_TORCH_AT_LEAST(2, 4)
+  // torch 2.2 / 2.3 take a Python fake ("abstract") kernel for a C++ operator only from the module
+  // named here, and import it when they need one (gfl_ops/_torch_compat.py's register_fake)
+  m.impl_abstract_pystub("gfl_ops._cpp_backend");
+#endif
   // grad_scale (N,): the gradient output is multiplied by it per row (callers that reduce the
   // loss themselves fold the reduction's weights in here; the operator's own autograd refuses it)
   m.def("qfl(Tensor pred, Tensor labels, Tensor scores, float beta, bool activated, "

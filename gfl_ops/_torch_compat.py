@@ -45,7 +45,9 @@ def register_fake(qualname: str) -> Callable[[Callable], Callable]:
     if hasattr(torch.library, "register_fake"):
         return torch.library.register_fake(qualname)
     if hasattr(torch.library, "impl_abstract"):
-        return torch.library.impl_abstract(qualname)
+        # torch 2.2 / 2.3 accept it only from the module that csrc/ops.cpp names
+        # (impl_abstract_pystub): the caller's, one frame up, gfl_ops._cpp_backend
+        return torch.library.impl_abstract(qualname, _stacklevel=2)
 
     def decorate(fn: Callable) -> Callable:
         namespace, name = _split(qualname)

@@ -204,6 +204,18 @@ def setup_py() -> dict:
     return runpy.run_path(str(ROOT / "setup.py"), run_name="gfl_ops_setup_under_test")
 
 
+def test_setup_refuses_a_torch_older_than_the_sources_support(setup_py):
+    """torch 2.0 gets one line that names it and the fix, not pages of compiler errors; the
+    minimum is the one pip is told (the build backend's TORCH_REQUIREMENT)."""
+    wanted = ".".join(map(str, setup_py["MIN_TORCH"]))
+    assert torch_matched_build.TORCH_REQUIREMENT == f"torch>={wanted}"
+    refusal = r"needs torch >= 2\.1; this environment has torch 2\.0\.1"
+    with pytest.raises(SystemExit, match=refusal):
+        setup_py["_require_supported_torch"](types.SimpleNamespace(__version__="2.0.1+cu117"))
+    for version in ("2.1.2+cu121", "2.14.1", "3.0.0a0+git1234"):
+        setup_py["_require_supported_torch"](types.SimpleNamespace(__version__=version))
+
+
 def _toolkit(tmp_path: Path, release: str) -> str:
     """A CUDA_HOME whose bin/nvcc reports ``release``."""
     nvcc = tmp_path / f"cuda-{release}" / "bin" / "nvcc"
