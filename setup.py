@@ -263,6 +263,17 @@ def _build_info_text(torch, with_cuda: bool) -> str:
     )
 
 
+# After a failed compile that included the CUDA sources: the way to install without them.  (The
+# CUDA kernels are compiled with nvcc 13.0 in CI; other toolkits, CUDA 12 for torch 2.1-2.6 above
+# all, are not tried there: README, "Building".)
+CUDA_BUILD_FAILED_HINT = (
+    "gfl-ops build failed. If the errors above are in csrc/cuda (nvcc), install without the CUDA "
+    "kernels: GFL_OPS_CPU_ONLY=1 pip install --no-cache-dir <gfl-ops>. On GPUs the Triton "
+    "backend (torch >= 2.6) or the reference formulas then run; python -m gfl_ops says which. "
+    "Please report the nvcc version (nvcc --version) with the errors."
+)
+
+
 def _cmdclass():
     import torch
     from torch.utils.cpp_extension import BuildExtension
@@ -273,10 +284,15 @@ def _cmdclass():
         """torch's BuildExtension, then gfl_ops/_build_info.py beside the compiled _C."""
 
         def run(self):
-            super().run()
             with_cuda = any(
                 name == "GFL_WITH_CUDA" for ext in self.extensions for name, _ in ext.define_macros
             )
+            try:
+                super().run()
+            except Exception:
+                if with_cuda:
+                    print(CUDA_BUILD_FAILED_HINT, file=sys.stderr)
+                raise
             text = _build_info_text(torch, with_cuda)
             # beside the _C this run made: the checkout (editable, build_ext --inplace) or the
             # build folder the wheel is packed from (never both: a wheel build must not relabel

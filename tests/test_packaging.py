@@ -216,6 +216,26 @@ def test_setup_refuses_a_torch_older_than_the_sources_support(setup_py):
         setup_py["_require_supported_torch"](types.SimpleNamespace(__version__=version))
 
 
+def test_a_failed_cuda_compile_says_how_to_install_without_it(setup_py, monkeypatch, capsys):
+    """Toolkits other than CI's nvcc 13.0 are not compiled with here: when the compile of a build
+    with CUDA sources fails, the error is followed by the one-line way round it."""
+    from setuptools import Distribution
+
+    command_class = setup_py["_cmdclass"]()["build_ext"]
+
+    def failing_compile(self):
+        raise RuntimeError("Error compiling objects for extension")
+
+    monkeypatch.setattr(command_class.__mro__[1], "run", failing_compile)
+    for macros, hinted in (([("GFL_WITH_CUDA", None)], True), ([], False)):
+        command = command_class(Distribution())
+        command.extensions = [types.SimpleNamespace(define_macros=macros)]
+        with pytest.raises(RuntimeError, match="Error compiling objects"):
+            command.run()
+        hint = "GFL_OPS_CPU_ONLY=1 pip install --no-cache-dir <gfl-ops>"
+        assert (hint in capsys.readouterr().err) == hinted
+
+
 def _toolkit(tmp_path: Path, release: str) -> str:
     """A CUDA_HOME whose bin/nvcc reports ``release``."""
     nvcc = tmp_path / f"cuda-{release}" / "bin" / "nvcc"
