@@ -23,8 +23,6 @@ from typing import Any, Protocol
 
 import torch
 
-from gfl_ops._torch_compat import assume_constant_result
-
 BACKEND_NAMES = ("cpu", "cuda", "triton", "reference")
 _ENV_VAR = "GFL_OPS_BACKEND"
 
@@ -121,7 +119,7 @@ _REQUESTABLE = BACKEND_NAMES + ("auto",)
 
 # Under torch.compile the choice is made once, eagerly, and baked into the graph as a constant:
 # the imports, environment reads and availability probes behind it are not traceable.
-@assume_constant_result
+@torch.compiler.assume_constant_result
 def _resolve_name(backend: str | None, device_type: str, op: str) -> str:
     requested = backend if backend is not None else os.environ.get(_ENV_VAR) or "auto"
     if not isinstance(requested, str) or requested not in _REQUESTABLE:

@@ -20,18 +20,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["register_fake", "register_autograd", "is_compiling", "assume_constant_result"]
+__all__ = ["register_fake", "register_autograd", "is_compiling"]
 
-# the Library objects that hold the fallback registrations: a registration lives as long as its
-# Library, so they are kept for the life of the process
-_LIBRARIES: dict[tuple[str, str], torch.library.Library] = {}
+# the IMPL Library of each namespace that holds the fallback registrations: a registration lives
+# as long as its Library, so they are kept for the life of the process
+_LIBRARIES: dict[str, torch.library.Library] = {}
 
 
-def _library(namespace: str, kind: str = "IMPL") -> torch.library.Library:
-    key = (namespace, kind)
-    if key not in _LIBRARIES:
-        _LIBRARIES[key] = torch.library.Library(namespace, kind)
-    return _LIBRARIES[key]
+def _library(namespace: str) -> torch.library.Library:
+    if namespace not in _LIBRARIES:
+        _LIBRARIES[namespace] = torch.library.Library(namespace, "IMPL")
+    return _LIBRARIES[namespace]
 
 
 def _split(qualname: str) -> tuple[str, str]:
@@ -95,5 +94,3 @@ if hasattr(torch.compiler, "is_compiling"):
     is_compiling = torch.compiler.is_compiling
 else:  # torch < 2.3: Dynamo evaluates its own is_compiling() to True while it traces
     from torch._dynamo import is_compiling
-
-assume_constant_result = torch.compiler.assume_constant_result

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import pytest
 import torch
+from torch.torch_version import TorchVersion
 
 import gfl_ops
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+# detector/ and benchmarks/ need torch >= 2.4; gfl_ops itself runs on 2.1 (make test-oldest-torch)
+needs_detector_torch = pytest.mark.skipif(
+    TorchVersion(torch.__version__) < "2.4",
+    reason=f"the detector and the benchmarks need torch >= 2.4, this is {torch.__version__} "
+    "(gfl_ops itself runs on 2.1)",
+)
 
 # (rtol, atol) of a loss and of a gradient against the float64 reference evaluated on the same
 # (already rounded) inputs.  Losses of low-precision inputs are computed and returned in float32;

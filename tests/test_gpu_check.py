@@ -11,17 +11,13 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-import torch
-from torch.torch_version import TorchVersion
+from gfl_testing import needs_detector_torch
 
 REPO = Path(__file__).resolve().parent.parent
 FRAMEWORKS = all(find_spec(m) for m in ("mmdet", "mmengine", "mmcv", "ultralytics"))
 
 
-@pytest.mark.skipif(
-    TorchVersion(torch.__version__) < "2.4",
-    reason="the benchmarks and the detector need torch >= 2.4 (gfl_ops itself runs on 2.1)",
-)
+@needs_detector_torch
 def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path / "out")}
     (tmp_path / "out").mkdir()

@@ -16,19 +16,14 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from torch.torch_version import TorchVersion
+from gfl_testing import needs_detector_torch
 
 import gfl_ops
 
-# torch.onnx.export's dynamo= came with torch 2.5 (gfl_ops itself runs on 2.1); the detector needs
-# torch >= 2.4
+# torch.onnx.export's dynamo= came with torch 2.5 (gfl_ops itself runs on 2.1)
 HAS_DYNAMO_EXPORTER = "dynamo" in inspect.signature(torch.onnx.export).parameters
 needs_dynamo_exporter = pytest.mark.skipif(
     not HAS_DYNAMO_EXPORTER, reason=f"torch {torch.__version__}'s onnx.export has no dynamo="
-)
-needs_detector_torch = pytest.mark.skipif(
-    TorchVersion(torch.__version__) < "2.4",
-    reason=f"the detector needs torch >= 2.4, this is {torch.__version__}",
 )
 EXPORTERS = [
     pytest.param(False, id="torchscript"),
