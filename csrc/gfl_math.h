@@ -234,12 +234,29 @@ C10_HOST_DEVICE inline void logit_quotients(T e, T& inv, T& lp) {
   lp = log1p_series<T, O>(e * r * u);
 }
 
+// An activated input outside [0, 1] can only arrive with the value checks off (they reject it;
+// torch's BCE raises or asserts).  Every backend then computes the loss of the clamped
+// probability, and the gradient of that clamp: 0 outside [0, 1], passed through at 0 and 1.  A
+// NaN stays NaN (the compares are false for it), so its loss and gradient are NaN.
+template <typename T, typename O>
+C10_HOST_DEVICE inline T clamp_prob(T p) {
+  const T zero(0), one(1);
+  return O::select(O::gt(p, one), one, O::select(O::gt(zero, p), zero, p));
+}
+template <typename T, typename O>
+C10_HOST_DEVICE inline T zero_outside_prob(T p, T grad) {
+  const T zero(0), one(1);
+  return O::select(O::gt(p, one), zero, O::select(O::gt(zero, p), zero, grad));
+}
+
 // QFL on a probability p (activated=True).  As torch.nn.functional.binary_cross_entropy: each
-// log is clamped at -100 and dBCE/dp = (p - y) / max(p (1 - p), 1e-12).
+// log is clamped at -100 and dBCE/dp = (p - y) / max(p (1 - p), 1e-12).  p outside [0, 1]:
+// clamp_prob above.
 template <int kMode, typename T, typename O = Ops<T>>
-C10_HOST_DEVICE inline T qfl_prob_of(T p, T y, T beta, int mode, T& grad) {
+C10_HOST_DEVICE inline T qfl_prob_of(T p_in, T y, T beta, int mode, T& grad) {
   // eps is the float 1e-12 (as in ATen's BCE), also for double, to match torch exactly
   const T zero(0), one(1), floor_log(-100), eps(1e-12f);
+  const T p = clamp_prob<T, O>(p_in);
   T log_p, log_q;
   O::prob_logs(p, log_p, log_q);
   log_p = O::max(log_p, floor_log);
@@ -249,20 +266,21 @@ C10_HOST_DEVICE inline T qfl_prob_of(T p, T y, T beta, int mode, T& grad) {
   T m, dm;
   modulating_factor_of<kMode, T, O>(d, beta, mode, m, dm);
   const T dbce = O::div(d, O::max(p * (one - p), eps));
-  grad = dm * bce + m * dbce;
+  grad = zero_outside_prob<T, O>(p_in, dm * bce + m * dbce);
   return m * bce;
 }
 
-// qfl_prob_of for y = 0: the same value and gradient, bit for bit, for p in [0, 1] (y log p is a
+// qfl_prob_of for y = 0: the same value and gradient, bit for bit, for any p (y log p is a
 // signed zero that drops out exactly, and 1 - y = 1), without log p.
 template <int kMode, typename T, typename O = Ops<T>>
-C10_HOST_DEVICE inline T qfl_prob_negative_of(T p, T beta, int mode, T& grad) {
+C10_HOST_DEVICE inline T qfl_prob_negative_of(T p_in, T beta, int mode, T& grad) {
   const T zero(0), one(1), floor_log(-100), eps(1e-12f);
+  const T p = clamp_prob<T, O>(p_in);
   const T bce = zero - O::max(O::log1m_prob(p), floor_log);
   T m, dm;
   modulating_factor_of<kMode, T, O>(p, beta, mode, m, dm);
   const T dbce = O::div(p, O::max(p * (one - p), eps));
-  grad = dm * bce + m * dbce;
+  grad = zero_outside_prob<T, O>(p_in, dm * bce + m * dbce);
   return m * bce;
 }
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from gfl_ops import _torch_compat, reference
+from gfl_ops._reference_backend import BACKEND as REFERENCE
 
 __all__ = ["gradient_vjp", "register_gradient_autograd", "LOSS_FORMULAS"]
 
@@ -31,15 +32,13 @@ def _opmath(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-# kind -> per-row value of the forward, f(pred, *rest) with rest = the operator's other arguments
+# kind -> per-row value of the forward, f(pred, *rest) with rest = the operator's other arguments:
+# the reference backend's, which gives values that only the value checks reject (a DFL target
+# outside [0, n], an activated probability outside [0, 1]) the kernels' meaning too
 LOSS_FORMULAS: dict[str, Callable[..., torch.Tensor]] = {
-    "qfl": lambda pred, labels, scores, beta, activated: reference.quality_focal_loss(
-        pred, labels, scores, beta, activated
-    ),
-    "qfl_dense": lambda pred, target, beta, activated: reference.quality_focal_loss_dense(
-        pred, target, beta, activated
-    ),
-    "dfl": lambda pred, target: reference.distribution_focal_loss(pred, target),
+    "qfl": REFERENCE.qfl,
+    "qfl_dense": REFERENCE.qfl_dense,
+    "dfl": REFERENCE.dfl,
     "integral": lambda pred: reference.integral(pred),
 }
 

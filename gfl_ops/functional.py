@@ -12,7 +12,9 @@ over each checked tensor and, on a GPU, one host synchronisation per call; switc
 ``gfl_ops.set_value_checks(False)``, ``GFL_OPS_CHECK_VALUES=0`` or ``check_values=False`` on a
 call.  They cannot run inside ``torch.compile`` graphs or CUDA-graph capture (no host sync there),
 where the kernels' documented behaviour applies, as it does with the checks off: DFL targets are
-clamped to [0, n] and a NaN target gives a NaN loss for its row.  QFL labels need no check: as in
+clamped to [0, n], activated QFL probabilities to [0, 1] (with the clamp's gradient), and a NaN
+target or probability gives a NaN loss for its row, on every backend, the reference one
+included (:mod:`gfl_ops._reference_backend`).  QFL labels need no check: as in
 mmdetection, any label outside [0, C) (-1, C, > C) marks a background anchor, on every backend.
 
 Gradients: ``pred`` gets its gradient from the fused kernels.  A target that requires grad (QFL
@@ -59,7 +61,8 @@ def set_value_checks(enabled: bool) -> None:
     """Switch the target value checks on (the default) or off, for every device and backend.
 
     On: one ``aminmax`` pass per checked tensor and, on a GPU, one host sync per call.  Off: the
-    kernels clamp DFL targets into [0, n] and give NaN rows for NaN targets.
+    backends clamp DFL targets into [0, n] and activated probabilities into [0, 1], and give
+    NaN rows for NaN values.
     """
     global _value_checks
     _value_checks = bool(enabled)

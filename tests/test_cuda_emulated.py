@@ -1255,3 +1255,45 @@ def test_bounds_script_counts_the_launchers_lanes(emu):
                 c,
                 dtype,
             )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["labels", "dense"])
+def test_emulated_qfl_probabilities_outside_0_1(emu, dtype, form):
+    """Activated inputs that only the (here skipped) value checks reject: the loss of the
+    probability clamped into [0, 1] and the clamp's gradient (0 outside, passed at 0 and 1), a
+    NaN giving its anchor a NaN loss and itself alone a NaN gradient: the CPU, Triton and
+    reference backends' result (tests/test_unchecked_values.py), in every vector head and tail."""
+    gen = torch.Generator().manual_seed(8)
+    n, c = 6, 37
+    p = torch.rand(n, c, generator=gen, dtype=torch.float64).clamp(0.05, 0.95)
+    p[0, 0], p[0, 1], p[1, 36], p[2, 17] = 1.5, -0.25, 1e4, -1e4
+    p[3, 0], p[3, 1], p[4, 5] = 1.0, 0.0, float("nan")
+    pred = p.to(dtype)
+    clamped = pred.double().clamp(0.0, 1.0).nan_to_num(0.5)
+    outside = (pred.double() > 1) | (pred.double() < 0)
+    if form == "labels":
+        labels = torch.tensor([0, 36, 17, 0, 5, -1])
+        scores = torch.rand(n, generator=gen, dtype=torch.float64).to(_acc(dtype))
+        targets = {"labels": labels, "scores": scores}
+
+        def ref_fn(q):
+            return reference.quality_focal_loss(q, labels, scores.double(), 2.0, True)
+    else:
+        target = torch.rand(n, c, generator=gen, dtype=torch.float64).to(dtype)
+        targets = {"target": target}
+
+        def ref_fn(q):
+            return reference.quality_focal_loss_dense(q, target.double(), 2.0, True)
+
+    loss, grad = run_qfl(emu, pred, **targets, activated=True)
+    ref, ref_grad = _reference_with_grad(ref_fn, clamped, torch.ones(n, dtype=torch.float64))
+    ref_grad[outside] = 0.0
+    # at p = 1 BCE's slope is (1 - y) / 1e-12, past float16's range: inf there, as in torch
+    ref_grad = ref_grad.to(dtype).double()
+    finite = torch.ones(n, dtype=torch.bool)
+    finite[4] = False
+    assert_close(loss[finite], ref[finite], LOSS_TOL[dtype], f"{dtype} {form} loss")
+    grad_ok = ~pred.isnan()
+    assert_close(grad[grad_ok], ref_grad[grad_ok], GRAD_TOL[dtype], f"{dtype} {form} gradient")
+    assert loss[4].isnan() and grad.isnan().nonzero().tolist() == [[4, 5]]

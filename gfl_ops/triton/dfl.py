@@ -3,7 +3,7 @@
 Math (docs/math.md, "Distribution Focal Loss"), row logits ``z`` over bins 0..n,
 ``S = softmax(z)``, target ``y``::
 
-    y  <- clamp(y, 0, n)          (in the kernel; a NaN target gives a NaN loss and gradient row)
+    y  <- clamp(y, 0, n)          (in the kernel; a NaN target: bins 0, 1 with NaN weights)
     l  = min(floor(y), n − 1),  r = l + 1,  w_l = r − y,  w_r = y − l
     L  = −(w_l·log S_l + w_r·log S_r)
     dL/dz_j = S_j − w_l·[j = l] − w_r·[j = r]
@@ -78,8 +78,10 @@ def _dfl_kernel(
     n = (NB - 1).to(CDT)
     y = tl.minimum(tl.maximum(tl.where(is_nan, 0.0, y), 0.0), n)
     left = tl.minimum(tl.floor(y), n - 1.0)
-    w_left = (left + 1.0) - y
-    w_right = y - left
+    # a NaN target: bins (0, 1) with NaN weights, as csrc/gfl_math.h's dfl_split, so the row's
+    # loss and those two bins' gradients are NaN on every backend
+    w_left = tl.where(is_nan, float("nan"), (left + 1.0) - y)
+    w_right = tl.where(is_nan, float("nan"), y - left)
     li = left.to(tl.int32)
     at_left = cols[None, :] == li[:, None]
     at_right = cols[None, :] == (li + 1)[:, None]
@@ -89,7 +91,6 @@ def _dfl_kernel(
         z_left = tl.sum(tl.where(at_left, zs, 0.0), axis=1)
         z_right = tl.sum(tl.where(at_right, zs, 0.0), axis=1)
         loss = -(w_left * (z_left - log_s) + w_right * (z_right - log_s))
-        loss = tl.where(is_nan, float("nan"), loss)
         tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
     if WRITE_GRAD:
         inv_s = 1.0 / s
@@ -98,7 +99,6 @@ def _dfl_kernel(
         if SCALE_GRAD:
             go = tl.load(grad_out_ptr + rows * stride_go, mask=row_mask, other=0.0).to(CDT)
             g = g * go[:, None]
-        g = tl.where(is_nan[:, None], float("nan"), g)
         tl.store(
             grad_ptr + rows[:, None] * NB + cols[None, :],
             g.to(grad_ptr.dtype.element_ty),
