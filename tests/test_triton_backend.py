@@ -790,3 +790,21 @@ def test_compile_fullgraph_forward_backward(fused):
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b)
     torch._dynamo.reset()
+
+
+def test_bfloat16_outputs_round_to_nearest():
+    """A bfloat16 output is the float32 result rounded to nearest: within half a bfloat16 ulp
+    (2^-8 relative) of the float64 value, plus the float32 math's own ~1e-6.  Triton's CPU
+    interpreter (CI) converts float32 to bfloat16 by truncation instead (triton/runtime/
+    interpreter.py's cast_impl passes no rounding mode; Triton 3.6-3.8), up to a whole ulp off,
+    which the bfloat16 tolerances of this file allow for; a GPU compiles the same ``.to()`` to
+    round-to-nearest-even (cvt.rn.bf16.f32), which this test holds it to."""
+    gen = torch.Generator().manual_seed(11)
+    pred = (torch.randn(4096, 17, generator=gen) * 2).to(DEVICE, torch.bfloat16)
+    out = gfl_ops.integral(pred, backend="triton").double().cpu()
+    exact = reference.integral(pred.double().cpu())
+    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 8)
+    excess = (out - exact).abs() - (0.5 * ulp + 1e-5 * exact.abs())
+    if DEVICE == "cpu" and (excess > 0).any():
+        pytest.xfail("Triton's interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest)")
+    assert (excess <= 0).all(), f"{int((excess > 0).sum())} values off by more than half an ulp"
