@@ -58,6 +58,11 @@ struct ScalarOps {
   }
   // a^b for a > 0, b > 0 (QFL's general-beta modulating factor |d|^beta): exp(b log a) here
   static C10_HOST_DEVICE inline T pow_pos(T a, T b) { return Ops<T>::exp(b * Ops<T>::log(a)); }
+  // p clamped into [0, 1], NaN kept (QFL's activated input, clamp_prob below); the CUDA QFL
+  // kernel's table has a 2-instruction form
+  static C10_HOST_DEVICE inline T clamp01(T p) {
+    return p > T(1) ? T(1) : (T(0) > p ? T(0) : p);
+  }
 };
 
 template <>
@@ -235,18 +240,13 @@ C10_HOST_DEVICE inline void logit_quotients(T e, T& inv, T& lp) {
 }
 
 // An activated input outside [0, 1] can only arrive with the value checks off (they reject it;
-// torch's BCE raises or asserts).  Every backend then computes the loss of the clamped
-// probability, and the gradient of that clamp: 0 outside [0, 1], passed through at 0 and 1.  A
-// NaN stays NaN (the compares are false for it), so its loss and gradient are NaN.
+// torch's BCE raises or asserts).  Every backend then takes it as the nearer of 0 and 1, loss
+// and gradient alike (the gradient at the clamped value, not the clamp's 0: zeroing it would
+// keep the raw input live beside the clamped one, and with 16 elements in flight that spilled
+// the bfloat16 CUDA kernels).  A NaN stays NaN, so its loss and gradient are NaN.
 template <typename T, typename O>
 C10_HOST_DEVICE inline T clamp_prob(T p) {
-  const T zero(0), one(1);
-  return O::select(O::gt(p, one), one, O::select(O::gt(zero, p), zero, p));
-}
-template <typename T, typename O>
-C10_HOST_DEVICE inline T zero_outside_prob(T p, T grad) {
-  const T zero(0), one(1);
-  return O::select(O::gt(p, one), zero, O::select(O::gt(zero, p), zero, grad));
+  return O::clamp01(p);
 }
 
 // QFL on a probability p (activated=True).  As torch.nn.functional.binary_cross_entropy: each
@@ -266,7 +266,7 @@ C10_HOST_DEVICE inline T qfl_prob_of(T p_in, T y, T beta, int mode, T& grad) {
   T m, dm;
   modulating_factor_of<kMode, T, O>(d, beta, mode, m, dm);
   const T dbce = O::div(d, O::max(p * (one - p), eps));
-  grad = zero_outside_prob<T, O>(p_in, dm * bce + m * dbce);
+  grad = dm * bce + m * dbce;
   return m * bce;
 }
 
@@ -280,7 +280,7 @@ C10_HOST_DEVICE inline T qfl_prob_negative_of(T p_in, T beta, int mode, T& grad)
   T m, dm;
   modulating_factor_of<kMode, T, O>(p, beta, mode, m, dm);
   const T dbce = O::div(p, O::max(p * (one - p), eps));
-  grad = zero_outside_prob<T, O>(p_in, dm * bce + m * dbce);
+  grad = dm * bce + m * dbce;
   return m * bce;
 }
 

@@ -10,7 +10,7 @@ behaviour here too, so that a call gives the same result whichever backend runs 
 included (it also runs every call whose targets require grad): a DFL target outside [0, n] is
 clamped into it and a NaN target gives a NaN row (loss and gradient), where mmdetection's formula
 would index a bin that does not exist (an IndexError, or a device assert on a GPU); an activated
-QFL probability outside [0, 1] is clamped into it, with the clamp's gradient (0 outside), where
+QFL probability outside [0, 1] is taken as the nearer of 0 and 1, loss and gradient alike, where
 ``binary_cross_entropy`` would raise.
 """
 
@@ -31,15 +31,34 @@ def _clamp(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return torch.where(t > hi, hi, torch.where(t < lo, lo, t))
 
 
+class _ProbabilityClamp(torch.autograd.Function):
+    """p clamped into [0, 1] (NaN kept) with the gradient passed through unchanged: the kernels
+    take a probability outside [0, 1] as the nearer bound, its gradient included
+    (csrc/gfl_math.h's clamp_prob)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(p):
+        return _clamp(p, 0.0, 1.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def _on_probabilities(loss_of, pred: torch.Tensor) -> torch.Tensor:
-    """``loss_of`` (the per-anchor activated QFL) of ``pred`` clamped into [0, 1], as the
-    kernels (csrc/gfl_math.h's clamp_prob).  binary_cross_entropy refuses NaN, so a NaN
-    probability computes on 0 and its anchor's loss and its own gradient become NaN through a
-    NaN square (d p^2 / dp = 2p), the other elements' gradients staying finite, as in the
-    kernels."""
+    """``loss_of`` (the per-anchor activated QFL) of ``pred`` taken into [0, 1] as the kernels
+    do (_ProbabilityClamp).  binary_cross_entropy refuses NaN, so a NaN probability computes on
+    0 and its anchor's loss and its own gradient become NaN through a NaN square
+    (d p^2 / dp = 2p), the other elements' gradients staying finite, as in the kernels."""
     pred = _opmath(pred)
     nan = pred.isnan()
-    loss = loss_of(_clamp(pred, 0.0, 1.0).masked_fill(nan, 0.0))
+    loss = loss_of(_ProbabilityClamp.apply(pred).masked_fill(nan, 0.0))
     return loss + torch.where(nan, pred, 0.0).square().sum(dim=1)
 
 

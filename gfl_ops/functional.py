@@ -12,7 +12,7 @@ over each checked tensor and, on a GPU, one host synchronisation per call; switc
 ``gfl_ops.set_value_checks(False)``, ``GFL_OPS_CHECK_VALUES=0`` or ``check_values=False`` on a
 call.  They cannot run inside ``torch.compile`` graphs or CUDA-graph capture (no host sync there),
 where the kernels' documented behaviour applies, as it does with the checks off: DFL targets are
-clamped to [0, n], activated QFL probabilities to [0, 1] (with the clamp's gradient), and a NaN
+clamped to [0, n], activated QFL probabilities to [0, 1] (loss and gradient of the bound), and a NaN
 target or probability gives a NaN loss for its row, on every backend, the reference one
 included (:mod:`gfl_ops._reference_backend`).  QFL labels need no check: as in
 mmdetection, any label outside [0, C) (-1, C, > C) marks a background anchor, on every backend.

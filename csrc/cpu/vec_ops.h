@@ -38,6 +38,11 @@ struct Ops<at::vec::Vectorized<T>> {
     log_q = log1m_prob(p);
   }
   static inline V pow_pos(const V& a, const V& b) { return (b * a.log()).exp(); }
+  // [0, 1], NaN kept (the compares are false for it)
+  static inline V clamp01(const V& p) {
+    const V zero(T(0)), one(T(1));
+    return select(gt(p, one), one, select(gt(zero, p), zero, p));
+  }
 };
 
 // exp(x) for x <= 0 (or NaN), as the softmax's exp(z - max) needs: NaN stays NaN, -inf and

@@ -85,8 +85,8 @@ BCE_EPS = tl.constexpr(float(np.float32(1e-12)))
 def _qfl_terms(x, y, beta, BETA_MODE: tl.constexpr, ACTIVATED: tl.constexpr):
     """Element loss and d loss / d pred, in the dtype of ``x`` (the opmath dtype)."""
     if ACTIVATED:
-        # outside [0, 1] (value checks off): the loss of the clamped probability and the clamp's
-        # gradient, 0 outside, as csrc/gfl_math.h's clamp_prob; NaN stays NaN
+        # outside [0, 1] (value checks off): the nearer of 0 and 1, loss and gradient alike, as
+        # csrc/gfl_math.h's clamp_prob; NaN stays NaN
         p = tl.where(x > 1.0, 1.0, tl.where(x < 0.0, 0.0, x))
         d = p - y
         # log1p(-p), compensated as in the logits branch; u = 1 - p is exact for p >= 0.5
@@ -129,8 +129,6 @@ def _qfl_terms(x, y, beta, BETA_MODE: tl.constexpr, ACTIVATED: tl.constexpr):
             coef = tl.where(d < 0.0, -beta, beta) * pow_bm1
         loss = mod * bce
         grad = coef * dsig * bce + mod * dbce
-    if ACTIVATED:
-        grad = tl.where((x > 1.0) | (x < 0.0), 0.0, grad)
     return loss, grad
 
 
