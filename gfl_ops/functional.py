@@ -10,18 +10,20 @@ in [0, n], no NaN, probabilities in [0, 1] with ``activated=True``) run on every
 backend alike, so the same input gives the same error everywhere.  They cost one ``aminmax`` pass
 over each checked tensor and, on a GPU, one host synchronisation per call; switch them off with
 ``gfl_ops.set_value_checks(False)``, ``GFL_OPS_CHECK_VALUES=0`` or ``check_values=False`` on a
-call.  They cannot run inside ``torch.compile`` graphs or CUDA-graph capture (no host sync there),
-where the kernels' documented behaviour applies, as it does with the checks off: DFL targets are
-clamped to [0, n], activated QFL probabilities to [0, 1] (loss and gradient of the bound), and a NaN
-target or probability gives a NaN loss for its row, on every backend, the reference one
-included (:mod:`gfl_ops._reference_backend`).  QFL labels need no check: as in
-mmdetection, any label outside [0, C) (-1, C, > C) marks a background anchor, on every backend.
+call.  They cannot run inside ``torch.compile`` graphs, CUDA-graph capture or ``torch.vmap`` (no
+host sync or value read there), where the kernels' documented behaviour applies, as it does with
+the checks off: DFL targets are clamped to [0, n], activated QFL probabilities to [0, 1] (loss
+and gradient of the bound), and a NaN target or probability gives a NaN loss for its row, on
+every backend, the reference one included (:mod:`gfl_ops._reference_backend`).  QFL labels need
+no check: as in mmdetection, any label outside [0, C) (-1, C, > C) marks a background anchor, on
+every backend.
 
 Gradients: ``pred`` gets its gradient from the fused kernels.  A target that requires grad (QFL
 scores or dense target, DFL target) gets its correct gradient too: such a call is computed with
 the reference formulas (:mod:`gfl_ops.reference`, in float32 for 16-bit ``pred``), since the
 kernels treat targets as constants.  Double backward is exact on every backend
-(:mod:`gfl_ops._second_order`).
+(:mod:`gfl_ops._second_order`).  Under ``torch.func`` transforms (grad, jacrev, vmap) a call takes
+the reference formulas too: torch refuses the fused operators' C++ autograd node there.
 
 Dtypes: the per-row losses of fp16/bf16 predictions are computed and returned in float32 (so a
 reduction over many anchors cannot overflow under AMP); gradients come back in the dtype of
@@ -68,16 +70,49 @@ def set_value_checks(enabled: bool) -> None:
     _value_checks = bool(enabled)
 
 
-def _should_check_values(t: torch.Tensor, check_values: bool | None) -> bool:
+def _should_check_values(
+    t: torch.Tensor, check_values: bool | None, *others: torch.Tensor | None
+) -> bool:
     if not (_value_checks if check_values is None else check_values):
         return False
     if is_compiling():  # no host sync inside a compiled graph
         return False
+    if _is_batched(t) or any(o is not None and _is_batched(o) for o in others):
+        return False  # torch.vmap cannot read values (.item()) of the tensors it batches
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _targets_need_grad(*targets: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in targets)
+
+
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def _is_batched(t: torch.Tensor) -> bool:
+    """Whether torch.vmap batches t at some level (under grad-of-vmap the outer wrapper is grad's;
+    the batched one is inside it)."""
+    functorch = torch._C._functorch
+    while _is_functorch_wrapped(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def _in_functorch_transform(*tensors: torch.Tensor | None) -> bool:
+    """Whether torch.func (grad, vjp, jacrev, vmap, ...) wrapped any argument.  The fused
+    operators' autograd is a C++ node, which torch refuses under those transforms ("cannot use
+    C++ torch::autograd::Function with functorch transforms"), and vmap would run them one
+    sample at a time; such a call takes the reference formulas, which functorch transforms and
+    batches like any torch code.  (A plain loop: this runs on every call.)  Not while dynamo
+    traces: it handles torch.func itself, and traces the fused operators' fake kernels."""
+    if is_compiling():
+        return False
+    for t in tensors:
+        if t is not None and _is_functorch_wrapped(t):
+            return True
+    return False
 
 
 def _check_floating(name: str, t: object, ndim: int | None = None, shape_doc: str = "") -> None:
@@ -301,11 +336,11 @@ def quality_focal_loss(
             f"target must be (labels, scores) or a dense (N, C) tensor, got {type(target).__name__}"
         )
     _check_same_device(pred, labels=labels, scores=scores, target=dense, weight=weight)
-    if _should_check_values(pred, check_values):
+    if _should_check_values(pred, check_values, scores, dense):
         _validate_qfl_values(pred, scores, dense, activated)
 
     impl = _registry.resolve(backend, pred.device, "qfl" if dense is None else "qfl_dense")
-    if _targets_need_grad(scores, dense):
+    if _targets_need_grad(scores, dense) or _in_functorch_transform(pred, scores, dense, weight):
         impl = _registry.resolve("reference", pred.device, "qfl")
     name, targets = ("qfl", (labels, scores)) if dense is None else ("qfl_dense", (dense,))
     return _weighted_loss(
@@ -344,7 +379,7 @@ def distribution_focal_loss(
     _check_reduction(reduction, avg_factor)
     _check_weight(weight, m, "row")
     _check_same_device(pred, target=target, weight=weight)
-    if _should_check_values(pred, check_values) and target.numel():
+    if _should_check_values(pred, check_values, target) and target.numel():
         ((lo, hi),) = _value_ranges(target)
         if not (lo >= 0.0 and hi <= n_bins - 1):
             raise ValueError(
@@ -352,7 +387,7 @@ def distribution_focal_loss(
                 f"outside it or NaN (min {lo}, max {hi})"
             )
     impl = _registry.resolve(backend, pred.device, "dfl")
-    if _targets_need_grad(target):
+    if _targets_need_grad(target) or _in_functorch_transform(pred, target, weight):
         impl = _registry.resolve("reference", pred.device, "dfl")
     return _weighted_loss(impl, "dfl", pred, (target,), (), weight, reduction, avg_factor)
 
@@ -379,6 +414,8 @@ def integral(pred: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     if torch.onnx.is_in_onnx_export():
         return reference.integral(pred)
     impl = _registry.resolve(backend, pred.device, "integral")
+    if _in_functorch_transform(pred):
+        impl = _registry.resolve("reference", pred.device, "integral")
     if pred.dim() == 2:  # the common (M, n+1) case: no views, so no extra autograd nodes
         return impl.integral(pred)
     lead = pred.shape[:-1]

@@ -1,0 +1,103 @@
+"""The operators under torch.func transforms (grad, jacrev, vmap, per-sample gradients).
+
+The fused operators' autograd is a C++ node, which torch refuses under functorch transforms
+("cannot use C++ torch::autograd::Function with functorch transforms"), and vmap would run a
+custom operator one sample at a time.  So a call whose arguments a transform wrapped takes the
+reference formulas (gfl_ops.functional._in_functorch_transform): these tests check that it gives
+what the fused operators give outside the transform.  Under vmap the value checks cannot read
+values and are skipped, as in torch.compile graphs (tests/test_unchecked_values.py gives the
+meaning of unchecked values); under grad they still run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gfl_testing import GRAD_TOL, LOSS_TOL, assert_close
+
+import gfl_ops
+
+F64 = torch.float64
+
+
+def _inputs(seed=0, batch=None):
+    gen = torch.Generator().manual_seed(seed)
+    lead = () if batch is None else (batch,)
+    return {
+        "qfl_pred": torch.randn(*lead, 6, 5, generator=gen, dtype=F64) * 2,
+        "labels": torch.randint(-1, 6, (6,), generator=gen),
+        "scores": torch.rand(*lead, 6, generator=gen, dtype=F64),
+        "dfl_pred": torch.randn(*lead, 8, 17, generator=gen, dtype=F64) * 2,
+        "dfl_target": torch.rand(*lead, 8, generator=gen, dtype=F64) * 16,
+    }
+
+
+def _qfl(pred, labels, scores):
+    return gfl_ops.quality_focal_loss(pred, (labels, scores), avg_factor=3.0)
+
+
+def _dfl(pred, target):
+    return gfl_ops.distribution_focal_loss(pred, target, reduction="sum")
+
+
+def _fused_grad(fn, pred, *rest):
+    leaf = pred.detach().clone().requires_grad_(True)
+    fn(leaf, *rest).backward()
+    return leaf.grad
+
+
+def test_grad_and_jacrev_match_the_fused_gradient():
+    x = _inputs()
+    got = torch.func.grad(_qfl)(x["qfl_pred"], x["labels"], x["scores"])
+    expected = _fused_grad(_qfl, x["qfl_pred"], x["labels"], x["scores"])
+    assert_close(got, expected, GRAD_TOL[F64], "grad of QFL")
+    got = torch.func.grad(_dfl)(x["dfl_pred"], x["dfl_target"])
+    assert_close(
+        got, _fused_grad(_dfl, x["dfl_pred"], x["dfl_target"]), GRAD_TOL[F64], "grad of DFL"
+    )
+    pred = x["dfl_pred"][:3]
+    jac = torch.func.jacrev(gfl_ops.integral)(pred)  # (3, 3, 17): row i depends on row i only
+    for i in range(3):
+        expected = _fused_grad(lambda p, i=i: gfl_ops.integral(p)[i], pred)
+        assert_close(jac[i], expected, GRAD_TOL[F64], f"jacrev row {i}")
+
+
+def test_per_sample_gradients():
+    """vmap(grad(loss)) over a batch: each sample's gradient, as a loop of fused calls gives."""
+    x = _inputs(seed=1, batch=4)
+    got = torch.func.vmap(torch.func.grad(_dfl))(x["dfl_pred"], x["dfl_target"])
+    for b in range(4):
+        expected = _fused_grad(_dfl, x["dfl_pred"][b], x["dfl_target"][b])
+        assert_close(got[b], expected, GRAD_TOL[F64], f"DFL sample {b}")
+    labels = x["labels"]
+    got = torch.func.vmap(torch.func.grad(_qfl), in_dims=(0, None, 0))(
+        x["qfl_pred"], labels, x["scores"]
+    )
+    for b in range(4):
+        expected = _fused_grad(_qfl, x["qfl_pred"][b], labels, x["scores"][b])
+        assert_close(got[b], expected, GRAD_TOL[F64], f"QFL sample {b}")
+
+
+def test_vmap_of_the_losses_and_the_integral():
+    x = _inputs(seed=2, batch=3)
+    got = torch.vmap(_qfl, in_dims=(0, None, 0))(x["qfl_pred"], x["labels"], x["scores"])
+    expected = torch.stack([_qfl(x["qfl_pred"][b], x["labels"], x["scores"][b]) for b in range(3)])
+    assert_close(got, expected, LOSS_TOL[F64], "vmap QFL")
+    got = torch.vmap(_dfl)(x["dfl_pred"], x["dfl_target"])
+    expected = torch.stack([_dfl(x["dfl_pred"][b], x["dfl_target"][b]) for b in range(3)])
+    assert_close(got, expected, LOSS_TOL[F64], "vmap DFL")
+    got = torch.vmap(gfl_ops.Integral(16))(x["dfl_pred"].reshape(3, 2, 68))
+    assert got.shape == (3, 2, 4)
+    assert_close(got.reshape(3, 8), gfl_ops.integral(x["dfl_pred"]), LOSS_TOL[F64], "integral")
+
+
+def test_value_checks_under_transforms():
+    """grad still checks (it can read values); vmap cannot, so its values are unchecked."""
+    x = _inputs(seed=3)
+    bad = x["dfl_target"].clone()
+    bad[0] = 40.0
+    with pytest.raises(ValueError, match=r"target must lie in \[0, 16\]"):
+        torch.func.grad(_dfl)(x["dfl_pred"], bad)
+    batched = torch.vmap(_dfl)(x["dfl_pred"][None], bad[None])
+    clamped = bad.clamp(max=16.0)
+    assert_close(batched[0], _dfl(x["dfl_pred"], clamped), LOSS_TOL[F64], "vmap, clamped")
