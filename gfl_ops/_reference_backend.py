@@ -7,9 +7,10 @@ usable as an AMP-safe fallback.
 Values that only the value checks reject (with them off: ``check_values=False``,
 ``gfl_ops.set_value_checks(False)``, inside ``torch.compile``) get the kernels' documented
 behaviour here too, so that a call gives the same result whichever backend runs it, this one
-included (it also runs every call whose targets require grad): a DFL target outside [0, n] is
-clamped into it and a NaN target gives a NaN row (loss and gradient), where mmdetection's formula
-would index a bin that does not exist (an IndexError, or a device assert on a GPU); an activated
+included (it also runs every call whose targets require grad, and every call under a torch.func
+transform): a DFL target outside [0, n] is clamped into it and a NaN target gives its row a NaN
+loss and NaN gradients in bins 0 and 1, where mmdetection's formula would index a bin that does
+not exist (an IndexError, or a device assert on a GPU); an activated
 QFL probability outside [0, 1] is taken as the nearer of 0 and 1, loss and gradient alike, where
 ``binary_cross_entropy`` would raise.
 """
