@@ -115,6 +115,16 @@ def _in_functorch_transform(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
+def _scores_at_labels(labels: torch.Tensor, scores: torch.Tensor, c: int) -> torch.Tensor:
+    """The (N, C) dense target equal to ``(labels, scores)``: each anchor's score at its label, 0
+    elsewhere (a label outside [0, C) matches no column: background), dtype of ``scores``.  QFL
+    of it is the labels form's, term for term; no data-dependent shapes, so vmap batches it."""
+    hit = labels[:, None] == torch.arange(c, device=labels.device)
+    return torch.where(
+        hit, scores[:, None], torch.zeros((), dtype=scores.dtype, device=scores.device)
+    )
+
+
 def _check_floating(name: str, t: object, ndim: int | None = None, shape_doc: str = "") -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor{shape_doc}, got {type(t).__name__}")
@@ -340,9 +350,13 @@ def quality_focal_loss(
         _validate_qfl_values(pred, scores, dense, activated)
 
     impl = _registry.resolve(backend, pred.device, "qfl" if dense is None else "qfl_dense")
-    if _targets_need_grad(scores, dense) or _in_functorch_transform(pred, scores, dense, weight):
+    if _targets_need_grad(scores, dense):
         impl = _registry.resolve("reference", pred.device, "qfl")
     name, targets = ("qfl", (labels, scores)) if dense is None else ("qfl_dense", (dense,))
+    if _in_functorch_transform(pred, labels, scores, dense, weight):
+        impl = _registry.resolve("reference", pred.device, "qfl")
+        if dense is None:  # the labels form's reference uses nonzero, which vmap cannot batch
+            name, targets = "qfl_dense", (_scores_at_labels(labels, scores, num_classes),)
     return _weighted_loss(
         impl, name, pred, targets, (beta, bool(activated)), weight, reduction, avg_factor
     )

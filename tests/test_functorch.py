@@ -76,6 +76,13 @@ def test_per_sample_gradients():
     for b in range(4):
         expected = _fused_grad(_qfl, x["qfl_pred"][b], labels, x["scores"][b])
         assert_close(got[b], expected, GRAD_TOL[F64], f"QFL sample {b}")
+    # each sample its own labels (the reference labels form's nonzero cannot be batched; such a
+    # call takes the equal dense target, functional._scores_at_labels)
+    batch_labels = torch.randint(-1, 7, (4, 6), generator=torch.Generator().manual_seed(1))
+    got = torch.func.vmap(torch.func.grad(_qfl))(x["qfl_pred"], batch_labels, x["scores"])
+    for b in range(4):
+        expected = _fused_grad(_qfl, x["qfl_pred"][b], batch_labels[b], x["scores"][b])
+        assert_close(got[b], expected, GRAD_TOL[F64], f"QFL sample {b}, own labels")
 
 
 def test_vmap_of_the_losses_and_the_integral():
