@@ -71,13 +71,15 @@ def set_value_checks(enabled: bool) -> None:
 
 
 def _should_check_values(
-    t: torch.Tensor, check_values: bool | None, *others: torch.Tensor | None
+    t: torch.Tensor, check_values: bool | None, transformed: bool, *checked: torch.Tensor | None
 ) -> bool:
+    """Whether to read the values of ``checked`` (``t`` among them); ``transformed``: whether
+    a torch.func transform wrapped the call's arguments (_in_functorch_transform)."""
     if not (_value_checks if check_values is None else check_values):
         return False
     if is_compiling():  # no host sync inside a compiled graph
         return False
-    if _is_batched(t) or any(o is not None and _is_batched(o) for o in others):
+    if transformed and any(c is not None and _is_batched(c) for c in checked):
         return False  # torch.vmap cannot read values (.item()) of the tensors it batches
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -346,17 +348,16 @@ def quality_focal_loss(
             f"target must be (labels, scores) or a dense (N, C) tensor, got {type(target).__name__}"
         )
     _check_same_device(pred, labels=labels, scores=scores, target=dense, weight=weight)
-    if _should_check_values(pred, check_values, scores, dense):
+    transformed = _in_functorch_transform(pred, labels, scores, dense, weight)
+    if _should_check_values(pred, check_values, transformed, pred, scores, dense):
         _validate_qfl_values(pred, scores, dense, activated)
 
     impl = _registry.resolve(backend, pred.device, "qfl" if dense is None else "qfl_dense")
-    if _targets_need_grad(scores, dense):
+    if transformed or _targets_need_grad(scores, dense):
         impl = _registry.resolve("reference", pred.device, "qfl")
     name, targets = ("qfl", (labels, scores)) if dense is None else ("qfl_dense", (dense,))
-    if _in_functorch_transform(pred, labels, scores, dense, weight):
-        impl = _registry.resolve("reference", pred.device, "qfl")
-        if dense is None:  # the labels form's reference uses nonzero, which vmap cannot batch
-            name, targets = "qfl_dense", (_scores_at_labels(labels, scores, num_classes),)
+    if transformed and dense is None:  # the reference labels form's nonzero: vmap cannot batch it
+        name, targets = "qfl_dense", (_scores_at_labels(labels, scores, num_classes),)
     return _weighted_loss(
         impl, name, pred, targets, (beta, bool(activated)), weight, reduction, avg_factor
     )
@@ -393,7 +394,8 @@ def distribution_focal_loss(
     _check_reduction(reduction, avg_factor)
     _check_weight(weight, m, "row")
     _check_same_device(pred, target=target, weight=weight)
-    if _should_check_values(pred, check_values, target) and target.numel():
+    transformed = _in_functorch_transform(pred, target, weight)
+    if _should_check_values(pred, check_values, transformed, target) and target.numel():
         ((lo, hi),) = _value_ranges(target)
         if not (lo >= 0.0 and hi <= n_bins - 1):
             raise ValueError(
@@ -401,7 +403,7 @@ def distribution_focal_loss(
                 f"outside it or NaN (min {lo}, max {hi})"
             )
     impl = _registry.resolve(backend, pred.device, "dfl")
-    if _targets_need_grad(target) or _in_functorch_transform(pred, target, weight):
+    if transformed or _targets_need_grad(target):
         impl = _registry.resolve("reference", pred.device, "dfl")
     return _weighted_loss(impl, "dfl", pred, (target,), (), weight, reduction, avg_factor)
 

@@ -5,7 +5,8 @@
 * Hypothesis profiles: ``ci`` (default; bounded examples, no deadline) and ``thorough``
   (``HYPOTHESIS_PROFILE=thorough``).
 * ``backend_device``: every (backend, device) pair that can run here, so each test checks every
-  backend on CPU tensors and, when a GPU is present, on CUDA tensors too.
+  backend on CPU tensors and, when a GPU is present, on CUDA tensors too; ``any_backend_device``
+  adds the reference backend once per device type.
 """
 
 from __future__ import annotations
@@ -37,14 +38,20 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def _backend_devices() -> list[tuple[str, str]]:
+def _backend_devices(with_reference: bool = False) -> list[tuple[str, str]]:
     import gfl_ops
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [(b, d) for d in devices for b in gfl_ops.available_backends(d) if b != "reference"]
+    return [
+        (b, d)
+        for d in devices
+        for b in gfl_ops.available_backends(d)
+        if with_reference or b != "reference"
+    ]
 
 
 BACKEND_DEVICES = _backend_devices()
+ANY_BACKEND_DEVICES = _backend_devices(with_reference=True)
 
 
 @pytest.fixture(
@@ -52,4 +59,14 @@ BACKEND_DEVICES = _backend_devices()
 )
 def backend_device(request) -> tuple[str, str]:
     """(backend name, device type) of a fused backend that can run here."""
+    return request.param
+
+
+@pytest.fixture(
+    scope="session",
+    params=ANY_BACKEND_DEVICES,
+    ids=[f"{b}-{d}" for b, d in ANY_BACKEND_DEVICES],
+)
+def any_backend_device(request) -> tuple[str, str]:
+    """``backend_device`` and the reference backend, once per device type."""
     return request.param

@@ -28,13 +28,6 @@ from gfl_ops import reference
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(params=["fused", "reference"])
-def any_backend(request, backend_device) -> tuple[str, str]:
-    """Each fused backend that runs here, and the reference backend on its device."""
-    backend, device = backend_device
-    return (backend if request.param == "fused" else "reference"), device
-
-
 def _loss_and_grad(fn, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pred = pred.detach().clone().requires_grad_(True)
     loss = fn(pred)
@@ -50,8 +43,8 @@ def _assert_same(got, expected, dtype, what):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dfl_targets_outside_0_n_are_clamped(any_backend, dtype):
-    backend, device = any_backend
+def test_dfl_targets_outside_0_n_are_clamped(any_backend_device, dtype):
+    backend, device = any_backend_device
     gen = torch.Generator().manual_seed(3)
     pred = (torch.randn(6, 17, generator=gen) * 3).to(device, dtype)
     target = torch.tensor([-3.0, -1e-3, 16.5, 1e6, 0.0, 16.0], device=device)
@@ -69,8 +62,8 @@ def test_dfl_targets_outside_0_n_are_clamped(any_backend, dtype):
     _assert_same(got, expected, dtype, f"{backend} {dtype}")
 
 
-def test_dfl_nan_target_gives_its_row_only_nan(any_backend):
-    backend, device = any_backend
+def test_dfl_nan_target_gives_its_row_only_nan(any_backend_device):
+    backend, device = any_backend_device
     pred = torch.randn(3, 17, generator=torch.Generator().manual_seed(4)).to(device)
     target = torch.tensor([2.5, float("nan"), 7.0], device=device)
     loss, grad = _loss_and_grad(
@@ -102,8 +95,10 @@ def _qfl_probabilities(device, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", ["labels", "dense"])
-def test_activated_qfl_probabilities_outside_0_1_are_taken_as_the_bound(any_backend, dtype, form):
-    backend, device = any_backend
+def test_activated_qfl_probabilities_outside_0_1_are_taken_as_the_bound(
+    any_backend_device, dtype, form
+):
+    backend, device = any_backend_device
     pred, labels, scores, clamped = _qfl_probabilities(device, dtype)
     dense = torch.rand(pred.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     target = (labels, scores.to(dtype)) if form == "labels" else dense.to(device, dtype)
@@ -129,8 +124,8 @@ def test_activated_qfl_probabilities_outside_0_1_are_taken_as_the_bound(any_back
     _assert_same((loss.cpu(), grad.cpu()), (ref_loss, ref_grad), dtype, what)
 
 
-def test_activated_qfl_nan_probability(any_backend):
-    backend, device = any_backend
+def test_activated_qfl_nan_probability(any_backend_device):
+    backend, device = any_backend_device
     pred = torch.full((3, 4), 0.3, device=device)
     pred[1, 2] = float("nan")
     labels = torch.tensor([0, 2, 4], device=device)
