@@ -8,10 +8,10 @@ Values that only the value checks reject (with them off: ``check_values=False``,
 ``gfl_ops.set_value_checks(False)``, inside ``torch.compile``) get the kernels' documented
 behaviour here too, so that a call gives the same result whichever backend runs it, this one
 included (it also runs every call whose targets require grad, and every call under a torch.func
-transform): a DFL target outside [0, n] is clamped into it and a NaN target gives its row a NaN
-loss and NaN gradients in bins 0 and 1, where mmdetection's formula would index a bin that does
-not exist (an IndexError, or a device assert on a GPU); an activated
-QFL probability outside [0, 1] is taken as the nearer of 0 and 1, loss and gradient alike, where
+transform or forward-mode AD): a DFL target outside [0, n] is clamped into it and a NaN target
+gives its row a NaN loss and NaN gradients in bins 0 and 1, where mmdetection's formula would
+index a bin that does not exist (an IndexError, or a device assert on a GPU); an activated QFL
+probability outside [0, 1] is taken as the nearer of 0 and 1, loss and gradient alike, where
 ``binary_cross_entropy`` would raise.
 """
 
@@ -50,6 +50,10 @@ class _ProbabilityClamp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad
+
+    @staticmethod
+    def jvp(ctx, tangent):  # forward-mode AD (torch.func.jvp, forward_ad): passed through alike
+        return tangent
 
 
 def _on_probabilities(loss_of, pred: torch.Tensor) -> torch.Tensor:

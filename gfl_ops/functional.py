@@ -22,8 +22,9 @@ Gradients: ``pred`` gets its gradient from the fused kernels.  A target that req
 scores or dense target, DFL target) gets its correct gradient too: such a call is computed with
 the reference formulas (:mod:`gfl_ops.reference`, in float32 for 16-bit ``pred``), since the
 kernels treat targets as constants.  Double backward is exact on every backend
-(:mod:`gfl_ops._second_order`).  Under ``torch.func`` transforms (grad, jacrev, vmap) a call takes
-the reference formulas too: torch refuses the fused operators' C++ autograd node there.
+(:mod:`gfl_ops._second_order`).  Under ``torch.func`` transforms (grad, jacrev, jvp, vmap) and
+forward-mode AD (``torch.autograd.forward_ad``) a call takes the reference formulas too: torch
+refuses the fused operators' C++ autograd node there.
 
 Dtypes: the per-row losses of fp16/bf16 predictions are computed and returned in float32 (so a
 reduction over many anchors cannot overflow under AMP); gradients come back in the dtype of
@@ -36,6 +37,7 @@ import os
 from numbers import Number
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from gfl_ops import _registry, reference
 from gfl_ops._extension import _C
@@ -74,7 +76,8 @@ def _should_check_values(
     t: torch.Tensor, check_values: bool | None, transformed: bool, *checked: torch.Tensor | None
 ) -> bool:
     """Whether to read the values of ``checked`` (``t`` among them); ``transformed``: whether
-    a torch.func transform wrapped the call's arguments (_in_functorch_transform)."""
+    a torch.func transform or forward-mode AD wrapped the call's arguments
+    (_under_autodiff_transform)."""
     if not (_value_checks if check_values is None else check_values):
         return False
     if is_compiling():  # no host sync inside a compiled graph
@@ -102,15 +105,25 @@ def _is_batched(t: torch.Tensor) -> bool:
     return False
 
 
-def _in_functorch_transform(*tensors: torch.Tensor | None) -> bool:
-    """Whether torch.func (grad, vjp, jacrev, vmap, ...) wrapped any argument.  The fused
-    operators' autograd is a C++ node, which torch refuses under those transforms ("cannot use
-    C++ torch::autograd::Function with functorch transforms"), and vmap would run them one
-    sample at a time; such a call takes the reference formulas, which functorch transforms and
-    batches like any torch code.  (A plain loop: this runs on every call.)  Not while dynamo
+def _under_autodiff_transform(*tensors: torch.Tensor | None) -> bool:
+    """Whether torch.func (grad, vjp, jvp, jacrev, vmap, ...) wrapped any argument, or forward-mode
+    AD (``torch.autograd.forward_ad``) gave one a tangent.  The fused operators' autograd is a
+    C++ node, which torch refuses under those transforms ("cannot use C++ torch::autograd::Function
+    with functorch transforms", "jvp is not implemented for the c++ API of custom Function"), and
+    vmap would run them one sample at a time; such a call takes the reference formulas, which
+    torch transforms, batches and differentiates forward like any torch code.  (A plain loop:
+    this runs on every call; the tangent lookup only inside a ``dual_level``.)  Not while dynamo
     traces: it handles torch.func itself, and traces the fused operators' fake kernels."""
     if is_compiling():
         return False
+    for t in tensors:
+        if t is not None and _is_functorch_wrapped(t):
+            return True
+    if _forward_ad._current_level >= 0:
+        return any(
+            t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors
+        )
+    return False
     for t in tensors:
         if t is not None and _is_functorch_wrapped(t):
             return True
@@ -348,7 +361,7 @@ def quality_focal_loss(
             f"target must be (labels, scores) or a dense (N, C) tensor, got {type(target).__name__}"
         )
     _check_same_device(pred, labels=labels, scores=scores, target=dense, weight=weight)
-    transformed = _in_functorch_transform(pred, labels, scores, dense, weight)
+    transformed = _under_autodiff_transform(pred, labels, scores, dense, weight)
     if _should_check_values(pred, check_values, transformed, pred, scores, dense):
         _validate_qfl_values(pred, scores, dense, activated)
 
@@ -394,7 +407,7 @@ def distribution_focal_loss(
     _check_reduction(reduction, avg_factor)
     _check_weight(weight, m, "row")
     _check_same_device(pred, target=target, weight=weight)
-    transformed = _in_functorch_transform(pred, target, weight)
+    transformed = _under_autodiff_transform(pred, target, weight)
     if _should_check_values(pred, check_values, transformed, target) and target.numel():
         ((lo, hi),) = _value_ranges(target)
         if not (lo >= 0.0 and hi <= n_bins - 1):
@@ -430,7 +443,7 @@ def integral(pred: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     if torch.onnx.is_in_onnx_export():
         return reference.integral(pred)
     impl = _registry.resolve(backend, pred.device, "integral")
-    if _in_functorch_transform(pred):
+    if _under_autodiff_transform(pred):
         impl = _registry.resolve("reference", pred.device, "integral")
     if pred.dim() == 2:  # the common (M, n+1) case: no views, so no extra autograd nodes
         return impl.integral(pred)

@@ -1,18 +1,21 @@
-"""The operators under torch.func transforms (grad, jacrev, vmap, per-sample gradients).
+"""The operators under torch.func transforms (grad, jacrev, jvp, vmap, per-sample gradients) and
+forward-mode AD (torch.autograd.forward_ad).
 
 The fused operators' autograd is a C++ node, which torch refuses under functorch transforms
-("cannot use C++ torch::autograd::Function with functorch transforms"), and vmap would run a
-custom operator one sample at a time.  So a call whose arguments a transform wrapped takes the
-reference formulas (gfl_ops.functional._in_functorch_transform): these tests check that it gives
-what the fused operators give outside the transform.  Under vmap the value checks cannot read
-values and are skipped, as in torch.compile graphs (tests/test_unchecked_values.py gives the
-meaning of unchecked values); under grad they still run.
-"""
+("cannot use C++ torch::autograd::Function with functorch transforms") and in forward mode ("jvp
+is not implemented for the c++ API of custom Function"), and vmap would run a custom operator
+one sample at a time.  So a call whose arguments a transform wrapped, or that forward-mode AD
+gave a tangent, takes the reference formulas (gfl_ops.functional._under_autodiff_transform):
+these tests check that it gives what the fused operators give outside the transform.  Under vmap
+the value checks cannot read values and are skipped, as in torch.compile graphs
+(tests/test_unchecked_values.py gives the meaning of unchecked values); under grad and jvp they
+still run."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from gfl_testing import GRAD_TOL, LOSS_TOL, assert_close
 
 import gfl_ops
@@ -108,3 +111,58 @@ def test_value_checks_under_transforms():
     batched = torch.vmap(_dfl)(x["dfl_pred"][None], bad[None])
     clamped = bad.clamp(max=16.0)
     assert_close(batched[0], _dfl(x["dfl_pred"], clamped), LOSS_TOL[F64], "vmap, clamped")
+
+
+def _jvp(how, fn, primal, tangent):
+    """(fn(primal), its directional derivative along tangent) by torch.func.jvp or dual tensors."""
+    if how == "torch.func.jvp":
+        return torch.func.jvp(fn, (primal,), (tangent,))
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(fn(fwAD.make_dual(primal, tangent)))
+        return out.primal, out.tangent
+
+
+@pytest.mark.parametrize("how", ["torch.func.jvp", "forward_ad"])
+def test_forward_mode_ad_matches_the_fused_gradient(how):
+    """Each operator's forward-mode derivative along a random tangent: <fused gradient, tangent>
+    (for the integral, per output row), and its value that of the fused call; a tangent on a
+    target (DFL's distances, QFL's scores) too, against the reverse-mode target gradient."""
+    x = _inputs(seed=4)
+    gen = torch.Generator().manual_seed(4)
+    dense = torch.rand(6, 5, generator=gen, dtype=F64) * (torch.rand(6, 5, generator=gen) < 0.3)
+    probs = torch.rand(6, 5, generator=gen, dtype=F64)
+    cases = {
+        "QFL (labels, scores)": (lambda p: _qfl(p, x["labels"], x["scores"]), x["qfl_pred"]),
+        "QFL dense": (lambda p: gfl_ops.quality_focal_loss(p, dense, beta=1.5), x["qfl_pred"]),
+        "QFL activated": (
+            lambda p: gfl_ops.quality_focal_loss(p, dense, activated=True, reduction="sum"),
+            probs,
+        ),
+        "DFL": (lambda p: _dfl(p, x["dfl_target"]), x["dfl_pred"]),
+        "DFL's target": (lambda t: _dfl(x["dfl_pred"], t), x["dfl_target"]),
+        "QFL's scores": (lambda s: _qfl(x["qfl_pred"], x["labels"], s), x["scores"]),
+    }
+    for name, (fn, primal) in cases.items():
+        tangent = torch.randn(primal.shape, generator=gen, dtype=F64)
+        value, derivative = _jvp(how, fn, primal, tangent)
+        assert_close(value, fn(primal), LOSS_TOL[F64], f"{how} {name}: value")
+        expected = (_fused_grad(fn, primal) * tangent).sum()
+        assert_close(derivative, expected, GRAD_TOL[F64], f"{how} {name}: derivative")
+    pred = x["dfl_pred"][:3]
+    tangent = torch.randn(pred.shape, generator=gen, dtype=F64)
+    _, derivative = _jvp(how, gfl_ops.integral, pred, tangent)
+    expected = torch.stack(
+        [
+            (_fused_grad(lambda p, i=i: gfl_ops.integral(p)[i], pred) * tangent).sum()
+            for i in range(3)
+        ]
+    )
+    assert_close(derivative, expected, GRAD_TOL[F64], f"{how} integral")
+
+
+def test_value_checks_under_forward_mode_ad():
+    x = _inputs(seed=5)
+    bad = x["dfl_target"].clone()
+    bad[0] = -1.0
+    with pytest.raises(ValueError, match=r"target must lie in \[0, 16\]"):
+        _jvp("forward_ad", lambda p: _dfl(p, bad), x["dfl_pred"], torch.ones_like(x["dfl_pred"]))
