@@ -58,6 +58,11 @@ struct ScalarOps {
   }
   // a^b for a > 0, b > 0 (QFL's general-beta modulating factor |d|^beta): exp(b log a) here
   static C10_HOST_DEVICE inline T pow_pos(T a, T b) { return Ops<T>::exp(b * Ops<T>::log(a)); }
+  // a^b given -log a = nl >= 0 (a negative's s^beta, whose log the BCE's terms already hold):
+  // exp(-b nl)
+  static C10_HOST_DEVICE inline T pow_of_neg_log(T nl, T b) {
+    return Ops<T>::exp((T(0) - b) * nl);
+  }
   // p clamped into [0, 1], NaN kept (QFL's activated input, clamp_prob below); the CUDA QFL
   // kernel's table has a 2-instruction form
   static C10_HOST_DEVICE inline T clamp01(T p) {
@@ -194,16 +199,33 @@ C10_HOST_DEVICE inline T qfl_logit_given(T x, T y, T beta, int mode, T e, T inv,
 }
 
 // qfl_logit_given for y = 0 (every class of a negative anchor, and all but one of a positive's,
-// in the (labels, scores) form): the same value and gradient, bit for bit, for finite x (the
-// terms x y and y e are signed zeros that drop out exactly), in fewer operations: no terms of y,
-// and sigmoid(x) = (1 or e) / (1 + e) taken as inv or e inv, the product that ds reuses.
+// in the (labels, scores) form; used by the CUDA kernels).  Beta 0, 1, 2: the same value and
+// gradient, bit for bit, for finite x (the terms x y and y e are signed zeros that drop out
+// exactly), in fewer operations: no terms of y, and sigmoid(x) = (1 or e) / (1 + e) taken as
+// inv or e inv, the product that ds reuses.
+//
+// General beta: the same value and gradient to a few ulp (not bit for bit), without the log of d
+// and without a division.  Here d = s = sigmoid(x) > 0, so
+//   s^beta = exp(-beta nl),  nl = -log s = max(-x, 0) + log1p(e)   (the BCE's own terms), and
+//   dm/dd ds/dx = (beta s^beta / s) s (1 - s) = beta s^beta (1 - s),  1 - s = e inv or inv,
+// where the general formula takes |d|^beta through a log of d and beta |d|^beta / d through a
+// division.  nl is as accurate as lp (a few ulp; relative to nl better still for x < 0), and
+// nothing here cancels, so it keeps its relative accuracy also where s underflows.
 template <int kMode, typename T, typename O = Ops<T>>
 C10_HOST_DEVICE inline T qfl_logit_negative_given(T x, T beta, int mode, T e, T inv, T lp,
                                                   T& grad) {
   const T zero(0);
   const T bce = O::max(x, zero) + lp;
   const T e_inv = e * inv;
-  const T d = O::select(O::ge(x, zero), inv, e_inv);
+  const auto x_nonneg = O::ge(x, zero);
+  const T d = O::select(x_nonneg, inv, e_inv);
+  const bool general = kMode == kBetaRuntime ? mode == kBetaGeneral : kMode == kBetaGeneral;
+  if (general) {
+    const T m = O::pow_of_neg_log(O::max(zero - x, zero) + lp, beta);
+    const T one_minus_s = O::select(x_nonneg, e_inv, inv);
+    grad = beta * m * one_minus_s * bce + m * d;
+    return m * bce;
+  }
   T m, dm;
   modulating_factor_of<kMode, T, O>(d, beta, mode, m, dm);
   const T ds = e_inv * inv;

@@ -85,6 +85,23 @@ __host__ __device__ __forceinline__ float fast_log2f(float x) {
 #endif
 }
 
+// 2^x as ex2.approx.ftz.f32 (MUFU.EX2, 1 instruction): the instruction CUDA's exp2f runs (2 ulp,
+// CUDA C Programming Guide, Mathematical Functions), without exp2f's 3-instruction scaling of
+// subnormal results: results below 2^-126 (x < -126) are flushed to 0.  The host build: exp2f
+// with that flush, or GFL_EMULATED_FAST_EXP2F where defined (the warp emulator's worst case).
+__host__ __device__ __forceinline__ float fast_exp2f(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#elif defined(GFL_EMULATED_FAST_EXP2F)
+  return GFL_EMULATED_FAST_EXP2F(x);
+#else
+  const float r = ::exp2f(x);
+  return r < 0x1p-126f ? 0.0f : r;
+#endif
+}
+
 // 2^x by CUDA's exp2f (MUFU.EX2 with the scaling of subnormal results; 2 ulp over the full range,
 // CUDA C Programming Guide, Mathematical Functions).  The host build: exp2f, or
 // GFL_EMULATED_EXP2F where defined (the warp emulator's worst case).

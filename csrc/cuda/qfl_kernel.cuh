@@ -182,9 +182,17 @@ struct QflArgs {
 //    and E's rounding through 2^E (ln 2 |dE|), plus exp2f's 2 ulp: at most
 //    2^-23 (1.8 |E| + 2 + 1.4 beta), 4.7e-6 at |E| = 20 (|d|^beta ~ 1e-6), reaching the 2e-5
 //    loss tolerance only at |E| ~ 90, terms under 1e-27.  dm = beta m / d keeps the division.
-//  * kept accurate (gfl_math.h's Ops<float>): exp(-|x|) of the general beta mode (there
-//    |d|^(beta - 1), beta < 1, amplifies d's error near d = 0, and relative to d that error is
-//    up to 2 + 1.173|x| times that of an accurate exp; tests/test_qfl.py allows 2 ulp of y).
+//  * pow_of_neg_log: a negative's s^beta in the general mode, 2^(-beta log2(e) nl) by fast_exp2f
+//    (ex2.approx.ftz: exp2f's 2 ulp without its scaling of subnormal results, which it flushes:
+//    s^beta < 2^-126, a loss term below 2^-126), nl = -log s = max(-x, 0) + lp from the BCE's
+//    terms (gfl_math.h): nl carries lp's few ulp (for x >= 0; for x < 0 its error relative to
+//    nl is smaller still), so s^beta is within 2^-23 (c |E| + 2) relative, E = beta log2 s, like
+//    pow_pos, with no log instruction; its e takes the fast exp (s = inv or e inv, never a
+//    difference near 0).
+//  * kept accurate (gfl_math.h's Ops<float>): exp(-|x|) of a soft target's element in the
+//    general beta mode (there |d|^(beta - 1), beta < 1, amplifies d's error near d = 0, and
+//    relative to d that error is up to 2 + 1.173|x| times that of an accurate exp;
+//    tests/test_qfl.py allows 2 ulp of y).
 // The warp emulator (tests/cuda_emulation) runs fast_expf, fast_log2f and exp2f_2ulp off by
 // their documented worst cases (and rcp / div correctly rounded), so its tests check these
 // arguments, not only the formulas.
@@ -245,6 +253,11 @@ struct QflOps<float> : Ops<float> {
   static C10_HOST_DEVICE inline float pow_pos(float a, float b) {
     return exp2f_2ulp(b * fast_log2f<false>(a));
   }
+  // a^b from nl = -log a >= 0 (a negative's s^beta, gfl_math.h): 2^(nl (-b log2 e)) by the
+  // fast exp2 (the factor is the kernel's constant, hoisted out of the loop: 1 FMUL + 1 MUFU)
+  static C10_HOST_DEVICE inline float pow_of_neg_log(float nl, float b) {
+    return fast_exp2f(nl * (b * -1.44269504088896341f));
+  }
   // prob_logs' log_q alone, bit for bit (a negative's BCE): the same two forms, chosen alike;
   // 1 - p is 0 or normal from 1/2 on, where the .ftz log2 gives the non-.ftz one's bits
   static C10_HOST_DEVICE inline float log1m_prob(float p) {
@@ -268,12 +281,14 @@ struct QflOps<float> : Ops<float> {
 };
 
 // e = exp(-|x|), inv = 1 / (1 + e), lp = log1p(e) of a logit: for float one rcp for both
-// quotients, and the fast exp unless beta takes the general pow (beta < 1 amplifies the error of
-// d = s - y near 0, QflOps); gfl_math.h's accurate functions for double.
-template <int kBeta, typename A>
+// quotients, and the fast exp unless a soft target's element takes the general pow (beta < 1
+// amplifies the error of d = s - y near 0, QflOps; a negative's general form never forms s - y,
+// so its e takes the fast exp: kNegative); gfl_math.h's accurate functions for double.
+template <int kBeta, bool kNegative, typename A>
 __device__ __forceinline__ void qfl_logit_terms(A x, int mode, A& e, A& inv, A& lp) {
   using O = QflOps<A>;
-  const bool general = kBeta == kBetaRuntime ? mode == kBetaGeneral : kBeta == kBetaGeneral;
+  const bool general =
+      !kNegative && (kBeta == kBetaRuntime ? mode == kBetaGeneral : kBeta == kBetaGeneral);
   e = general ? O::exp(-O::abs(x)) : O::fast_exp(-O::abs(x));
   if constexpr (O::kSinglePrecision) {
     logit_quotients<A, O>(e, inv, lp);
@@ -290,20 +305,21 @@ __device__ __forceinline__ A qfl_element(A x, A y, A beta, int mode, A& g) {
     return qfl_prob_of<kBeta, A, QflOps<A>>(x, y, beta, mode, g);
   } else {
     A e, inv, lp;
-    qfl_logit_terms<kBeta>(x, mode, e, inv, lp);
+    qfl_logit_terms<kBeta, false>(x, mode, e, inv, lp);
     return qfl_logit_given<kBeta, A, QflOps<A>>(x, y, beta, mode, e, inv, [&] { return lp; },
                                                  g);
   }
 }
 
-// The same for y = 0 (bit for bit, gfl_math.h), cheaper.
+// The same for y = 0, cheaper (bit for bit for beta 0, 1, 2; general beta to a few ulp by its
+// own form: gfl_math.h's qfl_logit_negative_given / qfl_prob_negative_of).
 template <bool kActivated, int kBeta, typename A>
 __device__ __forceinline__ A qfl_element_negative(A x, A beta, int mode, A& g) {
   if constexpr (kActivated) {
     return qfl_prob_negative_of<kBeta, A, QflOps<A>>(x, beta, mode, g);
   } else {
     A e, inv, lp;
-    qfl_logit_terms<kBeta>(x, mode, e, inv, lp);
+    qfl_logit_terms<kBeta, true>(x, mode, e, inv, lp);
     return qfl_logit_negative_given<kBeta, A, QflOps<A>>(x, beta, mode, e, inv, lp, g);
   }
 }

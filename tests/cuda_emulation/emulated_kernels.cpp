@@ -65,6 +65,14 @@ inline float gfl_emu_exp2f(float x) {
 }
 #define GFL_EMULATED_EXP2F(x) gfl_emu_exp2f(x)
 
+// common.cuh's fast_exp2f (ex2.approx.ftz): exp2f's worst case above, results below 2^-126
+// flushed to 0 as .ftz does.
+inline float gfl_emu_fast_exp2f(float x) {
+  const float r = gfl_emu_exp2f(x);
+  return r < 0x1p-126f ? 0.0f : r;
+}
+#define GFL_EMULATED_FAST_EXP2F(x) gfl_emu_fast_exp2f(x)
+
 #include "cuda/qfl_kernel.cuh"
 #include "cuda/softmax_rows_kernel.cuh"
 
