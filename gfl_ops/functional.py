@@ -124,10 +124,6 @@ def _under_autodiff_transform(*tensors: torch.Tensor | None) -> bool:
             t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors
         )
     return False
-    for t in tensors:
-        if t is not None and _is_functorch_wrapped(t):
-            return True
-    return False
 
 
 def _scores_at_labels(labels: torch.Tensor, scores: torch.Tensor, c: int) -> torch.Tensor:
