@@ -166,7 +166,8 @@ def after_case(lst: Listing, dtype: str, form: str, c: int, grad: bool, activate
     )
     ins = lst.funcs[name]
     width = 16 // size if size < 8 else 1
-    env = runtime_env(ins, -1, -1, beta, activated, word=width if form == "labels" else None)
+    labels = form == "labels"
+    env = runtime_env(ins, -1, -1, beta, activated, word=width if labels else None, labels=labels)
     (_, _, path), *rest = element_loops(ins, env, need_mufu=not activated)
     tsize = {"labels": 0, "dense": size, "dense-opmath": 4 if size == 2 else size}[form]
     if width > 1:

@@ -72,7 +72,11 @@ def _taken(ins, i, text, env) -> bool:
     elif w and (mm := re.match(r"ISETP\.(NE|EQ)\.AND P\d, PT, (\w+), (\w+)", w)):
         a, b = mm.group(2), mm.group(3)
         reg, other = (a, b) if a in env["mode"] or a in env["act"] else (b, a)
-        if reg in env["mode"]:
+        runtime = {*env["mode"], *env["act"]}
+        if env.get("labels") and a not in runtime and b not in runtime and "RZ" not in (a, b):
+            # the scalar loop's "is this column the label" (j == label): not, in the common case
+            value = mm.group(1) == "NE"
+        elif reg in env["mode"]:
             k = 0 if other == "RZ" else int(other, 16) if other.startswith("0x") else None
             value = (env["mode_value"] != k) == (mm.group(1) == "NE")
         elif reg in env["act"]:
@@ -104,10 +108,18 @@ def common_path(ins, lo, hi, env) -> list[str]:
 
 
 def runtime_env(
-    ins, mode_off: int, act_off: int, mode: int, activated: bool, word: int | None = None
+    ins,
+    mode_off: int,
+    act_off: int,
+    mode: int,
+    activated: bool,
+    word: int | None = None,
+    labels: bool = False,
 ):
-    """The registers that hold the runtime mode / activated parameters (before kernel), and
-    the elements per 16-byte word (after kernel: its per-word "is the label here" test)."""
+    """The registers that hold the runtime mode / activated parameters (before kernel), the
+    elements per 16-byte word (after kernel: its per-word "is the label here" test), and whether
+    the after kernel takes (labels, scores) (its scalar loop's "is this column the label" test:
+    a comparison of two registers, not equal in the common case)."""
     mode_regs, act_regs = set(), set()
     for _, text in ins:
         m = re.match(r"U?LDC(?:\.U8|\.S8)? (U?R\d+), c\[0x0\]\[(0x[0-9a-f]+)\]", text)
@@ -124,6 +136,7 @@ def runtime_env(
         "mode_value": mode,
         "act_value": activated,
         "word": word,
+        "labels": labels,
     }
 
 
