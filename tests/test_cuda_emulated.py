@@ -1039,12 +1039,11 @@ def test_emulated_qfl_activated_logs_to_a_few_ulp(emu, form, width):
 
 @pytest.mark.parametrize("beta", [0.5, 1.5, 2.5])
 def test_emulated_qfl_general_beta_power_within_its_bound(emu, beta):
-    """The general mode's p^beta of a negative probability (d = p exactly; gfl_math.h's
-    qfl_prob_negative_of: 2^(beta log2(e) log p) by exp2f from the log p that QflOps' prob_logs
-    makes beside log(1 - p), the fast log2 and exp2f both off by their documented worst in the
-    emulator): loss p^beta (-log(1 - p)) and its gradient within the bound QflOps states for
-    pow_pos, 2^-23 (1.8 |E| + 2 + 1.4 beta) for E = beta log2 p, plus 6 ulp for the log and the
-    products, over p from 1e-30 to 1 - 2^-24."""
+    """The general mode's |d|^beta (QflOps::pow_pos: 2^(beta log2 |d|) with the fast log2 and
+    exp2f, both off by their documented worst in the emulator), isolated on negatives with
+    probabilities (d = p exactly): loss p^beta (-log(1 - p)) and its gradient within the bound
+    QflOps states, 2^-23 (1.8 |E| + 2 + 1.4 beta) for E = beta log2 p, plus 6 ulp for the log
+    and the products, over p from 1e-30 to 1 - 2^-24."""
     p = _activated_probabilities()
     p = p[(p > 1e-30) & (p < 1.0)]
     n = p.numel()

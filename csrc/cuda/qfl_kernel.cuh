@@ -193,8 +193,8 @@ struct QflArgs {
 //    general beta mode (there |d|^(beta - 1), beta < 1, amplifies d's error near d = 0, and
 //    relative to d that error is up to 2 + 1.173|x| times that of an accurate exp;
 //    tests/test_qfl.py allows 2 ulp of y).
-// The warp emulator (tests/cuda_emulation) runs fast_expf, fast_log2f and exp2f_2ulp off by
-// their documented worst cases (and rcp / div correctly rounded), so its tests check these
+// The warp emulator (tests/cuda_emulation) runs fast_expf, fast_log2f, exp2f_2ulp and fast_exp2f
+// off by their documented worst cases (and rcp / div correctly rounded), so its tests check these
 // arguments, not only the formulas.
 template <typename T>
 struct QflOps : Ops<T> {
